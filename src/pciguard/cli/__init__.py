@@ -1,0 +1,1 @@
+"""The ``pciguard`` command: one module per subcommand, wired together in ``main``."""

@@ -1,0 +1,34 @@
+"""What every subcommand shares: the consoles, exit codes, and input-error handling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import IntEnum
+
+import typer
+from rich.console import Console
+
+from pciguard.errors import InputError, TopologyError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+class Exit(IntEnum):
+    """Exit codes, the same for every subcommand (documented in docs/cli.md)."""
+
+    OK = 0
+    FINDINGS = 1  # audit: critical host findings; simulate: an invariant was violated
+    BAD_INPUT = 2  # a file or argument is malformed (also typer's usage errors)
+    UNMET = 3  # simulate: a step's expectation was not met
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn malformed-input errors into one clear line on stderr and exit code 2."""
+    try:
+        yield
+    except (InputError, TopologyError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(Exit.BAD_INPUT) from None

@@ -1,0 +1,238 @@
+"""Scenario files: a platform, VMs, and a list of steps (operations, hot-plugs,
+injected faults, DMA and MSI probes) that ``pciguard simulate`` replays.
+
+See ``docs/scenario-format.md``. ``parse_scenario(text, source, base_dir)`` turns the
+text into a ``Scenario``; the platform may be inline or a path relative to the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pciguard.checks import Options, RmrrPolicy
+from pciguard.errors import InputError
+from pciguard.formats.platform_file import build_host, load_platform
+from pciguard.formats.yamlpos import Path, at, load, validate
+from pciguard.legacy import Flaw
+from pciguard.model import Bdf, Host
+
+Op = Literal[
+    "create-vm", "make-assignable", "make-unassignable", "assign", "release", "recover",
+    "destroy", "crash", "hotplug", "unplug", "fault", "dma", "msi",
+]
+
+#: Which keys each operation needs.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "create-vm": ("vm",),
+    "make-assignable": ("device",),
+    "make-unassignable": ("device",),
+    "assign": ("device", "vm"),
+    "release": ("device",),
+    "recover": ("device",),
+    "destroy": ("vm",),
+    "crash": ("vm",),
+    "hotplug": ("device",),
+    "unplug": ("device",),
+    "fault": ("call",),
+    "dma": ("device",),
+    "msi": ("device",),
+}
+EXPECTATIONS: dict[str, tuple[str, ...]] = {
+    "dma": ("landed", "blocked"),
+    "msi": ("delivered", "blocked"),
+}
+OPERATION_OUTCOMES = ("ok", "refused", "failed")
+PLATFORM_CALLS = (
+    "create_domain", "destroy_domain", "enable_iommu_context", "unbind_host_driver",
+    "bind_host_driver", "reset", "attach", "flush_iotlb", "map_reserved", "unmap_reserved",
+    "route_msi", "expose", "unexpose", "remove",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VmSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")
+    iommu: bool = True
+
+
+class OptionsSpec(_Strict):
+    allow_unsafe_interrupts: bool = False
+    rmrr: RmrrPolicy = RmrrPolicy.STRICT
+
+
+class StepSpec(_Strict):
+    op: Op
+    device: str | None = None
+    vm: str | None = None
+    iommu: bool = True
+    with_group: bool = True
+    call: str | None = None
+    skip: int = Field(0, ge=0)
+    times: int | None = Field(1, ge=1)
+    address: int = Field(0, ge=0)
+    requester: str | None = None
+    peer: str | None = None
+    target: str | None = None
+    expect: str | None = None
+    expect_in: str | None = None
+
+    @model_validator(mode="after")
+    def _fits_op(self) -> StepSpec:
+        for key in REQUIRED[self.op]:
+            if getattr(self, key) is None:
+                raise ValueError(f"'{self.op}' needs '{key}'")
+        allowed = EXPECTATIONS.get(self.op, OPERATION_OUTCOMES)
+        if self.expect is not None and self.expect not in allowed:
+            raise ValueError(f"expect for '{self.op}' is one of {', '.join(allowed)}")
+        if self.call is not None and self.call not in PLATFORM_CALLS:
+            raise ValueError(f"call must be one of {', '.join(PLATFORM_CALLS)}")
+        return self
+
+
+class ScenarioFile(_Strict):
+    name: str = ""
+    description: str = ""
+    platform: str | dict[str, Any]
+    quarantine: Literal["block", "scratch"] = "block"
+    options: OptionsSpec = OptionsSpec()
+    flaws: list[Flaw] = []
+    vms: list[VmSpec] = []
+    steps: list[StepSpec]
+    expect_violations: list[str] | None = Field(
+        None, description="the invariants this scenario is meant to break (legacy demos)"
+    )
+
+    @model_validator(mode="after")
+    def _known_invariants(self) -> ScenarioFile:
+        from pciguard.verify.invariants import INVARIANTS
+
+        unknown = set(self.expect_violations or ()) - set(INVARIANTS)
+        if unknown:
+            raise ValueError(f"unknown invariant(s) {sorted(unknown)}; known: {sorted(INVARIANTS)}")
+        return self
+
+
+@dataclass(frozen=True)
+class ScenarioStep:
+    op: str
+    device: Bdf | None = None
+    vm: str | None = None
+    iommu: bool = True
+    with_group: bool = True
+    call: str | None = None
+    skip: int = 0
+    times: int | None = 1
+    address: int = 0
+    requester: Bdf | None = None
+    peer: Bdf | None = None
+    target: str | None = None
+    expect: str | None = None
+    expect_in: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        parts = [self.op]
+        if self.op == "fault":
+            parts.append(f"{self.call}({self.device or 'any device'})")
+            if self.skip:
+                parts.append(f"after {self.skip} matching calls")
+            parts.append("every time" if self.times is None else f"x{self.times}")
+            return " ".join(parts)
+        if self.device:
+            parts.append(str(self.device))
+        if self.op == "assign":
+            parts.append(f"-> {self.vm}")
+        elif self.vm:
+            parts.append(str(self.vm))
+        if self.op == "dma":
+            parts.append(f"@ {self.address:#x}")
+            if self.requester:
+                parts.append(f"as {self.requester}")
+            if self.peer:
+                parts.append(f"to BAR of {self.peer}")
+        if self.op == "msi":
+            parts.append(f"-> {self.target or 'host'}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    host: Host
+    quarantine_mode: str = "block"
+    options: Options = field(default_factory=Options)
+    vms: tuple[tuple[str, bool], ...] = ()
+    steps: tuple[ScenarioStep, ...] = ()
+    description: str = ""
+    expect_violations: frozenset[str] | None = None
+
+
+def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | None = None) -> Scenario:
+    data, positions = load(text, source)
+    spec = validate(ScenarioFile, data, positions, source)
+    assert isinstance(data, dict)
+    if isinstance(spec.platform, str):
+        path = (base_dir or FsPath(".")) / spec.platform
+        try:
+            host = load_platform(path)
+        except InputError as exc:
+            raise at(source, f"its platform file failed to load: {exc}", ("platform",),
+                     positions) from None
+    else:
+        host = build_host(data["platform"], positions, source, prefix=("platform",))
+    vm_names = [v.name for v in spec.vms]
+    steps = []
+    for i, step in enumerate(spec.steps):
+        where: Path = ("steps", i)
+
+        def bdf(key: str, value: str | None, where: Path = where) -> Bdf | None:
+            if value is None:
+                return None
+            try:
+                parsed = Bdf.parse(value)
+            except ValueError as exc:
+                raise at(source, str(exc), (*where, key), positions) from None
+            if parsed not in host.topology and key != "requester":
+                raise at(source, f"{parsed} is not a device of platform '{host.name}'",
+                         (*where, key), positions)
+            return parsed
+
+        if step.op == "create-vm":
+            vm_names.append(step.vm or "")
+        elif step.vm is not None and step.vm not in vm_names:
+            raise at(source, f"no VM named '{step.vm}' is declared before this step",
+                     (*where, "vm"), positions)
+        steps.append(ScenarioStep(
+            op=step.op, device=bdf("device", step.device), vm=step.vm, iommu=step.iommu,
+            with_group=step.with_group, call=step.call, skip=step.skip, times=step.times,
+            address=step.address, requester=bdf("requester", step.requester),
+            peer=bdf("peer", step.peer), target=step.target, expect=step.expect,
+            expect_in=step.expect_in, line=positions.get(where, (None, None))[0],
+        ))
+    options = Options(spec.options.allow_unsafe_interrupts, spec.options.rmrr, frozenset(spec.flaws))
+    return Scenario(
+        name=spec.name or (FsPath(source).stem if source != "<scenario>" else "scenario"),
+        host=host, quarantine_mode=spec.quarantine, options=options,
+        vms=tuple((v.name, v.iommu) for v in spec.vms), steps=tuple(steps),
+        description=spec.description,
+        expect_violations=None if spec.expect_violations is None
+        else frozenset(spec.expect_violations),
+    )
+
+
+def load_scenario(path: str | FsPath) -> Scenario:
+    path = FsPath(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read the scenario file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(str(path), "the scenario file is not UTF-8 text") from None
+    return parse_scenario(text, str(path), path.parent)

@@ -1,0 +1,107 @@
+"""YAML loading that remembers where every value came from, for error messages."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import pydantic
+import yaml
+
+from pciguard.errors import InputError
+
+Path = tuple[str | int, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def load(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]:
+    """Parse ``text``; return the data and a map from key path to (line, column)."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else None
+        col = mark.column + 1 if mark else None
+        raise InputError(source, f"not valid YAML: {exc.problem}", line=line, column=col) from None
+    positions: dict[Path, tuple[int, int]] = {}
+    if node is None:
+        raise InputError(source, "the file is empty")
+    constructor = yaml.constructor.SafeConstructor()
+
+    def convert(n: yaml.Node, path: Path) -> Any:
+        positions[path] = (n.start_mark.line + 1, n.start_mark.column + 1)
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                key = convert(key_node, (*path, "<key>"))
+                if not isinstance(key, str | int):
+                    raise InputError(source, "keys must be plain words", key_path=render(path),
+                                     line=key_node.start_mark.line + 1)
+                if key in out:
+                    raise InputError(source, f"key '{key}' appears twice", key_path=render(path),
+                                     line=key_node.start_mark.line + 1,
+                                     column=key_node.start_mark.column + 1)
+                out[key] = convert(value_node, (*path, key))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [convert(item, (*path, i)) for i, item in enumerate(n.value)]
+        if ":" in str(n.value) and n.tag != "tag:yaml.org,2002:str":
+            return n.value  # a PCI address, not YAML 1.1's base-60 number
+        try:
+            return constructor.construct_object(n, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            raise InputError(source, str(exc.problem), key_path=render(path),
+                             line=n.start_mark.line + 1) from None
+
+    return convert(node, ()), positions
+
+
+def render(path: Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top>"
+
+
+T = TypeVar("T", bound=pydantic.BaseModel)
+
+
+def validate(
+    model: type[T], data: Any, positions: dict[Path, tuple[int, int]], source: str
+) -> T:
+    """Validate with pydantic; turn its first error into an InputError with a place."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise error_at(exc, positions, source) from None
+
+
+def error_at(
+    exc: pydantic.ValidationError, positions: dict[Path, tuple[int, int]], source: str,
+    prefix: Path = (),
+) -> InputError:
+    first = exc.errors()[0]
+    # Keep the parts of pydantic's location that are real keys (drop union-member tags).
+    loc: Path = prefix
+    raw = [p for p in first["loc"] if isinstance(p, int | str)]
+    for i, part in enumerate(raw):
+        if (*loc, part) in positions or (i == len(raw) - 1 and first["type"] == "missing"):
+            loc = (*loc, part)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key '{loc[-1]}'"
+    elif first["type"] == "missing":
+        message = f"'{loc[-1]}' is required here"
+        loc = loc[:-1]
+    return at(source, message, loc, positions)
+
+
+def at(source: str, message: str, path: Path, positions: dict[Path, tuple[int, int]]) -> InputError:
+    """An InputError placed at ``path`` (or the nearest enclosing place we know)."""
+    probe = path
+    while probe not in positions and probe:
+        probe = probe[:-1]
+    line, col = positions.get(probe, (None, None))
+    return InputError(source, message, key_path=render(path), line=line, column=col)

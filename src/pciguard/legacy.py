@@ -1,0 +1,67 @@
+"""Historic flaws, kept as selectable behaviours so tests and the verifier can show
+that each attack works when the flaw is present and is stopped when it is not.
+
+The secure toolstack and platform run with no flaws. Each flaw changes only which
+platform steps are taken (or which checks the simulated platform makes); the
+ownership ledger is never bent, so the invariants see the damage.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Flaw(StrEnum):
+    XSA_61 = "xsa-61"
+    XSA_302 = "xsa-302"
+    XSA_306 = "xsa-306"
+    XSA_400 = "xsa-400"
+    XSA_442 = "xsa-442"
+    XSA_449 = "xsa-449"
+    HOTPLUG_TO_HOST = "hotplug-to-host"
+    TRUSTED_BRIDGES = "trusted-bridges"
+    NO_MSI_CHECK = "no-msi-check"
+    NO_GROUP_CHECK = "no-group-check"
+    LATE_IOMMU_CONTEXT = "late-iommu-context"
+
+    @property
+    def describe(self) -> str:
+        return _DESCRIPTIONS[self]
+
+    @property
+    def layer(self) -> str:
+        """Where the flaw lives: in the toolstack or in the (simulated) hypervisor."""
+        return "platform" if self in (Flaw.XSA_449, Flaw.NO_GROUP_CHECK) else "toolstack"
+
+
+_DESCRIPTIONS = {
+    Flaw.XSA_61: "libxl gave an HVM guest the device before checking that an IOMMU exists",
+    Flaw.XSA_302: "on VM teardown the device went straight back to the host, with guest DMA "
+    "still in flight",
+    Flaw.XSA_306: "only devices prepared with pci-assignable-add were quarantined; a device "
+    "assigned straight from the host went back to it",
+    Flaw.XSA_400: "reassignment was not atomic: the device passed through the host's domain "
+    "on its way to quarantine",
+    Flaw.XSA_442: "ownership changed without flushing the IOTLB, so stale translations "
+    "kept pointing at the previous owner",
+    Flaw.XSA_449: "phantom functions and aliases kept the previous owner's context when "
+    "a device was reassigned",
+    Flaw.HOTPLUG_TO_HOST: "a hot-plugged device was handed to a host driver at once "
+    "(Thunderbolt: DMA to the host before anyone decided)",
+    Flaw.TRUSTED_BRIDGES: "a device that presents itself as a bridge was treated as "
+    "infrastructure and given to the host",
+    Flaw.NO_MSI_CHECK: "assignment went ahead without interrupt isolation and reported "
+    "nothing (VFIO's allow_unsafe_interrupts)",
+    Flaw.NO_GROUP_CHECK: "members of one IOMMU group could go to different owners "
+    "(Xen never checks groups)",
+    Flaw.LATE_IOMMU_CONTEXT: "a VM created without an IOMMU context got one patched in "
+    "when a device arrived",
+}
+
+
+def parse_flaws(names: list[str]) -> frozenset[Flaw]:
+    known = {f.value: f for f in Flaw}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown flaw(s) {unknown}; known: {sorted(known)}")
+    return frozenset(known[n] for n in names)

@@ -1,0 +1,26 @@
+"""Pure values: PCI topology, IOMMU units and groups, the ownership table.
+
+Nothing in this package performs I/O; tests check its imports.
+"""
+
+from pciguard.model.groups import IommuGroup, derive_groups, requester_ids
+from pciguard.model.host import Arch, Feature, Host, IommuUnit, MsiController
+from pciguard.model.pci import Acs, AcsCapability, Bdf, Function, Kind, ReservedRegion, Topology
+
+__all__ = [
+    "Acs",
+    "AcsCapability",
+    "Arch",
+    "Bdf",
+    "Feature",
+    "Function",
+    "Host",
+    "IommuGroup",
+    "IommuUnit",
+    "Kind",
+    "MsiController",
+    "ReservedRegion",
+    "Topology",
+    "derive_groups",
+    "requester_ids",
+]

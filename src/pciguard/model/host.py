@@ -1,0 +1,120 @@
+"""A host as pciguard sees it: its PCI topology and IOMMU units. Pure values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import cached_property
+
+from pciguard.errors import TopologyError
+from pciguard.model.groups import IommuGroup, derive_groups, requester_ids
+from pciguard.model.pci import Bdf, Topology
+
+
+class Arch(StrEnum):
+    X86 = "x86"
+    ARM = "arm"
+
+
+class Feature(StrEnum):
+    """State of an IOMMU feature: the hardware may have it and the OS may not use it."""
+
+    ABSENT = "absent"
+    DISABLED = "disabled"
+    ENABLED = "enabled"
+
+
+class MsiController(StrEnum):
+    """ARM interrupt controllers that receive MSIs."""
+
+    ITS = "gicv3-its"  # tags each MSI with its DeviceID: isolates
+    GICV2M = "gicv2m"  # one doorbell for all: any device can raise any SPI
+
+
+@dataclass(frozen=True)
+class IommuUnit:
+    """One DMA remapping unit (VT-d DRHD, AMD IOMMU, ARM SMMU).
+
+    ``scope`` lists the bridges and devices it covers (each with its subtree);
+    ``None`` means every device no other unit claims (VT-d INCLUDE_PCI_ALL).
+    """
+
+    name: str
+    dma_remapping: Feature = Feature.ENABLED
+    interrupt_remapping: Feature = Feature.ENABLED
+    msi_controller: MsiController | None = None
+    scope: tuple[Bdf, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    arch: Arch
+    topology: Topology
+    iommus: tuple[IommuUnit, ...] = ()
+    hotplug_later: frozenset[Bdf] = frozenset()  # absent at boot, plugged in later
+
+    def __post_init__(self) -> None:
+        names = [u.name for u in self.iommus]
+        if len(set(names)) != len(names):
+            raise TopologyError(f"IOMMU unit names repeat: {names}")
+        if sum(u.scope is None for u in self.iommus) > 1:
+            raise TopologyError("only one IOMMU unit may cover all remaining devices (scope: all)")
+        for unit in self.iommus:
+            for bdf in unit.scope or ():
+                if bdf not in self.topology:
+                    raise TopologyError(f"IOMMU {unit.name}: scope names {bdf}, which is not a device")
+            if self.arch is Arch.X86 and unit.msi_controller is not None:
+                raise TopologyError(f"IOMMU {unit.name}: msi_controller is for ARM hosts only")
+
+    @cached_property
+    def _unit_of(self) -> dict[Bdf, IommuUnit]:
+        owners: dict[Bdf, IommuUnit] = {}
+        for unit in self.iommus:
+            for top in unit.scope or ():
+                for bdf in self.topology.subtree(top):
+                    owners[bdf] = unit
+        catch_all = next((u for u in self.iommus if u.scope is None), None)
+        if catch_all is not None:
+            for bdf in self.topology:
+                owners.setdefault(bdf, catch_all)
+        return owners
+
+    def iommu_of(self, bdf: Bdf) -> IommuUnit | None:
+        return self._unit_of.get(bdf)
+
+    def dma_translated(self, bdf: Bdf) -> bool:
+        """DMA from ``bdf`` goes through an enabled remapping unit."""
+        unit = self.iommu_of(bdf)
+        return unit is not None and unit.dma_remapping is Feature.ENABLED
+
+    def msi_isolated(self, bdf: Bdf) -> bool:
+        """An MSI from ``bdf`` can reach only the vectors set up for it."""
+        unit = self.iommu_of(bdf)
+        if unit is None or unit.dma_remapping is not Feature.ENABLED:
+            return False
+        if self.arch is Arch.ARM:
+            return unit.msi_controller is MsiController.ITS
+        return unit.interrupt_remapping is Feature.ENABLED
+
+    @cached_property
+    def groups(self) -> tuple[IommuGroup, ...]:
+        return derive_groups(self.topology)
+
+    @cached_property
+    def _group_of(self) -> dict[Bdf, IommuGroup]:
+        return {bdf: g for g in self.groups for bdf in g.members}
+
+    def group_of(self, bdf: Bdf) -> IommuGroup:
+        return self._group_of[bdf]
+
+    @cached_property
+    def _rids(self) -> dict[Bdf, frozenset[Bdf]]:
+        return {bdf: requester_ids(self.topology, bdf) for bdf in self.topology}
+
+    def requester_ids(self, bdf: Bdf) -> frozenset[Bdf]:
+        return self._rids[bdf]
+
+    def owner_of_rid(self, rid: Bdf) -> list[Bdf]:
+        """The devices whose DMA can carry requester ID ``rid``."""
+        return sorted(b for b, rids in self._rids.items() if rid in rids)

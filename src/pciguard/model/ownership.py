@@ -1,0 +1,111 @@
+"""The ownership state machine: every move a device can make, in one table.
+
+    PENDING ──admit──▶ ADMITTING ──commit──▶ HOST ──make-assignable──▶ QUARANTINING ──commit──▶ QUARANTINED
+       │                ▲                              └──rollback──▶ HOST
+       ├─quarantine─▶ QUARANTINED ──assign──▶ ASSIGNING ──commit──▶ ASSIGNED
+       └─reject─▶ REMOVED   │                    └──rollback──▶ QUARANTINED
+                            └─make-unassignable─▶ UNQUARANTINING ──commit──▶ HOST
+    ASSIGNED ──release──▶ RELEASING ──commit──▶ QUARANTINED
+    any in-flight state ──rollback-failed──▶ BROKEN ──recover──▶ RECOVERING ──commit──▶ QUARANTINED
+
+A device marked assignable moves only between quarantine and guests; only
+``make-unassignable`` (which resets it first) returns it to the host.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pciguard.errors import IllegalTransition
+
+
+class State(StrEnum):
+    PENDING = "pending"  # hot-plugged, policy not applied yet: DMA blocked
+    ADMITTING = "admitting"  # the policy allowed it; on its way to a host driver
+    HOST = "host"
+    QUARANTINING = "quarantining"
+    QUARANTINED = "quarantined"
+    UNQUARANTINING = "unquarantining"
+    ASSIGNING = "assigning"
+    ASSIGNED = "assigned"
+    RELEASING = "releasing"
+    BROKEN = "broken"  # an unwind failed; held away from the host until recovered
+    RECOVERING = "recovering"
+    REMOVED = "removed"
+
+    @property
+    def in_flight(self) -> bool:
+        return self in _IN_FLIGHT
+
+    @property
+    def assignable(self) -> bool:
+        """The device is marked assignable: it must never be owned by the host."""
+        return self not in (
+            State.PENDING, State.ADMITTING, State.HOST, State.REMOVED, State.QUARANTINING,
+            State.UNQUARANTINING,
+        )
+
+
+class Event(StrEnum):
+    ADMIT = "admit"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+    MAKE_ASSIGNABLE = "make-assignable"
+    MAKE_UNASSIGNABLE = "make-unassignable"
+    ASSIGN = "assign"
+    RELEASE = "release"
+    RECOVER = "recover"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+    ROLLBACK_FAILED = "rollback-failed"
+    UNPLUG = "unplug"
+
+
+_IN_FLIGHT = {
+    State.ADMITTING,
+    State.QUARANTINING,
+    State.UNQUARANTINING,
+    State.ASSIGNING,
+    State.RELEASING,
+    State.RECOVERING,
+}
+
+S, E = State, Event
+
+#: (state, event) -> next state. Nothing else is allowed.
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.PENDING, E.ADMIT): S.ADMITTING,
+    (S.ADMITTING, E.COMMIT): S.HOST,
+    (S.ADMITTING, E.ROLLBACK): S.PENDING,
+    (S.PENDING, E.QUARANTINE): S.QUARANTINED,
+    (S.PENDING, E.REJECT): S.REMOVED,
+    (S.HOST, E.MAKE_ASSIGNABLE): S.QUARANTINING,
+    (S.QUARANTINING, E.COMMIT): S.QUARANTINED,
+    (S.QUARANTINING, E.ROLLBACK): S.HOST,
+    (S.QUARANTINED, E.MAKE_UNASSIGNABLE): S.UNQUARANTINING,
+    (S.UNQUARANTINING, E.COMMIT): S.HOST,
+    (S.UNQUARANTINING, E.ROLLBACK): S.QUARANTINED,
+    (S.QUARANTINED, E.ASSIGN): S.ASSIGNING,
+    (S.ASSIGNING, E.COMMIT): S.ASSIGNED,
+    (S.ASSIGNING, E.ROLLBACK): S.QUARANTINED,
+    (S.ASSIGNED, E.RELEASE): S.RELEASING,
+    (S.RELEASING, E.COMMIT): S.QUARANTINED,
+    (S.BROKEN, E.RECOVER): S.RECOVERING,
+    (S.RECOVERING, E.COMMIT): S.QUARANTINED,
+    (S.RECOVERING, E.ROLLBACK): S.BROKEN,
+    **{(s, E.ROLLBACK_FAILED): S.BROKEN for s in _IN_FLIGHT},
+    **{(s, E.UNPLUG): S.REMOVED for s in (S.PENDING, S.HOST, S.QUARANTINED, S.BROKEN)},
+}
+
+
+def allowed_events(state: State) -> list[Event]:
+    return [e for (s, e) in TRANSITIONS if s is state]
+
+
+def next_state(device: str, state: State, event: Event) -> State:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(
+            device, state.value, event.value, [e.value for e in allowed_events(state)]
+        ) from None

@@ -1,0 +1,278 @@
+"""PCI functions and the topology they form. Pure values, no I/O."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import IntFlag, StrEnum
+from functools import cached_property
+
+from pciguard.errors import TopologyError
+
+_BDF_RE = re.compile(
+    r"^(?:(?P<seg>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-9a-fA-F]{2})\.(?P<fn>[0-7])$"
+)
+
+
+@dataclass(frozen=True, order=True)
+class Bdf:
+    """segment:bus:device.function; also the requester ID the IOMMU sees."""
+
+    segment: int
+    bus: int
+    device: int
+    function: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.segment <= 0xFFFF and 0 <= self.bus <= 0xFF):
+            raise ValueError(f"segment or bus out of range in {self!r}")
+        if not (0 <= self.device <= 0x1F and 0 <= self.function <= 7):
+            raise ValueError(f"device or function out of range in {self!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Bdf:
+        match = _BDF_RE.match(text.strip())
+        if not match:
+            raise ValueError(
+                f"'{text}' is not a PCI address; expected SSSS:BB:DD.F such as 0000:03:00.0"
+            )
+        device = int(match["dev"], 16)
+        if device > 0x1F:
+            raise ValueError(f"'{text}': device number {device:#x} is above 0x1f")
+        return cls(int(match["seg"] or "0", 16), int(match["bus"], 16), device, int(match["fn"]))
+
+    @classmethod
+    def from_rid(cls, segment: int, rid: int) -> Bdf:
+        return cls(segment, (rid >> 8) & 0xFF, (rid >> 3) & 0x1F, rid & 7)
+
+    @property
+    def rid(self) -> int:
+        """The 16-bit requester ID (bus << 8 | devfn)."""
+        return self.bus << 8 | self.device << 3 | self.function
+
+    @property
+    def slot(self) -> tuple[int, int, int]:
+        return (self.segment, self.bus, self.device)
+
+    def __str__(self) -> str:
+        return f"{self.segment:04x}:{self.bus:02x}:{self.device:02x}.{self.function}"
+
+
+class Kind(StrEnum):
+    """What a function is, in PCIe port-type terms."""
+
+    ROOT_PORT = "root-port"
+    SWITCH_UPSTREAM = "switch-upstream"
+    SWITCH_DOWNSTREAM = "switch-downstream"
+    PCIE_TO_PCI_BRIDGE = "pcie-to-pci-bridge"
+    ENDPOINT = "endpoint"
+    RC_ENDPOINT = "rc-endpoint"
+    PCI_ENDPOINT = "pci-endpoint"  # conventional PCI, behind a PCIe-to-PCI bridge
+
+    @property
+    def is_bridge(self) -> bool:
+        return self in _BRIDGES
+
+    @property
+    def is_pcie(self) -> bool:
+        return self is not Kind.PCI_ENDPOINT
+
+
+_BRIDGES = {Kind.ROOT_PORT, Kind.SWITCH_UPSTREAM, Kind.SWITCH_DOWNSTREAM, Kind.PCIE_TO_PCI_BRIDGE}
+
+
+class Acs(IntFlag):
+    """ACS capability/control bits (PCIe base spec, ACS extended capability)."""
+
+    SV = 0x01  # source validation
+    TB = 0x02  # translation blocking
+    RR = 0x04  # P2P request redirect
+    CR = 0x08  # P2P completion redirect
+    UF = 0x10  # upstream forwarding
+    EC = 0x20  # P2P egress control
+    DT = 0x40  # direct translated P2P
+
+
+#: The bits Linux requires on every port before it trusts isolation (REQ_ACS_FLAGS).
+REQUIRED_ACS = Acs.SV | Acs.RR | Acs.CR | Acs.UF
+
+
+@dataclass(frozen=True)
+class AcsCapability:
+    capability: Acs
+    control: Acs
+
+    def isolates(self) -> bool:
+        """True when the required ACS features are enabled.
+
+        As in Linux's pci_acs_flags_enabled(): a feature missing from the capability
+        register is hard-wired enabled, so only controllable features must be set.
+        """
+        wanted = REQUIRED_ACS & (self.capability | Acs.EC)
+        return (self.control & wanted) == wanted
+
+
+@dataclass(frozen=True)
+class ReservedRegion:
+    """A firmware-required 1:1 mapping (RMRR on Intel, unity map on AMD)."""
+
+    name: str
+    start: int
+    end: int  # inclusive
+
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, int) and self.start <= address <= self.end
+
+    def __str__(self) -> str:
+        return f"{self.name} [{self.start:#x}-{self.end:#x}]"
+
+
+@dataclass(frozen=True)
+class Function:
+    """One PCI function as the toolstack sees it."""
+
+    bdf: Bdf
+    kind: Kind
+    parent: Bdf | None = None  # the port or bridge above; None on a root bus
+    name: str = ""
+    ids: str = "0000:0000"  # vendor:device
+    class_code: int = 0
+    driver: str | None = None  # host driver bound now
+    acs: AcsCapability | None = None
+    ats: bool = False
+    external: bool = False  # an external-facing port (Thunderbolt, hot-plug slot)
+    phantom_functions: int = 0  # the Phantom Functions field in use, 0..3
+    reset_methods: tuple[str, ...] = ()
+    reserved_regions: tuple[ReservedRegion, ...] = ()
+    physfn: Bdf | None = None  # set on SR-IOV virtual functions
+    host_critical: bool = False  # the host needs it (boot disk, console)
+
+    @property
+    def label(self) -> str:
+        return f"{self.bdf} ({self.name})" if self.name else str(self.bdf)
+
+    def phantom_rids(self) -> tuple[Bdf, ...]:
+        """Requester IDs this function also uses through phantom functions.
+
+        Same rule as Xen's phantom_stride: the field takes the top bits of the
+        function number, so the stride is 8 >> field.
+        """
+        if not self.phantom_functions:
+            return ()
+        stride = 8 >> self.phantom_functions
+        return tuple(
+            Bdf(self.bdf.segment, self.bdf.bus, self.bdf.device, fn)
+            for fn in range(self.bdf.function + stride, 8, stride)
+        )
+
+
+@dataclass(frozen=True)
+class Topology(Mapping[Bdf, Function]):
+    """The functions of one host, keyed by BDF, checked for consistency on creation."""
+
+    functions: Mapping[Bdf, Function] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for fn in self.functions.values():
+            self._check(fn)
+
+    def _check(self, fn: Function) -> None:
+        if fn.parent is not None:
+            parent = self.functions.get(fn.parent)
+            if parent is None:
+                raise TopologyError(f"{fn.bdf}: parent {fn.parent} is not in the topology")
+            if not parent.kind.is_bridge:
+                raise TopologyError(f"{fn.bdf}: parent {fn.parent} is a {parent.kind}, not a bridge")
+            if parent.kind is Kind.SWITCH_UPSTREAM and fn.kind is not Kind.SWITCH_DOWNSTREAM:
+                raise TopologyError(
+                    f"{fn.bdf}: only switch-downstream ports sit below switch-upstream {fn.parent}"
+                )
+        elif fn.kind not in (Kind.ROOT_PORT, Kind.RC_ENDPOINT, Kind.ENDPOINT):
+            raise TopologyError(f"{fn.bdf}: a {fn.kind} cannot sit on a root bus; give it a parent")
+        if fn.kind is Kind.PCI_ENDPOINT and not self._behind_pci_bridge(fn):
+            raise TopologyError(f"{fn.bdf}: conventional PCI devices sit behind a pcie-to-pci-bridge")
+        if fn.physfn is not None and fn.physfn not in self.functions:
+            raise TopologyError(f"{fn.bdf}: physical function {fn.physfn} is not in the topology")
+        buses = {self.functions[c].bdf.bus for c in self.children.get(fn.bdf, ())}
+        if len(buses) > 1:
+            raise TopologyError(f"{fn.bdf}: its children sit on several buses {sorted(buses)}")
+
+    def _behind_pci_bridge(self, fn: Function) -> bool:
+        return any(b.kind is Kind.PCIE_TO_PCI_BRIDGE for b in self.path_to_root(fn.bdf))
+
+    # Mapping protocol
+    def __getitem__(self, bdf: Bdf) -> Function:
+        return self.functions[bdf]
+
+    def __iter__(self) -> Iterator[Bdf]:
+        return iter(sorted(self.functions))
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.functions)))
+
+    @cached_property
+    def children(self) -> dict[Bdf, tuple[Bdf, ...]]:
+        kids: dict[Bdf, list[Bdf]] = {}
+        for fn in self.functions.values():
+            if fn.parent is not None:
+                kids.setdefault(fn.parent, []).append(fn.bdf)
+        return {k: tuple(sorted(v)) for k, v in kids.items()}
+
+    def secondary_bus(self, bridge: Bdf) -> int | None:
+        kids = self.children.get(bridge, ())
+        return kids[0].bus if kids else None
+
+    def path_to_root(self, bdf: Bdf) -> list[Function]:
+        """The bridges above ``bdf``, nearest first."""
+        path: list[Function] = []
+        parent = self.functions[bdf].parent
+        seen: set[Bdf] = set()
+        while parent is not None:
+            if parent in seen:
+                raise TopologyError(f"{bdf}: the parent chain loops at {parent}")
+            seen.add(parent)
+            bridge = self.functions[parent]
+            path.append(bridge)
+            parent = bridge.parent
+        return path
+
+    def subtree(self, bdf: Bdf) -> list[Bdf]:
+        """``bdf`` and everything below it."""
+        out = [bdf]
+        for child in self.children.get(bdf, ()):
+            out.extend(self.subtree(child))
+        return out
+
+    @cached_property
+    def _by_slot(self) -> dict[tuple[int, int, int], list[Function]]:
+        slots: dict[tuple[int, int, int], list[Function]] = {}
+        for f in self.functions.values():
+            if f.physfn is None:
+                slots.setdefault(f.bdf.slot, []).append(f)
+        return slots
+
+    def slot_siblings(self, bdf: Bdf) -> list[Function]:
+        """The other non-VF functions in the same slot."""
+        return [f for f in self._by_slot.get(bdf.slot, ()) if f.bdf != bdf]
+
+    def is_multifunction(self, bdf: Bdf) -> bool:
+        return self.functions[bdf].physfn is None and bool(self.slot_siblings(bdf))
+
+    @cached_property
+    def _vfs(self) -> dict[Bdf, list[Bdf]]:
+        vfs: dict[Bdf, list[Bdf]] = {}
+        for f in sorted(self.functions.values(), key=lambda f: f.bdf):
+            if f.physfn is not None:
+                vfs.setdefault(f.physfn, []).append(f.bdf)
+        return vfs
+
+    def virtual_functions(self, pf: Bdf) -> list[Bdf]:
+        return list(self._vfs.get(pf, ()))
+
+    def is_behind_external_port(self, bdf: Bdf) -> bool:
+        fn = self.functions[bdf]
+        return fn.external or any(b.external for b in self.path_to_root(bdf))

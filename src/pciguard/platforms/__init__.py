@@ -1,0 +1,1 @@
+"""Platforms the toolstack runs on. ``base`` holds the one protocol they share."""

@@ -1,0 +1,8 @@
+"""Hot-plug policy: which newly plugged devices the host may drive.
+
+Fail closed: anything no rule allows is quarantined.
+"""
+
+from pciguard.policy.default import Decision, DefaultPolicy, HotplugPolicy, Target
+
+__all__ = ["Decision", "DefaultPolicy", "HotplugPolicy", "Target"]

@@ -1,0 +1,547 @@
+"""The secure toolstack: every workflow written once, against ``Platform``.
+
+Each operation is checked completely, then planned as a list of atomic platform
+steps, then executed. Ownership moves in the ledger only through the table in
+``model.ownership``: an operation *claims* its devices (an in-flight state), runs its
+steps, and then *commits*. When a step fails it unwinds in reverse, which always ends
+in quarantine for anything a guest could have touched; if even the unwinding fails,
+the guest is crashed and the device is marked broken.
+
+Legacy flaws (``pciguard.legacy``) change which steps are taken, never the ledger,
+so the invariants in ``pciguard.verify.invariants`` see the damage they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from pciguard.checks import (
+    Holder,
+    Options,
+    Reason,
+    device_reasons,
+    group_reasons,
+    iommu_reason,
+    msi_reason,
+)
+from pciguard.errors import (
+    PreconditionFailed,
+    RefusedError,
+    StepFailed,
+)
+from pciguard.legacy import Flaw
+from pciguard.model import Bdf, Host
+from pciguard.model.ownership import Event, State, next_state
+from pciguard.platforms.base import HOST, QUARANTINE, DomainState, Platform
+from pciguard.policy import Decision, DefaultPolicy, HotplugPolicy, Target
+
+
+@dataclass(frozen=True)
+class Step:
+    """One call of a ``Platform`` method."""
+
+    call: str
+    device: Bdf | None = None
+    domain: str | None = None
+
+    def __str__(self) -> str:
+        args = ", ".join(str(a) for a in (self.device, self.domain) if a is not None)
+        return f"{self.call}({args})"
+
+
+@dataclass(frozen=True)
+class Plan:
+    operation: str
+    devices: tuple[Bdf, ...]  # whose ledger records move
+    vm: str | None
+    steps: tuple[Step, ...]
+    claim: Event | None  # the event that claims the devices (None: no in-flight state)
+    finish: Event = Event.COMMIT
+    forward_only: bool = False  # release: on failure push on to quarantine, never back
+    unsafe: tuple[str, ...] = ()  # overrides this plan relies on, for every report
+
+    def describe(self) -> Iterator[str]:
+        direction = "from" if self.operation in ("release", "recover") else "->"
+        target = f" {direction} {self.vm}" if self.vm else ""
+        yield f"{self.operation} {', '.join(map(str, self.devices))}{target}"
+        for i, step in enumerate(self.steps, 1):
+            yield f"  {i}. {step}"
+
+
+@dataclass
+class DeviceRecord:
+    """What the toolstack knows of one device: its state and what it has set up."""
+
+    state: State
+    vm: str | None = None
+    driver: bool = False
+    context: str | None = None
+    msi: str | None = None
+    exposed: str | None = None
+    reserved: set[str] = field(default_factory=set)
+    guest_touched: bool = False  # a guest had it since the host last took it back
+    prepared: bool = True  # went through make_assignable (XSA-306 tracks the other path)
+    decision: Decision | None = None  # the hot-plug decision, if it was hot-plugged
+    unsafe: tuple[str, ...] = ()
+
+    def holder(self) -> Holder:
+        return Holder(self.state, self.vm)
+
+
+class OperationFailed(StepFailed):
+    """A step failed and the operation was unwound; ``outcome`` says where things ended."""
+
+    def __init__(self, plan: Plan, cause: StepFailed, outcome: str) -> None:
+        self.plan = plan
+        self.cause = cause
+        self.outcome = outcome
+        super().__init__(plan.operation, f"{cause}; {outcome}")
+
+
+class Toolstack:
+    def __init__(
+        self,
+        platform: Platform,
+        options: Options | None = None,
+        policy: HotplugPolicy | None = None,
+    ) -> None:
+        self.platform = platform
+        self.options = options or Options()
+        self.policy = policy or DefaultPolicy()
+        self.flaws = self.options.flaws
+        self.notes: list[str] = []
+        self.observers: list[Callable[[], None]] = []  # called after every ledger move
+        self.ledger: dict[Bdf, DeviceRecord] = {}
+        for bdf in platform.host.topology:
+            if platform.present(bdf):
+                context = platform.context_of(bdf)
+                self.ledger[bdf] = DeviceRecord(
+                    State.HOST, driver=platform.host_driver_bound(bdf), context=context,
+                    msi=context,
+                )
+
+    # -- reading ---------------------------------------------------------------
+    @property
+    def host(self) -> Host:
+        return self.platform.host
+
+    def record(self, bdf: Bdf) -> DeviceRecord:
+        try:
+            return self.ledger[bdf]
+        except KeyError:
+            known = bdf in self.platform.host.topology
+            why = "is not present" if known else "is not a device of this host"
+            raise RefusedError(f"{bdf} {why}", device=str(bdf)) from None
+
+    def holder_of(self, bdf: Bdf) -> Holder | None:
+        rec = self.ledger.get(bdf)
+        return rec.holder() if rec and rec.state is not State.REMOVED else None
+
+    def devices_of(self, vm: str) -> list[Bdf]:
+        return sorted(b for b, r in self.ledger.items() if r.vm == vm and r.state is not State.REMOVED)
+
+    def unsafe_in_force(self) -> list[str]:
+        out = self.options.unsafe_overrides()
+        for bdf, rec in sorted(self.ledger.items()):
+            out.extend(f"{bdf}: {u}" for u in rec.unsafe)
+        return out
+
+    # -- VMs -------------------------------------------------------------------
+    def create_vm(self, name: str, *, iommu: bool = True) -> None:
+        """Create a VM. Only a VM created with an IOMMU context can ever receive devices."""
+        self.platform.create_domain(name, iommu_context=iommu)
+        self.notes.append(f"created {name} ({'with' if iommu else 'without'} an IOMMU context)")
+
+    def destroy_vm(self, name: str) -> None:
+        """Shut a VM down: its devices go to quarantine first, then its memory is freed."""
+        self._teardown(name)
+
+    def vm_crashed(self, name: str) -> None:
+        """Clean up after a VM that crashed by itself (the platform already knows)."""
+        self._teardown(name)
+
+    def _teardown(self, name: str) -> None:
+        failures = []
+        for bdf in self.devices_of(name):
+            rec = self.ledger[bdf]
+            try:
+                if rec.state is State.ASSIGNED:
+                    self.release(bdf)
+                elif rec.state is State.BROKEN:
+                    self.recover(bdf)
+            except (StepFailed, RefusedError) as exc:
+                failures.append(f"{bdf}: {exc}")
+        if self.devices_of(name) or failures:
+            held = ", ".join(map(str, self.devices_of(name)))
+            self.notes.append(
+                f"{name} kept as a zombie: {held} could not be quarantined; run 'recover'"
+            )
+            return
+        self.platform.destroy_domain(name)
+        self.notes.append(f"destroyed {name}")
+
+    # -- operations ----------------------------------------------------------------
+    def make_assignable(self, bdf: Bdf, *, with_group: bool = True) -> Plan:
+        """Move the device (and, by default, its group's other endpoints) to quarantine."""
+        return self.execute(self.plan_make_assignable(bdf, with_group=with_group))
+
+    def make_unassignable(self, bdf: Bdf) -> Plan:
+        """Reset the device, then give it back to its host driver."""
+        return self.execute(self.plan_make_unassignable(bdf))
+
+    def assign(self, bdf: Bdf, vm: str) -> Plan:
+        if Flaw.XSA_306 in self.flaws and self.record(bdf).state is State.HOST:
+            self.make_assignable(bdf, with_group=False)  # the path that skips quarantine
+            self.ledger[bdf].prepared = False
+        return self.execute(self.plan_assign(bdf, vm))
+
+    def release(self, bdf: Bdf) -> Plan:
+        """Take the device from its VM back to quarantine (never to the host)."""
+        return self.execute(self.plan_release(bdf))
+
+    def recover(self, bdf: Bdf) -> Plan:
+        """Bring a broken device back to quarantine."""
+        return self.execute(self.plan_recover(bdf))
+
+    def hotplug(self, bdf: Bdf) -> Plan:
+        """A device appeared: it is blocked until the policy has decided, then acted on."""
+        self.ledger[bdf] = DeviceRecord(State.PENDING)
+        return self.execute(self.plan_hotplug(bdf))
+
+    def device_unplugged(self, bdf: Bdf) -> None:
+        """The device is leaving the bus by itself (surprise removal)."""
+        self._move(bdf, Event.UNPLUG, None)
+
+    # -- planning ------------------------------------------------------------------
+    def plan_make_assignable(self, bdf: Bdf, *, with_group: bool = True) -> Plan:
+        rec = self.record(bdf)
+        next_state(str(bdf), rec.state, Event.MAKE_ASSIGNABLE)
+        fn = self.host.topology[bdf]
+        if fn.kind.is_bridge:
+            raise RefusedError(f"{bdf} is a {fn.kind.value}; bridges stay with the host", device=str(bdf))
+        members = [bdf]
+        if with_group:
+            members += [
+                m for m in self.host.group_of(bdf).members
+                if m != bdf and not self.host.topology[m].kind.is_bridge
+                and self.holder_of(m) is not None and self.ledger[m].state is State.HOST
+            ]
+        for m in members:
+            if Flaw.XSA_61 in self.flaws:
+                break  # the legacy toolstack checked for an IOMMU nowhere before exposure
+            if (reason := iommu_reason(self.host, m)) is not None:
+                raise RefusedError(
+                    f"cannot quarantine {m}: quarantine could not block its DMA ({reason})",
+                    device=str(m),
+                )
+        critical = [m for m in members if self.host.topology[m].host_critical]
+        if critical:
+            raise RefusedError(
+                f"cannot quarantine {bdf}: {self.host.group_of(bdf)} holds host-critical "
+                f"{', '.join(map(str, critical))}, which the host needs",
+                device=str(bdf),
+            )
+        steps: list[Step] = []
+        for m in members:
+            if self.ledger[m].driver:
+                steps.append(Step("unbind_host_driver", m))
+            steps += [Step("attach", m, QUARANTINE), *self._flush(m), Step("route_msi", m, QUARANTINE)]
+            if self.host.topology[m].reset_methods:
+                steps.append(Step("reset", m))
+        return Plan("make-assignable", tuple(members), None, tuple(steps), Event.MAKE_ASSIGNABLE)
+
+    def guests_in_group(self, bdf: Bdf) -> list[str]:
+        """The guests holding another member of ``bdf``'s group: the host must not get it."""
+        return [
+            f"{m} is with {rec.vm}"
+            for m in self.host.group_of(bdf).members
+            if m != bdf and (rec := self.ledger.get(m)) is not None and rec.vm is not None
+        ]
+
+    def plan_make_unassignable(self, bdf: Bdf) -> Plan:
+        """Reset, then host; devices sharing a requester ID with ``bdf`` go too."""
+        devices = self.moves_with(bdf)
+        for d in devices:
+            next_state(str(d), self.record(d).state, Event.MAKE_UNASSIGNABLE)
+        if blockers := self.guests_in_group(bdf):
+            raise RefusedError(
+                f"cannot give {bdf} back to the host while its {self.host.group_of(bdf)} is "
+                f"with a guest ({'; '.join(blockers)}); release those first",
+                device=str(bdf),
+            )
+        steps: list[Step] = []
+        for d in devices:
+            steps += [Step("reset", d)] if self.host.topology[d].reset_methods else []
+            steps += [Step("attach", d, HOST), *self._flush(d), Step("route_msi", d, HOST),
+                      Step("bind_host_driver", d)]
+        return Plan("make-unassignable", devices, None, tuple(steps), Event.MAKE_UNASSIGNABLE)
+
+    def preconditions(self, bdf: Bdf, vm: str, *, claimed: bool = False) -> list[Reason]:
+        """Every check that must pass before anything of ``bdf`` reaches ``vm``
+        (``claimed``: the caller has already claimed the device for ``vm``)."""
+        reasons: list[Reason] = []
+        rec = self.record(bdf)
+        expected = State.ASSIGNING if claimed else State.QUARANTINED
+        if rec.state is not expected:
+            if rec.state is State.HOST:
+                why = f"it is not assignable; quarantine it first (pciguard quarantine {bdf})"
+            elif rec.vm:
+                why = f"it is {rec.state.value} to {rec.vm}; release it first"
+            else:
+                why = f"it is {rec.state.value}"
+            reasons.append(Reason("not-quarantined", why))
+        domain = self.platform.domains().get(vm)
+        if domain is None:
+            reasons.append(Reason("no-vm", f"there is no VM named {vm}"))
+        else:
+            if domain.state is not DomainState.RUNNING:
+                reasons.append(Reason("vm-not-running", f"{vm} is {domain.state.value}"))
+            if not domain.iommu_context and Flaw.LATE_IOMMU_CONTEXT not in self.flaws:
+                reasons.append(Reason(
+                    "vm-no-iommu-context",
+                    f"{vm} was created without an IOMMU context; recreate it with one",
+                ))
+        reasons += device_reasons(self.host, bdf, self.options)
+        if Flaw.NO_GROUP_CHECK not in self.flaws:
+            reasons += group_reasons(self.host, bdf, vm, self.holder_of)
+        return reasons
+
+    def moves_with(self, bdf: Bdf) -> tuple[Bdf, ...]:
+        """``bdf`` and the present devices that share a requester ID with it (conventional
+        PCI behind one bridge, phantom functions): one context entry serves them all, so
+        they can only change owner together."""
+        rids = self.host.requester_ids(bdf)
+        return tuple(sorted(
+            d for d in self.host.group_of(bdf).members
+            if self.platform.present(d) and (d == bdf or rids & self.host.requester_ids(d))
+        ))
+
+    def plan_assign(self, bdf: Bdf, vm: str) -> Plan:
+        devices = self.moves_with(bdf)
+        if Flaw.XSA_61 not in self.flaws:
+            reasons = [r for d in devices for r in self.preconditions(d, vm)]
+            if reasons:
+                raise PreconditionFailed(str(bdf), vm, list(dict.fromkeys(r.message for r in reasons)))
+        steps = [Step("expose", d, vm) for d in devices] if Flaw.XSA_61 in self.flaws else []
+        if Flaw.LATE_IOMMU_CONTEXT in self.flaws and not self.platform.domains()[vm].iommu_context:
+            steps.append(Step("enable_iommu_context", None, vm))
+        unsafe = []
+        for d in devices:
+            fn = self.host.topology[d]
+            if msi_reason(self.host, d) is not None and Flaw.NO_MSI_CHECK not in self.flaws:
+                unsafe.append(f"{d} assigned to {vm} without interrupt isolation "
+                              "(allow_unsafe_interrupts)")
+            if fn.reserved_regions:
+                unsafe.append(f"{d}: firmware regions mapped into {vm} (rmrr=relaxed)")
+            if fn.reset_methods:
+                steps.append(Step("reset", d))
+            steps += [Step("attach", d, vm), *self._flush(d)]
+            if fn.reserved_regions:
+                steps.append(Step("map_reserved", d, vm))
+            steps.append(Step("route_msi", d, vm))
+        if Flaw.XSA_61 not in self.flaws:
+            # Last: nothing of the device reaches the guest before every step above.
+            steps += [Step("expose", d, vm) for d in devices]
+        return Plan("assign", devices, vm, tuple(steps), Event.ASSIGN, unsafe=tuple(unsafe))
+
+    def plan_release(self, bdf: Bdf) -> Plan:
+        vm = self.record(bdf).vm
+        devices = tuple(d for d in self.moves_with(bdf) if self.ledger[d].vm == vm)
+        steps: list[Step] = []
+        for d in devices:
+            rec = self.ledger[d]
+            next_state(str(d), rec.state, Event.RELEASE)
+            if Flaw.XSA_302 in self.flaws or (Flaw.XSA_306 in self.flaws and not rec.prepared):
+                steps += self._to_host_steps(d, rec)
+            else:
+                steps += self._to_quarantine_steps(d, rec)
+        return Plan("release", devices, vm, tuple(steps), Event.RELEASE, forward_only=True)
+
+    def plan_recover(self, bdf: Bdf) -> Plan:
+        rec = self.record(bdf)
+        next_state(str(bdf), rec.state, Event.RECOVER)
+        steps = tuple(self._to_quarantine_steps(bdf, rec))
+        return Plan("recover", (bdf,), rec.vm, steps, Event.RECOVER, forward_only=True)
+
+    def plan_hotplug(self, bdf: Bdf) -> Plan:
+        decision = self.policy.decide(self.host, bdf)
+        if decision.target is Target.ALLOW and (guests := self.guests_in_group(bdf)):
+            decision = Decision(Target.QUARANTINE, f"its IOMMU group is with a guest: {guests[0]}",
+                                explicit=False)
+        if decision.target is Target.QUARANTINE and not self.host.dma_translated(bdf):
+            decision = Decision(Target.REJECT, "no IOMMU covers it, so quarantine cannot hold "
+                                "its DMA", explicit=False)
+        fn = self.host.topology[bdf]
+        if Flaw.HOTPLUG_TO_HOST in self.flaws or (
+            Flaw.TRUSTED_BRIDGES in self.flaws and fn.kind.is_bridge
+        ):
+            decision = Decision(Target.ALLOW, "legacy: hand new devices to the host", False)
+        self.ledger[bdf].decision = decision
+        if decision.target is Target.REJECT:
+            return Plan("reject", (bdf,), None, (Step("remove", bdf),), None, Event.REJECT)
+        if decision.target is Target.QUARANTINE:
+            steps = (Step("attach", bdf, QUARANTINE), *self._flush(bdf))
+            return Plan("hotplug-quarantine", (bdf,), None, steps, None, Event.QUARANTINE)
+        steps = (Step("attach", bdf, HOST), *self._flush(bdf), Step("route_msi", bdf, HOST),
+                 Step("bind_host_driver", bdf))
+        return Plan("hotplug-admit", (bdf,), None, steps, Event.ADMIT)
+
+    def _flush(self, bdf: Bdf) -> list[Step]:
+        return [] if Flaw.XSA_442 in self.flaws else [Step("flush_iotlb", bdf)]
+
+    def _to_quarantine_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
+        """Everything that takes the device away from whoever holds it, guest side first."""
+        steps = []
+        if rec.exposed:
+            steps.append(Step("unexpose", bdf, rec.exposed))
+        if rec.driver:
+            steps.append(Step("unbind_host_driver", bdf))
+        if rec.msi != QUARANTINE:
+            steps.append(Step("route_msi", bdf, QUARANTINE))
+        if Flaw.XSA_400 in self.flaws and rec.context not in (HOST, QUARANTINE):
+            steps.append(Step("attach", bdf, HOST))
+        if rec.context != QUARANTINE or Flaw.XSA_400 in self.flaws:
+            steps.append(Step("attach", bdf, QUARANTINE))
+        steps += self._flush(bdf)
+        steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
+        if self.host.topology[bdf].reset_methods:
+            steps.append(Step("reset", bdf))
+        return steps
+
+    def _to_host_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
+        """The legacy teardown (XSA-302/306): straight back to the host driver."""
+        steps = [Step("unexpose", bdf, rec.exposed)] if rec.exposed else []
+        steps += [Step("route_msi", bdf, HOST), Step("attach", bdf, HOST), *self._flush(bdf)]
+        steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
+        return [*steps, Step("bind_host_driver", bdf)]
+
+    # -- execution -----------------------------------------------------------------
+    def execute(self, plan: Plan) -> Plan:
+        """Claim, run every step, then commit; on failure unwind (see module docstring)."""
+        if plan.claim is not None:
+            for bdf in plan.devices:
+                self._move(bdf, plan.claim, plan.vm)
+        undo: list[list[Step]] = []  # per step done, the steps that take it back
+        try:
+            if Flaw.XSA_61 in self.flaws and plan.operation == "assign":
+                self._run_checked_late(plan, undo)
+            else:
+                for step in plan.steps:
+                    undo.append(self._run(step))
+        except StepFailed as failure:
+            self._fail(plan, undo, failure)
+        for bdf in plan.devices:
+            rec = self.ledger[bdf]
+            rec.unsafe = (*rec.unsafe, *plan.unsafe)
+            if plan.operation == "assign":  # the guest may have reprogrammed it
+                rec.guest_touched = True
+            elif plan.operation in ("make-unassignable", "hotplug-admit"):
+                rec.guest_touched = False
+            self._move(bdf, plan.finish, plan.vm)
+        for line in plan.describe():
+            self.notes.append(line)
+        for u in plan.unsafe:
+            self.notes.append(f"UNSAFE: {u}")
+        return plan
+
+    def _run_checked_late(self, plan: Plan, undo: list[list[Step]]) -> None:
+        """The XSA-61 order: the guest gets the device first, the checks come after."""
+        bdf, vm = plan.devices[0], plan.vm
+        assert vm is not None
+        undo.append(self._run(plan.steps[0]))
+        reasons = self.preconditions(bdf, vm, claimed=True)
+        if reasons:
+            raise StepFailed("late check", "; ".join(r.message for r in reasons))
+        for step in plan.steps[1:]:
+            undo.append(self._run(step))
+
+    def _run(self, step: Step) -> list[Step]:
+        """Run one step; return the steps that undo it, and note what it set up."""
+        assert step.device is not None or step.call == "enable_iommu_context"
+        call = getattr(self.platform, step.call)
+        if step.device is None:
+            call(step.domain)
+            return []
+        rec = self.ledger[step.device]
+        old_context, old_msi = rec.context, rec.msi
+        call(step.device, step.domain) if step.domain is not None else call(step.device)
+        if step.call == "attach":
+            rec.context = step.domain
+            return [Step("attach", step.device, old_context or QUARANTINE), *self._flush(step.device)]
+        if step.call == "route_msi":
+            rec.msi = step.domain
+            return [Step("route_msi", step.device, old_msi or QUARANTINE)]
+        if step.call == "expose":
+            rec.exposed = step.domain
+            return [Step("unexpose", step.device, step.domain)]
+        if step.call == "unexpose":
+            rec.exposed = None
+        elif step.call == "map_reserved":
+            rec.reserved.add(step.domain or "")
+            return [Step("unmap_reserved", step.device, step.domain)]
+        elif step.call == "unmap_reserved":
+            rec.reserved.discard(step.domain or "")
+        elif step.call == "unbind_host_driver":
+            rec.driver = False
+            return [Step("bind_host_driver", step.device)]
+        elif step.call == "bind_host_driver":
+            rec.driver = True
+            return [Step("unbind_host_driver", step.device)]
+        elif step.call == "remove":
+            rec.context = rec.msi = rec.exposed = None
+        return []
+
+    def _fail(self, plan: Plan, undo: list[list[Step]], failure: StepFailed) -> None:
+        """Unwind after a failed step, always toward quarantine, and raise."""
+        if not plan.forward_only:
+            try:
+                for undo_steps in reversed(undo):
+                    for step in undo_steps:
+                        self._run(step)
+            except StepFailed as second:
+                self._give_up(plan, f"unwinding failed too ({second})", failure)
+            if plan.claim is not None:
+                for bdf in plan.devices:
+                    self._move(bdf, Event.ROLLBACK, None)
+            raise OperationFailed(plan, failure, "unwound; nothing changed hands")
+        # Forward-only (release, recover): push on to quarantine, whatever fails.
+        stuck = []
+        for bdf in plan.devices:
+            for step in self._to_quarantine_steps(bdf, self.ledger[bdf]):
+                try:
+                    self._run(step)
+                except StepFailed as again:
+                    stuck.append(str(again))
+        if stuck:
+            self._give_up(plan, "; ".join(stuck), failure)
+        for bdf in plan.devices:
+            self._move(bdf, Event.COMMIT, None)
+        raise OperationFailed(plan, failure, "finished on the second try; device quarantined")
+
+    def _give_up(self, plan: Plan, why: str, failure: StepFailed) -> None:
+        """Fail closed: the guest may keep mappings it must not have, so it is crashed;
+        the device is broken until someone recovers it."""
+        vm = plan.vm
+        if vm and self.platform.domains()[vm].state is DomainState.RUNNING:
+            self.platform.crash_domain(vm)
+            self.notes.append(f"crashed {vm}: it may still hold mappings of {plan.devices}")
+        for bdf in plan.devices:
+            if self.ledger[bdf].state.in_flight:
+                self._move(bdf, Event.ROLLBACK_FAILED, vm)
+                self.ledger[bdf].vm = vm if vm and self._still_in(bdf, vm) else None
+        raise OperationFailed(plan, failure, f"{why}; device broken")
+
+    def _still_in(self, bdf: Bdf, vm: str) -> bool:
+        rec = self.ledger[bdf]
+        return vm in (rec.context, rec.msi, rec.exposed) or vm in rec.reserved
+
+    def _move(self, bdf: Bdf, event: Event, vm: str | None) -> None:
+        rec = self.ledger[bdf]
+        rec.state = next_state(str(bdf), rec.state, event)
+        if rec.state in (State.ASSIGNING, State.ASSIGNED):
+            rec.vm = vm
+        elif rec.state in (State.QUARANTINED, State.HOST, State.REMOVED):
+            rec.vm = None
+        for observer in self.observers:
+            observer()

@@ -1,0 +1,1 @@
+"""Invariants and (later) the explorer that checks them over every interleaving."""

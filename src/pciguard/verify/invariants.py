@@ -1,0 +1,254 @@
+"""The invariants of pciguard, each a function over (toolstack ledger, platform state).
+
+Every invariant looks at what the *hardware* allows (the simulated platform's
+context entries, IOTLB, interrupt remapping entries, exposures) and compares it with
+what the toolstack's ledger says each device's owner is. Legacy flaws bend the
+hardware steps, never the ledger, so their damage shows here.
+
+A malicious device is modelled eagerly: instead of interleaving every DMA, each check
+asks what an untrusted requester ID *could* reach now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pciguard.checks import Options, RmrrPolicy, device_reasons
+from pciguard.model import Bdf
+from pciguard.model.ownership import State
+from pciguard.platforms.base import HOST, QUARANTINE, DomainState
+from pciguard.platforms.sim import SimPlatform
+from pciguard.toolstack import DeviceRecord, Toolstack
+
+
+@dataclass(frozen=True)
+class Violation:
+    invariant: str
+    device: Bdf | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.invariant}] {self.message}"
+
+
+Check = Callable[[Toolstack, SimPlatform], list[Violation]]
+GUEST_STATES = (State.ASSIGNING, State.ASSIGNED, State.RELEASING)
+
+
+def allowed_owners(rec: DeviceRecord) -> set[str]:
+    """Whose memory a device may reach, given its ledger state."""
+    vm = {rec.vm} if rec.vm else set()
+    match rec.state:
+        case State.ASSIGNED:
+            return vm
+        case State.ASSIGNING | State.RELEASING | State.BROKEN | State.RECOVERING:
+            return vm | {QUARANTINE}
+        case State.QUARANTINING | State.UNQUARANTINING | State.ADMITTING:
+            return {HOST, QUARANTINE}  # an explicit move between host and quarantine
+        case _:
+            return {QUARANTINE}
+
+
+def _checked(ts: Toolstack, sim: SimPlatform) -> list[tuple[Bdf, DeviceRecord]]:
+    """Devices the toolstack has taken from the host: their DMA is not trusted.
+
+    Devices no enabled IOMMU covers are left out: nothing can contain them, which the
+    audit reports as critical and the toolstack refuses to pretend otherwise (it will
+    neither quarantine nor assign them).
+    """
+    return [
+        (bdf, rec) for bdf, rec in sorted(ts.ledger.items())
+        if rec.state not in (State.HOST, State.REMOVED) and sim.present(bdf)
+        and sim.host.dma_translated(bdf)
+    ]
+
+
+def dma_containment(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for bdf, rec in _checked(ts, sim):
+        allowed = allowed_owners(rec)
+        if ts.options.rmrr is RmrrPolicy.RELAXED and sim.host.topology[bdf].reserved_regions:
+            allowed.add("firmware")  # its own 1:1 regions: accepted and reported
+        for domain, what in sorted(sim.reachable(bdf)):
+            peer = what.startswith("BAR of")
+            if peer and (rec.state not in GUEST_STATES or domain == QUARANTINE):
+                continue  # idle devices next to a guest's: see docs/invariants.md
+            if domain not in allowed:
+                out.append(Violation(
+                    "dma-containment", bdf,
+                    f"DMA from {bdf} ({rec.state.value}{' to ' + rec.vm if rec.vm else ''}) "
+                    f"can land in {domain} {what}",
+                ))
+    return out
+
+
+def no_host_return(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for bdf, rec in _checked(ts, sim):
+        if not rec.state.assignable:
+            continue
+        host_rids = [r for r, d in sim.contexts(bdf).items() if d == HOST]
+        if sim.host_driver_bound(bdf) or host_rids:
+            how = "a host driver is bound" if sim.host_driver_bound(bdf) else (
+                f"requester ID {host_rids[0]} translates through the host's domain")
+            out.append(Violation(
+                "no-host-return", bdf, f"{bdf} is assignable ({rec.state.value}) but {how}"
+            ))
+    return out
+
+
+def fail_closed_assign(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    domains = sim.domains()
+    for vm, devices in sorted(sim.guest_holdings().items()):
+        if domains[vm].state is not DomainState.RUNNING:
+            continue
+        for bdf in sorted(devices):
+            rec = ts.ledger.get(bdf)
+            if rec is None or rec.state not in GUEST_STATES or rec.vm != vm:
+                state = rec.state.value if rec else "unknown"
+                out.append(Violation(
+                    "fail-closed-assign", bdf,
+                    f"{vm} is still running with mappings of {bdf}, which is {state}; "
+                    f"{vm} should have been crashed",
+                ))
+    for bdf, rec in _checked(ts, sim):
+        if rec.state is State.QUARANTINED and sim.hardware_owner(bdf) != QUARANTINE:
+            out.append(Violation(
+                "fail-closed-assign", bdf,
+                f"{bdf} is quarantined in the ledger but held by {sim.hardware_owner(bdf)}",
+            ))
+    return out
+
+
+def check_before_expose(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    # The secure checks, whatever flaws the toolstack runs with; reported overrides count.
+    secure = Options(ts.options.allow_unsafe_interrupts, ts.options.rmrr)
+    out = []
+    for vm, devices in sorted(sim.guest_holdings().items()):
+        for bdf in sorted(devices):
+            reasons = device_reasons(sim.host, bdf, secure)
+            if reasons:
+                out.append(Violation(
+                    "check-before-expose", bdf,
+                    f"{bdf} reached {vm} although: {reasons[0].message}",
+                ))
+    return out
+
+
+def msi_isolation(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for bdf, rec in _checked(ts, sim):
+        if rec.state not in GUEST_STATES and not rec.guest_touched:
+            continue
+        targets = sim.msi_targets(bdf)
+        if "*" in targets and ts.options.allow_unsafe_interrupts:
+            continue  # the unsafe override is in force and reported
+        stray = targets - allowed_owners(rec)
+        if stray:
+            where = "any domain" if "*" in stray else ", ".join(sorted(stray))
+            out.append(Violation(
+                "msi-isolation", bdf, f"{bdf} ({rec.state.value}) can raise interrupts in {where}"
+            ))
+    return out
+
+
+def group_unity(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for group in sim.host.groups:
+        owners: dict[str, Bdf] = {}
+        for member in group.members:
+            if not sim.present(member) or sim.host.topology[member].kind.is_bridge:
+                continue
+            owner = sim.hardware_owner(member)
+            if owner not in (None, QUARANTINE):
+                owners.setdefault(owner, member)
+        if len(owners) > 1:
+            held = ", ".join(f"{m} by {o}" for o, m in sorted(owners.items()))
+            out.append(Violation(
+                "group-unity", group.members[0], f"{group} is split between owners: {held}"
+            ))
+    return out
+
+
+def hotplug_quarantine(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for bdf, rec in sorted(ts.ledger.items()):
+        decision = rec.decision
+        if decision is None or not sim.present(bdf):
+            continue
+        risky = sim.host.topology.is_behind_external_port(bdf) or sim.host.topology[bdf].kind.is_bridge
+        reaches_host = any(d == HOST for d, _ in sim.reachable(bdf))
+        if rec.state is State.PENDING and reaches_host:
+            out.append(Violation(
+                "hotplug-quarantine", bdf, f"{bdf} can DMA to the host before the policy decided"
+            ))
+        elif rec.state in (State.HOST, State.ADMITTING) and risky and not decision.explicit:
+            out.append(Violation(
+                "hotplug-quarantine", bdf,
+                f"hot-plugged {bdf} on an untrusted port was handed to the host by "
+                f"'{decision.rule}', not by a rule that names it",
+            ))
+    return out
+
+
+def context_up_front(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for vm, devices in sorted(sim.guest_holdings().items()):
+        if devices and not sim.context_declared_up_front(vm):
+            out.append(Violation(
+                "context-up-front", min(devices),
+                f"{', '.join(map(str, sorted(devices)))} reached {vm}, which was created "
+                "without an IOMMU context",
+            ))
+    return out
+
+
+def flush_on_change(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for bdf, rec in _checked(ts, sim):
+        if rec.state.in_flight:
+            continue
+        for rid, domains in sorted(sim.stale_entries(bdf).items()):
+            out.append(Violation(
+                "flush-on-change", bdf,
+                f"a stale IOTLB entry lets requester ID {rid} of {bdf} ({rec.state.value}) "
+                f"still translate through {', '.join(sorted(domains))}",
+            ))
+    return out
+
+
+def all_requester_ids(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    out = []
+    for bdf, rec in _checked(ts, sim):
+        if rec.state.in_flight or rec.state is State.PENDING:
+            continue
+        contexts = sim.contexts(bdf)
+        own = contexts[bdf]
+        for rid, domain in contexts.items():
+            if domain != own:
+                out.append(Violation(
+                    "all-requester-ids", bdf,
+                    f"requester ID {rid} of {bdf} still translates through {domain} "
+                    f"while {bdf} itself is with {own}",
+                ))
+    return out
+
+
+INVARIANTS: dict[str, Check] = {
+    "dma-containment": dma_containment,
+    "no-host-return": no_host_return,
+    "fail-closed-assign": fail_closed_assign,
+    "check-before-expose": check_before_expose,
+    "msi-isolation": msi_isolation,
+    "group-unity": group_unity,
+    "hotplug-quarantine": hotplug_quarantine,
+    "context-up-front": context_up_front,
+    "flush-on-change": flush_on_change,
+    "all-requester-ids": all_requester_ids,
+}
+
+
+def check_all(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+    return [v for check in INVARIANTS.values() for v in check(ts, sim)]

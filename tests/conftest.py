@@ -1,0 +1,81 @@
+"""Shared helpers: build a simulated world and watch its invariants after every call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pciguard.checks import Options, RmrrPolicy
+from pciguard.formats.platform_file import load_platform, parse_platform
+from pciguard.legacy import Flaw
+from pciguard.model import Bdf, Host
+from pciguard.platforms.sim import CallRecord, SimPlatform
+from pciguard.toolstack import Toolstack
+from pciguard.verify.invariants import Violation, check_all
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+CORPUS = Path(__file__).resolve().parent / "corpus"
+
+
+def bdf(text: str) -> Bdf:
+    return Bdf.parse(text)
+
+
+def example(name: str) -> Host:
+    return load_platform(EXAMPLES / f"{name}.yaml")
+
+
+@dataclass
+class World:
+    host: Host
+    platform: SimPlatform
+    toolstack: Toolstack
+    violations: list[Violation] = field(default_factory=list)
+
+    def watch(self, _: CallRecord | None = None) -> None:
+        for v in check_all(self.toolstack, self.platform):
+            if v not in self.violations:
+                self.violations.append(v)
+
+    @property
+    def broken(self) -> set[str]:
+        return {v.invariant for v in self.violations}
+
+    def calls(self) -> list[str]:
+        return [r.call for r in self.platform.log]
+
+
+def world(
+    host: Host | str,
+    *flaws: Flaw,
+    quarantine: str = "block",
+    allow_unsafe_interrupts: bool = False,
+    rmrr: RmrrPolicy = RmrrPolicy.STRICT,
+    vms: tuple[str, ...] = ("vm1",),
+) -> World:
+    if isinstance(host, str):
+        host = example(host)
+    platform = SimPlatform(host, quarantine_mode=quarantine, flaws=flaws)
+    toolstack = Toolstack(platform, Options(allow_unsafe_interrupts, rmrr, frozenset(flaws)))
+    w = World(host, platform, toolstack)
+    for vm in vms:
+        toolstack.create_vm(vm)
+    platform.observers.append(w.watch)
+    toolstack.observers.append(w.watch)
+    return w
+
+
+NO_IOMMU_HOST = """
+name: no-iommu
+devices:
+  - {bdf: 0000:00:01.0, kind: root-port, acs: full, driver: pcieport,
+     children: [{bdf: 0000:01:00.0, kind: endpoint, name: NIC, driver: e1000e}]}
+"""
+
+
+@pytest.fixture
+def no_iommu_host() -> Host:
+    return parse_platform(NO_IOMMU_HOST, "no-iommu")

@@ -1,0 +1,313 @@
+"""One test per isolation problem of the design: each attack succeeds with the historic
+flaw switched on, and is stopped by the secure toolstack."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import bdf, world
+from pciguard.checks import RmrrPolicy
+from pciguard.errors import PreconditionFailed, RefusedError
+from pciguard.legacy import Flaw
+from pciguard.model.ownership import State
+from pciguard.platforms.base import HOST, QUARANTINE, DomainState
+from pciguard.platforms.sim import Blocked, Delivered, Landed
+from pciguard.toolstack import OperationFailed
+
+NIC = bdf("0000:03:00.0")  # workstation: an Ethernet controller alone in its group
+GPU, AUDIO = bdf("0000:01:00.0"), bdf("0000:01:00.1")
+
+
+def assigned_nic(*flaws: Flaw, quarantine: str = "block"):
+    w = world("workstation", *flaws, quarantine=quarantine)
+    w.toolstack.make_assignable(NIC)
+    w.toolstack.assign(NIC, "vm1")
+    assert ("vm1", "RAM") in w.platform.reachable(NIC)
+    return w
+
+
+# 1. In-flight DMA after teardown (XSA-302) ------------------------------------------
+def test_xsa_302_inflight_dma_after_destroy_lands_in_host_memory() -> None:
+    w = assigned_nic(Flaw.XSA_302)
+    w.toolstack.destroy_vm("vm1")
+    outcome = w.platform.dma(NIC, 0x1000)
+    assert isinstance(outcome, Landed) and outcome.domain == HOST
+    assert {"no-host-return", "dma-containment"} <= w.broken
+
+
+@pytest.mark.parametrize("mode", ["block", "scratch"])
+def test_inflight_dma_after_destroy_stays_in_quarantine(mode: str) -> None:
+    w = assigned_nic(quarantine=mode)
+    w.toolstack.destroy_vm("vm1")
+    outcome = w.platform.dma(NIC, 0x1000)
+    if mode == "block":
+        assert isinstance(outcome, Blocked)
+    else:
+        assert outcome == Landed(QUARANTINE, "scratch page", f"context entry for {NIC}")
+    assert w.toolstack.ledger[NIC].state is State.QUARANTINED
+    assert w.platform.domains()["vm1"].state is DomainState.DESTROYED
+    assert w.violations == []
+
+
+def test_crashed_vm_devices_go_to_quarantine_not_host() -> None:
+    w = assigned_nic()
+    w.platform.crash_domain("vm1")
+    w.toolstack.vm_crashed("vm1")
+    assert w.platform.hardware_owner(NIC) == QUARANTINE
+    assert not w.platform.host_driver_bound(NIC)
+    assert w.violations == []
+
+
+# 2. Half-done assignment ---------------------------------------------------------
+ASSIGN_STEPS = ["reset", "attach", "flush_iotlb", "route_msi", "expose"]
+
+
+@pytest.mark.parametrize("call", ASSIGN_STEPS)
+def test_fault_at_each_assignment_step_leaves_device_quarantined(call: str) -> None:
+    w = world("workstation")
+    w.toolstack.make_assignable(NIC)
+    w.platform.inject(call, NIC)
+    with pytest.raises(OperationFailed):
+        w.toolstack.assign(NIC, "vm1")
+    assert w.toolstack.ledger[NIC].state is State.QUARANTINED
+    assert set(w.platform.contexts(NIC).values()) == {QUARANTINE}
+    assert w.platform.exposed_to(NIC) is None
+    assert w.platform.msi_route(NIC) == set()
+    assert w.platform.stale_entries(NIC) == {}
+    assert isinstance(w.platform.dma(NIC, 0x1000), Blocked)
+    assert w.platform.domains()["vm1"].state is DomainState.RUNNING
+    assert w.violations == []
+
+
+@pytest.mark.parametrize("call", ["route_msi", "expose"])  # after map_reserved
+def test_failed_unwinding_crashes_the_vm_and_marks_the_device_broken(call: str) -> None:
+    w = world("rmrr-usb", rmrr=RmrrPolicy.RELAXED)
+    usb = bdf("0000:00:14.0")
+    w.toolstack.make_assignable(usb)
+    w.platform.inject(call, usb)
+    w.platform.inject("unmap_reserved", usb, times=None)  # the reserved mapping sticks
+    with pytest.raises(OperationFailed, match="device broken"):
+        w.toolstack.assign(usb, "vm1")
+    assert w.platform.domains()["vm1"].state is DomainState.CRASHED
+    assert w.toolstack.ledger[usb].state is State.BROKEN
+    assert w.platform.hardware_owner(usb) != HOST
+    assert w.violations == []
+
+
+def test_xsa_400_fault_mid_reassignment_leaves_device_with_host() -> None:
+    w = assigned_nic(Flaw.XSA_400)
+    w.platform.inject("attach", NIC, skip=1, times=None)  # attach(host) works, then none
+    with pytest.raises(OperationFailed):
+        w.toolstack.release(NIC)
+    assert w.platform.dma(NIC, 0x1000).domain == HOST  # type: ignore[union-attr]
+    assert "no-host-return" in w.broken
+
+
+def test_release_fault_pushes_on_to_quarantine() -> None:
+    w = assigned_nic()
+    w.platform.inject("attach", NIC, times=1)
+    with pytest.raises(OperationFailed, match="second try"):
+        w.toolstack.release(NIC)
+    assert w.toolstack.ledger[NIC].state is State.QUARANTINED
+    assert w.platform.hardware_owner(NIC) == QUARANTINE
+    assert w.violations == []
+
+
+# 3. Checks that come too late (XSA-61) -------------------------------------------------
+def test_xsa_61_device_exposed_before_the_iommu_check(no_iommu_host) -> None:
+    w = world(no_iommu_host, Flaw.XSA_61)
+    nic = bdf("0000:01:00.0")
+    w.toolstack.make_assignable(nic)
+    seen_during_exposure = []
+
+    def probe(record) -> None:
+        if record.call == "expose" and record.error is None:
+            seen_during_exposure.append(w.platform.dma(nic, 0x1000))
+
+    w.platform.observers.append(probe)
+    with pytest.raises(OperationFailed):
+        w.toolstack.assign(nic, "vm1")
+    assert "expose" in w.calls()
+    assert isinstance(seen_during_exposure[0], Landed)
+    assert seen_during_exposure[0].domain == HOST
+    assert "check-before-expose" in w.broken
+
+
+def test_assignment_without_iommu_is_refused_before_anything_is_exposed(no_iommu_host) -> None:
+    w = world(no_iommu_host)
+    nic = bdf("0000:01:00.0")
+    before = len(w.platform.log)
+    with pytest.raises(RefusedError, match="quarantine could not block its DMA"):
+        w.toolstack.make_assignable(nic)
+    with pytest.raises(PreconditionFailed, match="no IOMMU covers"):
+        w.toolstack.assign(nic, "vm1")
+    assert w.platform.log[before:] == []  # not one platform call
+    assert w.toolstack.ledger[nic].state is State.HOST
+    assert w.violations == []
+
+
+# 4. Interrupts are DMA too ---------------------------------------------------------
+def test_msi_injection_works_without_interrupt_remapping() -> None:
+    w = world("no-interrupt-remapping")
+    nic = bdf("0000:01:00.0")
+    w.toolstack.make_assignable(nic)
+    assert w.platform.msi(nic, "vm1") == Delivered(
+        "vm1", "no interrupt isolation: the device picks the destination")
+    with_ir = world("workstation")
+    assert with_ir.platform.msi(NIC, "vm1") == Delivered(HOST, f"remapping entry of {NIC}")
+    with_ir.toolstack.make_assignable(NIC)
+    assert isinstance(with_ir.platform.msi(NIC, "vm1"), Blocked)
+
+
+def test_assignment_without_msi_isolation_is_refused() -> None:
+    w = world("no-interrupt-remapping")
+    nic = bdf("0000:01:00.0")
+    w.toolstack.make_assignable(nic)
+    with pytest.raises(PreconditionFailed, match="interrupt remapping of IOMMU dmar0 is absent"):
+        w.toolstack.assign(nic, "vm1")
+
+
+def test_unsafe_interrupts_override_is_named_and_reported() -> None:
+    w = world("no-interrupt-remapping", allow_unsafe_interrupts=True)
+    nic = bdf("0000:01:00.0")
+    w.toolstack.make_assignable(nic)
+    w.toolstack.assign(nic, "vm1")
+    unsafe = w.toolstack.unsafe_in_force()
+    assert any("allow_unsafe_interrupts" in u and str(nic) in u for u in unsafe)
+    assert w.violations == []
+
+
+def test_silent_unsafe_interrupts_break_msi_isolation() -> None:
+    w = world("no-interrupt-remapping", Flaw.NO_MSI_CHECK)
+    nic = bdf("0000:01:00.0")
+    w.toolstack.make_assignable(nic)
+    w.toolstack.assign(nic, "vm1")
+    assert w.platform.msi(nic, HOST).domain == HOST  # type: ignore[union-attr]
+    assert "msi-isolation" in w.broken
+
+
+def test_arm_gicv2m_does_not_isolate_but_its_does() -> None:
+    w = world("arm-gicv2m")
+    behind_v2m, behind_its = bdf("0000:01:00.0"), bdf("0000:02:00.0")
+    for dev in (behind_v2m, behind_its):
+        w.toolstack.make_assignable(dev)
+    with pytest.raises(PreconditionFailed, match="gicv2m, which does not isolate"):
+        w.toolstack.assign(behind_v2m, "vm1")
+    w.toolstack.assign(behind_its, "vm1")
+    assert w.platform.msi(behind_its, HOST) == Delivered("vm1", f"remapping entry of {behind_its}")
+
+
+# 5. Hot-plug -------------------------------------------------------------------------
+TB_DISK, FAKE_BRIDGE = bdf("0000:05:00.0"), bdf("0000:06:00.0")
+
+
+@pytest.mark.parametrize("device", [TB_DISK, FAKE_BRIDGE])
+def test_hotplugged_device_on_external_port_cannot_dma_to_host(device) -> None:
+    w = world("workstation")
+    w.platform.plug(device)
+    assert isinstance(w.platform.dma(device, 0x1000), Blocked)  # before any decision
+    w.toolstack.hotplug(device)
+    assert w.toolstack.ledger[device].state is State.QUARANTINED
+    assert isinstance(w.platform.dma(device, 0x1000), Blocked)
+    assert w.violations == []
+
+
+@pytest.mark.parametrize(
+    ("flaw", "device"),
+    [(Flaw.HOTPLUG_TO_HOST, TB_DISK), (Flaw.TRUSTED_BRIDGES, FAKE_BRIDGE)],
+)
+def test_legacy_hotplug_hands_device_to_host(flaw: Flaw, device) -> None:
+    w = world("workstation", flaw)
+    w.platform.plug(device)
+    w.toolstack.hotplug(device)
+    assert w.platform.dma(device, 0x1000).domain == HOST  # type: ignore[union-attr]
+    assert "hotplug-quarantine" in w.broken
+
+
+# 6. IOMMU context declared up front -----------------------------------------------------
+def test_vm_created_without_iommu_context_cannot_receive_devices() -> None:
+    w = world("workstation", vms=())
+    w.toolstack.create_vm("plain", iommu=False)
+    w.toolstack.make_assignable(NIC)
+    with pytest.raises(PreconditionFailed, match="created without an IOMMU context"):
+        w.toolstack.assign(NIC, "plain")
+    assert w.violations == []
+
+
+def test_late_iommu_context_is_caught() -> None:
+    w = world("workstation", Flaw.LATE_IOMMU_CONTEXT, vms=())
+    w.toolstack.create_vm("plain", iommu=False)
+    w.toolstack.make_assignable(NIC)
+    w.toolstack.assign(NIC, "plain")
+    assert "enable_iommu_context" in w.calls()
+    assert "context-up-front" in w.broken
+
+
+# 7. Groups -----------------------------------------------------------------------------
+def test_group_members_cannot_be_split_between_owners() -> None:
+    w = world("workstation", vms=("vm1", "vm2"))
+    w.toolstack.make_assignable(GPU, with_group=False)
+    with pytest.raises(PreconditionFailed) as refused:
+        w.toolstack.assign(GPU, "vm1")
+    assert (f"group 7 also holds {AUDIO}, which the host driver snd_hda_intel still owns; "
+            "quarantine it too") in str(refused.value)
+    w.toolstack.make_assignable(AUDIO)
+    w.toolstack.assign(GPU, "vm1")
+    with pytest.raises(PreconditionFailed, match="which vm1 still owns"):
+        w.toolstack.assign(AUDIO, "vm2")
+    assert w.violations == []
+
+
+def test_no_group_check_lets_guest_device_write_into_host_sibling() -> None:
+    w = world("workstation", Flaw.NO_GROUP_CHECK)
+    w.toolstack.make_assignable(GPU, with_group=False)
+    w.toolstack.assign(GPU, "vm1")
+    outcome = w.platform.dma(GPU, peer=AUDIO)
+    assert outcome == Landed(HOST, f"BAR of {AUDIO}", "peer-to-peer inside the IOMMU group")
+    assert {"group-unity", "dma-containment"} <= w.broken
+
+
+def test_make_assignable_takes_the_whole_group_by_default() -> None:
+    w = world("workstation")
+    plan = w.toolstack.make_assignable(GPU)
+    assert plan.devices == (GPU, AUDIO)
+    assert {w.toolstack.ledger[d].state for d in (GPU, AUDIO)} == {State.QUARANTINED}
+
+
+# flush-on-change (XSA-442) --------------------------------------------------------------
+def test_xsa_442_stale_iotlb_entry_lets_dma_through() -> None:
+    w = assigned_nic(Flaw.XSA_442)
+    w.toolstack.release(NIC)
+    outcome = w.platform.dma(NIC, 0x1000)
+    assert outcome == Landed("vm1", "RAM 0x1000", f"stale IOTLB entry for {NIC}")
+    assert {"flush-on-change", "dma-containment"} <= w.broken
+
+
+def test_flush_on_change_blocks_the_stale_entry() -> None:
+    w = assigned_nic()
+    w.toolstack.release(NIC)
+    assert isinstance(w.platform.dma(NIC, 0x1000), Blocked)
+    assert w.violations == []
+
+
+# all-requester-ids (XSA-449) --------------------------------------------------------------
+RAID, PHANTOM = bdf("0000:20:00.0"), bdf("0000:20:00.4")
+
+
+def test_xsa_449_phantom_function_reaches_previous_owner() -> None:
+    w = world("server", Flaw.XSA_449)
+    w.toolstack.make_assignable(RAID)
+    w.toolstack.assign(RAID, "vm1")
+    outcome = w.platform.dma(RAID, 0x1000, requester=PHANTOM)
+    assert outcome.domain == HOST  # type: ignore[union-attr]  # the phantom never left
+    assert {"all-requester-ids", "dma-containment"} <= w.broken
+
+
+def test_phantom_function_follows_its_device() -> None:
+    w = world("server")
+    w.toolstack.make_assignable(RAID)
+    w.toolstack.assign(RAID, "vm1")
+    assert w.platform.dma(RAID, 0x1000, requester=PHANTOM).domain == "vm1"  # type: ignore[union-attr]
+    w.toolstack.release(RAID)
+    assert isinstance(w.platform.dma(RAID, 0x1000, requester=PHANTOM), Blocked)
+    assert w.violations == []
