@@ -79,3 +79,11 @@ devices:
 @pytest.fixture
 def no_iommu_host() -> Host:
     return parse_platform(NO_IOMMU_HOST, "no-iommu")
+
+
+# `HYPOTHESIS_PROFILE=thorough python -m pytest tests/stateful` digs much deeper.
+from hypothesis import settings as _settings  # noqa: E402
+
+_settings.register_profile("fast", max_examples=300, deadline=None)
+_settings.register_profile("thorough", max_examples=5000, deadline=None)
+_settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "fast"))

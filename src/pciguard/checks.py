@@ -110,20 +110,19 @@ def device_reasons(host: Host, bdf: Bdf, options: Options) -> list[Reason]:
         if options.rmrr is RmrrPolicy.STRICT or shared:
             regions = ", ".join(map(str, shared or fn.reserved_regions))
             why = "shared with another device" if shared else "rmrr policy is strict"
-            reasons.append(
-                Reason(RESERVED_REGION, f"{bdf} needs firmware 1:1 regions {regions} ({why})")
-            )
+            reasons.append(Reason(RESERVED_REGION, f"{bdf} needs firmware 1:1 regions {regions} ({why})"))
     vfs = host.topology.virtual_functions(bdf)
     if vfs:
-        reasons.append(Reason(
-            SRIOV_PF, f"{bdf} is an SR-IOV physical function with {len(vfs)} virtual "
-            "functions enabled; whoever drives it controls them: assign the VFs instead, "
-            "or disable them first",
-        ))
-    if not fn.reset_methods:
         reasons.append(
-            Reason(NO_RESET, f"{bdf} has no reset method: a guest's state would survive it")
+            Reason(
+                SRIOV_PF,
+                f"{bdf} is an SR-IOV physical function with {len(vfs)} virtual "
+                "functions enabled; whoever drives it controls them: assign the VFs instead, "
+                "or disable them first",
+            )
         )
+    if not fn.reset_methods:
+        reasons.append(Reason(NO_RESET, f"{bdf} has no reset method: a guest's state would survive it"))
     return reasons
 
 
@@ -135,9 +134,7 @@ class Holder:
     vm: str | None = None
 
 
-def group_reasons(
-    host: Host, bdf: Bdf, vm: str, holder_of: Callable[[Bdf], Holder | None]
-) -> list[Reason]:
+def group_reasons(host: Host, bdf: Bdf, vm: str, holder_of: Callable[[Bdf], Holder | None]) -> list[Reason]:
     """Every other endpoint of the device's group must be quarantined or with ``vm``."""
     group = host.group_of(bdf)
     reasons = []

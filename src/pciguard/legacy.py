@@ -36,8 +36,7 @@ class Flaw(StrEnum):
 
 _DESCRIPTIONS = {
     Flaw.XSA_61: "libxl gave an HVM guest the device before checking that an IOMMU exists",
-    Flaw.XSA_302: "on VM teardown the device went straight back to the host, with guest DMA "
-    "still in flight",
+    Flaw.XSA_302: "on VM teardown the device went straight back to the host, with guest DMA still in flight",
     Flaw.XSA_306: "only devices prepared with pci-assignable-add were quarantined; a device "
     "assigned straight from the host went back to it",
     Flaw.XSA_400: "reassignment was not atomic: the device passed through the host's domain "
@@ -52,10 +51,8 @@ _DESCRIPTIONS = {
     "infrastructure and given to the host",
     Flaw.NO_MSI_CHECK: "assignment went ahead without interrupt isolation and reported "
     "nothing (VFIO's allow_unsafe_interrupts)",
-    Flaw.NO_GROUP_CHECK: "members of one IOMMU group could go to different owners "
-    "(Xen never checks groups)",
-    Flaw.LATE_IOMMU_CONTEXT: "a VM created without an IOMMU context got one patched in "
-    "when a device arrived",
+    Flaw.NO_GROUP_CHECK: "members of one IOMMU group could go to different owners (Xen never checks groups)",
+    Flaw.LATE_IOMMU_CONTEXT: "a VM created without an IOMMU context got one patched in when a device arrived",
 }
 
 

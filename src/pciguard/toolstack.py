@@ -117,7 +117,9 @@ class Toolstack:
             if platform.present(bdf):
                 context = platform.context_of(bdf)
                 self.ledger[bdf] = DeviceRecord(
-                    State.HOST, driver=platform.host_driver_bound(bdf), context=context,
+                    State.HOST,
+                    driver=platform.host_driver_bound(bdf),
+                    context=context,
                     msi=context,
                 )
 
@@ -174,9 +176,7 @@ class Toolstack:
                 failures.append(f"{bdf}: {exc}")
         if self.devices_of(name) or failures:
             held = ", ".join(map(str, self.devices_of(name)))
-            self.notes.append(
-                f"{name} kept as a zombie: {held} could not be quarantined; run 'recover'"
-            )
+            self.notes.append(f"{name} kept as a zombie: {held} could not be quarantined; run 'recover'")
             return
         self.platform.destroy_domain(name)
         self.notes.append(f"destroyed {name}")
@@ -220,13 +220,16 @@ class Toolstack:
         fn = self.host.topology[bdf]
         if fn.kind.is_bridge:
             raise RefusedError(f"{bdf} is a {fn.kind.value}; bridges stay with the host", device=str(bdf))
-        members = [bdf]
-        if with_group:
-            members += [
-                m for m in self.host.group_of(bdf).members
-                if m != bdf and not self.host.topology[m].kind.is_bridge
-                and self.holder_of(m) is not None and self.ledger[m].state is State.HOST
-            ]
+        # Devices sharing a requester ID always go together; the rest of the group on request.
+        candidates = self.host.group_of(bdf).members if with_group else self.moves_with(bdf)
+        members = [bdf] + [
+            m
+            for m in candidates
+            if m != bdf
+            and not self.host.topology[m].kind.is_bridge
+            and self.holder_of(m) is not None
+            and self.ledger[m].state is State.HOST
+        ]
         for m in members:
             if Flaw.XSA_61 in self.flaws:
                 break  # the legacy toolstack checked for an IOMMU nowhere before exposure
@@ -273,8 +276,12 @@ class Toolstack:
         steps: list[Step] = []
         for d in devices:
             steps += [Step("reset", d)] if self.host.topology[d].reset_methods else []
-            steps += [Step("attach", d, HOST), *self._flush(d), Step("route_msi", d, HOST),
-                      Step("bind_host_driver", d)]
+            steps += [
+                Step("attach", d, HOST),
+                *self._flush(d),
+                Step("route_msi", d, HOST),
+                Step("bind_host_driver", d),
+            ]
         return Plan("make-unassignable", devices, None, tuple(steps), Event.MAKE_UNASSIGNABLE)
 
     def preconditions(self, bdf: Bdf, vm: str, *, claimed: bool = False) -> list[Reason]:
@@ -298,10 +305,12 @@ class Toolstack:
             if domain.state is not DomainState.RUNNING:
                 reasons.append(Reason("vm-not-running", f"{vm} is {domain.state.value}"))
             if not domain.iommu_context and Flaw.LATE_IOMMU_CONTEXT not in self.flaws:
-                reasons.append(Reason(
-                    "vm-no-iommu-context",
-                    f"{vm} was created without an IOMMU context; recreate it with one",
-                ))
+                reasons.append(
+                    Reason(
+                        "vm-no-iommu-context",
+                        f"{vm} was created without an IOMMU context; recreate it with one",
+                    )
+                )
         reasons += device_reasons(self.host, bdf, self.options)
         if Flaw.NO_GROUP_CHECK not in self.flaws:
             reasons += group_reasons(self.host, bdf, vm, self.holder_of)
@@ -312,10 +321,13 @@ class Toolstack:
         PCI behind one bridge, phantom functions): one context entry serves them all, so
         they can only change owner together."""
         rids = self.host.requester_ids(bdf)
-        return tuple(sorted(
-            d for d in self.host.group_of(bdf).members
-            if self.platform.present(d) and (d == bdf or rids & self.host.requester_ids(d))
-        ))
+        return tuple(
+            sorted(
+                d
+                for d in self.host.group_of(bdf).members
+                if self.platform.present(d) and (d == bdf or rids & self.host.requester_ids(d))
+            )
+        )
 
     def plan_assign(self, bdf: Bdf, vm: str) -> Plan:
         devices = self.moves_with(bdf)
@@ -330,8 +342,7 @@ class Toolstack:
         for d in devices:
             fn = self.host.topology[d]
             if msi_reason(self.host, d) is not None and Flaw.NO_MSI_CHECK not in self.flaws:
-                unsafe.append(f"{d} assigned to {vm} without interrupt isolation "
-                              "(allow_unsafe_interrupts)")
+                unsafe.append(f"{d} assigned to {vm} without interrupt isolation (allow_unsafe_interrupts)")
             if fn.reserved_regions:
                 unsafe.append(f"{d}: firmware regions mapped into {vm} (rmrr=relaxed)")
             if fn.reset_methods:
@@ -367,15 +378,15 @@ class Toolstack:
     def plan_hotplug(self, bdf: Bdf) -> Plan:
         decision = self.policy.decide(self.host, bdf)
         if decision.target is Target.ALLOW and (guests := self.guests_in_group(bdf)):
-            decision = Decision(Target.QUARANTINE, f"its IOMMU group is with a guest: {guests[0]}",
-                                explicit=False)
+            decision = Decision(
+                Target.QUARANTINE, f"its IOMMU group is with a guest: {guests[0]}", explicit=False
+            )
         if decision.target is Target.QUARANTINE and not self.host.dma_translated(bdf):
-            decision = Decision(Target.REJECT, "no IOMMU covers it, so quarantine cannot hold "
-                                "its DMA", explicit=False)
+            decision = Decision(
+                Target.REJECT, "no IOMMU covers it, so quarantine cannot hold its DMA", explicit=False
+            )
         fn = self.host.topology[bdf]
-        if Flaw.HOTPLUG_TO_HOST in self.flaws or (
-            Flaw.TRUSTED_BRIDGES in self.flaws and fn.kind.is_bridge
-        ):
+        if Flaw.HOTPLUG_TO_HOST in self.flaws or (Flaw.TRUSTED_BRIDGES in self.flaws and fn.kind.is_bridge):
             decision = Decision(Target.ALLOW, "legacy: hand new devices to the host", False)
         self.ledger[bdf].decision = decision
         if decision.target is Target.REJECT:
@@ -383,8 +394,12 @@ class Toolstack:
         if decision.target is Target.QUARANTINE:
             steps = (Step("attach", bdf, QUARANTINE), *self._flush(bdf))
             return Plan("hotplug-quarantine", (bdf,), None, steps, None, Event.QUARANTINE)
-        steps = (Step("attach", bdf, HOST), *self._flush(bdf), Step("route_msi", bdf, HOST),
-                 Step("bind_host_driver", bdf))
+        steps = (
+            Step("attach", bdf, HOST),
+            *self._flush(bdf),
+            Step("route_msi", bdf, HOST),
+            Step("bind_host_driver", bdf),
+        )
         return Plan("hotplug-admit", (bdf,), None, steps, Event.ADMIT)
 
     def _flush(self, bdf: Bdf) -> list[Step]:
@@ -438,6 +453,9 @@ class Toolstack:
                 rec.guest_touched = True
             elif plan.operation in ("make-unassignable", "hotplug-admit"):
                 rec.guest_touched = False
+            if plan.operation == "make-unassignable" and rec.decision is not None:
+                # Giving a hot-plugged device to the host is the operator's explicit call.
+                rec.decision = Decision(Target.ALLOW, "operator: make-unassignable", True)
             self._move(bdf, plan.finish, plan.vm)
         for line in plan.describe():
             self.notes.append(line)

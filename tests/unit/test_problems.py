@@ -152,7 +152,8 @@ def test_msi_injection_works_without_interrupt_remapping() -> None:
     nic = bdf("0000:01:00.0")
     w.toolstack.make_assignable(nic)
     assert w.platform.msi(nic, "vm1") == Delivered(
-        "vm1", "no interrupt isolation: the device picks the destination")
+        "vm1", "no interrupt isolation: the device picks the destination"
+    )
     with_ir = world("workstation")
     assert with_ir.platform.msi(NIC, "vm1") == Delivered(HOST, f"remapping entry of {NIC}")
     with_ir.toolstack.make_assignable(NIC)
@@ -249,8 +250,9 @@ def test_group_members_cannot_be_split_between_owners() -> None:
     w.toolstack.make_assignable(GPU, with_group=False)
     with pytest.raises(PreconditionFailed) as refused:
         w.toolstack.assign(GPU, "vm1")
-    assert (f"group 7 also holds {AUDIO}, which the host driver snd_hda_intel still owns; "
-            "quarantine it too") in str(refused.value)
+    assert (
+        f"group 7 also holds {AUDIO}, which the host driver snd_hda_intel still owns; quarantine it too"
+    ) in str(refused.value)
     w.toolstack.make_assignable(AUDIO)
     w.toolstack.assign(GPU, "vm1")
     with pytest.raises(PreconditionFailed, match="which vm1 still owns"):

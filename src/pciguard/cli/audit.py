@@ -26,17 +26,21 @@ SEVERITY_STYLE = {Severity.CRITICAL: "bold red", Severity.WARNING: "yellow", Sev
 
 def command(
     platform: Path = typer.Option(
-        ..., "--platform", "-p", help="A platform description file (YAML) to audit.",
-        exists=False, dir_okay=False,
+        ...,
+        "--platform",
+        "-p",
+        help="A platform description file (YAML) to audit.",
+        exists=False,
+        dir_okay=False,
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     show_all: bool = typer.Option(False, "--all", help="Also list groups of bridges only."),
     allow_unsafe_interrupts: bool = typer.Option(
-        False, "--allow-unsafe-interrupts",
+        False,
+        "--allow-unsafe-interrupts",
         help="UNSAFE: judge as if assignment without interrupt isolation were allowed.",
     ),
-    rmrr: RmrrPolicy = typer.Option(RmrrPolicy.STRICT, "--rmrr",
-                                    help="Policy for firmware 1:1 regions."),
+    rmrr: RmrrPolicy = typer.Option(RmrrPolicy.STRICT, "--rmrr", help="Policy for firmware 1:1 regions."),
 ) -> None:
     """Audit a host: IOMMU findings, then every IOMMU group with its verdict.
 
@@ -57,13 +61,15 @@ def command(
 
 
 def render(report: AuditReport, show_all: bool = False) -> None:
-    out.print(Text.assemble(("pciguard audit", "bold"), f" of {report.host} ({report.arch}) "
-                            f"from {report.source}"))
+    out.print(
+        Text.assemble(("pciguard audit", "bold"), f" of {report.host} ({report.arch}) from {report.source}")
+    )
     if report.findings:
         out.print()
         for f in report.findings:
-            out.print(Text.assemble((f"{f.severity.value.upper():8}", SEVERITY_STYLE[f.severity]),
-                                    " ", f.message))
+            out.print(
+                Text.assemble((f"{f.severity.value.upper():8}", SEVERITY_STYLE[f.severity]), " ", f.message)
+            )
     table = Table(title="IOMMU groups", show_lines=True, title_justify="left")
     table.add_column("group", justify="right")
     table.add_column("devices (owner)")
@@ -79,16 +85,18 @@ def render(report: AuditReport, show_all: bool = False) -> None:
             why = "quarantine together: " + ", ".join(g.must_quarantine)
         else:
             why = ""
-        table.add_row(str(g.number), devices,
-                      Text(g.verdict.value.replace("-", " "), VERDICT_STYLE[g.verdict]), why)
+        table.add_row(
+            str(g.number), devices, Text(g.verdict.value.replace("-", " "), VERDICT_STYLE[g.verdict]), why
+        )
     out.print()
     out.print(table)
     counts = {v: sum(g.verdict is v for g in report.groups) for v in Verdict}
-    out.print(", ".join(f"{n} {v.value}" for v, n in counts.items() if n)
-              + ("" if show_all else " (groups of bridges only: --all)"))
+    out.print(
+        ", ".join(f"{n} {v.value}" for v, n in counts.items() if n)
+        + ("" if show_all else " (groups of bridges only: --all)")
+    )
     if report.unsafe_overrides:
-        err.print(Text("UNSAFE overrides in force: " + "; ".join(report.unsafe_overrides),
-                       "bold red"))
+        err.print(Text("UNSAFE overrides in force: " + "; ".join(report.unsafe_overrides), "bold red"))
 
 
 def _owner(m: DeviceEntry) -> str:

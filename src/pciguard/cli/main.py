@@ -9,8 +9,7 @@ from pciguard.cli import audit, simulate
 
 app = typer.Typer(
     name="pciguard",
-    help="Keep PCI devices given to virtual machines away from memory and interrupts "
-    "they do not own.",
+    help="Keep PCI devices given to virtual machines away from memory and interrupts they do not own.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,8 +26,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """pciguard: audit, simulate and (soon) enforce PCI device isolation."""
 

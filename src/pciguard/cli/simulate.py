@@ -13,8 +13,13 @@ from pciguard.formats.scenario_file import load_scenario
 from pciguard.simulate import SimulationResult, run
 
 STATUS_STYLE = {
-    "ok": "green", "refused": "yellow", "failed": "red", "misuse": "bold red",
-    "landed": "bold magenta", "blocked": "green", "delivered": "bold magenta",
+    "ok": "green",
+    "refused": "yellow",
+    "failed": "red",
+    "misuse": "bold red",
+    "landed": "bold magenta",
+    "blocked": "green",
+    "delivered": "bold magenta",
 }
 
 
@@ -53,11 +58,17 @@ def as_json(result: SimulationResult) -> dict[str, object]:
         "unsafe_overrides": result.unsafe,
         "timeline": [
             {
-                "index": e.index, "step": str(e.step), "line": e.step.line, "status": e.status,
-                "outcome": e.outcome, "expectation_met": e.expectation_met,
+                "index": e.index,
+                "step": str(e.step),
+                "line": e.step.line,
+                "status": e.status,
+                "outcome": e.outcome,
+                "expectation_met": e.expectation_met,
                 "calls": [str(c) for c in e.calls],
-                "violations": [{"invariant": v.invariant, "device": str(v.device),
-                                "message": v.message} for v in e.violations],
+                "violations": [
+                    {"invariant": v.invariant, "device": str(v.device), "message": v.message}
+                    for v in e.violations
+                ],
             }
             for e in result.timeline
         ],
@@ -72,13 +83,22 @@ def as_json(result: SimulationResult) -> dict[str, object]:
 def render(result: SimulationResult, show_calls: bool) -> None:
     sc = result.scenario
     flaws = ", ".join(sorted(f.value for f in sc.options.flaws)) or "none (secure)"
-    out.print(Text.assemble(("pciguard simulate", "bold"), f" {sc.name} on {sc.host.name}; "
-                            f"quarantine {sc.quarantine_mode}; legacy flaws: {flaws}"))
+    out.print(
+        Text.assemble(
+            ("pciguard simulate", "bold"),
+            f" {sc.name} on {sc.host.name}; quarantine {sc.quarantine_mode}; legacy flaws: {flaws}",
+        )
+    )
     for e in result.timeline:
         mark = {True: " ✓ expected", False: " ✗ NOT AS EXPECTED", None: ""}[e.expectation_met]
-        out.print(Text.assemble(f"{e.index:>3}  {e.step}  ",
-                                (e.status.upper(), STATUS_STYLE[e.status]), f"  {e.outcome}",
-                                (mark, "red" if e.expectation_met is False else "green")))
+        out.print(
+            Text.assemble(
+                f"{e.index:>3}  {e.step}  ",
+                (e.status.upper(), STATUS_STYLE[e.status]),
+                f"  {e.outcome}",
+                (mark, "red" if e.expectation_met is False else "green"),
+            )
+        )
         if show_calls:
             for c in e.calls:
                 out.print(f"       · {c}", style="dim")

@@ -112,7 +112,7 @@ def _acs(spec: Literal["full", "none"] | AcsSpec) -> AcsCapability | None:
 
 
 def _flatten(
-    spec: PlatformFile, source: str, positions: dict[Path, tuple[int, int]]
+    spec: PlatformFile, source: str, positions: dict[Path, tuple[int, int]], prefix: Path
 ) -> tuple[dict[Bdf, Function], set[Bdf], dict[Bdf, Path]]:
     functions: dict[Bdf, Function] = {}
     later: set[Bdf] = set()
@@ -120,8 +120,9 @@ def _flatten(
 
     def add(fn: Function, path: Path, hotplug: bool) -> None:
         if fn.bdf in functions:
-            raise at(source, f"{fn.bdf} is described twice (first at {render(where[fn.bdf])})",
-                     path, positions)
+            raise at(
+                source, f"{fn.bdf} is described twice (first at {render(where[fn.bdf])})", path, positions
+            )
         functions[fn.bdf] = fn
         where[fn.bdf] = path
         if hotplug:
@@ -133,15 +134,29 @@ def _flatten(
         regions = tuple(ReservedRegion(r.name, r.start, r.end) for r in dev.reserved_regions)
         for i, r in enumerate(dev.reserved_regions):
             if r.end < r.start:
-                raise at(source, "a region's end comes before its start",
-                         (*path, "reserved_regions", i), positions)
-        add(Function(
-            bdf=bdf, kind=dev.kind, parent=parent, name=dev.name, ids=dev.id.lower(),
-            class_code=dev.class_code, driver=dev.driver, acs=_acs(dev.acs), ats=dev.ats,
-            external=dev.external, phantom_functions=dev.phantom_functions,
-            reset_methods=tuple(dev.reset), reserved_regions=regions,
-            host_critical=dev.host_critical,
-        ), path, plugged_later)
+                raise at(
+                    source, "a region's end comes before its start", (*path, "reserved_regions", i), positions
+                )
+        add(
+            Function(
+                bdf=bdf,
+                kind=dev.kind,
+                parent=parent,
+                name=dev.name,
+                ids=dev.id.lower(),
+                class_code=dev.class_code,
+                driver=dev.driver,
+                acs=_acs(dev.acs),
+                ats=dev.ats,
+                external=dev.external,
+                phantom_functions=dev.phantom_functions,
+                reset_methods=tuple(dev.reset),
+                reserved_regions=regions,
+                host_critical=dev.host_critical,
+            ),
+            path,
+            plugged_later,
+        )
         if dev.sriov is not None:
             for i in range(dev.sriov.vfs):
                 rid = bdf.rid + dev.sriov.offset + i * dev.sriov.stride
@@ -149,17 +164,33 @@ def _flatten(
                     raise at(source, "virtual functions run past bus ff", (*path, "sriov"), positions)
                 vf = Bdf.from_rid(bdf.segment, rid)
                 name = dev.sriov.vf_name or f"{dev.name or 'PF'} VF{i}"
-                add(Function(bdf=vf, kind=Kind.ENDPOINT, parent=parent, name=name,
-                             ids=dev.id.lower(), class_code=dev.class_code, physfn=bdf,
-                             ats=dev.ats, reset_methods=("flr",)), (*path, "sriov"), plugged_later)
+                add(
+                    Function(
+                        bdf=vf,
+                        kind=Kind.ENDPOINT,
+                        parent=parent,
+                        name=name,
+                        ids=dev.id.lower(),
+                        class_code=dev.class_code,
+                        physfn=bdf,
+                        ats=dev.ats,
+                        reset_methods=("flr",),
+                    ),
+                    (*path, "sriov"),
+                    plugged_later,
+                )
         for i, child in enumerate(dev.children):
             if not dev.kind.is_bridge:
-                raise at(source, f"{dev.bdf} is a {dev.kind.value}; only bridges have children",
-                         (*path, "children"), positions)
+                raise at(
+                    source,
+                    f"{dev.bdf} is a {dev.kind.value}; only bridges have children",
+                    (*path, "children"),
+                    positions,
+                )
             walk(child, bdf, (*path, "children", i), plugged_later)
 
     for i, dev in enumerate(spec.devices):
-        walk(dev, None, ("devices", i), False)
+        walk(dev, None, (*prefix, "devices", i), False)
     return functions, later, where
 
 
@@ -168,35 +199,39 @@ def parse_platform(text: str, source: str = "<platform>") -> Host:
     return build_host(data, positions, source)
 
 
-def build_host(data: Any, positions: dict[Path, tuple[int, int]], source: str,
-               prefix: Path = ()) -> Host:
-    """Validate already-parsed YAML (a platform file, or one inlined in a scenario)."""
-    shifted = {p[len(prefix):]: v for p, v in positions.items() if p[: len(prefix)] == prefix}
-    spec = validate(PlatformFile, data, shifted, source)
-    functions, later, where = _flatten(spec, source, shifted)
+def build_host(data: Any, positions: dict[Path, tuple[int, int]], source: str, prefix: Path = ()) -> Host:
+    """Validate already-parsed YAML (a platform file, or one inlined in a scenario at
+    key path ``prefix``)."""
+    spec = validate(PlatformFile, data, positions, source, prefix)
+    functions, later, where = _flatten(spec, source, positions, prefix)
     try:
         topology = Topology(functions)
     except TopologyError as exc:
         culprit = next((b for b in where if str(exc).startswith(str(b))), None)
-        path = where[culprit] if culprit else ("devices",)
-        raise at(source, str(exc), path, shifted) from None
+        path = where[culprit] if culprit else (*prefix, "devices")
+        raise at(source, str(exc), path, positions) from None
     units = []
     for i, unit in enumerate(spec.iommus):
         if spec.arch is Arch.ARM and unit.msi_controller is None:
-            raise at(source, "an ARM IOMMU needs msi_controller: gicv3-its or gicv2m",
-                     ("iommus", i), shifted)
+            raise at(
+                source,
+                "an ARM IOMMU needs msi_controller: gicv3-its or gicv2m",
+                (*prefix, "iommus", i),
+                positions,
+            )
         scope = None
         if unit.scope != "all":
             try:
                 scope = tuple(Bdf.parse(b) for b in unit.scope)
             except ValueError as exc:
-                raise at(source, str(exc), ("iommus", i, "scope"), shifted) from None
-        units.append(IommuUnit(unit.name, unit.dma_remapping, unit.interrupt_remapping,
-                               unit.msi_controller, scope))
+                raise at(source, str(exc), (*prefix, "iommus", i, "scope"), positions) from None
+        units.append(
+            IommuUnit(unit.name, unit.dma_remapping, unit.interrupt_remapping, unit.msi_controller, scope)
+        )
     try:
         return Host(spec.name, spec.arch, topology, tuple(units), frozenset(later))
     except TopologyError as exc:
-        raise at(source, str(exc), ("iommus",), shifted) from None
+        raise at(source, str(exc), (*prefix, "iommus"), positions) from None
 
 
 def load_platform(path: str | FsPath) -> Host:

@@ -21,8 +21,19 @@ from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
 
 Op = Literal[
-    "create-vm", "make-assignable", "make-unassignable", "assign", "release", "recover",
-    "destroy", "crash", "hotplug", "unplug", "fault", "dma", "msi",
+    "create-vm",
+    "make-assignable",
+    "make-unassignable",
+    "assign",
+    "release",
+    "recover",
+    "destroy",
+    "crash",
+    "hotplug",
+    "unplug",
+    "fault",
+    "dma",
+    "msi",
 ]
 
 #: Which keys each operation needs.
@@ -47,9 +58,20 @@ EXPECTATIONS: dict[str, tuple[str, ...]] = {
 }
 OPERATION_OUTCOMES = ("ok", "refused", "failed")
 PLATFORM_CALLS = (
-    "create_domain", "destroy_domain", "enable_iommu_context", "unbind_host_driver",
-    "bind_host_driver", "reset", "attach", "flush_iotlb", "map_reserved", "unmap_reserved",
-    "route_msi", "expose", "unexpose", "remove",
+    "create_domain",
+    "destroy_domain",
+    "enable_iommu_context",
+    "unbind_host_driver",
+    "bind_host_driver",
+    "reset",
+    "attach",
+    "flush_iotlb",
+    "map_reserved",
+    "unmap_reserved",
+    "route_msi",
+    "expose",
+    "unexpose",
+    "remove",
 )
 
 
@@ -183,8 +205,7 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
         try:
             host = load_platform(path)
         except InputError as exc:
-            raise at(source, f"its platform file failed to load: {exc}", ("platform",),
-                     positions) from None
+            raise at(source, f"its platform file failed to load: {exc}", ("platform",), positions) from None
     else:
         host = build_host(data["platform"], positions, source, prefix=("platform",))
     vm_names = [v.name for v in spec.vms]
@@ -200,30 +221,46 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
             except ValueError as exc:
                 raise at(source, str(exc), (*where, key), positions) from None
             if parsed not in host.topology and key != "requester":
-                raise at(source, f"{parsed} is not a device of platform '{host.name}'",
-                         (*where, key), positions)
+                raise at(
+                    source, f"{parsed} is not a device of platform '{host.name}'", (*where, key), positions
+                )
             return parsed
 
         if step.op == "create-vm":
             vm_names.append(step.vm or "")
         elif step.vm is not None and step.vm not in vm_names:
-            raise at(source, f"no VM named '{step.vm}' is declared before this step",
-                     (*where, "vm"), positions)
-        steps.append(ScenarioStep(
-            op=step.op, device=bdf("device", step.device), vm=step.vm, iommu=step.iommu,
-            with_group=step.with_group, call=step.call, skip=step.skip, times=step.times,
-            address=step.address, requester=bdf("requester", step.requester),
-            peer=bdf("peer", step.peer), target=step.target, expect=step.expect,
-            expect_in=step.expect_in, line=positions.get(where, (None, None))[0],
-        ))
+            raise at(
+                source, f"no VM named '{step.vm}' is declared before this step", (*where, "vm"), positions
+            )
+        steps.append(
+            ScenarioStep(
+                op=step.op,
+                device=bdf("device", step.device),
+                vm=step.vm,
+                iommu=step.iommu,
+                with_group=step.with_group,
+                call=step.call,
+                skip=step.skip,
+                times=step.times,
+                address=step.address,
+                requester=bdf("requester", step.requester),
+                peer=bdf("peer", step.peer),
+                target=step.target,
+                expect=step.expect,
+                expect_in=step.expect_in,
+                line=positions.get(where, (None, None))[0],
+            )
+        )
     options = Options(spec.options.allow_unsafe_interrupts, spec.options.rmrr, frozenset(spec.flaws))
     return Scenario(
         name=spec.name or (FsPath(source).stem if source != "<scenario>" else "scenario"),
-        host=host, quarantine_mode=spec.quarantine, options=options,
-        vms=tuple((v.name, v.iommu) for v in spec.vms), steps=tuple(steps),
+        host=host,
+        quarantine_mode=spec.quarantine,
+        options=options,
+        vms=tuple((v.name, v.iommu) for v in spec.vms),
+        steps=tuple(steps),
         description=spec.description,
-        expect_violations=None if spec.expect_violations is None
-        else frozenset(spec.expect_violations),
+        expect_violations=None if spec.expect_violations is None else frozenset(spec.expect_violations),
     )
 
 

@@ -10,6 +10,7 @@ import yaml
 from pciguard.errors import InputError
 
 Path = tuple[str | int, ...]
+KEY = "<key>"  # positions[(*path, KEY)] is where the key itself is written
 
 
 class _Loader(yaml.SafeLoader):
@@ -35,14 +36,26 @@ def load(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
-                key = convert(key_node, (*path, "<key>"))
+                key = constructor.construct_object(key_node, deep=True)
+                positions[(*path, str(key), KEY)] = (
+                    key_node.start_mark.line + 1,
+                    key_node.start_mark.column + 1,
+                )
                 if not isinstance(key, str | int):
-                    raise InputError(source, "keys must be plain words", key_path=render(path),
-                                     line=key_node.start_mark.line + 1)
+                    raise InputError(
+                        source,
+                        "keys must be plain words",
+                        key_path=render(path),
+                        line=key_node.start_mark.line + 1,
+                    )
                 if key in out:
-                    raise InputError(source, f"key '{key}' appears twice", key_path=render(path),
-                                     line=key_node.start_mark.line + 1,
-                                     column=key_node.start_mark.column + 1)
+                    raise InputError(
+                        source,
+                        f"key '{key}' appears twice",
+                        key_path=render(path),
+                        line=key_node.start_mark.line + 1,
+                        column=key_node.start_mark.column + 1,
+                    )
                 out[key] = convert(value_node, (*path, key))
             return out
         if isinstance(n, yaml.SequenceNode):
@@ -52,8 +65,9 @@ def load(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]:
         try:
             return constructor.construct_object(n, deep=True)
         except yaml.constructor.ConstructorError as exc:
-            raise InputError(source, str(exc.problem), key_path=render(path),
-                             line=n.start_mark.line + 1) from None
+            raise InputError(
+                source, str(exc.problem), key_path=render(path), line=n.start_mark.line + 1
+            ) from None
 
     return convert(node, ()), positions
 
@@ -62,27 +76,34 @@ def render(path: Path) -> str:
     out = ""
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<top>"
+    return out
 
 
 T = TypeVar("T", bound=pydantic.BaseModel)
 
 
 def validate(
-    model: type[T], data: Any, positions: dict[Path, tuple[int, int]], source: str
+    model: type[T],
+    data: Any,
+    positions: dict[Path, tuple[int, int]],
+    source: str,
+    prefix: Path = (),
 ) -> T:
-    """Validate with pydantic; turn its first error into an InputError with a place."""
+    """Validate with pydantic; turn its error into an InputError with a place."""
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise error_at(exc, positions, source) from None
+        raise error_at(exc, positions, source, prefix) from None
 
 
 def error_at(
-    exc: pydantic.ValidationError, positions: dict[Path, tuple[int, int]], source: str,
+    exc: pydantic.ValidationError,
+    positions: dict[Path, tuple[int, int]],
+    source: str,
     prefix: Path = (),
 ) -> InputError:
-    first = exc.errors()[0]
+    # Union errors list every branch; the deepest location is the most specific.
+    first = max(exc.errors(), key=lambda e: len(e["loc"]))
     # Keep the parts of pydantic's location that are real keys (drop union-member tags).
     loc: Path = prefix
     raw = [p for p in first["loc"] if isinstance(p, int | str)]
@@ -92,6 +113,7 @@ def error_at(
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = f"unknown key '{loc[-1]}'"
+        loc = (*loc, KEY)
     elif first["type"] == "missing":
         message = f"'{loc[-1]}' is required here"
         loc = loc[:-1]
@@ -104,4 +126,5 @@ def at(source: str, message: str, path: Path, positions: dict[Path, tuple[int, i
     while probe not in positions and probe:
         probe = probe[:-1]
     line, col = positions.get(probe, (None, None))
-    return InputError(source, message, key_path=render(path), line=line, column=col)
+    shown = path[:-1] if path and path[-1] == KEY else path
+    return InputError(source, message, key_path=render(shown), line=line, column=col)

@@ -1,12 +1,13 @@
 """The ownership state machine: every move a device can make, in one table.
 
-    PENDING ──admit──▶ ADMITTING ──commit──▶ HOST ──make-assignable──▶ QUARANTINING ──commit──▶ QUARANTINED
-       │                ▲                              └──rollback──▶ HOST
-       ├─quarantine─▶ QUARANTINED ──assign──▶ ASSIGNING ──commit──▶ ASSIGNED
-       └─reject─▶ REMOVED   │                    └──rollback──▶ QUARANTINED
-                            └─make-unassignable─▶ UNQUARANTINING ──commit──▶ HOST
-    ASSIGNED ──release──▶ RELEASING ──commit──▶ QUARANTINED
-    any in-flight state ──rollback-failed──▶ BROKEN ──recover──▶ RECOVERING ──commit──▶ QUARANTINED
+    PENDING ─admit─▶ ADMITTING ─commit─▶ HOST        (hot-plug, policy allows)
+    PENDING ─quarantine─▶ QUARANTINED                 (hot-plug, the default)
+    PENDING ─reject─▶ REMOVED
+    HOST ─make-assignable─▶ QUARANTINING ─commit─▶ QUARANTINED   (rollback: HOST)
+    QUARANTINED ─assign─▶ ASSIGNING ─commit─▶ ASSIGNED           (rollback: QUARANTINED)
+    ASSIGNED ─release─▶ RELEASING ─commit─▶ QUARANTINED          (never back to ASSIGNED)
+    QUARANTINED ─make-unassignable─▶ UNQUARANTINING ─commit─▶ HOST
+    any in-flight state ─rollback-failed─▶ BROKEN ─recover─▶ RECOVERING ─commit─▶ QUARANTINED
 
 A device marked assignable moves only between quarantine and guests; only
 ``make-unassignable`` (which resets it first) returns it to the host.
@@ -41,7 +42,11 @@ class State(StrEnum):
     def assignable(self) -> bool:
         """The device is marked assignable: it must never be owned by the host."""
         return self not in (
-            State.PENDING, State.ADMITTING, State.HOST, State.REMOVED, State.QUARANTINING,
+            State.PENDING,
+            State.ADMITTING,
+            State.HOST,
+            State.REMOVED,
+            State.QUARANTINING,
             State.UNQUARANTINING,
         )
 

@@ -34,9 +34,7 @@ class Bdf:
     def parse(cls, text: str) -> Bdf:
         match = _BDF_RE.match(text.strip())
         if not match:
-            raise ValueError(
-                f"'{text}' is not a PCI address; expected SSSS:BB:DD.F such as 0000:03:00.0"
-            )
+            raise ValueError(f"'{text}' is not a PCI address; expected SSSS:BB:DD.F such as 0000:03:00.0")
         device = int(match["dev"], 16)
         if device > 0x1F:
             raise ValueError(f"'{text}': device number {device:#x} is above 0x1f")

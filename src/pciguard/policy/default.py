@@ -37,8 +37,11 @@ class DefaultPolicy:
         fn = host.topology[device]
         external = host.topology.is_behind_external_port(device)
         if fn.kind.is_bridge and external:
-            return Decision(Target.QUARANTINE, "default: presents itself as a bridge behind "
-                            "an external port", explicit=False)
+            return Decision(
+                Target.QUARANTINE,
+                "default: presents itself as a bridge behind an external port",
+                explicit=False,
+            )
         if external:
             return Decision(Target.QUARANTINE, "default: behind an external port", explicit=False)
         if fn.kind.is_bridge or not self.allow_internal:

@@ -58,9 +58,9 @@ def _checked(ts: Toolstack, sim: SimPlatform) -> list[tuple[Bdf, DeviceRecord]]:
     neither quarantine nor assign them).
     """
     return [
-        (bdf, rec) for bdf, rec in sorted(ts.ledger.items())
-        if rec.state not in (State.HOST, State.REMOVED) and sim.present(bdf)
-        and sim.host.dma_translated(bdf)
+        (bdf, rec)
+        for bdf, rec in sorted(ts.ledger.items())
+        if rec.state not in (State.HOST, State.REMOVED) and sim.present(bdf) and sim.host.dma_translated(bdf)
     ]
 
 
@@ -75,11 +75,14 @@ def dma_containment(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
             if peer and (rec.state not in GUEST_STATES or domain == QUARANTINE):
                 continue  # idle devices next to a guest's: see docs/invariants.md
             if domain not in allowed:
-                out.append(Violation(
-                    "dma-containment", bdf,
-                    f"DMA from {bdf} ({rec.state.value}{' to ' + rec.vm if rec.vm else ''}) "
-                    f"can land in {domain} {what}",
-                ))
+                out.append(
+                    Violation(
+                        "dma-containment",
+                        bdf,
+                        f"DMA from {bdf} ({rec.state.value}{' to ' + rec.vm if rec.vm else ''}) "
+                        f"can land in {domain} {what}",
+                    )
+                )
     return out
 
 
@@ -90,11 +93,12 @@ def no_host_return(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
             continue
         host_rids = [r for r, d in sim.contexts(bdf).items() if d == HOST]
         if sim.host_driver_bound(bdf) or host_rids:
-            how = "a host driver is bound" if sim.host_driver_bound(bdf) else (
-                f"requester ID {host_rids[0]} translates through the host's domain")
-            out.append(Violation(
-                "no-host-return", bdf, f"{bdf} is assignable ({rec.state.value}) but {how}"
-            ))
+            how = (
+                "a host driver is bound"
+                if sim.host_driver_bound(bdf)
+                else (f"requester ID {host_rids[0]} translates through the host's domain")
+            )
+            out.append(Violation("no-host-return", bdf, f"{bdf} is assignable ({rec.state.value}) but {how}"))
     return out
 
 
@@ -108,17 +112,23 @@ def fail_closed_assign(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
             rec = ts.ledger.get(bdf)
             if rec is None or rec.state not in GUEST_STATES or rec.vm != vm:
                 state = rec.state.value if rec else "unknown"
-                out.append(Violation(
-                    "fail-closed-assign", bdf,
-                    f"{vm} is still running with mappings of {bdf}, which is {state}; "
-                    f"{vm} should have been crashed",
-                ))
+                out.append(
+                    Violation(
+                        "fail-closed-assign",
+                        bdf,
+                        f"{vm} is still running with mappings of {bdf}, which is {state}; "
+                        f"{vm} should have been crashed",
+                    )
+                )
     for bdf, rec in _checked(ts, sim):
         if rec.state is State.QUARANTINED and sim.hardware_owner(bdf) != QUARANTINE:
-            out.append(Violation(
-                "fail-closed-assign", bdf,
-                f"{bdf} is quarantined in the ledger but held by {sim.hardware_owner(bdf)}",
-            ))
+            out.append(
+                Violation(
+                    "fail-closed-assign",
+                    bdf,
+                    f"{bdf} is quarantined in the ledger but held by {sim.hardware_owner(bdf)}",
+                )
+            )
     return out
 
 
@@ -130,10 +140,13 @@ def check_before_expose(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
         for bdf in sorted(devices):
             reasons = device_reasons(sim.host, bdf, secure)
             if reasons:
-                out.append(Violation(
-                    "check-before-expose", bdf,
-                    f"{bdf} reached {vm} although: {reasons[0].message}",
-                ))
+                out.append(
+                    Violation(
+                        "check-before-expose",
+                        bdf,
+                        f"{bdf} reached {vm} although: {reasons[0].message}",
+                    )
+                )
     return out
 
 
@@ -148,9 +161,9 @@ def msi_isolation(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
         stray = targets - allowed_owners(rec)
         if stray:
             where = "any domain" if "*" in stray else ", ".join(sorted(stray))
-            out.append(Violation(
-                "msi-isolation", bdf, f"{bdf} ({rec.state.value}) can raise interrupts in {where}"
-            ))
+            out.append(
+                Violation("msi-isolation", bdf, f"{bdf} ({rec.state.value}) can raise interrupts in {where}")
+            )
     return out
 
 
@@ -166,9 +179,7 @@ def group_unity(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
                 owners.setdefault(owner, member)
         if len(owners) > 1:
             held = ", ".join(f"{m} by {o}" for o, m in sorted(owners.items()))
-            out.append(Violation(
-                "group-unity", group.members[0], f"{group} is split between owners: {held}"
-            ))
+            out.append(Violation("group-unity", group.members[0], f"{group} is split between owners: {held}"))
     return out
 
 
@@ -176,20 +187,24 @@ def hotplug_quarantine(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     out = []
     for bdf, rec in sorted(ts.ledger.items()):
         decision = rec.decision
-        if decision is None or not sim.present(bdf):
+        if decision is None or not sim.present(bdf) or not sim.host.dma_translated(bdf):
             continue
         risky = sim.host.topology.is_behind_external_port(bdf) or sim.host.topology[bdf].kind.is_bridge
-        reaches_host = any(d == HOST for d, _ in sim.reachable(bdf))
+        # Memory through the IOMMU; peer writes inside a group are group-unity's concern.
+        reaches_host = any(d == HOST and not w.startswith("BAR of") for d, w in sim.reachable(bdf))
         if rec.state is State.PENDING and reaches_host:
-            out.append(Violation(
-                "hotplug-quarantine", bdf, f"{bdf} can DMA to the host before the policy decided"
-            ))
+            out.append(
+                Violation("hotplug-quarantine", bdf, f"{bdf} can DMA to the host before the policy decided")
+            )
         elif rec.state in (State.HOST, State.ADMITTING) and risky and not decision.explicit:
-            out.append(Violation(
-                "hotplug-quarantine", bdf,
-                f"hot-plugged {bdf} on an untrusted port was handed to the host by "
-                f"'{decision.rule}', not by a rule that names it",
-            ))
+            out.append(
+                Violation(
+                    "hotplug-quarantine",
+                    bdf,
+                    f"hot-plugged {bdf} on an untrusted port was handed to the host by "
+                    f"'{decision.rule}', not by a rule that names it",
+                )
+            )
     return out
 
 
@@ -197,11 +212,14 @@ def context_up_front(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     out = []
     for vm, devices in sorted(sim.guest_holdings().items()):
         if devices and not sim.context_declared_up_front(vm):
-            out.append(Violation(
-                "context-up-front", min(devices),
-                f"{', '.join(map(str, sorted(devices)))} reached {vm}, which was created "
-                "without an IOMMU context",
-            ))
+            out.append(
+                Violation(
+                    "context-up-front",
+                    min(devices),
+                    f"{', '.join(map(str, sorted(devices)))} reached {vm}, which was created "
+                    "without an IOMMU context",
+                )
+            )
     return out
 
 
@@ -211,11 +229,14 @@ def flush_on_change(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
         if rec.state.in_flight:
             continue
         for rid, domains in sorted(sim.stale_entries(bdf).items()):
-            out.append(Violation(
-                "flush-on-change", bdf,
-                f"a stale IOTLB entry lets requester ID {rid} of {bdf} ({rec.state.value}) "
-                f"still translate through {', '.join(sorted(domains))}",
-            ))
+            out.append(
+                Violation(
+                    "flush-on-change",
+                    bdf,
+                    f"a stale IOTLB entry lets requester ID {rid} of {bdf} ({rec.state.value}) "
+                    f"still translate through {', '.join(sorted(domains))}",
+                )
+            )
     return out
 
 
@@ -228,11 +249,14 @@ def all_requester_ids(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
         own = contexts[bdf]
         for rid, domain in contexts.items():
             if domain != own:
-                out.append(Violation(
-                    "all-requester-ids", bdf,
-                    f"requester ID {rid} of {bdf} still translates through {domain} "
-                    f"while {bdf} itself is with {own}",
-                ))
+                out.append(
+                    Violation(
+                        "all-requester-ids",
+                        bdf,
+                        f"requester ID {rid} of {bdf} still translates through {domain} "
+                        f"while {bdf} itself is with {own}",
+                    )
+                )
     return out
 
 

@@ -134,7 +134,11 @@ class SimPlatform:
 
     # -- faults and observation ------------------------------------------------
     def inject(
-        self, call: str | None = None, device: Bdf | None = None, *, skip: int = 0,
+        self,
+        call: str | None = None,
+        device: Bdf | None = None,
+        *,
+        skip: int = 0,
         times: int | None = 1,
     ) -> None:
         """Make the matching platform calls fail (``times=None``: every one)."""
@@ -233,6 +237,10 @@ class SimPlatform:
             return HOST
         return self._exposed.get(device) or self._context.get(device)
 
+    def _is_bridge(self, bdf: Bdf) -> bool:
+        """Bridges forward writes aimed at their windows; they hold no memory of their own."""
+        return self._host.topology[bdf].kind.is_bridge
+
     def _domain(self, name: str) -> _Domain:
         try:
             return self._domains[name]
@@ -260,9 +268,7 @@ class SimPlatform:
             raise self._misuse(f"cannot destroy {name}: it is {dom.state}")
         users = self._users_of(name)
         if users:
-            raise self._misuse(
-                f"cannot destroy {name}: {', '.join(map(str, users))} still point at it"
-            )
+            raise self._misuse(f"cannot destroy {name}: {', '.join(map(str, users))} still point at it")
         self._step("destroy_domain", None, name)
         dom.state = DomainState.DESTROYED
         self._done("destroy_domain", None, name)
@@ -409,7 +415,8 @@ class SimPlatform:
         self._present.discard(device)
         self._driver.discard(device)
         self._exposed.pop(device, None)
-        for rid in self._host.requester_ids(device):
+        still_used = {r for d in self._present for r in self._host.requester_ids(d)}
+        for rid in self._host.requester_ids(device) - still_used:
             for table in (self._context, self._stale, self._irte):
                 table.pop(rid, None)
         for dom in self._domains.values():
@@ -432,7 +439,11 @@ class SimPlatform:
 
     # -- the DMA and MSI engine ------------------------------------------------------------
     def dma(
-        self, device: Bdf, address: int = 0, *, requester: Bdf | None = None,
+        self,
+        device: Bdf,
+        address: int = 0,
+        *,
+        requester: Bdf | None = None,
         peer: Bdf | None = None,
     ) -> Landed | Blocked:
         """Where a DMA write from ``device`` lands.
@@ -445,11 +456,16 @@ class SimPlatform:
         rid = requester or device
         if rid not in self._host.requester_ids(device):
             return Blocked(f"{device} cannot use requester ID {rid}")
-        if peer is not None:
-            if peer in self._host.group_of(device) and peer in self._present:
-                owner = self.hardware_owner(peer) or "nobody"
-                return Landed(owner, f"BAR of {peer}", "peer-to-peer inside the IOMMU group")
-            # across groups ACS redirects the write upstream to the IOMMU: translate it
+        # Inside a group nothing stops a peer write; across groups ACS redirects it
+        # upstream to the IOMMU, which translates it like any other DMA.
+        if (
+            peer is not None
+            and not self._is_bridge(peer)
+            and peer in self._present
+            and peer in self._host.group_of(device)
+        ):
+            owner = self.hardware_owner(peer) or "nobody"
+            return Landed(owner, f"BAR of {peer}", "peer-to-peer inside the IOMMU group")
         if not self._host.dma_translated(device):
             return Landed(HOST, f"physical memory {address:#x}", "no DMA remapping")
         stale = [d for d in self._stale.get(rid, ()) if d != self._context.get(rid)]
@@ -482,7 +498,7 @@ class SimPlatform:
             return set()
         out: set[tuple[str, str]] = set()
         for peer in self._host.group_of(device).members:
-            if peer != device and peer in self._present:
+            if peer != device and peer in self._present and not self._is_bridge(peer):
                 owner = self.hardware_owner(peer)
                 if owner is not None:
                     out.add((owner, f"BAR of {peer}"))

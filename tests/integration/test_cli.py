@@ -1,0 +1,113 @@
+"""The ``pciguard`` command end to end: exit codes, JSON, errors, and every bundled
+scenario replaying as it says it will."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CORPUS, EXAMPLES
+from pciguard.cli.main import app
+from pciguard.formats.scenario_file import load_scenario
+
+runner = CliRunner(env={"COLUMNS": "200"})
+SCENARIOS = sorted((EXAMPLES / "scenarios").glob("*.yaml"))
+
+
+def test_audit_workstation_reports_groups_and_exits_zero() -> None:
+    result = runner.invoke(app, ["audit", "--platform", str(EXAMPLES / "workstation.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "0000:01:00.0 GPU" in result.output and "ready after quarantine" in result.output
+    assert "host-critical" in result.output
+
+
+def test_audit_json_follows_the_schema() -> None:
+    result = runner.invoke(app, ["audit", "-p", str(EXAMPLES / "server.yaml"), "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert report["schema_version"] == 1
+    verdicts = {g["number"]: g["verdict"] for g in report["groups"]}
+    pf_group = next(g for g in report["groups"] if any(m["bdf"] == "0000:12:00.0" for m in g["members"]))
+    assert pf_group["verdict"] == "not-assignable"
+    assert any(r["code"] == "sriov-pf" for r in pf_group["reasons"])
+    assert "ready-after-quarantine" in verdicts.values()
+
+
+@pytest.mark.parametrize("example", ["no-interrupt-remapping", "arm-gicv2m"])
+def test_audit_exits_one_when_the_host_cannot_isolate_interrupts(example: str) -> None:
+    result = runner.invoke(app, ["audit", "-p", str(EXAMPLES / f"{example}.yaml")])
+    assert result.exit_code == 1
+    assert "CRITICAL" in result.output
+
+
+def test_unsafe_override_is_shown_in_the_report() -> None:
+    result = runner.invoke(
+        app,
+        ["audit", "-p", str(EXAMPLES / "no-interrupt-remapping.yaml"), "--allow-unsafe-interrupts", "--json"],
+    )
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1
+    assert any("allow_unsafe_interrupts" in u for u in report["unsafe_overrides"])
+    assert any(f["code"] == "unsafe-override" for f in report["findings"])
+
+
+def test_bad_platform_file_exits_two_with_the_place() -> None:
+    bad = CORPUS / "platform" / "bad" / "unknown-key.yaml"
+    result = runner.invoke(app, ["audit", "-p", str(bad)])
+    assert result.exit_code == 2
+    assert f"{bad}:7:5: at devices[0].colour: unknown key 'colour'" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_bundled_scenario_replays_as_it_says(path: Path) -> None:
+    result = runner.invoke(app, ["simulate", str(path), "--json"])
+    timeline = json.loads(result.stdout)
+    assert timeline["as_expected"], result.output
+    assert result.exit_code == 0
+    expected = load_scenario(path).expect_violations or frozenset()
+    assert set(timeline["broken_invariants"]) == expected
+
+
+def test_every_legacy_flaw_has_a_scenario_that_breaks_an_invariant() -> None:
+    from pciguard.legacy import Flaw
+
+    covered = set()
+    for path in SCENARIOS:
+        scenario = load_scenario(path)
+        if scenario.expect_violations:
+            covered |= scenario.options.flaws
+    assert covered == set(Flaw)
+
+
+def test_simulate_exits_one_on_an_unexpected_violation(tmp_path: Path) -> None:
+    text = (EXAMPLES / "scenarios" / "xsa-302.yaml").read_text()
+    text = text.replace("expect_violations:", "old_expect:").replace("old_expect:", "#")
+    scenario = tmp_path / "xsa-302-undeclared.yaml"
+    scenario.write_text(
+        text.replace("platform: ../workstation.yaml", f"platform: {EXAMPLES / 'workstation.yaml'}")
+    )
+    result = runner.invoke(app, ["simulate", str(scenario)])
+    assert result.exit_code == 1
+    assert "VIOLATION [no-host-return]" in " ".join(result.output.split())
+
+
+def test_simulate_exits_three_when_an_expectation_is_not_met(tmp_path: Path) -> None:
+    scenario = tmp_path / "wrong.yaml"
+    scenario.write_text(f"""
+platform: {EXAMPLES / "workstation.yaml"}
+vms: [{{name: vm1}}]
+steps:
+  - {{op: make-assignable, device: 0000:03:00.0}}
+  - {{op: dma, device: 0000:03:00.0, address: 0x10, expect: landed}}
+""")
+    result = runner.invoke(app, ["simulate", str(scenario)])
+    assert result.exit_code == 3
+    assert "NOT AS EXPECTED" in result.output
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("pciguard ")

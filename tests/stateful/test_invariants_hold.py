@@ -1,0 +1,222 @@
+"""Property tests: over random topologies and random sequences of operations, faults,
+crashes and hot-plugs, every invariant holds after every platform call and every
+ledger move, and the platform never catches the toolstack misusing it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pciguard.checks import Options, RmrrPolicy
+from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
+from pciguard.formats.platform_file import build_host
+from pciguard.model import Bdf, Host
+from pciguard.platforms.base import DomainState
+from pciguard.platforms.sim import SimPlatform
+from pciguard.toolstack import Toolstack
+from pciguard.verify.invariants import check_all
+
+FAULTABLE = [
+    "reset",
+    "attach",
+    "flush_iotlb",
+    "route_msi",
+    "expose",
+    "unexpose",
+    "map_reserved",
+    "unmap_reserved",
+    "unbind_host_driver",
+    "bind_host_driver",
+]
+
+
+@st.composite
+def endpoint(draw: st.DrawFn, bus: int, kind: str = "endpoint") -> list[dict[str, Any]]:
+    functions = draw(st.integers(1, 2)) if kind == "endpoint" else 1
+    acs = draw(st.sampled_from(["full", "none"]))
+    out = []
+    for fn in range(functions):
+        dev: dict[str, Any] = {
+            "bdf": f"0000:{bus:02x}:00.{fn}",
+            "kind": kind,
+            "acs": acs,
+            "driver": draw(st.sampled_from([None, "drv"])),
+            "reset": draw(st.sampled_from([["flr"], ["bus"], []])),
+        }
+        if draw(st.booleans()) and kind == "endpoint" and functions == 1:
+            dev["phantom_functions"] = 1
+        if draw(st.integers(0, 5)) == 0:
+            dev["reserved_regions"] = [
+                {"name": f"r{bus}", "start": 0x1000_0000 + bus * 0x10000, "end": 0x1000_FFFF + bus * 0x10000}
+            ]
+        if kind == "endpoint" and functions == 1 and draw(st.integers(0, 3)) == 0:
+            dev["sriov"] = {"vfs": draw(st.integers(1, 2)), "offset": 8}
+        out.append(dev)
+    return out
+
+
+@st.composite
+def platform_file(draw: st.DrawFn) -> dict[str, Any]:
+    devices: list[dict[str, Any]] = []
+    bus = 1
+    for slot in range(1, draw(st.integers(1, 4)) + 1):
+        port: dict[str, Any] = {
+            "bdf": f"0000:00:{slot:02x}.0",
+            "kind": "root-port",
+            "driver": "pcieport",
+            "acs": draw(st.sampled_from(["full", "none"])),
+            "external": draw(st.booleans()),
+        }
+        shape = draw(st.sampled_from(["endpoint", "switch", "pci-bridge"]))
+        hotplug = draw(st.booleans())
+        if shape == "endpoint":
+            children = draw(endpoint(bus))
+            bus += 1
+        elif shape == "switch":
+            downstream = []
+            up_bus, port_bus, bus = bus, bus + 1, bus + 2
+            for d in range(draw(st.integers(1, 2))):
+                leaf = draw(endpoint(bus))
+                downstream.append(
+                    {
+                        "bdf": f"0000:{port_bus:02x}:{d:02x}.0",
+                        "kind": "switch-downstream",
+                        "acs": draw(st.sampled_from(["full", "none"])),
+                        "children": leaf,
+                    }
+                )
+                bus += 1
+            children = [{"bdf": f"0000:{up_bus:02x}:00.0", "kind": "switch-upstream", "children": downstream}]
+        else:
+            legacy = [
+                {"bdf": f"0000:{bus + 1:02x}:{d + 1:02x}.0", "kind": "pci-endpoint", "reset": ["bus"]}
+                for d in range(draw(st.integers(1, 2)))
+            ]
+            children = [{"bdf": f"0000:{bus:02x}:00.0", "kind": "pcie-to-pci-bridge", "children": legacy}]
+            bus += 2
+        if hotplug:
+            for child in children:
+                child["hotplug"] = True
+        port["children"] = children
+        devices.append(port)
+    for fn in range(draw(st.integers(0, 2))):
+        devices.append(
+            {
+                "bdf": f"0000:00:1f.{fn}",
+                "kind": "rc-endpoint",
+                "driver": "drv",
+                "host_critical": draw(st.booleans()),
+            }
+        )
+    iommus = [
+        {
+            "name": "dmar0",
+            "dma_remapping": draw(st.sampled_from(["enabled", "enabled", "disabled"])),
+            "interrupt_remapping": draw(st.sampled_from(["enabled", "absent"])),
+        }
+    ]
+    if draw(st.integers(0, 5)) == 0:
+        iommus = []
+    return {"name": "random", "iommus": iommus, "devices": devices}
+
+
+def random_host(data: dict[str, Any]) -> Host:
+    return build_host(data, {}, "<random>")
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=platform_file(), data=st.data())
+def test_invariants_hold_after_every_step_in_secure_mode(spec: dict[str, Any], data: st.DataObject) -> None:
+    host = random_host(spec)
+    options = Options(
+        allow_unsafe_interrupts=data.draw(st.booleans(), label="allow_unsafe_interrupts"),
+        rmrr=data.draw(st.sampled_from(list(RmrrPolicy)), label="rmrr"),
+    )
+    platform = SimPlatform(host, quarantine_mode=data.draw(st.sampled_from(["block", "scratch"])))
+    toolstack = Toolstack(platform, options)
+    violations: list[str] = []
+
+    def watch(*_: object) -> None:
+        violations.extend(str(v) for v in check_all(toolstack, platform))
+        assert not violations, violations
+
+    platform.observers.append(watch)
+    toolstack.observers.append(watch)
+    vms = ["vm1", "vm2"]
+    for vm in vms:
+        toolstack.create_vm(vm)
+    devices = sorted(host.topology)
+    device = st.sampled_from(devices)
+    for _ in range(data.draw(st.integers(1, 25), label="steps")):
+        op = data.draw(
+            st.sampled_from(
+                [
+                    "make-assignable",
+                    "make-unassignable",
+                    "assign",
+                    "assign",
+                    "release",
+                    "recover",
+                    "destroy",
+                    "crash",
+                    "hotplug",
+                    "unplug",
+                    "fault",
+                ]
+            ),
+            label="op",
+        )
+        try:
+            run_op(op, data, platform, toolstack, device, vms)
+        except (RefusedError, StepFailed):
+            pass  # refusals and unwound failures are fine; the invariants are what count
+        except PlatformMisuse as exc:
+            raise AssertionError(f"the toolstack misused the platform: {exc}") from exc
+        watch()
+
+
+def run_op(
+    op: str,
+    data: st.DataObject,
+    platform: SimPlatform,
+    toolstack: Toolstack,
+    device: st.SearchStrategy[Bdf],
+    vms: list[str],
+) -> None:
+    dev = data.draw(device, label="device")
+    running = [v for v in vms if platform.domains()[v].state is DomainState.RUNNING]
+    if op == "make-assignable":
+        toolstack.make_assignable(dev, with_group=data.draw(st.booleans(), label="with_group"))
+    elif op == "make-unassignable":
+        toolstack.make_unassignable(dev)
+    elif op == "assign" and vms:
+        toolstack.assign(dev, data.draw(st.sampled_from(vms), label="vm"))
+    elif op == "release":
+        toolstack.release(dev)
+    elif op == "recover":
+        toolstack.recover(dev)
+    elif op in ("destroy", "crash") and running:
+        vm = data.draw(st.sampled_from(running), label="vm")
+        if op == "crash":
+            platform.crash_domain(vm)
+            toolstack.vm_crashed(vm)
+        else:
+            toolstack.destroy_vm(vm)
+        if platform.domains()[vm].state is DomainState.DESTROYED:
+            vms.remove(vm)
+            fresh = f"vm{len(platform.domains())}"
+            toolstack.create_vm(fresh)
+            vms.append(fresh)
+    elif op == "hotplug" and not platform.present(dev) and dev in platform.host.hotplug_later:
+        if platform.host.topology[dev].parent is None or platform.present(platform.host.topology[dev].parent):  # type: ignore[arg-type]
+            platform.plug(dev)
+            toolstack.hotplug(dev)
+    elif op == "unplug" and platform.present(dev) and not platform.host.topology.children.get(dev):
+        toolstack.device_unplugged(dev)
+        platform.unplug(dev)
+    elif op == "fault":
+        call = data.draw(st.sampled_from(FAULTABLE), label="call")
+        times = data.draw(st.sampled_from([1, 2, None]), label="times")
+        platform.inject(call, dev, skip=data.draw(st.integers(0, 2), label="skip"), times=times)
