@@ -292,7 +292,7 @@ class Toolstack:
         expected = State.ASSIGNING if claimed else State.QUARANTINED
         if rec.state is not expected:
             if rec.state is State.HOST:
-                why = f"it is not assignable; quarantine it first (pciguard quarantine {bdf})"
+                why = "it is not assignable yet; make it assignable (quarantine it) first"
             elif rec.vm:
                 why = f"it is {rec.state.value} to {rec.vm}; release it first"
             else:

@@ -111,3 +111,28 @@ steps:
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("pciguard ")
+
+
+@pytest.mark.parametrize("document", ["audit", "platform", "scenario"])
+def test_published_schemas_are_current(document: str) -> None:
+    published = EXAMPLES.parent / "docs" / "schemas" / f"{document}.schema.json"
+    result = runner.invoke(app, ["schema", document])
+    assert result.exit_code == 0
+    assert json.loads(result.output) == json.loads(published.read_text()), (
+        f"regenerate with: pciguard schema {document} > {published.relative_to(EXAMPLES.parent)}"
+    )
+
+
+def test_the_flaw_table_in_the_docs_matches_the_scenarios() -> None:
+    import re
+
+    table = (EXAMPLES.parent / "docs" / "invariants.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| .+? \| `([a-z0-9-]+\.yaml)` \| (.+?) \|$", table, re.M)
+    assert len(rows) == 11
+    previous: set[str] = set()
+    for flaw, scenario_file, broken in rows:
+        scenario = load_scenario(EXAMPLES / "scenarios" / scenario_file)
+        assert {f.value for f in scenario.options.flaws} == {flaw}
+        claimed = previous if broken == "the same four" else {b.strip() for b in broken.split(",")}
+        assert claimed == scenario.expect_violations, flaw
+        previous = claimed
