@@ -250,8 +250,7 @@ class Toolstack:
             if self.ledger[m].driver:
                 steps.append(Step("unbind_host_driver", m))
             steps += [Step("attach", m, QUARANTINE), *self._flush(m), Step("route_msi", m, QUARANTINE)]
-            if self.host.topology[m].reset_methods:
-                steps.append(Step("reset", m))
+            steps += self._reset(m)
         return Plan("make-assignable", tuple(members), None, tuple(steps), Event.MAKE_ASSIGNABLE)
 
     def guests_in_group(self, bdf: Bdf) -> list[str]:
@@ -275,7 +274,7 @@ class Toolstack:
             )
         steps: list[Step] = []
         for d in devices:
-            steps += [Step("reset", d)] if self.host.topology[d].reset_methods else []
+            steps += self._reset(d)
             steps += [
                 Step("attach", d, HOST),
                 *self._flush(d),
@@ -345,9 +344,7 @@ class Toolstack:
                 unsafe.append(f"{d} assigned to {vm} without interrupt isolation (allow_unsafe_interrupts)")
             if fn.reserved_regions:
                 unsafe.append(f"{d}: firmware regions mapped into {vm} (rmrr=relaxed)")
-            if fn.reset_methods:
-                steps.append(Step("reset", d))
-            steps += [Step("attach", d, vm), *self._flush(d)]
+            steps += [*self._reset(d), Step("attach", d, vm), *self._flush(d)]
             if fn.reserved_regions:
                 steps.append(Step("map_reserved", d, vm))
             steps.append(Step("route_msi", d, vm))
@@ -402,6 +399,9 @@ class Toolstack:
         )
         return Plan("hotplug-admit", (bdf,), None, steps, Event.ADMIT)
 
+    def _reset(self, bdf: Bdf) -> list[Step]:
+        return [Step("reset", bdf)] if self.host.topology[bdf].reset_methods else []
+
     def _flush(self, bdf: Bdf) -> list[Step]:
         return [] if Flaw.XSA_442 in self.flaws else [Step("flush_iotlb", bdf)]
 
@@ -420,9 +420,7 @@ class Toolstack:
             steps.append(Step("attach", bdf, QUARANTINE))
         steps += self._flush(bdf)
         steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
-        if self.host.topology[bdf].reset_methods:
-            steps.append(Step("reset", bdf))
-        return steps
+        return steps + self._reset(bdf)
 
     def _to_host_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
         """The legacy teardown (XSA-302/306): straight back to the host driver."""

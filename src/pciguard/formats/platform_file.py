@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pciguard.errors import InputError, TopologyError
-from pciguard.formats.yamlpos import Path, at, load, render, validate
+from pciguard.errors import TopologyError
+from pciguard.formats.yamlpos import Path, at, load, read_input, render, validate
 from pciguard.model import (
     Acs,
     AcsCapability,
@@ -236,10 +236,5 @@ def build_host(data: Any, positions: dict[Path, tuple[int, int]], source: str, p
 
 def load_platform(path: str | FsPath) -> Host:
     path = FsPath(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read the platform file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(str(path), "the platform file is not UTF-8 text") from None
+    text = read_input(path, "platform file")
     return parse_platform(text, str(path))

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pciguard.checks import Options, RmrrPolicy
 from pciguard.errors import InputError
 from pciguard.formats.platform_file import build_host, load_platform
-from pciguard.formats.yamlpos import Path, at, load, validate
+from pciguard.formats.yamlpos import Path, at, load, read_input, validate
 from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
 
@@ -266,10 +266,5 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
 
 def load_scenario(path: str | FsPath) -> Scenario:
     path = FsPath(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read the scenario file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(str(path), "the scenario file is not UTF-8 text") from None
+    text = read_input(path, "scenario file")
     return parse_scenario(text, str(path), path.parent)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path as FsPath
 from typing import Any, TypeVar
 
 import pydantic
@@ -70,6 +71,16 @@ def load(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]:
             ) from None
 
     return convert(node, ()), positions
+
+
+def read_input(path: FsPath, what: str) -> str:
+    """The text of an input file, or an InputError saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read the {what}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(str(path), f"the {what} is not UTF-8 text") from None
 
 
 def render(path: Path) -> str:
