@@ -155,12 +155,16 @@ def _operate(step: ScenarioStep, platform: SimPlatform, toolstack: Toolstack) ->
         case "recover":
             toolstack.recover(device)
         case "hotplug":
+            if platform.present(device):
+                raise RefusedError(f"{device} is already present", device=str(device))
             platform.plug(device)
             plan = toolstack.hotplug(device)
             decision = toolstack.ledger[device].decision
             rule = f" by '{decision.rule}'" if decision else ""
             return f"{plan.operation}{rule}"
         case "unplug":
+            if not platform.present(device):
+                raise RefusedError(f"{device} is not present", device=str(device))
             toolstack.device_unplugged(device)
             platform.unplug(device)
             return "removed"

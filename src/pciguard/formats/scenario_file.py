@@ -226,6 +226,13 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
                 )
             return parsed
 
+        if step.op == "hotplug" and step.device and Bdf.parse(step.device) not in host.hotplug_later:
+            raise at(
+                source,
+                f"{step.device} is present from boot; mark it 'hotplug: true' in the platform",
+                (*where, "device"),
+                positions,
+            )
         if step.op == "create-vm":
             vm_names.append(step.vm or "")
         elif step.vm is not None and step.vm not in vm_names:
