@@ -14,7 +14,8 @@ so the invariants in ``pciguard.verify.invariants`` see the damage they do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 from pciguard.checks import (
     Holder,
@@ -35,6 +36,8 @@ from pciguard.model import Bdf, Host
 from pciguard.model.ownership import Event, State, next_state
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState, Platform
 from pciguard.policy import Decision, DefaultPolicy, HotplugPolicy, Target
+
+CHECK_PRECONDITIONS = "check_preconditions"  # a step of the toolstack itself, not the platform
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,46 @@ class DeviceRecord:
         return Holder(self.state, self.vm)
 
 
+class Phase(StrEnum):
+    RUN = "run"  # the plan's own steps
+    UNWIND = "unwind"  # undoing what ran, most recent first
+    FORWARD = "forward"  # pushing on to quarantine whatever else fails (release, teardown)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """An operation in flight, as a value: where it stands and how to undo what ran.
+
+    ``Toolstack.advance`` takes one step and returns the next cursor, so operations
+    can be interleaved one platform call at a time.
+    """
+
+    plan: Plan
+    phase: Phase
+    steps: tuple[Step, ...]  # the current phase's steps
+    index: int = 0  # the next of them
+    undo: tuple[tuple[Step, ...], ...] = ()  # for each step done in RUN, its undo steps
+    failure: str | None = None  # the first failure, once there is one
+    stuck: tuple[str, ...] = ()  # FORWARD steps that failed as well
+
+    @property
+    def next_step(self) -> Step | None:
+        return self.steps[self.index] if self.index < len(self.steps) else None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an operation ended: ``failure`` is None when every step went through."""
+
+    plan: Plan
+    failure: str | None
+    message: str
+
+
 class OperationFailed(StepFailed):
     """A step failed and the operation was unwound; ``outcome`` says where things ended."""
 
-    def __init__(self, plan: Plan, cause: StepFailed, outcome: str) -> None:
+    def __init__(self, plan: Plan, cause: str, outcome: str) -> None:
         self.plan = plan
         self.cause = cause
         self.outcome = outcome
@@ -155,31 +194,13 @@ class Toolstack:
         self.platform.create_domain(name, iommu_context=iommu)
         self.notes.append(f"created {name} ({'with' if iommu else 'without'} an IOMMU context)")
 
-    def destroy_vm(self, name: str) -> None:
+    def destroy_vm(self, name: str) -> Plan:
         """Shut a VM down: its devices go to quarantine first, then its memory is freed."""
-        self._teardown(name)
+        return self.execute(self.plan_teardown(name))
 
-    def vm_crashed(self, name: str) -> None:
+    def vm_crashed(self, name: str) -> Plan:
         """Clean up after a VM that crashed by itself (the platform already knows)."""
-        self._teardown(name)
-
-    def _teardown(self, name: str) -> None:
-        failures = []
-        for bdf in self.devices_of(name):
-            rec = self.ledger[bdf]
-            try:
-                if rec.state is State.ASSIGNED:
-                    self.release(bdf)
-                elif rec.state is State.BROKEN:
-                    self.recover(bdf)
-            except (StepFailed, RefusedError) as exc:
-                failures.append(f"{bdf}: {exc}")
-        if self.devices_of(name) or failures:
-            held = ", ".join(map(str, self.devices_of(name)))
-            self.notes.append(f"{name} kept as a zombie: {held} could not be quarantined; run 'recover'")
-            return
-        self.platform.destroy_domain(name)
-        self.notes.append(f"destroyed {name}")
+        return self.execute(self.plan_teardown(name))
 
     # -- operations ----------------------------------------------------------------
     def make_assignable(self, bdf: Bdf, *, with_group: bool = True) -> Plan:
@@ -201,8 +222,8 @@ class Toolstack:
         return self.execute(self.plan_release(bdf))
 
     def recover(self, bdf: Bdf) -> Plan:
-        """Bring a broken device back to quarantine."""
-        return self.execute(self.plan_recover(bdf))
+        """Bring a broken device back to quarantine (a release that starts from broken)."""
+        return self.execute(self.plan_release(bdf, operation="recover"))
 
     def hotplug(self, bdf: Bdf) -> Plan:
         """A device appeared: it is blocked until the policy has decided, then acted on."""
@@ -334,7 +355,10 @@ class Toolstack:
             reasons = [r for d in devices for r in self.preconditions(d, vm)]
             if reasons:
                 raise PreconditionFailed(str(bdf), vm, list(dict.fromkeys(r.message for r in reasons)))
-        steps = [Step("expose", d, vm) for d in devices] if Flaw.XSA_61 in self.flaws else []
+        steps = []
+        if Flaw.XSA_61 in self.flaws:  # the guest gets the devices first, the checks after
+            steps += [Step("expose", d, vm) for d in devices]
+            steps += [Step(CHECK_PRECONDITIONS, d, vm) for d in devices]
         if Flaw.LATE_IOMMU_CONTEXT in self.flaws and not self.platform.domains()[vm].iommu_context:
             steps.append(Step("enable_iommu_context", None, vm))
         unsafe = []
@@ -353,24 +377,39 @@ class Toolstack:
             steps += [Step("expose", d, vm) for d in devices]
         return Plan("assign", devices, vm, tuple(steps), Event.ASSIGN, unsafe=tuple(unsafe))
 
-    def plan_release(self, bdf: Bdf) -> Plan:
+    def plan_release(self, bdf: Bdf, operation: str = "release") -> Plan:
         vm = self.record(bdf).vm
         devices = tuple(d for d in self.moves_with(bdf) if self.ledger[d].vm == vm)
+        return self._releasing(operation, devices, vm, [])
+
+    def plan_teardown(self, vm: str) -> Plan:
+        """Every device of ``vm`` to quarantine, then the VM's memory back to the host."""
+        if vm not in self.platform.domains():
+            raise RefusedError(f"there is no VM named {vm}")
+        busy = [
+            f"{d} is {self.ledger[d].state.value}"
+            for d in self.devices_of(vm)
+            if self.ledger[d].state.in_flight
+        ]
+        if busy:
+            raise RefusedError(
+                f"cannot tear {vm} down while operations are in flight: "
+                f"{'; '.join(busy)}; try again when they finish"
+            )
+        return self._releasing("teardown", tuple(self.devices_of(vm)), vm, [Step("destroy_domain", None, vm)])
+
+    def _releasing(self, operation: str, devices: tuple[Bdf, ...], vm: str | None, then: list[Step]) -> Plan:
         steps: list[Step] = []
         for d in devices:
             rec = self.ledger[d]
             next_state(str(d), rec.state, Event.RELEASE)
-            if Flaw.XSA_302 in self.flaws or (Flaw.XSA_306 in self.flaws and not rec.prepared):
-                steps += self._to_host_steps(d, rec)
-            else:
-                steps += self._to_quarantine_steps(d, rec)
-        return Plan("release", devices, vm, tuple(steps), Event.RELEASE, forward_only=True)
+            steps += self._release_steps(d, rec)
+        return Plan(operation, devices, vm, (*steps, *then), Event.RELEASE, forward_only=True)
 
-    def plan_recover(self, bdf: Bdf) -> Plan:
-        rec = self.record(bdf)
-        next_state(str(bdf), rec.state, Event.RECOVER)
-        steps = tuple(self._to_quarantine_steps(bdf, rec))
-        return Plan("recover", (bdf,), rec.vm, steps, Event.RECOVER, forward_only=True)
+    def _release_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
+        if Flaw.XSA_302 in self.flaws or (Flaw.XSA_306 in self.flaws and not rec.prepared):
+            return self._to_host_steps(bdf, rec)
+        return self._to_quarantine_steps(bdf, rec)
 
     def plan_hotplug(self, bdf: Bdf) -> Plan:
         decision = self.policy.decide(self.host, bdf)
@@ -431,19 +470,62 @@ class Toolstack:
 
     # -- execution -----------------------------------------------------------------
     def execute(self, plan: Plan) -> Plan:
-        """Claim, run every step, then commit; on failure unwind (see module docstring)."""
+        """Run an operation to its end: claim, every step, commit (see ``advance``)."""
+        cursor = self.begin(plan)
+        while True:
+            result = self.advance(cursor)
+            if isinstance(result, Outcome):
+                if result.failure is not None:
+                    raise OperationFailed(plan, result.failure, result.message)
+                return plan
+            cursor = result
+
+    def begin(self, plan: Plan) -> Cursor:
+        """Claim the plan's devices (their in-flight state); no platform call yet."""
         if plan.claim is not None:
             for bdf in plan.devices:
                 self._move(bdf, plan.claim, plan.vm)
-        undo: list[list[Step]] = []  # per step done, the steps that take it back
+        return Cursor(plan, Phase.RUN, plan.steps)
+
+    def advance(self, cursor: Cursor) -> Cursor | Outcome:
+        """Take exactly one step of an operation in flight, or finish it.
+
+        A failed step turns the cursor around: back through the undo steps (most
+        operations), or on to quarantine whatever else fails (release, teardown).
+        """
+        if cursor.index == len(cursor.steps):
+            return self._finish(cursor)
+        step = cursor.steps[cursor.index]
         try:
-            if Flaw.XSA_61 in self.flaws and plan.operation == "assign":
-                self._run_checked_late(plan, undo)
-            else:
-                for step in plan.steps:
-                    undo.append(self._run(step))
+            undo = self._run(step)
         except StepFailed as failure:
-            self._fail(plan, undo, failure)
+            return self._after_failure(cursor, str(failure))
+        if cursor.phase is Phase.RUN:
+            return replace(cursor, index=cursor.index + 1, undo=(*cursor.undo, tuple(undo)))
+        return replace(cursor, index=cursor.index + 1)
+
+    def _after_failure(self, cursor: Cursor, failure: str) -> Cursor | Outcome:
+        plan = cursor.plan
+        if cursor.phase is Phase.FORWARD:  # note it and push on
+            return replace(cursor, index=cursor.index + 1, stuck=(*cursor.stuck, failure))
+        if cursor.phase is Phase.UNWIND:
+            return self._give_up(cursor, f"unwinding failed too ({failure})")
+        if plan.forward_only:
+            steps = [s for d in plan.devices for s in self._to_quarantine_steps(d, self.ledger[d])]
+            steps += [s for s in plan.steps if s.call == "destroy_domain"]
+            return Cursor(plan, Phase.FORWARD, tuple(steps), failure=failure)
+        unwind = tuple(s for undo in reversed(cursor.undo) for s in undo)
+        return Cursor(plan, Phase.UNWIND, unwind, failure=failure)
+
+    def _finish(self, cursor: Cursor) -> Outcome:
+        plan = cursor.plan
+        if cursor.phase is Phase.UNWIND:
+            if plan.claim is not None:
+                for bdf in plan.devices:
+                    self._move(bdf, Event.ROLLBACK, None)
+            return Outcome(plan, cursor.failure, "unwound; nothing changed hands")
+        if cursor.stuck:
+            return self._give_up(cursor, "; ".join(cursor.stuck))
         for bdf in plan.devices:
             rec = self.ledger[bdf]
             rec.unsafe = (*rec.unsafe, *plan.unsafe)
@@ -455,26 +537,42 @@ class Toolstack:
                 # Giving a hot-plugged device to the host is the operator's explicit call.
                 rec.decision = Decision(Target.ALLOW, "operator: make-unassignable", True)
             self._move(bdf, plan.finish, plan.vm)
-        for line in plan.describe():
-            self.notes.append(line)
-        for u in plan.unsafe:
-            self.notes.append(f"UNSAFE: {u}")
-        return plan
+        self.notes.extend(plan.describe())
+        self.notes.extend(f"UNSAFE: {u}" for u in plan.unsafe)
+        if cursor.phase is Phase.FORWARD:
+            return Outcome(plan, cursor.failure, "finished on the second try; device quarantined")
+        return Outcome(plan, None, "done")
 
-    def _run_checked_late(self, plan: Plan, undo: list[list[Step]]) -> None:
-        """The XSA-61 order: the guest gets the device first, the checks come after."""
-        bdf, vm = plan.devices[0], plan.vm
-        assert vm is not None
-        undo.append(self._run(plan.steps[0]))
-        reasons = self.preconditions(bdf, vm, claimed=True)
-        if reasons:
-            raise StepFailed("late check", "; ".join(r.message for r in reasons))
-        for step in plan.steps[1:]:
-            undo.append(self._run(step))
+    def _give_up(self, cursor: Cursor, why: str) -> Outcome:
+        """Fail closed: the guest may keep mappings it must not have, so it is crashed;
+        the devices are broken until someone recovers them."""
+        plan, vm = cursor.plan, cursor.plan.vm
+        if vm and self.platform.domains()[vm].state is DomainState.RUNNING:
+            self.platform.crash_domain(vm)
+            self.notes.append(f"crashed {vm}: it may still hold mappings of {plan.devices}")
+        for bdf in plan.devices:
+            if self.ledger[bdf].state.in_flight:
+                self._move(bdf, Event.ROLLBACK_FAILED, vm)
+                self.ledger[bdf].vm = vm if vm and self._still_in(bdf, vm) else None
+        return Outcome(plan, cursor.failure, f"{why}; device broken")
 
     def _run(self, step: Step) -> list[Step]:
         """Run one step; return the steps that undo it, and note what it set up."""
-        assert step.device is not None or step.call == "enable_iommu_context"
+        if step.call == CHECK_PRECONDITIONS:
+            assert step.device is not None and step.domain is not None
+            reasons = self.preconditions(step.device, step.domain, claimed=True)
+            if reasons:
+                raise StepFailed("late check", "; ".join(r.message for r in reasons))
+            return []
+        if step.call == "destroy_domain":
+            assert step.domain is not None
+            if self._holders_of(step.domain):  # freeing its memory now would hand it to them
+                held = ", ".join(map(str, self._holders_of(step.domain)))
+                self.notes.append(f"{step.domain} kept as a zombie: {held} still hold(s) it")
+            else:
+                self.platform.destroy_domain(step.domain)
+                self.notes.append(f"destroyed {step.domain}")
+            return []
         call = getattr(self.platform, step.call)
         if step.device is None:
             call(step.domain)
@@ -508,45 +606,9 @@ class Toolstack:
             rec.context = rec.msi = rec.exposed = None
         return []
 
-    def _fail(self, plan: Plan, undo: list[list[Step]], failure: StepFailed) -> None:
-        """Unwind after a failed step, always toward quarantine, and raise."""
-        if not plan.forward_only:
-            try:
-                for undo_steps in reversed(undo):
-                    for step in undo_steps:
-                        self._run(step)
-            except StepFailed as second:
-                self._give_up(plan, f"unwinding failed too ({second})", failure)
-            if plan.claim is not None:
-                for bdf in plan.devices:
-                    self._move(bdf, Event.ROLLBACK, None)
-            raise OperationFailed(plan, failure, "unwound; nothing changed hands")
-        # Forward-only (release, recover): push on to quarantine, whatever fails.
-        stuck = []
-        for bdf in plan.devices:
-            for step in self._to_quarantine_steps(bdf, self.ledger[bdf]):
-                try:
-                    self._run(step)
-                except StepFailed as again:
-                    stuck.append(str(again))
-        if stuck:
-            self._give_up(plan, "; ".join(stuck), failure)
-        for bdf in plan.devices:
-            self._move(bdf, Event.COMMIT, None)
-        raise OperationFailed(plan, failure, "finished on the second try; device quarantined")
-
-    def _give_up(self, plan: Plan, why: str, failure: StepFailed) -> None:
-        """Fail closed: the guest may keep mappings it must not have, so it is crashed;
-        the device is broken until someone recovers it."""
-        vm = plan.vm
-        if vm and self.platform.domains()[vm].state is DomainState.RUNNING:
-            self.platform.crash_domain(vm)
-            self.notes.append(f"crashed {vm}: it may still hold mappings of {plan.devices}")
-        for bdf in plan.devices:
-            if self.ledger[bdf].state.in_flight:
-                self._move(bdf, Event.ROLLBACK_FAILED, vm)
-                self.ledger[bdf].vm = vm if vm and self._still_in(bdf, vm) else None
-        raise OperationFailed(plan, failure, f"{why}; device broken")
+    def _holders_of(self, vm: str) -> list[Bdf]:
+        """Devices something of which still points at ``vm`` (its memory must stay held)."""
+        return [b for b in sorted(self.ledger) if self._still_in(b, vm)]
 
     def _still_in(self, bdf: Bdf, vm: str) -> bool:
         rec = self.ledger[bdf]

@@ -7,7 +7,7 @@
     QUARANTINED ─assign─▶ ASSIGNING ─commit─▶ ASSIGNED           (rollback: QUARANTINED)
     ASSIGNED ─release─▶ RELEASING ─commit─▶ QUARANTINED          (never back to ASSIGNED)
     QUARANTINED ─make-unassignable─▶ UNQUARANTINING ─commit─▶ HOST
-    any in-flight state ─rollback-failed─▶ BROKEN ─recover─▶ RECOVERING ─commit─▶ QUARANTINED
+    any in-flight state ─rollback-failed─▶ BROKEN ─release─▶ RELEASING   (recovering it)
 
 A device marked assignable moves only between quarantine and guests; only
 ``make-unassignable`` (which resets it first) returns it to the host.
@@ -30,8 +30,7 @@ class State(StrEnum):
     ASSIGNING = "assigning"
     ASSIGNED = "assigned"
     RELEASING = "releasing"
-    BROKEN = "broken"  # an unwind failed; held away from the host until recovered
-    RECOVERING = "recovering"
+    BROKEN = "broken"  # an unwind failed; held away from the host until released again
     REMOVED = "removed"
 
     @property
@@ -59,7 +58,6 @@ class Event(StrEnum):
     MAKE_UNASSIGNABLE = "make-unassignable"
     ASSIGN = "assign"
     RELEASE = "release"
-    RECOVER = "recover"
     COMMIT = "commit"
     ROLLBACK = "rollback"
     ROLLBACK_FAILED = "rollback-failed"
@@ -72,7 +70,6 @@ _IN_FLIGHT = {
     State.UNQUARANTINING,
     State.ASSIGNING,
     State.RELEASING,
-    State.RECOVERING,
 }
 
 S, E = State, Event
@@ -95,9 +92,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.ASSIGNING, E.ROLLBACK): S.QUARANTINED,
     (S.ASSIGNED, E.RELEASE): S.RELEASING,
     (S.RELEASING, E.COMMIT): S.QUARANTINED,
-    (S.BROKEN, E.RECOVER): S.RECOVERING,
-    (S.RECOVERING, E.COMMIT): S.QUARANTINED,
-    (S.RECOVERING, E.ROLLBACK): S.BROKEN,
+    (S.BROKEN, E.RELEASE): S.RELEASING,
     **{(s, E.ROLLBACK_FAILED): S.BROKEN for s in _IN_FLIGHT},
     **{(s, E.UNPLUG): S.REMOVED for s in (S.PENDING, S.HOST, S.QUARANTINED, S.BROKEN)},
 }

@@ -42,7 +42,7 @@ def allowed_owners(rec: DeviceRecord) -> set[str]:
     match rec.state:
         case State.ASSIGNED:
             return vm
-        case State.ASSIGNING | State.RELEASING | State.BROKEN | State.RECOVERING:
+        case State.ASSIGNING | State.RELEASING | State.BROKEN:
             return vm | {QUARANTINE}
         case State.QUARANTINING | State.UNQUARANTINING | State.ADMITTING:
             return {HOST, QUARANTINE}  # an explicit move between host and quarantine
