@@ -83,6 +83,7 @@ class DeviceRecord:
     msi: str | None = None
     exposed: str | None = None
     reserved: set[str] = field(default_factory=set)
+    unflushed: bool = False  # its context changed and the IOTLB has not been flushed since
     guest_touched: bool = False  # a guest had it since the host last took it back
     prepared: bool = True  # went through make_assignable (XSA-306 tracks the other path)
     decision: Decision | None = None  # the hot-plug decision, if it was hot-plugged
@@ -378,6 +379,7 @@ class Toolstack:
         return Plan("assign", devices, vm, tuple(steps), Event.ASSIGN, unsafe=tuple(unsafe))
 
     def plan_release(self, bdf: Bdf, operation: str = "release") -> Plan:
+        next_state(str(bdf), self.record(bdf).state, Event.RELEASE)
         vm = self.record(bdf).vm
         devices = tuple(d for d in self.moves_with(bdf) if self.ledger[d].vm == vm)
         return self._releasing(operation, devices, vm, [])
@@ -551,10 +553,28 @@ class Toolstack:
             self.platform.crash_domain(vm)
             self.notes.append(f"crashed {vm}: it may still hold mappings of {plan.devices}")
         for bdf in plan.devices:
+            removed = self._cut_off_if_uncontained(bdf, vm)
             if self.ledger[bdf].state.in_flight:
                 self._move(bdf, Event.ROLLBACK_FAILED, vm)
                 self.ledger[bdf].vm = vm if vm and self._still_in(bdf, vm) else None
+            if removed:
+                self._move(bdf, Event.UNPLUG, None)
         return Outcome(plan, cursor.failure, f"{why}; device broken")
+
+    def _cut_off_if_uncontained(self, bdf: Bdf, vm: str | None) -> bool:
+        """A device whose translations may still point elsewhere than the quarantine or
+        the (now crashed) VM it was with, or whose IOTLB was not flushed, cannot be held
+        by the IOMMU: take it off the bus, so it cannot DMA at all. True if removed."""
+        rec = self.ledger[bdf]
+        if not rec.unflushed and rec.context in (QUARANTINE, vm):
+            return False
+        try:
+            self.platform.remove(bdf)
+        except StepFailed as exc:
+            self.notes.append(f"could not take {bdf} off the bus either ({exc}); power it off")
+            return False
+        self.notes.append(f"took {bdf} off the bus: its IOMMU state could not be made safe")
+        return True
 
     def _run(self, step: Step) -> list[Step]:
         """Run one step; return the steps that undo it, and note what it set up."""
@@ -580,8 +600,11 @@ class Toolstack:
         rec = self.ledger[step.device]
         old_context, old_msi = rec.context, rec.msi
         call(step.device, step.domain) if step.domain is not None else call(step.device)
+        if step.call == "flush_iotlb":
+            rec.unflushed = False
         if step.call == "attach":
             rec.context = step.domain
+            rec.unflushed = rec.unflushed or old_context != step.domain
             return [Step("attach", step.device, old_context or QUARANTINE), *self._flush(step.device)]
         if step.call == "route_msi":
             rec.msi = step.domain

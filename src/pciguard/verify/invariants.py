@@ -153,8 +153,8 @@ def check_before_expose(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
 def msi_isolation(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     out = []
     for bdf, rec in _checked(ts, sim):
-        if rec.state not in GUEST_STATES and not rec.guest_touched:
-            continue
+        if rec.vm is None and not rec.guest_touched:
+            continue  # never under a guest's control: its interrupts are the host's own
         targets = sim.msi_targets(bdf)
         if "*" in targets and ts.options.allow_unsafe_interrupts:
             continue  # the unsafe override is in force and reported
@@ -245,7 +245,8 @@ def all_requester_ids(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     for bdf, rec in _checked(ts, sim):
         if rec.state.in_flight or rec.state is State.PENDING:
             continue
-        contexts = sim.contexts(bdf)
+        # No context entry and the quarantine both hold DMA; anything else must match.
+        contexts = {rid: d or QUARANTINE for rid, d in sim.contexts(bdf).items()}
         own = contexts[bdf]
         for rid, domain in contexts.items():
             if domain != own:
