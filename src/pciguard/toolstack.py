@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from pciguard.checks import (
     Holder,
@@ -63,6 +64,7 @@ class Plan:
     finish: Event = Event.COMMIT
     forward_only: bool = False  # release: on failure push on to quarantine, never back
     unsafe: tuple[str, ...] = ()  # overrides this plan relies on, for every report
+    prepared: bool = True  # False: XSA-306's path that assigns without preparing
 
     def describe(self) -> Iterator[str]:
         direction = "from" if self.operation in ("release", "recover") else "->"
@@ -91,6 +93,27 @@ class DeviceRecord:
 
     def holder(self) -> Holder:
         return Holder(self.state, self.vm)
+
+    def freeze(self) -> tuple[object, ...]:
+        return (
+            self.state,
+            self.vm,
+            self.driver,
+            self.context,
+            self.msi,
+            self.exposed,
+            frozenset(self.reserved),
+            self.unflushed,
+            self.guest_touched,
+            self.prepared,
+            self.decision,
+            self.unsafe,
+        )
+
+    @classmethod
+    def thaw(cls, frozen: tuple[Any, ...]) -> DeviceRecord:
+        state, vm, driver, context, msi, exposed, reserved, *rest = frozen
+        return cls(state, vm, driver, context, msi, exposed, set(reserved), *rest)
 
 
 class Phase(StrEnum):
@@ -163,6 +186,14 @@ class Toolstack:
                     msi=context,
                 )
 
+    # -- the ledger as one value (for the verifier) --------------------------------
+    def snapshot(self) -> frozenset[tuple[Bdf, tuple[object, ...]]]:
+        return frozenset((bdf, rec.freeze()) for bdf, rec in self.ledger.items())
+
+    def restore(self, frozen: frozenset[tuple[Bdf, tuple[Any, ...]]]) -> None:
+        self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in frozen}
+        self.notes.clear()
+
     # -- reading ---------------------------------------------------------------
     @property
     def host(self) -> Host:
@@ -214,8 +245,7 @@ class Toolstack:
 
     def assign(self, bdf: Bdf, vm: str) -> Plan:
         if Flaw.XSA_306 in self.flaws and self.record(bdf).state is State.HOST:
-            self.make_assignable(bdf, with_group=False)  # the path that skips quarantine
-            self.ledger[bdf].prepared = False
+            self.execute(self.plan("assign", bdf, vm))  # the path that skips quarantine
         return self.execute(self.plan_assign(bdf, vm))
 
     def release(self, bdf: Bdf) -> Plan:
@@ -228,14 +258,41 @@ class Toolstack:
 
     def hotplug(self, bdf: Bdf) -> Plan:
         """A device appeared: it is blocked until the policy has decided, then acted on."""
-        self.ledger[bdf] = DeviceRecord(State.PENDING)
+        self.device_appeared(bdf)
         return self.execute(self.plan_hotplug(bdf))
+
+    def device_appeared(self, bdf: Bdf) -> None:
+        """The platform reports a new device; nothing may bind to it before a decision."""
+        self.ledger[bdf] = DeviceRecord(State.PENDING)
 
     def device_unplugged(self, bdf: Bdf) -> None:
         """The device is leaving the bus by itself (surprise removal)."""
         self._move(bdf, Event.UNPLUG, None)
 
     # -- planning ------------------------------------------------------------------
+    def plan(
+        self, operation: str, device: Bdf | None = None, vm: str | None = None, *, with_group: bool = True
+    ) -> Plan:
+        """The plan of an operation by name (as scenarios and the verifier name them)."""
+        if operation == "destroy":
+            assert vm is not None
+            return self.plan_teardown(vm)
+        assert device is not None
+        if operation == "assign":
+            assert vm is not None
+            if Flaw.XSA_306 in self.flaws and self.record(device).state is State.HOST:
+                return replace(self.plan_make_assignable(device, with_group=False), prepared=False)
+            return self.plan_assign(device, vm)
+        if operation == "make-assignable":
+            return self.plan_make_assignable(device, with_group=with_group)
+        if operation == "make-unassignable":
+            return self.plan_make_unassignable(device)
+        if operation in ("release", "recover"):
+            return self.plan_release(device, operation)
+        if operation == "hotplug":
+            return self.plan_hotplug(device)
+        raise ValueError(f"no operation named {operation!r}")
+
     def plan_make_assignable(self, bdf: Bdf, *, with_group: bool = True) -> Plan:
         rec = self.record(bdf)
         next_state(str(bdf), rec.state, Event.MAKE_ASSIGNABLE)
@@ -531,6 +588,8 @@ class Toolstack:
         for bdf in plan.devices:
             rec = self.ledger[bdf]
             rec.unsafe = (*rec.unsafe, *plan.unsafe)
+            if plan.operation == "make-assignable":
+                rec.prepared = plan.prepared
             if plan.operation == "assign":  # the guest may have reprogrammed it
                 rec.guest_touched = True
             elif plan.operation in ("make-unassignable", "hotplug-admit"):
@@ -552,22 +611,32 @@ class Toolstack:
         if vm and self.platform.domains()[vm].state is DomainState.RUNNING:
             self.platform.crash_domain(vm)
             self.notes.append(f"crashed {vm}: it may still hold mappings of {plan.devices}")
+        removed = [b for b in self._uncontained(plan.devices, vm) if self._cut_off(b)]
         for bdf in plan.devices:
-            removed = self._cut_off_if_uncontained(bdf, vm)
             if self.ledger[bdf].state.in_flight:
                 self._move(bdf, Event.ROLLBACK_FAILED, vm)
                 self.ledger[bdf].vm = vm if vm and self._still_in(bdf, vm) else None
-            if removed:
+            if bdf in removed:
                 self._move(bdf, Event.UNPLUG, None)
         return Outcome(plan, cursor.failure, f"{why}; device broken")
 
-    def _cut_off_if_uncontained(self, bdf: Bdf, vm: str | None) -> bool:
-        """A device whose translations may still point elsewhere than the quarantine or
-        the (now crashed) VM it was with, or whose IOTLB was not flushed, cannot be held
-        by the IOMMU: take it off the bus, so it cannot DMA at all. True if removed."""
-        rec = self.ledger[bdf]
-        if not rec.unflushed and rec.context in (QUARANTINE, vm):
-            return False
+    def _uncontained(self, devices: tuple[Bdf, ...], vm: str | None) -> list[Bdf]:
+        """The devices the IOMMU may no longer hold: an unflushed IOTLB, a context other
+        than the quarantine or the (now crashed) VM, or requester IDs shared with such a
+        device or shared by devices left pointing at different owners."""
+        bad = {
+            b
+            for b in devices
+            if self.ledger[b].unflushed or self.ledger[b].context not in (QUARANTINE, None, vm)
+        }
+        for bdf in devices:
+            sharers = {d for d in self.moves_with(bdf) if d in devices}
+            if bad & sharers or len({self.ledger[d].context for d in sharers}) > 1:
+                bad |= sharers
+        return sorted(bad)
+
+    def _cut_off(self, bdf: Bdf) -> bool:
+        """Take a device the IOMMU cannot hold off the bus, so it cannot DMA at all."""
         try:
             self.platform.remove(bdf)
         except StepFailed as exc:

@@ -34,6 +34,20 @@ Op = Literal[
     "fault",
     "dma",
     "msi",
+    "continue",
+]
+#: Operations that can be started and left in flight (``id`` + ``partial``).
+PARTIAL_OPS = ("make-assignable", "make-unassignable", "assign", "release", "recover", "destroy", "hotplug")
+#: What the verifier may do, besides advancing operations in flight.
+ExploreOp = Literal[
+    "make-assignable",
+    "make-unassignable",
+    "assign",
+    "release",
+    "recover",
+    "destroy",
+    "crash",
+    "hotplug",
 ]
 
 #: Which keys each operation needs.
@@ -51,6 +65,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "fault": ("call",),
     "dma": ("device",),
     "msi": ("device",),
+    "continue": ("id",),
 }
 EXPECTATIONS: dict[str, tuple[str, ...]] = {
     "dma": ("landed", "blocked"),
@@ -104,18 +119,34 @@ class StepSpec(_Strict):
     target: str | None = None
     expect: str | None = None
     expect_in: str | None = None
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="names an operation in flight")
+    partial: int | None = Field(None, ge=0, description="platform calls to take, then pause")
+    count: int = Field(1, ge=1, description="continue: how many platform calls to take")
+    fail: bool = Field(False, description="continue: the next platform call fails")
+    cleanup: bool = Field(True, description="crash: the toolstack cleans up at once")
 
     @model_validator(mode="after")
     def _fits_op(self) -> StepSpec:
         for key in REQUIRED[self.op]:
             if getattr(self, key) is None:
                 raise ValueError(f"'{self.op}' needs '{key}'")
+        if self.partial is not None and (self.op not in PARTIAL_OPS or self.id is None):
+            raise ValueError(f"'partial' needs an 'id' and one of {', '.join(PARTIAL_OPS)}")
         allowed = EXPECTATIONS.get(self.op, OPERATION_OUTCOMES)
         if self.expect is not None and self.expect not in allowed:
             raise ValueError(f"expect for '{self.op}' is one of {', '.join(allowed)}")
         if self.call is not None and self.call not in PLATFORM_CALLS:
             raise ValueError(f"call must be one of {', '.join(PLATFORM_CALLS)}")
         return self
+
+
+class ExploreSpec(_Strict):
+    """What ``pciguard verify`` explores from the state the steps leave."""
+
+    devices: list[str] | None = Field(None, description="default: every endpoint the host can spare")
+    operations: list[ExploreOp] = list(ExploreOp.__args__)  # type: ignore[attr-defined]
+    faults: int = Field(1, ge=0, le=3, description="injected failures per trace")
+    concurrency: int = Field(2, ge=1, le=4, description="operations in flight at once")
 
 
 class ScenarioFile(_Strict):
@@ -130,6 +161,7 @@ class ScenarioFile(_Strict):
     expect_violations: list[str] | None = Field(
         None, description="the invariants this scenario is meant to break (legacy demos)"
     )
+    explore: ExploreSpec | None = None
 
     @model_validator(mode="after")
     def _known_invariants(self) -> ScenarioFile:
@@ -157,9 +189,20 @@ class ScenarioStep:
     target: str | None = None
     expect: str | None = None
     expect_in: str | None = None
+    id: str | None = None
+    partial: int | None = None
+    count: int = 1
+    fail: bool = False
+    cleanup: bool = True
     line: int | None = None
 
     def __str__(self) -> str:
+        if self.op == "continue":
+            return (
+                f"continue {self.id}"
+                + (" (its next call fails)" if self.fail else "")
+                + (f" x{self.count}" if self.count > 1 else "")
+            )
         parts = [self.op]
         if self.op == "fault":
             parts.append(f"{self.call}({self.device or 'any device'})")
@@ -181,7 +224,19 @@ class ScenarioStep:
                 parts.append(f"to BAR of {self.peer}")
         if self.op == "msi":
             parts.append(f"-> {self.target or 'host'}")
+        if self.partial is not None:
+            parts.append(f"[{self.id}: {self.partial} call(s), then paused]")
         return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """What ``pciguard verify`` may do from the state the steps leave."""
+
+    devices: tuple[Bdf, ...]
+    operations: tuple[str, ...]
+    faults: int = 1
+    concurrency: int = 2
 
 
 @dataclass(frozen=True)
@@ -194,37 +249,53 @@ class Scenario:
     steps: tuple[ScenarioStep, ...] = ()
     description: str = ""
     expect_violations: frozenset[str] | None = None
+    explore: Exploration | None = None
+    platform_source: str | dict[str, Any] = ""  # the platform as the file gave it (path made absolute)
 
 
 def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | None = None) -> Scenario:
     data, positions = load(text, source)
     spec = validate(ScenarioFile, data, positions, source)
     assert isinstance(data, dict)
+    platform_source: str | dict[str, Any]
     if isinstance(spec.platform, str):
         path = (base_dir or FsPath(".")) / spec.platform
+        platform_source = str(path.resolve())
         try:
             host = load_platform(path)
         except InputError as exc:
             raise at(source, f"its platform file failed to load: {exc}", ("platform",), positions) from None
     else:
+        platform_source = data["platform"]
         host = build_host(data["platform"], positions, source, prefix=("platform",))
+
+    def bdf(key: str, value: str | None, where: Path) -> Bdf | None:
+        if value is None:
+            return None
+        try:
+            parsed = Bdf.parse(value)
+        except ValueError as exc:
+            raise at(source, str(exc), (*where, key), positions) from None
+        if parsed not in host.topology and key != "requester":
+            raise at(source, f"{parsed} is not a device of platform '{host.name}'", (*where, key), positions)
+        return parsed
+
     vm_names = [v.name for v in spec.vms]
+    ids: set[str] = set()
     steps = []
     for i, step in enumerate(spec.steps):
         where: Path = ("steps", i)
-
-        def bdf(key: str, value: str | None, where: Path = where) -> Bdf | None:
-            if value is None:
-                return None
-            try:
-                parsed = Bdf.parse(value)
-            except ValueError as exc:
-                raise at(source, str(exc), (*where, key), positions) from None
-            if parsed not in host.topology and key != "requester":
-                raise at(
-                    source, f"{parsed} is not a device of platform '{host.name}'", (*where, key), positions
-                )
-            return parsed
+        if step.op == "continue" and step.id not in ids:
+            raise at(
+                source,
+                f"no operation '{step.id}' was left in flight before this step",
+                (*where, "id"),
+                positions,
+            )
+        if step.partial is not None:
+            if step.id in ids:
+                raise at(source, f"'{step.id}' names another operation already", (*where, "id"), positions)
+            ids.add(step.id or "")
 
         if step.op == "hotplug" and step.device and Bdf.parse(step.device) not in host.hotplug_later:
             raise at(
@@ -242,7 +313,7 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
         steps.append(
             ScenarioStep(
                 op=step.op,
-                device=bdf("device", step.device),
+                device=bdf("device", step.device, where),
                 vm=step.vm,
                 iommu=step.iommu,
                 with_group=step.with_group,
@@ -250,15 +321,37 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
                 skip=step.skip,
                 times=step.times,
                 address=step.address,
-                requester=bdf("requester", step.requester),
-                peer=bdf("peer", step.peer),
+                requester=bdf("requester", step.requester, where),
+                peer=bdf("peer", step.peer, where),
                 target=step.target,
                 expect=step.expect,
                 expect_in=step.expect_in,
+                id=step.id,
+                partial=step.partial,
+                count=step.count,
+                fail=step.fail,
+                cleanup=step.cleanup,
                 line=positions.get(where, (None, None))[0],
             )
         )
     options = Options(spec.options.allow_unsafe_interrupts, spec.options.rmrr, frozenset(spec.flaws))
+    explore = None
+    if spec.explore is not None:
+        if spec.explore.devices is None:
+            devices = tuple(
+                b for b, f in host.topology.items() if not f.kind.is_bridge and not f.host_critical
+            )
+        else:
+            devices = tuple(
+                bdf("devices", d, ("explore", "devices", i)) or Bdf(0, 0, 0, 0)
+                for i, d in enumerate(spec.explore.devices)
+            )
+        explore = Exploration(
+            devices,
+            tuple(dict.fromkeys(spec.explore.operations)),
+            spec.explore.faults,
+            spec.explore.concurrency,
+        )
     return Scenario(
         name=spec.name or (FsPath(source).stem if source != "<scenario>" else "scenario"),
         host=host,
@@ -268,6 +361,8 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
         steps=tuple(steps),
         description=spec.description,
         expect_violations=None if spec.expect_violations is None else frozenset(spec.expect_violations),
+        explore=explore,
+        platform_source=platform_source,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pciguard.errors import InjectedFault, PlatformMisuse, StepFailed
 from pciguard.legacy import Flaw
@@ -27,6 +28,7 @@ from pciguard.platforms.base import (
     DomainState,
 )
 
+SimState = tuple[frozenset[Any], ...]
 GUEST_RAM = 0x4000_0000  # each guest owns IOVAs [0, GUEST_RAM)
 QUARANTINE_MODES = ("block", "scratch")
 
@@ -131,6 +133,34 @@ class SimPlatform:
                 for rid in host.requester_ids(bdf):
                     self._context[rid] = HOST
                     self._irte[rid] = HOST
+
+    # -- the whole state as one value (for the verifier) ---------------------------
+    def snapshot(self) -> SimState:
+        """Everything that decides what happens next, as one hashable value.
+        Fault rules, the call log and observers are not part of it."""
+        return (
+            frozenset(
+                (n, d.state, d.iommu_context, d.declared_up_front, frozenset(d.reserved))
+                for n, d in self._domains.items()
+            ),
+            frozenset(self._present),
+            frozenset(self._driver),
+            frozenset(self._context.items()),
+            frozenset((rid, tuple(domains)) for rid, domains in self._stale.items() if domains),
+            frozenset(self._irte.items()),
+            frozenset(self._exposed.items()),
+        )
+
+    def restore(self, state: SimState) -> None:
+        domains, present, driver, context, stale, irte, exposed = state
+        self._domains = {n: _Domain(st, ctx, up, set(res)) for n, st, ctx, up, res in domains}
+        self._present = set(present)
+        self._driver = set(driver)
+        self._context = dict(context)
+        self._stale = {rid: list(domains) for rid, domains in stale}
+        self._irte = dict(irte)
+        self._exposed = dict(exposed)
+        self.faults = []
 
     # -- faults and observation ------------------------------------------------
     def inject(
