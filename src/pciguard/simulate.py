@@ -9,7 +9,7 @@ from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.formats.scenario_file import Scenario, ScenarioStep
 from pciguard.platforms.base import HOST
 from pciguard.platforms.sim import Blocked, CallRecord, Delivered, Landed, SimPlatform
-from pciguard.toolstack import Toolstack
+from pciguard.toolstack import Cursor, Outcome, Toolstack
 from pciguard.verify.invariants import Violation, check_all
 
 
@@ -80,10 +80,11 @@ def run(scenario: Scenario) -> SimulationResult:
     platform.observers.append(observe)
     toolstack.observers.append(observe)
     observe()
+    replay = Replay(platform, toolstack)
     timeline = []
     for index, step in enumerate(scenario.steps, 1):
         first_call = len(platform.log)
-        status, outcome = apply(step, platform, toolstack)
+        status, outcome = replay.apply(step)
         observe()
         entry = TimelineEntry(index, step, status, outcome, platform.log[first_call:], list(fresh))
         fresh.clear()
@@ -100,74 +101,120 @@ def _meets(step: ScenarioStep, status: str, outcome: str) -> bool | None:
     return step.expect_in is None or f" {step.expect_in} " in f" {outcome} "
 
 
-def apply(step: ScenarioStep, platform: SimPlatform, toolstack: Toolstack) -> tuple[str, str]:
-    """Carry out one scenario step; return (status, what happened in words)."""
-    try:
-        if step.op == "dma":
-            assert step.device is not None
-            result: Landed | Blocked | Delivered = platform.dma(
-                step.device, step.address, requester=step.requester, peer=step.peer
-            )
-            return ("landed" if isinstance(result, Landed) else "blocked"), str(result)
-        if step.op == "msi":
-            assert step.device is not None
-            result = platform.msi(step.device, step.target or HOST)
-            return ("delivered" if isinstance(result, Delivered) else "blocked"), str(result)
-        return "ok", _operate(step, platform, toolstack)
-    except RefusedError as exc:
-        return "refused", str(exc)
-    except PlatformMisuse as exc:
-        return "misuse", f"platform misuse (a toolstack bug): {exc}"
-    except StepFailed as exc:
-        return "failed", str(exc)
+class Replay:
+    """Carries out scenario steps, keeping the operations a scenario left in flight."""
 
+    def __init__(self, platform: SimPlatform, toolstack: Toolstack) -> None:
+        self.platform = platform
+        self.toolstack = toolstack
+        self.in_flight: dict[str, Cursor] = {}
 
-def _operate(step: ScenarioStep, platform: SimPlatform, toolstack: Toolstack) -> str:
-    device, vm = step.device, step.vm
-    match step.op:
-        case "fault":
-            platform.inject(step.call, device, skip=step.skip, times=step.times)
-            return "armed"
-        case "create-vm":
-            assert vm is not None
-            toolstack.create_vm(vm, iommu=step.iommu)
-            return f"{vm} running"
-        case "destroy":
-            assert vm is not None
-            toolstack.destroy_vm(vm)
-            return toolstack.notes[-1]
-        case "crash":
-            assert vm is not None
-            platform.crash_domain(vm)
-            toolstack.vm_crashed(vm)
-            return toolstack.notes[-1]
-    assert device is not None
-    match step.op:
-        case "make-assignable":
-            toolstack.make_assignable(device, with_group=step.with_group)
-        case "make-unassignable":
-            toolstack.make_unassignable(device)
-        case "assign":
-            assert vm is not None
-            toolstack.assign(device, vm)
-        case "release":
-            toolstack.release(device)
-        case "recover":
-            toolstack.recover(device)
-        case "hotplug":
-            if platform.present(device):
-                raise RefusedError(f"{device} is already present", device=str(device))
-            platform.plug(device)
-            plan = toolstack.hotplug(device)
-            decision = toolstack.ledger[device].decision
-            rule = f" by '{decision.rule}'" if decision else ""
-            return f"{plan.operation}{rule}"
-        case "unplug":
-            if not platform.present(device):
-                raise RefusedError(f"{device} is not present", device=str(device))
-            toolstack.device_unplugged(device)
-            platform.unplug(device)
-            return "removed"
-    return str(toolstack.record(device).state.value) + (
-        f" ({toolstack.record(device).vm})" if toolstack.record(device).vm else ""
-    )
+    def apply(self, step: ScenarioStep) -> tuple[str, str]:
+        """Carry out one step; return (status, what happened in words)."""
+        platform = self.platform
+        try:
+            if step.op == "dma":
+                assert step.device is not None
+                result: Landed | Blocked | Delivered = platform.dma(
+                    step.device, step.address, requester=step.requester, peer=step.peer
+                )
+                return ("landed" if isinstance(result, Landed) else "blocked"), str(result)
+            if step.op == "msi":
+                assert step.device is not None
+                result = platform.msi(step.device, step.target or HOST)
+                return ("delivered" if isinstance(result, Delivered) else "blocked"), str(result)
+            if step.op == "continue" or step.partial is not None:
+                return self._stepwise(step)
+            return "ok", self._operate(step)
+        except RefusedError as exc:
+            return "refused", str(exc)
+        except PlatformMisuse as exc:
+            return "misuse", f"platform misuse (a toolstack bug): {exc}"
+        except StepFailed as exc:
+            return "failed", str(exc)
+
+    def _stepwise(self, step: ScenarioStep) -> tuple[str, str]:
+        """Start an operation and take ``partial`` of its calls, or ``continue`` one."""
+        assert step.id is not None
+        if step.op == "continue":
+            cursor = self.in_flight.pop(step.id)
+            calls = step.count
+        else:
+            if step.op == "hotplug":
+                self._plug(step)
+            plan = self.toolstack.plan(step.op, step.device, step.vm, with_group=step.with_group)
+            cursor = self.toolstack.begin(plan)
+            calls = step.partial or 0
+        for i in range(calls):
+            upcoming = cursor.next_step
+            armed = len(self.platform.faults)
+            if step.fail and i == 0 and upcoming is not None:
+                self.platform.inject(upcoming.call, upcoming.device)
+            result = self.toolstack.advance(cursor)
+            del self.platform.faults[armed:]  # the failure was for this call only
+            if isinstance(result, Outcome):
+                status = "ok" if result.failure is None else "failed"
+                return status, f"{step.id} finished: " + "; ".join(
+                    filter(None, [result.failure, result.message])
+                )
+            cursor = result
+        self.in_flight[step.id] = cursor
+        upcoming = cursor.next_step
+        return "ok", f"{step.id} in flight ({cursor.phase.value}), next: {upcoming or 'finish'}"
+
+    def _plug(self, step: ScenarioStep) -> None:
+        assert step.device is not None
+        if self.platform.present(step.device):
+            raise RefusedError(f"{step.device} is already present", device=str(step.device))
+        self.platform.plug(step.device)
+        self.toolstack.device_appeared(step.device)
+
+    def _operate(self, step: ScenarioStep) -> str:
+        platform, toolstack = self.platform, self.toolstack
+        device, vm = step.device, step.vm
+        match step.op:
+            case "fault":
+                platform.inject(step.call, device, skip=step.skip, times=step.times)
+                return "armed"
+            case "create-vm":
+                assert vm is not None
+                toolstack.create_vm(vm, iommu=step.iommu)
+                return f"{vm} running"
+            case "destroy":
+                assert vm is not None
+                toolstack.destroy_vm(vm)
+                return toolstack.notes[-1]
+            case "crash":
+                assert vm is not None
+                platform.crash_domain(vm)
+                if not step.cleanup:
+                    return f"{vm} crashed"
+                toolstack.vm_crashed(vm)
+                return toolstack.notes[-1]
+        assert device is not None
+        match step.op:
+            case "make-assignable":
+                toolstack.make_assignable(device, with_group=step.with_group)
+            case "make-unassignable":
+                toolstack.make_unassignable(device)
+            case "assign":
+                assert vm is not None
+                toolstack.assign(device, vm)
+            case "release":
+                toolstack.release(device)
+            case "recover":
+                toolstack.recover(device)
+            case "hotplug":
+                self._plug(step)
+                plan = toolstack.execute(toolstack.plan_hotplug(device))
+                decision = toolstack.ledger[device].decision
+                rule = f" by '{decision.rule}'" if decision else ""
+                return f"{plan.operation}{rule}"
+            case "unplug":
+                if not platform.present(device):
+                    raise RefusedError(f"{device} is not present", device=str(device))
+                toolstack.device_unplugged(device)
+                platform.unplug(device)
+                return "removed"
+        rec = toolstack.record(device)
+        return rec.state.value + (f" ({rec.vm})" if rec.vm else "")

@@ -85,7 +85,7 @@ class DeviceRecord:
     msi: str | None = None
     exposed: str | None = None
     reserved: set[str] = field(default_factory=set)
-    unflushed: bool = False  # its context changed and the IOTLB has not been flushed since
+    stale: set[str] = field(default_factory=set)  # domains the IOTLB may still translate to
     guest_touched: bool = False  # a guest had it since the host last took it back
     prepared: bool = True  # went through make_assignable (XSA-306 tracks the other path)
     decision: Decision | None = None  # the hot-plug decision, if it was hot-plugged
@@ -103,7 +103,7 @@ class DeviceRecord:
             self.msi,
             self.exposed,
             frozenset(self.reserved),
-            self.unflushed,
+            frozenset(self.stale),
             self.guest_touched,
             self.prepared,
             self.decision,
@@ -112,8 +112,8 @@ class DeviceRecord:
 
     @classmethod
     def thaw(cls, frozen: tuple[Any, ...]) -> DeviceRecord:
-        state, vm, driver, context, msi, exposed, reserved, *rest = frozen
-        return cls(state, vm, driver, context, msi, exposed, set(reserved), *rest)
+        state, vm, driver, context, msi, exposed, reserved, stale, *rest = frozen
+        return cls(state, vm, driver, context, msi, exposed, set(reserved), set(stale), *rest)
 
 
 class Phase(StrEnum):
@@ -445,6 +445,8 @@ class Toolstack:
         """Every device of ``vm`` to quarantine, then the VM's memory back to the host."""
         if vm not in self.platform.domains():
             raise RefusedError(f"there is no VM named {vm}")
+        if self.platform.domains()[vm].state is DomainState.DESTROYED:
+            raise RefusedError(f"{vm} is destroyed already")
         busy = [
             f"{d} is {self.ledger[d].state.value}"
             for d in self.devices_of(vm)
@@ -625,9 +627,7 @@ class Toolstack:
         than the quarantine or the (now crashed) VM, or requester IDs shared with such a
         device or shared by devices left pointing at different owners."""
         bad = {
-            b
-            for b in devices
-            if self.ledger[b].unflushed or self.ledger[b].context not in (QUARANTINE, None, vm)
+            b for b in devices if self.ledger[b].stale or self.ledger[b].context not in (QUARANTINE, None, vm)
         }
         for bdf in devices:
             sharers = {d for d in self.moves_with(bdf) if d in devices}
@@ -655,7 +655,9 @@ class Toolstack:
             return []
         if step.call == "destroy_domain":
             assert step.domain is not None
-            if self._holders_of(step.domain):  # freeing its memory now would hand it to them
+            if self.platform.domains()[step.domain].state is DomainState.DESTROYED:
+                self.notes.append(f"{step.domain} was destroyed already")
+            elif self._holders_of(step.domain):  # freeing its memory now would hand it to them
                 held = ", ".join(map(str, self._holders_of(step.domain)))
                 self.notes.append(f"{step.domain} kept as a zombie: {held} still hold(s) it")
             else:
@@ -670,10 +672,11 @@ class Toolstack:
         old_context, old_msi = rec.context, rec.msi
         call(step.device, step.domain) if step.domain is not None else call(step.device)
         if step.call == "flush_iotlb":
-            rec.unflushed = False
+            rec.stale.clear()
         if step.call == "attach":
             rec.context = step.domain
-            rec.unflushed = rec.unflushed or old_context != step.domain
+            if old_context not in (None, step.domain) and Flaw.XSA_442 not in self.flaws:
+                rec.stale.add(old_context)  # (the XSA-442 toolstack never knew to care)
             return [Step("attach", step.device, old_context or QUARANTINE), *self._flush(step.device)]
         if step.call == "route_msi":
             rec.msi = step.domain
@@ -704,7 +707,7 @@ class Toolstack:
 
     def _still_in(self, bdf: Bdf, vm: str) -> bool:
         rec = self.ledger[bdf]
-        return vm in (rec.context, rec.msi, rec.exposed) or vm in rec.reserved
+        return vm in (rec.context, rec.msi, rec.exposed) or vm in rec.reserved or vm in rec.stale
 
     def _move(self, bdf: Bdf, event: Event, vm: str | None) -> None:
         rec = self.ledger[bdf]

@@ -21,7 +21,8 @@ class Exit(IntEnum):
     OK = 0
     FINDINGS = 1  # audit: critical host findings; simulate: an invariant was violated
     BAD_INPUT = 2  # a file or argument is malformed (also typer's usage errors)
-    UNMET = 3  # simulate: a step's expectation was not met
+    UNMET = 3  # a step's expectation, or an expected violation, did not come true
+    INCOMPLETE = 4  # verify: a limit stopped the search before it was exhaustive
 
 
 @contextmanager

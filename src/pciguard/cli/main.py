@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from pciguard import __version__
-from pciguard.cli import audit, schema, simulate
+from pciguard.cli import audit, schema, simulate, verify
 
 app = typer.Typer(
     name="pciguard",
@@ -16,6 +16,7 @@ app = typer.Typer(
 )
 app.command("audit")(audit.command)
 app.command("simulate")(simulate.command)
+app.command("verify")(verify.command)
 app.command("schema")(schema.command)
 
 

@@ -12,7 +12,7 @@ asks what an untrusted requester ID *could* reach now.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pciguard.checks import Options, RmrrPolicy, device_reasons
 from pciguard.model import Bdf
@@ -32,7 +32,7 @@ class Violation:
         return f"[{self.invariant}] {self.message}"
 
 
-Check = Callable[[Toolstack, SimPlatform], list[Violation]]
+Check = Callable[["View"], list[Violation]]
 GUEST_STATES = (State.ASSIGNING, State.ASSIGNED, State.RELEASING)
 
 
@@ -50,23 +50,35 @@ def allowed_owners(rec: DeviceRecord) -> set[str]:
             return {QUARANTINE}
 
 
-def _checked(ts: Toolstack, sim: SimPlatform) -> list[tuple[Bdf, DeviceRecord]]:
-    """Devices the toolstack has taken from the host: their DMA is not trusted.
+@dataclass
+class View:
+    """What several invariants need, computed once per state."""
 
-    Devices no enabled IOMMU covers are left out: nothing can contain them, which the
-    audit reports as critical and the toolstack refuses to pretend otherwise (it will
-    neither quarantine nor assign them).
-    """
-    return [
-        (bdf, rec)
-        for bdf, rec in sorted(ts.ledger.items())
-        if rec.state not in (State.HOST, State.REMOVED) and sim.present(bdf) and sim.host.dma_translated(bdf)
-    ]
+    ts: Toolstack
+    sim: SimPlatform
+    checked: list[tuple[Bdf, DeviceRecord]] = field(default_factory=list)
+    holdings: dict[str, set[Bdf]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Devices the toolstack has taken from the host: their DMA is not trusted.
+        # Devices no enabled IOMMU covers are left out: nothing can contain them, which
+        # the audit reports as critical, and the toolstack will neither quarantine nor
+        # assign them.
+        sim = self.sim
+        self.checked = [
+            (bdf, rec)
+            for bdf, rec in sorted(self.ts.ledger.items())
+            if rec.state not in (State.HOST, State.REMOVED)
+            and sim.present(bdf)
+            and sim.host.dma_translated(bdf)
+        ]
+        self.holdings = sim.guest_holdings()
 
 
-def dma_containment(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def dma_containment(view: View) -> list[Violation]:
+    ts, sim = view.ts, view.sim
     out = []
-    for bdf, rec in _checked(ts, sim):
+    for bdf, rec in view.checked:
         allowed = allowed_owners(rec)
         if ts.options.rmrr is RmrrPolicy.RELAXED and sim.host.topology[bdf].reserved_regions:
             allowed.add("firmware")  # its own 1:1 regions: accepted and reported
@@ -86,9 +98,10 @@ def dma_containment(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def no_host_return(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def no_host_return(view: View) -> list[Violation]:
+    sim = view.sim
     out = []
-    for bdf, rec in _checked(ts, sim):
+    for bdf, rec in view.checked:
         if not rec.state.assignable:
             continue
         host_rids = [r for r, d in sim.contexts(bdf).items() if d == HOST]
@@ -102,10 +115,11 @@ def no_host_return(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def fail_closed_assign(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def fail_closed_assign(view: View) -> list[Violation]:
+    ts, sim = view.ts, view.sim
     out = []
     domains = sim.domains()
-    for vm, devices in sorted(sim.guest_holdings().items()):
+    for vm, devices in sorted(view.holdings.items()):
         if domains[vm].state is not DomainState.RUNNING:
             continue
         for bdf in sorted(devices):
@@ -120,7 +134,7 @@ def fail_closed_assign(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
                         f"{vm} should have been crashed",
                     )
                 )
-    for bdf, rec in _checked(ts, sim):
+    for bdf, rec in view.checked:
         if rec.state is State.QUARANTINED and sim.hardware_owner(bdf) != QUARANTINE:
             out.append(
                 Violation(
@@ -132,11 +146,12 @@ def fail_closed_assign(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def check_before_expose(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def check_before_expose(view: View) -> list[Violation]:
+    ts, sim = view.ts, view.sim
     # The secure checks, whatever flaws the toolstack runs with; reported overrides count.
     secure = Options(ts.options.allow_unsafe_interrupts, ts.options.rmrr)
     out = []
-    for vm, devices in sorted(sim.guest_holdings().items()):
+    for vm, devices in sorted(view.holdings.items()):
         for bdf in sorted(devices):
             reasons = device_reasons(sim.host, bdf, secure)
             if reasons:
@@ -150,9 +165,10 @@ def check_before_expose(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def msi_isolation(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def msi_isolation(view: View) -> list[Violation]:
+    ts, sim = view.ts, view.sim
     out = []
-    for bdf, rec in _checked(ts, sim):
+    for bdf, rec in view.checked:
         if rec.vm is None and not rec.guest_touched:
             continue  # never under a guest's control: its interrupts are the host's own
         targets = sim.msi_targets(bdf)
@@ -167,7 +183,8 @@ def msi_isolation(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def group_unity(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def group_unity(view: View) -> list[Violation]:
+    sim = view.sim
     out = []
     for group in sim.host.groups:
         owners: dict[str, Bdf] = {}
@@ -183,7 +200,8 @@ def group_unity(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def hotplug_quarantine(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def hotplug_quarantine(view: View) -> list[Violation]:
+    ts, sim = view.ts, view.sim
     out = []
     for bdf, rec in sorted(ts.ledger.items()):
         decision = rec.decision
@@ -208,9 +226,10 @@ def hotplug_quarantine(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def context_up_front(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def context_up_front(view: View) -> list[Violation]:
+    sim = view.sim
     out = []
-    for vm, devices in sorted(sim.guest_holdings().items()):
+    for vm, devices in sorted(view.holdings.items()):
         if devices and not sim.context_declared_up_front(vm):
             out.append(
                 Violation(
@@ -223,9 +242,10 @@ def context_up_front(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def flush_on_change(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def flush_on_change(view: View) -> list[Violation]:
+    sim = view.sim
     out = []
-    for bdf, rec in _checked(ts, sim):
+    for bdf, rec in view.checked:
         if rec.state.in_flight:
             continue
         for rid, domains in sorted(sim.stale_entries(bdf).items()):
@@ -240,9 +260,10 @@ def flush_on_change(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
     return out
 
 
-def all_requester_ids(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
+def all_requester_ids(view: View) -> list[Violation]:
+    sim = view.sim
     out = []
-    for bdf, rec in _checked(ts, sim):
+    for bdf, rec in view.checked:
         if rec.state.in_flight or rec.state is State.PENDING:
             continue
         # No context entry and the quarantine both hold DMA; anything else must match.
@@ -276,4 +297,5 @@ INVARIANTS: dict[str, Check] = {
 
 
 def check_all(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
-    return [v for check in INVARIANTS.values() for v in check(ts, sim)]
+    view = View(ts, sim)
+    return [v for check in INVARIANTS.values() for v in check(view)]

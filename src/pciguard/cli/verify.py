@@ -1,0 +1,144 @@
+"""``pciguard verify``: explore every interleaving a scenario allows; print the
+shortest trace to a violation and write it as a scenario ``simulate`` replays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.live import Live
+from rich.text import Text
+
+from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.cli.simulate import render as render_timeline
+from pciguard.formats.scenario_file import load_scenario, parse_scenario
+from pciguard.simulate import run as replay
+from pciguard.verify.counterexample import dump, scenario_document
+from pciguard.verify.explorer import Explorer, Result, Stats
+
+
+def command(
+    scenario: Path = typer.Argument(..., help="A scenario file with an 'explore' section.", dir_okay=False),
+    symmetry: bool = typer.Option(
+        True,
+        "--symmetry/--no-symmetry",
+        help="Merge states that differ only by interchangeable devices or VMs.",
+    ),
+    independence: bool = typer.Option(
+        True,
+        "--independence/--no-independence",
+        help="Advance only one of several operations that touch disjoint devices and VMs.",
+    ),
+    max_states: int | None = typer.Option(None, "--max-states", min=1, help="Stop after this many states."),
+    time_limit: float | None = typer.Option(
+        None, "--time-limit", min=0.1, help="Stop after this many seconds."
+    ),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="Where to write a counterexample (default: NAME-counterexample.yaml here)."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+) -> None:
+    """Explore every interleaving of operations, failures, crashes and hot-plugs.
+
+    Exit codes: 0 as the scenario expects (no violation, or one of those listed in
+    expect_violations); 1 a violation it did not expect; 2 malformed input; 3 it
+    expected a violation and none was found; 4 a limit stopped the search first.
+    """
+    with input_errors():
+        loaded = load_scenario(scenario)
+        if loaded.explore is None:
+            raise typer.BadParameter(f"{scenario} has no 'explore' section", param_hint="SCENARIO")
+    explorer = Explorer(
+        loaded, symmetry=symmetry, independence=independence, max_states=max_states, time_limit=time_limit
+    )
+    live = Live(Text(""), console=err, transient=True, refresh_per_second=4)
+    if err.is_terminal and not json_output:
+        explorer.on_progress = lambda stats: live.update(Text(_progress(stats)))
+        with live:
+            result = explorer.run()
+    else:
+        result = explorer.run()
+    written = None
+    if result.counterexample is not None:
+        keys, _ = explorer.replay(result.counterexample.actions)
+        document = scenario_document(loaded, result.counterexample, keys)
+        written = out_file or Path(f"{loaded.name}-counterexample.yaml")
+        written.write_text(dump(document), encoding="utf-8")
+    if json_output:
+        out.print_json(json.dumps(_as_json(result, written)))
+    else:
+        _render(result, written, symmetry, independence)
+    raise typer.Exit(_exit_code(result, loaded.expect_violations))
+
+
+def _exit_code(result: Result, expected: frozenset[str] | None) -> int:
+    if result.verdict == "incomplete":
+        return Exit.INCOMPLETE
+    broken = {v.invariant for v in result.counterexample.violations} if result.counterexample else set()
+    if not expected:
+        return Exit.FINDINGS if broken else Exit.OK
+    if not broken:
+        return Exit.UNMET
+    return Exit.OK if broken <= expected else Exit.FINDINGS
+
+
+def _progress(stats: Stats) -> str:
+    return (
+        f"exploring: {stats.states:,} states, {stats.transitions:,} transitions, "
+        f"depth {stats.depth}, {stats.states_per_second:,.0f} states/s, {stats.seconds:.1f} s"
+    )
+
+
+def _figures(stats: Stats) -> dict[str, float | int]:
+    return {
+        "states": stats.states,
+        "transitions": stats.transitions,
+        "depth": stats.depth,
+        "seconds": round(stats.seconds, 3),
+        "states_per_second": round(stats.states_per_second),
+        "peak_rss_mib": round(stats.peak_rss_mib, 1),
+    }
+
+
+def _as_json(result: Result, written: Path | None) -> dict[str, object]:
+    found = result.counterexample
+    return {
+        "verdict": result.verdict,
+        "reason": result.reason,
+        **_figures(result.stats),
+        "counterexample": None
+        if found is None
+        else {
+            "file": str(written),
+            "trace": [str(a) for a in found.actions],
+            "violations": [
+                {"invariant": v.invariant, "device": str(v.device), "message": v.message}
+                for v in found.violations
+            ],
+        },
+    }
+
+
+def _render(result: Result, written: Path | None, symmetry: bool, independence: bool) -> None:
+    stats = result.stats
+    reductions = ", ".join(n for n, on in (("symmetry", symmetry), ("independence", independence)) if on)
+    out.print(
+        f"{stats.states:,} distinct states, {stats.transitions:,} transitions, depth "
+        f"{stats.depth}, {stats.seconds:.2f} s ({stats.states_per_second:,.0f} states/s), "
+        f"peak memory {stats.peak_rss_mib:.0f} MiB; reductions: {reductions or 'none'}"
+    )
+    if result.verdict == "pass":
+        out.print(Text("PASS: every invariant holds in every reachable state", "bold green"))
+        return
+    if result.verdict == "incomplete":
+        out.print(Text(f"INCOMPLETE: stopped by {result.reason}; no violation so far", "bold yellow"))
+        return
+    assert result.counterexample is not None and written is not None
+    out.print(Text(f"VIOLATION after {len(result.counterexample.actions)} steps:", "bold red"))
+    for v in result.counterexample.violations:
+        out.print(Text(f"  {v}", "red"))
+    out.print(f"Counterexample written to {written}; replay it with: pciguard simulate {written}\n")
+    with input_errors():
+        replayed = replay(parse_scenario(written.read_text(), str(written), written.parent))
+    render_timeline(replayed, show_calls=True)

@@ -1,0 +1,449 @@
+"""Breadth-first exploration of every interleaving of toolstack operations (one platform
+call at a time), injected failures, VM crashes and hot-plug arrivals, running the real
+toolstack on the simulated platform and checking every invariant in every state.
+
+A state is the platform's snapshot, the ledger's snapshot, the operations in flight
+(``Cursor`` values) and the faults left to inject. States are deduplicated by a
+fingerprint (their hash); each remembers its parent's fingerprint and the action that
+led to it, so the first violation found comes with a shortest trace.
+
+Reductions, each switchable:
+
+- **symmetry**: interchangeable devices (same shape, alone in their IOMMU group, behind
+  identical ports) and interchangeable VMs (same IOMMU context) are renamed into a
+  canonical order, so states that differ only by such a renaming are explored once;
+- **independence**: operations in flight whose footprints (IOMMU groups and VM) are
+  disjoint from every other operation's commute, and every invariant looks at one
+  group, one device or one VM at a time, so only the first of them is advanced.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
+
+from pciguard.errors import PlatformMisuse, RefusedError
+from pciguard.formats.scenario_file import Exploration, Scenario
+from pciguard.model import Bdf
+from pciguard.platforms.base import DomainState
+from pciguard.policy import Decision
+from pciguard.simulate import Replay, build
+from pciguard.toolstack import CHECK_PRECONDITIONS, Cursor, Plan, Step
+from pciguard.verify.invariants import Violation, check_all
+
+PLATFORM_CONTRACT = "platform-contract"  # the platform caught the toolstack misusing it
+BEGIN_OPS = ("make-assignable", "make-unassignable", "assign", "release", "recover", "destroy")
+
+State = tuple[Any, Any, frozenset[Cursor], int]
+Renaming = dict[Any, Any]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One transition: start an operation, advance one (or make its next call fail),
+    crash a VM, or plug a device in."""
+
+    kind: str  # begin | advance | fail | crash | hotplug
+    op: str = ""
+    device: Bdf | None = None
+    vm: str | None = None
+    key: tuple[Any, ...] = ()  # the operation in flight (advance, fail)
+
+    def __str__(self) -> str:
+        if self.kind in ("advance", "fail"):
+            what = describe_key(self.key)
+            return f"{what}: next call" + (" FAILS (injected)" if self.kind == "fail" else "")
+        if self.kind == "crash":
+            return f"{self.vm} crashes"
+        if self.kind == "hotplug":
+            return f"{self.device} is plugged in"
+        target = f" -> {self.vm}" if self.op == "assign" else (f" {self.vm}" if self.vm else "")
+        return f"start {self.op}{' ' + str(self.device) if self.device else ''}{target}"
+
+
+def key_of(cursor: Cursor) -> tuple[Any, ...]:
+    plan = cursor.plan
+    return (plan.operation, plan.devices, plan.vm)
+
+
+def describe_key(key: tuple[Any, ...]) -> str:
+    operation, devices, vm = key
+    return " ".join([operation, *map(str, devices), *([vm] if vm else [])])
+
+
+@dataclass
+class Stats:
+    states: int = 0
+    transitions: int = 0
+    seconds: float = 0.0
+    depth: int = 0
+    peak_rss_mib: float = 0.0
+
+    @property
+    def states_per_second(self) -> float:
+        return self.states / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Counterexample:
+    actions: list[Action]
+    violations: list[Violation]
+
+
+@dataclass
+class Result:
+    verdict: str  # pass | violation | incomplete
+    stats: Stats
+    counterexample: Counterexample | None = None
+    reason: str = ""  # why an incomplete run stopped
+
+
+class Explorer:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        symmetry: bool = True,
+        independence: bool = True,
+        max_states: int | None = None,
+        time_limit: float | None = None,
+        on_progress: Callable[[Stats], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.explore = scenario.explore or Exploration(devices=(), operations=())
+        self.independence = independence
+        self.max_states = max_states
+        self.time_limit = time_limit
+        self.on_progress = on_progress
+        self.platform, self.toolstack = build(scenario)
+        replay = Replay(self.platform, self.toolstack)
+        for step in scenario.steps:  # the set-up the exploration starts from
+            replay.apply(step)
+        self.initial: State = (
+            self.platform.snapshot(),
+            self.toolstack.snapshot(),
+            frozenset(replay.in_flight.values()),
+            self.explore.faults,
+        )
+        self.vms = tuple(name for name, _ in scenario.vms)
+        self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
+        self.symmetry = Symmetry(scenario, self.explore.devices) if symmetry else None
+        self._interned: dict[Any, Any] = {}
+        self._initial_renaming: Renaming = {}
+
+    # -- state handling ---------------------------------------------------------
+    def load(self, state: State) -> None:
+        self.platform.restore(state[0])
+        self.toolstack.restore(state[1])
+
+    def capture(self, cursors: Iterable[Cursor], faults: int) -> State:
+        intern = self._interned.setdefault
+        sim = tuple(intern(part, part) for part in self.platform.snapshot())
+        return (sim, intern(ledger := self.toolstack.snapshot(), ledger), frozenset(cursors), faults)
+
+    # -- transitions -----------------------------------------------------------
+    def actions(self, state: State) -> list[Action]:
+        """What may happen next (the state must be loaded)."""
+        _, _, cursors, faults = state
+        out: list[Action] = []
+        ops = self.explore.operations
+        room = len(cursors) < self.explore.concurrency
+        if room:
+            for op in BEGIN_OPS:
+                if op not in ops:
+                    continue
+                for device, vm in self._arguments(op):
+                    try:
+                        self.toolstack.plan(op, device, vm)
+                    except (RefusedError, PlatformMisuse, KeyError):
+                        continue
+                    out.append(Action("begin", op, device, vm))
+        for cursor in self._advancable(cursors):
+            key = key_of(cursor)
+            out.append(Action("advance", key=key))
+            step = cursor.next_step
+            if faults and step is not None and step.call != CHECK_PRECONDITIONS:
+                out.append(Action("fail", key=key))
+        domains = self.platform.domains()
+        if "crash" in ops:
+            out += [Action("crash", vm=v) for v in self.vms if domains[v].state is DomainState.RUNNING]
+        if "hotplug" in ops and room:
+            out += [Action("hotplug", device=d) for d in self.hotplug if not self.platform.present(d)]
+        return out
+
+    def _arguments(self, op: str) -> list[tuple[Bdf | None, str | None]]:
+        domains = self.platform.domains()
+        if op == "destroy":
+            return [(None, v) for v in self.vms if domains[v].state is not DomainState.DESTROYED]
+        present = [d for d in self.explore.devices if self.platform.present(d)]
+        if op == "assign":
+            running = [v for v in self.vms if domains[v].state is DomainState.RUNNING]
+            return [(d, v) for d in present for v in running]
+        return [(d, None) for d in present]
+
+    def _advancable(self, cursors: frozenset[Cursor]) -> list[Cursor]:
+        ordered = sorted(cursors, key=lambda c: repr(key_of(c)))
+        if not self.independence or len(ordered) < 2:
+            return ordered
+        prints = {id(c): self._footprint(c) for c in ordered}
+        independent = [
+            id(c)
+            for c in ordered
+            if all(prints[id(c)].isdisjoint(prints[id(o)]) for o in ordered if o is not c)
+        ]
+        return [c for c in ordered if id(c) not in independent or id(c) == independent[0]]
+
+    def _footprint(self, cursor: Cursor) -> frozenset[Any]:
+        plan = cursor.plan
+        groups = {self.scenario.host.group_of(d).number for d in plan.devices}
+        return frozenset({*groups, *([plan.vm] if plan.vm else [])})
+
+    def apply(self, state: State, action: Action) -> tuple[State, list[Violation]]:
+        """Take ``action`` from ``state``; return the new state and what it breaks."""
+        self.load(state)
+        _, _, cursors, faults = state
+        in_flight = {key_of(c): c for c in cursors}
+        broken: list[Violation] = []
+        try:
+            if action.kind == "begin":
+                cursor = self.toolstack.begin(self.toolstack.plan(action.op, action.device, action.vm))
+                in_flight[key_of(cursor)] = cursor
+            elif action.kind == "hotplug":
+                assert action.device is not None
+                self.platform.plug(action.device)
+                self.toolstack.device_appeared(action.device)
+                cursor = self.toolstack.begin(self.toolstack.plan_hotplug(action.device))
+                in_flight[key_of(cursor)] = cursor
+            elif action.kind == "crash":
+                assert action.vm is not None
+                self.platform.crash_domain(action.vm)
+            else:
+                cursor = in_flight.pop(action.key)
+                if action.kind == "fail":
+                    step = cursor.next_step
+                    assert step is not None
+                    self.platform.inject(step.call, step.device)
+                    faults -= 1
+                result = self.toolstack.advance(cursor)
+                if isinstance(result, Cursor):
+                    in_flight[key_of(result)] = result
+        except PlatformMisuse as exc:
+            broken.append(Violation(PLATFORM_CONTRACT, action.device, str(exc)))
+        new = self.capture(in_flight.values(), faults)
+        return new, broken
+
+    # -- search ------------------------------------------------------------------
+    def run(self) -> Result:
+        started = time.perf_counter()
+        stats = Stats()
+        initial, self._initial_renaming = self._canonical(self.initial)
+        root = hash(initial)
+        parents: dict[int, tuple[int, Action, Renaming] | None] = {root: None}
+        self.load(initial)
+        first = check_all(self.toolstack, self.platform)
+        stats.states = 1
+        if first:
+            return self._done("violation", stats, started, Counterexample([], first))
+        frontier: deque[tuple[State, int, int]] = deque([(initial, root, 0)])
+        next_report = started + 1.0
+        while frontier:
+            state, fingerprint, depth = frontier.popleft()
+            self.load(state)
+            for action in self.actions(state):
+                successor, broken = self.apply(state, action)
+                stats.transitions += 1
+                successor, renaming = self._canonical(successor)
+                print_ = hash(successor)
+                if print_ in parents:
+                    continue
+                parents[print_] = (fingerprint, action, renaming)
+                stats.states += 1
+                stats.depth = max(stats.depth, depth + 1)
+                broken += check_all(self.toolstack, self.platform) if not broken else []
+                if broken:
+                    trace = self._trace(parents, print_)
+                    return self._done("violation", stats, started, Counterexample(trace, broken))
+                frontier.append((successor, print_, depth + 1))
+            now = time.perf_counter()
+            if self.max_states is not None and stats.states >= self.max_states:
+                return self._done("incomplete", stats, started, reason=f"--max-states {self.max_states}")
+            if self.time_limit is not None and now - started >= self.time_limit:
+                return self._done("incomplete", stats, started, reason=f"--time-limit {self.time_limit:g}s")
+            if self.on_progress is not None and now >= next_report:
+                stats.seconds = now - started
+                self.on_progress(stats)
+                next_report = now + 0.5
+        return self._done("pass", stats, started)
+
+    def replay(self, trace: list[Action]) -> tuple[list[tuple[Any, ...]], list[Violation]]:
+        """Run a concrete trace from the initial state. Returns the key of the operation
+        each ``begin`` or ``hotplug`` started, in order, and what the last state breaks."""
+        state, keys, broken = self.initial, [], []
+        for action in trace:
+            before = {key_of(c) for c in state[2]}
+            state, broken = self.apply(state, action)
+            if action.kind in ("begin", "hotplug"):  # begin claims; no call is taken yet
+                (started,) = {key_of(c) for c in state[2]} - before
+                keys.append(started)
+        return keys, broken or check_all(self.toolstack, self.platform)
+
+    def _done(
+        self,
+        verdict: str,
+        stats: Stats,
+        started: float,
+        counterexample: Counterexample | None = None,
+        reason: str = "",
+    ) -> Result:
+        stats.seconds = time.perf_counter() - started
+        stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return Result(verdict, stats, counterexample, reason)
+
+    def _canonical(self, state: State) -> tuple[State, Renaming]:
+        if self.symmetry is None:
+            return state, {}
+        return self.symmetry.canonical(state)
+
+    def _trace(self, parents: dict[int, tuple[int, Action, Renaming] | None], last: int) -> list[Action]:
+        """The actions from the initial state, renamed back into concrete names."""
+        path: list[tuple[Action, Renaming]] = []
+        entry = parents[last]
+        while entry is not None:
+            parent, action, renaming = entry
+            path.append((action, renaming))
+            entry = parents[parent]
+        path.reverse()
+        # to_concrete maps the names of the stored (canonical) state to the names the
+        # concrete run has; each step's renaming raw -> canonical is undone on the way.
+        to_concrete = _then_undo({}, self._initial_renaming)
+        concrete: list[Action] = []
+        for action, renaming in path:
+            concrete.append(rename(action, to_concrete))
+            to_concrete = _then_undo(to_concrete, renaming)
+        return concrete
+
+
+def _then_undo(to_concrete: Renaming, renaming: Renaming) -> Renaming:
+    """x -> to_concrete(renaming^-1(x)), as a dict (absent keys map to themselves)."""
+    inverse = {canonical: raw for raw, canonical in renaming.items()}
+    names = set(inverse) | set(to_concrete)
+    composed = {x: to_concrete.get(inverse.get(x, x), inverse.get(x, x)) for x in names}
+    return {x: y for x, y in composed.items() if x != y}
+
+
+# -- symmetry ---------------------------------------------------------------------------
+def rename(value: Any, mapping: Renaming) -> Any:
+    """``value`` with every BDF and VM name in ``mapping`` replaced, however deep."""
+    if not mapping:
+        return value
+    if isinstance(value, (Bdf, str)):
+        return mapping.get(value, value)
+    if isinstance(value, tuple):
+        return tuple(rename(v, mapping) for v in value)
+    if isinstance(value, frozenset):
+        return frozenset(rename(v, mapping) for v in value)
+    if isinstance(value, (Cursor, Plan, Step, Action, Decision)) and is_dataclass(value):
+        changes = {f.name: rename(getattr(value, f.name), mapping) for f in fields(value)}
+        return replace(value, **changes)
+    return value
+
+
+@dataclass
+class Symmetry:
+    """Classes of interchangeable devices and VMs, and the canonical renaming of a state."""
+
+    scenario: Scenario
+    devices: tuple[Bdf, ...]
+    device_classes: list[list[Bdf]] = field(default_factory=list)
+    vm_classes: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        host = self.scenario.host
+        shapes: dict[Any, list[Bdf]] = {}
+        for d in self.devices:
+            shape = self._shape(d)
+            if shape is not None:
+                shapes.setdefault(shape, []).append(d)
+        self.device_classes = [sorted(c) for c in shapes.values() if len(c) > 1]
+        by_context: dict[bool, list[str]] = {}
+        for name, iommu in self.scenario.vms:
+            by_context.setdefault(iommu, []).append(name)
+        self.vm_classes = [sorted(c) for c in by_context.values() if len(c) > 1]
+        del host
+
+    def _shape(self, d: Bdf) -> Any:
+        """What makes devices interchangeable; None if ``d`` can only be itself."""
+        host = self.scenario.host
+        fn = host.topology[d]
+        group = [m for m in host.group_of(d).members if not host.topology[m].kind.is_bridge]
+        if group != [d] or host.requester_ids(d) != {d} or fn.physfn or host.topology.virtual_functions(d):
+            return None
+        ports = tuple(
+            (p.kind, p.acs.isolates() if p.acs else False, p.external, p.driver is not None)
+            for p in host.topology.path_to_root(d)
+        )
+        unit = host.iommu_of(d)
+        return (
+            fn.kind,
+            fn.ids,
+            fn.driver is not None,
+            fn.reset_methods,
+            fn.reserved_regions,
+            fn.host_critical,
+            d in host.hotplug_later,
+            ports,
+            unit.name if unit else None,
+            host.msi_isolated(d),
+            len(host.group_of(d).members),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.device_classes or self.vm_classes)
+
+    def canonical(self, state: State) -> tuple[State, Renaming]:
+        if not self.active:
+            return state, {}
+        placeholder = {vm: "·" for c in self.vm_classes for vm in c}
+        renaming: Renaming = {}
+        for vms in self.vm_classes:
+            by_vm = sorted(vms, key=lambda vm: repr(self._vm_signature(state, vm, placeholder)))
+            renaming.update({raw: canon for raw, canon in zip(by_vm, vms, strict=True) if raw != canon})
+        for devices in self.device_classes:
+            by_dev = sorted(devices, key=lambda d: repr(rename(self._device_signature(state, d), renaming)))
+            renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
+        if not renaming:
+            return state, {}
+        return rename(state, renaming), renaming
+
+    def _device_signature(self, state: State, d: Bdf) -> Any:
+        sim, ledger, cursors, _ = state
+        local = [tuple(e for e in part if _mentions(e, d)) for part in sim]
+        record = [rec for bdf, rec in ledger if bdf == d]
+        flights = sorted(
+            (c.plan.operation, c.phase.value, c.index, c.plan.vm) for c in cursors if d in c.plan.devices
+        )
+        return (local, record, flights)
+
+    def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> Any:
+        sim, ledger, cursors, _ = state
+        domain = [e[1:] for e in sim[0] if e[0] == vm]
+        devices = sorted(
+            repr(rename(self._device_signature(state, b), placeholder)) for b, rec in ledger if rec[1] == vm
+        )
+        flights = sorted((c.plan.operation, c.phase.value, c.index) for c in cursors if c.plan.vm == vm)
+        return (domain, devices, flights)
+
+
+def _mentions(entry: Any, d: Bdf) -> bool:
+    if entry == d:
+        return True
+    if isinstance(entry, tuple):
+        return any(_mentions(e, d) for e in entry)
+    if isinstance(entry, frozenset):
+        return any(_mentions(e, d) for e in entry)
+    return False
