@@ -282,7 +282,8 @@ class Explorer:
     def replay(self, trace: list[Action]) -> tuple[list[tuple[Any, ...]], list[Violation]]:
         """Run a concrete trace from the initial state. Returns the key of the operation
         each ``begin`` or ``hotplug`` started, in order, and what the last state breaks."""
-        state, keys, broken = self.initial, [], []
+        state, keys = self.initial, []
+        broken: list[Violation] = []
         for action in trace:
             before = {key_of(c) for c in state[2]}
             state, broken = self.apply(state, action)
