@@ -412,32 +412,43 @@ class Symmetry:
         placeholder = {vm: "·" for c in self.vm_classes for vm in c}
         renaming: Renaming = {}
         for vms in self.vm_classes:
-            by_vm = sorted(vms, key=lambda vm: repr(self._vm_signature(state, vm, placeholder)))
+            by_vm = sorted(vms, key=lambda vm: self._vm_signature(state, vm, placeholder))
             renaming.update({raw: canon for raw, canon in zip(by_vm, vms, strict=True) if raw != canon})
         for devices in self.device_classes:
-            by_dev = sorted(devices, key=lambda d: repr(rename(self._device_signature(state, d), renaming)))
+            by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming))
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
         if not renaming:
             return state, {}
         return rename(state, renaming), renaming
 
-    def _device_signature(self, state: State, d: Bdf) -> Any:
+    def _device_signature(self, state: State, d: Bdf, names: Renaming) -> str:
+        """Everything about ``d`` in ``state``, with device names erased ("self" for
+        ``d``, "other" for the rest of its class) and VM names mapped by ``names``."""
         sim, ledger, cursors, _ = state
-        local = [tuple(e for e in part if _mentions(e, d)) for part in sim]
-        record = [rec for bdf, rec in ledger if bdf == d]
+        erase: Renaming = names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
+        local = [sorted(repr(rename(e, erase)) for e in part if _mentions(e, d)) for part in sim]
+        record = [rename(rec, erase) for bdf, rec in ledger if bdf == d]
         flights = sorted(
-            (c.plan.operation, c.phase.value, c.index, c.plan.vm) for c in cursors if d in c.plan.devices
+            repr(
+                (
+                    c.plan.operation,
+                    c.phase.value,
+                    c.index,
+                    names.get(c.plan.vm, c.plan.vm),
+                    c.plan.devices.index(d),
+                )
+            )
+            for c in cursors
+            if d in c.plan.devices
         )
-        return (local, record, flights)
+        return repr((local, record, flights))
 
-    def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> Any:
+    def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> str:
         sim, ledger, cursors, _ = state
         domain = [e[1:] for e in sim[0] if e[0] == vm]
-        devices = sorted(
-            repr(rename(self._device_signature(state, b), placeholder)) for b, rec in ledger if rec[1] == vm
-        )
-        flights = sorted((c.plan.operation, c.phase.value, c.index) for c in cursors if c.plan.vm == vm)
-        return (domain, devices, flights)
+        devices = sorted(self._device_signature(state, b, placeholder) for b, rec in ledger if rec[1] == vm)
+        flights = sorted(repr((c.plan.operation, c.phase.value, c.index)) for c in cursors if c.plan.vm == vm)
+        return repr((domain, devices, flights))
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
