@@ -147,6 +147,7 @@ class ExploreSpec(_Strict):
     operations: list[ExploreOp] = list(ExploreOp.__args__)  # type: ignore[attr-defined]
     faults: int = Field(1, ge=0, le=3, description="injected failures per trace")
     concurrency: int = Field(2, ge=1, le=4, description="operations in flight at once")
+    whole_groups: bool = Field(True, description="make-assignable takes the device's whole group")
 
 
 class ScenarioFile(_Strict):
@@ -237,6 +238,7 @@ class Exploration:
     operations: tuple[str, ...]
     faults: int = 1
     concurrency: int = 2
+    whole_groups: bool = True
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,7 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
             tuple(dict.fromkeys(spec.explore.operations)),
             spec.explore.faults,
             spec.explore.concurrency,
+            spec.explore.whole_groups,
         )
     return Scenario(
         name=spec.name or (FsPath(source).stem if source != "<scenario>" else "scenario"),

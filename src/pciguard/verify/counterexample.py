@@ -47,6 +47,8 @@ def scenario_document(
             label = f"op{len(label_of) + 1}"
             label_of[next(begins)] = label
             step = {"op": "hotplug" if action.kind == "hotplug" else action.op, "id": label, "partial": 0}
+            if action.op == "make-assignable" and scenario.explore and not scenario.explore.whole_groups:
+                step["with_group"] = False
             if action.device is not None:
                 step["device"] = str(action.device)
             if action.vm is not None:

@@ -12,9 +12,12 @@ Reductions, each switchable:
 - **symmetry**: interchangeable devices (same shape, alone in their IOMMU group, behind
   identical ports) and interchangeable VMs (same IOMMU context) are renamed into a
   canonical order, so states that differ only by such a renaming are explored once;
-- **independence**: operations in flight whose footprints (IOMMU groups and VM) are
-  disjoint from every other operation's commute, and every invariant looks at one
-  group, one device or one VM at a time, so only the first of them is advanced.
+- **independence**: operations whose footprints (IOMMU groups and VM) are disjoint
+  commute, and every invariant looks at one group, one device or one VM at a time; so
+  a state that mixes the progress of disjoint operations breaks nothing that the same
+  progress of each alone would not. An operation therefore starts while others are in
+  flight only if it overlaps one of them, and of several mutually disjoint operations
+  in flight only the first is advanced.
 """
 
 from __future__ import annotations
@@ -152,16 +155,18 @@ class Explorer:
         out: list[Action] = []
         ops = self.explore.operations
         room = len(cursors) < self.explore.concurrency
+        busy = [self._footprint(c.plan) for c in cursors]
         if room:
             for op in BEGIN_OPS:
                 if op not in ops:
                     continue
                 for device, vm in self._arguments(op):
                     try:
-                        self.toolstack.plan(op, device, vm)
+                        plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
                     except (RefusedError, PlatformMisuse, KeyError):
                         continue
-                    out.append(Action("begin", op, device, vm))
+                    if self._may_start(plan, busy):
+                        out.append(Action("begin", op, device, vm))
         for cursor in self._advancable(cursors):
             key = key_of(cursor)
             out.append(Action("advance", key=key))
@@ -172,8 +177,22 @@ class Explorer:
         if "crash" in ops:
             out += [Action("crash", vm=v) for v in self.vms if domains[v].state is DomainState.RUNNING]
         if "hotplug" in ops and room:
-            out += [Action("hotplug", device=d) for d in self.hotplug if not self.platform.present(d)]
+            out += [
+                Action("hotplug", device=d)
+                for d in self.hotplug
+                if not self.platform.present(d)
+                and self._may_start(Plan("hotplug", (d,), None, (), None), busy)
+            ]
         return out
+
+    def _may_start(self, plan: Plan, busy: list[frozenset[Any]]) -> bool:
+        """With the independence reduction, an operation starts while others are in
+        flight only if it touches what one of them touches: the interleavings of
+        disjoint operations add no state that matters (see the module docstring)."""
+        if not self.independence or not busy:
+            return True
+        footprint = self._footprint(plan)
+        return any(not footprint.isdisjoint(other) for other in busy)
 
     def _arguments(self, op: str) -> list[tuple[Bdf | None, str | None]]:
         domains = self.platform.domains()
@@ -189,7 +208,7 @@ class Explorer:
         ordered = sorted(cursors, key=lambda c: repr(key_of(c)))
         if not self.independence or len(ordered) < 2:
             return ordered
-        prints = {id(c): self._footprint(c) for c in ordered}
+        prints = {id(c): self._footprint(c.plan) for c in ordered}
         independent = [
             id(c)
             for c in ordered
@@ -197,8 +216,7 @@ class Explorer:
         ]
         return [c for c in ordered if id(c) not in independent or id(c) == independent[0]]
 
-    def _footprint(self, cursor: Cursor) -> frozenset[Any]:
-        plan = cursor.plan
+    def _footprint(self, plan: Plan) -> frozenset[Any]:
         groups = {self.scenario.host.group_of(d).number for d in plan.devices}
         return frozenset({*groups, *([plan.vm] if plan.vm else [])})
 
@@ -210,7 +228,10 @@ class Explorer:
         broken: list[Violation] = []
         try:
             if action.kind == "begin":
-                cursor = self.toolstack.begin(self.toolstack.plan(action.op, action.device, action.vm))
+                plan = self.toolstack.plan(
+                    action.op, action.device, action.vm, with_group=self.explore.whole_groups
+                )
+                cursor = self.toolstack.begin(plan)
                 in_flight[key_of(cursor)] = cursor
             elif action.kind == "hotplug":
                 assert action.device is not None
