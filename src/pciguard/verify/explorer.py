@@ -382,6 +382,7 @@ class Symmetry:
     devices: tuple[Bdf, ...]
     device_classes: list[list[Bdf]] = field(default_factory=list)
     vm_classes: list[list[str]] = field(default_factory=list)
+    _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         host = self.scenario.host
@@ -440,7 +441,22 @@ class Symmetry:
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
         if not renaming:
             return state, {}
-        return rename(state, renaming), renaming
+        sim, ledger, cursors, faults = state
+        renamed = (
+            tuple(self._renamed(part, renaming) for part in sim),
+            frozenset(self._renamed(entry, renaming) for entry in ledger),
+            frozenset(self._renamed(c, renaming) for c in cursors),
+            faults,
+        )
+        return renamed, renaming
+
+    def _renamed(self, value: Any, renaming: Renaming) -> Any:
+        """``rename``, remembered: the same parts recur in state after state."""
+        memo = self._memo.setdefault(frozenset(renaming.items()), {})
+        found = memo.get(value)
+        if found is None:
+            found = memo[value] = rename(value, renaming)
+        return found
 
     def _device_signature(self, state: State, d: Bdf, names: Renaming) -> str:
         """Everything about ``d`` in ``state``, with device names erased ("self" for
@@ -465,11 +481,23 @@ class Symmetry:
         return repr((local, record, flights))
 
     def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> str:
+        """Everything that points at ``vm``, with VM names erased."""
         sim, ledger, cursors, _ = state
         domain = [e[1:] for e in sim[0] if e[0] == vm]
-        devices = sorted(self._device_signature(state, b, placeholder) for b, rec in ledger if rec[1] == vm)
-        flights = sorted(repr((c.plan.operation, c.phase.value, c.index)) for c in cursors if c.plan.vm == vm)
-        return repr((domain, devices, flights))
+        # context, stale IOTLB, interrupt and exposure entries: (BDF, domain or domains)
+        entries = sorted(
+            repr((i, rename(e, placeholder)))
+            for i in (3, 4, 5, 6)
+            for e in sim[i]
+            if e[1] == vm or (isinstance(e[1], tuple) and vm in e[1])
+        )
+        records = sorted(repr((b, rename(rec, placeholder))) for b, rec in ledger if vm in rec[:6])
+        flights = sorted(
+            repr((c.plan.operation, c.plan.devices, c.phase.value, c.index))
+            for c in cursors
+            if c.plan.vm == vm
+        )
+        return repr((domain, entries, records, flights))
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
