@@ -22,9 +22,21 @@ TARGET_SYMMETRY_RATIO = 10
 
 def verify(path: Path, *flags: str) -> dict[str, object]:
     done = subprocess.run(
-        [sys.executable, "-m", "pciguard.cli.main", "verify", str(path), "--json",
-         "--out", "/dev/null", *flags],
-        capture_output=True, text=True, check=False, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "pciguard.cli.main",
+            "verify",
+            str(path),
+            "--json",
+            "--out",
+            "/dev/null",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
     )
     if done.returncode not in (0, 1):
         raise SystemExit(f"{path.name}: exit {done.returncode}\n{done.stderr}")
@@ -32,13 +44,17 @@ def verify(path: Path, *flags: str) -> dict[str, object]:
 
 
 def row(name: str, r: dict[str, object]) -> str:
-    return (f"{name:<42} {r['verdict']:<10} {r['states']:>9,} {r['transitions']:>11,} "
-            f"{r['states_per_second']:>10,} {r['peak_rss_mib']:>8} {r['seconds']:>9}")
+    return (
+        f"{name:<42} {r['verdict']:<10} {r['states']:>9,} {r['transitions']:>11,} "
+        f"{r['states_per_second']:>10,} {r['peak_rss_mib']:>8} {r['seconds']:>9}"
+    )
 
 
 def main() -> None:
-    header = (f"{'scenario':<42} {'verdict':<10} {'states':>9} {'transitions':>11} "
-              f"{'states/s':>10} {'MiB':>8} {'seconds':>9}")
+    header = (
+        f"{'scenario':<42} {'verdict':<10} {'states':>9} {'transitions':>11} "
+        f"{'states/s':>10} {'MiB':>8} {'seconds':>9}"
+    )
     print("Reference suite, every reduction on:")
     print(header)
     rates = []
@@ -49,8 +65,10 @@ def main() -> None:
     total_states = sum(s for s, _ in rates)
     total_seconds = sum(t for _, t in rates)
     rate = total_states / total_seconds
-    print(f"suite: {total_states:,} states in {total_seconds:.1f} s = {rate:,.0f} states/s "
-          f"(target {TARGET_STATES_PER_SECOND:,}: {'met' if rate >= TARGET_STATES_PER_SECOND else 'NOT met'})")
+    print(
+        f"suite: {total_states:,} states in {total_seconds:.1f} s = {rate:,.0f} states/s "
+        f"(target {TARGET_STATES_PER_SECOND:,}: {'met' if rate >= TARGET_STATES_PER_SECOND else 'NOT met'})"
+    )
 
     print("\nSymmetry on the symmetric scenario:")
     print(header)
@@ -60,8 +78,10 @@ def main() -> None:
     print(row("ref-symmetric", with_symmetry))
     print(row("ref-symmetric --no-symmetry", without))
     ratio = without["states"] / with_symmetry["states"]
-    print(f"symmetry: {ratio:.1f}x fewer states (target {TARGET_SYMMETRY_RATIO}x: "
-          f"{'met' if ratio >= TARGET_SYMMETRY_RATIO else 'NOT met'})")
+    print(
+        f"symmetry: {ratio:.1f}x fewer states (target {TARGET_SYMMETRY_RATIO}x: "
+        f"{'met' if ratio >= TARGET_SYMMETRY_RATIO else 'NOT met'})"
+    )
     if "--quick" not in sys.argv:
         print("\nEach reduction alone on the reference workstation scenario:")
         print(header)

@@ -136,3 +136,35 @@ def test_the_flaw_table_in_the_docs_matches_the_scenarios() -> None:
         claimed = previous if broken == "the same four" else {b.strip() for b in broken.split(",")}
         assert claimed == scenario.expect_violations, flaw
         previous = claimed
+
+
+def test_verify_writes_a_counterexample_that_simulate_replays(tmp_path: Path) -> None:
+    out = tmp_path / "trace.yaml"
+    legacy = EXAMPLES / "verify" / "legacy" / "xsa-442.yaml"
+    result = runner.invoke(app, ["verify", str(legacy), "--out", str(out)])
+    assert result.exit_code == 0, result.output  # the flaw it declares was caught
+    assert "VIOLATION after" in result.output and out.exists()
+    replayed = runner.invoke(app, ["simulate", str(out), "--json"])
+    assert replayed.exit_code == 0 and json.loads(replayed.stdout)["as_expected"]
+
+
+def test_verify_json_and_exit_codes(tmp_path: Path) -> None:
+    secure = EXAMPLES / "verify" / "ref-symmetric.yaml"
+    result = runner.invoke(app, ["verify", str(secure), "--json"])
+    assert result.exit_code == 0
+    verdict = json.loads(result.stdout)
+    assert verdict["verdict"] == "pass" and verdict["states"] > 100 and verdict["counterexample"] is None
+    limited = runner.invoke(app, ["verify", str(secure), "--max-states", "5"])
+    assert limited.exit_code == 4 and "INCOMPLETE" in limited.output
+    undeclared = tmp_path / "undeclared.yaml"
+    text = (EXAMPLES / "verify" / "legacy" / "xsa-302.yaml").read_text()
+    undeclared.write_text(
+        text.replace("platform: ../../", f"platform: {EXAMPLES}/").split("expect_violations")[0]
+    )
+    found = runner.invoke(app, ["verify", str(undeclared), "--out", str(tmp_path / "t.yaml")])
+    assert found.exit_code == 1
+
+
+def test_verify_needs_an_explore_section() -> None:
+    result = runner.invoke(app, ["verify", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
+    assert result.exit_code == 2 and "no 'explore' section" in result.output
