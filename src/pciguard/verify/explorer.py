@@ -385,7 +385,6 @@ class Symmetry:
     _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        host = self.scenario.host
         shapes: dict[Any, list[Bdf]] = {}
         for d in self.devices:
             shape = self._shape(d)
@@ -396,7 +395,6 @@ class Symmetry:
         for name, iommu in self.scenario.vms:
             by_context.setdefault(iommu, []).append(name)
         self.vm_classes = [sorted(c) for c in by_context.values() if len(c) > 1]
-        del host
 
     def _shape(self, d: Bdf) -> Any:
         """What makes devices interchangeable; None if ``d`` can only be itself."""
