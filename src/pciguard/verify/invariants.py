@@ -80,8 +80,10 @@ def dma_containment(view: View) -> list[Violation]:
     out = []
     for bdf, rec in view.checked:
         allowed = allowed_owners(rec)
-        if ts.options.rmrr is RmrrPolicy.RELAXED and sim.host.topology[bdf].reserved_regions:
-            allowed.add("firmware")  # its own 1:1 regions: accepted and reported
+        if ts.options.rmrr is RmrrPolicy.RELAXED:
+            # Firmware 1:1 regions mapped into a guest (accepted and reported) are in its
+            # page tables, so every device of that guest can reach them.
+            allowed.add("firmware")
         for domain, what in sorted(sim.reachable(bdf)):
             peer = what.startswith("BAR of")
             if peer and (rec.state not in GUEST_STATES or domain == QUARANTINE):
