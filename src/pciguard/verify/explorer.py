@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from pciguard.errors import PlatformMisuse, RefusedError
-from pciguard.formats.scenario_file import Exploration, Scenario
+from pciguard.formats.scenario_file import PARTIAL_OPS, Exploration, Scenario
 from pciguard.model import Bdf
 from pciguard.platforms.base import DomainState
 from pciguard.policy import Decision
@@ -39,7 +39,7 @@ from pciguard.toolstack import CHECK_PRECONDITIONS, Cursor, Plan, Step
 from pciguard.verify.invariants import Violation, check_all
 
 PLATFORM_CONTRACT = "platform-contract"  # the platform caught the toolstack misusing it
-BEGIN_OPS = ("make-assignable", "make-unassignable", "assign", "release", "recover", "destroy")
+BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 
 State = tuple[Any, Any, frozenset[Cursor], int]
 Renaming = dict[Any, Any]
