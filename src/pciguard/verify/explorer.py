@@ -136,12 +136,16 @@ class Explorer:
         self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
         self.symmetry = Symmetry(scenario, self.explore.devices) if symmetry else None
         self._interned: dict[Any, Any] = {}
+        self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
 
     # -- state handling ---------------------------------------------------------
     def load(self, state: State) -> None:
+        if self._loaded is state:
+            return  # still exactly as loaded: nothing has run since
         self.platform.restore(state[0])
         self.toolstack.restore(state[1])
+        self._loaded = state
 
     def capture(self, cursors: Iterable[Cursor], faults: int) -> State:
         intern = self._interned.setdefault
@@ -223,6 +227,7 @@ class Explorer:
     def apply(self, state: State, action: Action) -> tuple[State, list[Violation]]:
         """Take ``action`` from ``state``; return the new state and what it breaks."""
         self.load(state)
+        self._loaded = None  # the action changes what is loaded
         _, _, cursors, faults = state
         in_flight = {key_of(c): c for c in cursors}
         broken: list[Violation] = []
