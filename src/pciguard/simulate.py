@@ -166,6 +166,9 @@ class Replay:
         assert step.device is not None
         if self.platform.present(step.device):
             raise RefusedError(f"{step.device} is already present", device=str(step.device))
+        parent = self.platform.host.topology[step.device].parent
+        if parent is not None and not self.platform.present(parent):
+            raise RefusedError(f"{step.device} cannot appear before {parent}, the bridge above it")
         self.platform.plug(step.device)
         self.toolstack.device_appeared(step.device)
 

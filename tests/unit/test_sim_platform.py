@@ -124,3 +124,12 @@ def test_binding_a_host_driver_outside_the_hosts_domain_is_misuse(sim: SimPlatfo
     sim.attach(NIC, QUARANTINE)
     with pytest.raises(PlatformMisuse, match="not in the host's domain"):
         sim.bind_host_driver(NIC)
+
+
+def test_a_device_cannot_appear_before_the_bridge_above_it(sim: SimPlatform) -> None:
+    behind_fake_bridge = bdf("08:00.0")
+    with pytest.raises(PlatformMisuse, match="the bridge above it"):
+        sim.plug(behind_fake_bridge)
+    for device in ("06:00.0", "07:00.0", "08:00.0"):
+        sim.plug(bdf(device))
+    assert sim.present(behind_fake_bridge)

@@ -185,9 +185,14 @@ class Explorer:
                 Action("hotplug", device=d)
                 for d in self.hotplug
                 if not self.platform.present(d)
+                and self._parent_present(d)
                 and self._may_start(Plan("hotplug", (d,), None, (), None), busy)
             ]
         return out
+
+    def _parent_present(self, device: Bdf) -> bool:
+        parent = self.scenario.host.topology[device].parent
+        return parent is None or self.platform.present(parent)
 
     def _may_start(self, plan: Plan, busy: list[frozenset[Any]]) -> bool:
         """With the independence reduction, an operation starts while others are in

@@ -457,6 +457,9 @@ class SimPlatform:
         """A device appears on the bus: no driver, no context entry, so no DMA yet."""
         if device not in self._host.topology or device in self._present:
             raise self._misuse(f"plug({device}): not a pluggable absent device")
+        parent = self._host.topology[device].parent
+        if parent is not None and parent not in self._present:
+            raise self._misuse(f"plug({device}): the bridge above it, {parent}, is not present")
         self._present.add(device)
         self._done("plug", device, None)
 
