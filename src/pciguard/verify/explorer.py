@@ -393,6 +393,7 @@ class Symmetry:
     device_classes: list[list[Bdf]] = field(default_factory=list)
     vm_classes: list[list[str]] = field(default_factory=list)
     _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
+    _vm_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -492,20 +493,24 @@ class Symmetry:
         """Everything that points at ``vm``, with VM names erased."""
         sim, ledger, cursors, _ = state
         domain = [e[1:] for e in sim[0] if e[0] == vm]
-        # context, stale IOTLB, interrupt and exposure entries: (BDF, domain or domains)
-        entries = sorted(
-            repr((i, rename(e, placeholder)))
-            for i in (3, 4, 5, 6)
-            for e in sim[i]
-            if e[1] == vm or (isinstance(e[1], tuple) and vm in e[1])
-        )
-        records = sorted(repr((b, rename(rec, placeholder))) for b, rec in ledger if vm in rec[:6])
+        memo_key = (sim[3], sim[4], sim[5], sim[6], ledger, vm)  # parts are interned: cheap keys
+        pointers = self._vm_memo.get(memo_key)
+        if pointers is None:
+            # context, stale IOTLB, interrupt and exposure entries: (BDF, domain or domains)
+            entries = sorted(
+                repr((i, rename(e, placeholder)))
+                for i in (3, 4, 5, 6)
+                for e in sim[i]
+                if e[1] == vm or (isinstance(e[1], tuple) and vm in e[1])
+            )
+            records = sorted(repr((b, rename(rec, placeholder))) for b, rec in ledger if vm in rec[:6])
+            pointers = self._vm_memo[memo_key] = repr((entries, records))
         flights = sorted(
             repr((c.plan.operation, c.plan.devices, c.phase.value, c.index))
             for c in cursors
             if c.plan.vm == vm
         )
-        return repr((domain, entries, records, flights))
+        return repr((domain, pointers, flights))
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
