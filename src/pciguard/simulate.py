@@ -10,7 +10,7 @@ from pciguard.formats.scenario_file import Scenario, ScenarioStep
 from pciguard.platforms.base import HOST
 from pciguard.platforms.sim import Blocked, CallRecord, Delivered, Landed, SimPlatform
 from pciguard.toolstack import Cursor, Outcome, Toolstack
-from pciguard.verify.invariants import Violation, check_all
+from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
 
 
 @dataclass
@@ -38,14 +38,15 @@ class SimulationResult:
 
     @property
     def broken_invariants(self) -> set[str]:
-        return {v.invariant for v in self.violations}
+        misuse = {PLATFORM_CONTRACT} if self.misuse else set()
+        return {v.invariant for v in self.violations} | misuse
 
     @property
     def as_expected(self) -> bool:
-        """Every step expectation met, no misuse, and exactly the violations declared
+        """Every step expectation met, and exactly the violations declared
         (none, unless the scenario declares ``expect_violations``)."""
         expected = self.scenario.expect_violations or frozenset()
-        return not self.unmet and not self.misuse and self.broken_invariants == expected
+        return not self.unmet and self.broken_invariants == expected
 
     @property
     def unmet(self) -> list[TimelineEntry]:

@@ -324,6 +324,10 @@ class Toolstack:
                 f"{', '.join(map(str, critical))}, which the host needs",
                 device=str(bdf),
             )
+        # Devices with a host driver go first, so that unwinding (in reverse) re-points a
+        # requester ID they share with an idle device back at the host last, just before
+        # their driver is bound again.
+        members.sort(key=lambda m: not self.ledger[m].driver)
         steps: list[Step] = []
         for m in members:
             if self.ledger[m].driver:

@@ -44,7 +44,7 @@ def command(
     else:
         render(result, show_calls)
     expected = result.scenario.expect_violations or frozenset()
-    if result.misuse or result.broken_invariants - expected:
+    if result.broken_invariants - expected:
         raise typer.Exit(Exit.FINDINGS)
     if not result.as_expected:
         raise typer.Exit(Exit.UNMET)

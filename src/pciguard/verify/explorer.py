@@ -36,9 +36,8 @@ from pciguard.platforms.base import DomainState
 from pciguard.policy import Decision
 from pciguard.simulate import Replay, build
 from pciguard.toolstack import CHECK_PRECONDITIONS, Cursor, Plan, Step
-from pciguard.verify.invariants import Violation, check_all
+from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
 
-PLATFORM_CONTRACT = "platform-contract"  # the platform caught the toolstack misusing it
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 
 State = tuple[Any, Any, frozenset[Cursor], int]

@@ -33,6 +33,8 @@ class Violation:
 
 
 Check = Callable[["View"], list[Violation]]
+#: Not a check of a state: the platform caught the toolstack misusing it.
+PLATFORM_CONTRACT = "platform-contract"
 GUEST_STATES = (State.ASSIGNING, State.ASSIGNED, State.RELEASING)
 
 
