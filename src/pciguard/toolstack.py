@@ -324,14 +324,12 @@ class Toolstack:
                 f"{', '.join(map(str, critical))}, which the host needs",
                 device=str(bdf),
             )
-        # Devices with a host driver go first, so that unwinding (in reverse) re-points a
-        # requester ID they share with an idle device back at the host last, just before
-        # their driver is bound again.
+        # Every driver is unbound before any context moves, and devices with a driver are
+        # re-pointed first: unwinding (in reverse) then leaves a requester ID they share
+        # with an idle device pointing at the host before any driver is bound again.
         members.sort(key=lambda m: not self.ledger[m].driver)
-        steps: list[Step] = []
+        steps = [Step("unbind_host_driver", m) for m in members if self.ledger[m].driver]
         for m in members:
-            if self.ledger[m].driver:
-                steps.append(Step("unbind_host_driver", m))
             steps += [Step("attach", m, QUARANTINE), *self._flush(m), Step("route_msi", m, QUARANTINE)]
             steps += self._reset(m)
         return Plan("make-assignable", tuple(members), None, tuple(steps), Event.MAKE_ASSIGNABLE)
@@ -356,14 +354,9 @@ class Toolstack:
                 device=str(bdf),
             )
         steps: list[Step] = []
-        for d in devices:
-            steps += self._reset(d)
-            steps += [
-                Step("attach", d, HOST),
-                *self._flush(d),
-                Step("route_msi", d, HOST),
-                Step("bind_host_driver", d),
-            ]
+        for d in devices:  # every requester ID points at the host before any driver binds
+            steps += [*self._reset(d), Step("attach", d, HOST), *self._flush(d), Step("route_msi", d, HOST)]
+        steps += [Step("bind_host_driver", d) for d in devices]
         return Plan("make-unassignable", devices, None, tuple(steps), Event.MAKE_UNASSIGNABLE)
 
     def preconditions(self, bdf: Bdf, vm: str, *, claimed: bool = False) -> list[Reason]:
