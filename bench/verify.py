@@ -4,7 +4,8 @@ time to verdict on the reference suite (every reduction on), the symmetry reduct
 on the symmetric scenario, and time to catch each legacy flaw.
 
 Each run is its own `pciguard verify --json` process, so peak memory is its own.
-Usage: python3 bench/verify.py [--quick]   (--quick skips the slowest comparison)
+Usage: python3 bench/verify.py [--quick] [--large]
+  --quick skips the per-reduction comparison; --large adds examples/verify/large/.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def main() -> None:
         workstation = VERIFY / "ref-workstation.yaml"
         for flags in ([], ["--no-symmetry"], ["--no-independence"], ["--no-symmetry", "--no-independence"]):
             print(row("ref-workstation " + " ".join(flags), verify(workstation, *flags)))
+
+    if "--large" in sys.argv:
+        print("\nLarger scenarios (minutes):")
+        print(header)
+        for path in sorted((VERIFY / "large").glob("*.yaml")):
+            print(row(path.stem, verify(path)))
 
     print("\nLegacy flaws, time to the shortest counterexample:")
     print(header)
