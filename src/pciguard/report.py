@@ -8,7 +8,7 @@ field changes meaning).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel
 
@@ -17,7 +17,7 @@ from pciguard.model import Arch, Bdf, Feature, Host, MsiController
 from pciguard.model.ownership import State
 from pciguard.toolstack import Toolstack
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 
 class Severity(StrEnum):
@@ -67,7 +67,7 @@ class GroupEntry(BaseModel):
 
 
 class AuditReport(BaseModel):
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
+    schema_version: Literal[1] = SCHEMA_VERSION
     host: str
     arch: str
     source: str

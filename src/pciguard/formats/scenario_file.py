@@ -292,25 +292,10 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
             )
         steps.append(
             ScenarioStep(
-                op=step.op,
+                **step.model_dump(exclude={"device", "requester", "peer"}),
                 device=bdf("device", step.device, where),
-                vm=step.vm,
-                iommu=step.iommu,
-                with_group=step.with_group,
-                call=step.call,
-                skip=step.skip,
-                times=step.times,
-                address=step.address,
                 requester=bdf("requester", step.requester, where),
                 peer=bdf("peer", step.peer, where),
-                target=step.target,
-                expect=step.expect,
-                expect_in=step.expect_in,
-                id=step.id,
-                partial=step.partial,
-                count=step.count,
-                fail=step.fail,
-                cleanup=step.cleanup,
                 line=positions.get(where, (None, None))[0],
             )
         )
