@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from fakesys import Kernel, render
 from pciguard.checks import Options, RmrrPolicy
 from pciguard.formats.platform_file import load_platform, parse_platform
 from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
+from pciguard.platforms.linux import Reading, read_host
 from pciguard.platforms.sim import CallRecord, SimPlatform
+from pciguard.report import AuditReport, audit_host, linux_holder
 from pciguard.toolstack import Toolstack
 from pciguard.verify.invariants import Violation, check_all
 
@@ -79,6 +83,36 @@ devices:
 @pytest.fixture
 def no_iommu_host() -> Host:
     return parse_platform(NO_IOMMU_HOST, "no-iommu")
+
+
+# -- Linux hosts: simulated hosts rendered as fake sysfs trees (tests/fakesys.py) --
+Audit = Callable[..., AuditReport]
+
+
+def audit_reading(reading: Reading) -> AuditReport:
+    host = reading.host
+    return audit_host(host, Options(), "test", linux_holder(host), facts=reading.facts)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Callable[..., Path]:
+    """tree(host_or_example, **kernel) renders a host and returns the tree's root."""
+
+    def make(host: Host | str, **kernel: object) -> Path:
+        if isinstance(host, str):
+            host = example(host)
+        root = tmp_path / f"root{len(list(tmp_path.iterdir()))}"
+        return render(host, root, Kernel(**kernel))  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def audit_tree(tree: Callable[..., Path]) -> Audit:
+    def run(host: Host | str, **kernel: object) -> AuditReport:
+        return audit_reading(read_host(str(tree(host, **kernel))))
+
+    return run
 
 
 # `HYPOTHESIS_PROFILE=thorough python -m pytest tests/stateful` digs much deeper.

@@ -54,6 +54,7 @@ BRIDGE = "bridge"
 HOST_CRITICAL = "host-critical"
 GROUP_SIBLING = "group-sibling"
 SRIOV_PF = "sriov-pf"
+IDENTITY_DOMAIN = "identity-domain"
 
 
 def iommu_reason(host: Host, bdf: Bdf) -> Reason | None:
@@ -65,6 +66,14 @@ def iommu_reason(host: Host, bdf: Bdf) -> Reason | None:
             NO_IOMMU,
             f"DMA remapping of IOMMU {unit.name} is {unit.dma_remapping.value}: "
             "enable it (intel_iommu=on / amd_iommu=on, or the firmware setting)",
+        )
+    group = host.group_or_none(bdf)
+    if group is not None and group.domain is not None and not group.domain.translates:
+        return Reason(
+            IDENTITY_DOMAIN,
+            f"{group} of {bdf} has an identity (passthrough) default domain: its DMA is not "
+            "translated, so even bound to vfio-pci it reaches all RAM; boot without iommu=pt "
+            "(or iommu.passthrough=1), or switch the group's type to DMA",
         )
     return None
 

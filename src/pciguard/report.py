@@ -7,17 +7,20 @@ field changes meaning).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Final, Literal
 
 from pydantic import BaseModel
 
-from pciguard.checks import HOST_CRITICAL, Options, Reason, device_reasons
-from pciguard.model import Arch, Bdf, Feature, Host, MsiController
+from pciguard.checks import HOST_CRITICAL, NO_IOMMU, Holder, Options, Reason, device_reasons
+from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, Kind, MsiController
+from pciguard.model.groups import acs_enabled
+from pciguard.model.kernel import KernelFacts
 from pciguard.model.ownership import State
 from pciguard.toolstack import Toolstack
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 
 class Severity(StrEnum):
@@ -49,6 +52,8 @@ class DeviceEntry(BaseModel):
     name: str
     ids: str
     kind: str
+    parent: str | None  # the bridge or port above; None on a root bus
+    physfn: str | None  # the physical function of an SR-IOV virtual function
     driver: str | None
     state: str
     vm: str | None
@@ -59,21 +64,36 @@ class DeviceEntry(BaseModel):
 
 
 class GroupEntry(BaseModel):
-    number: int
+    number: int | None  # None: the devices no IOMMU group holds
+    domain: str | None  # the kernel's default domain type (DMA, DMA-FQ, identity, ...)
     verdict: Verdict
     members: list[DeviceEntry]
     must_quarantine: list[str]  # what must go with a device of this group
-    reasons: list[ReasonEntry]
+    reasons: list[ReasonEntry]  # why it is not assignable
+    notes: list[ReasonEntry]  # why members share the group, external ports, disagreements
+
+
+class Limitation(BaseModel):
+    path: str
+    why: str
+    hides: str
+
+
+class InputProblemEntry(BaseModel):
+    path: str
+    message: str
 
 
 class AuditReport(BaseModel):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     host: str
     arch: str
     source: str
     findings: list[Finding]
     unsafe_overrides: list[str]
     groups: list[GroupEntry]
+    limitations: list[Limitation] = []  # what could not be read, and what that hides
+    input_problems: list[InputProblemEntry] = []  # malformed input the audit worked around
 
     @property
     def critical(self) -> bool:
@@ -163,70 +183,297 @@ def host_findings(host: Host, options: Options) -> list[Finding]:
     return out
 
 
-def _device_entry(ts: Toolstack, bdf: Bdf, reasons: list[Reason]) -> DeviceEntry:
-    host = ts.host
-    fn = host.topology[bdf]
-    rec = ts.ledger[bdf]
+def _device_entry(host: Host, bdf: Bdf, holder: Holder, reasons: list[Reason]) -> DeviceEntry:
+    fn = host.topology.functions[bdf]
     unit = host.iommu_of(bdf)
-    return DeviceEntry(
+    # model_construct: the values are ours and already typed; validating 10,000 entries
+    # would cost a noticeable part of an audit of a large host.
+    return DeviceEntry.model_construct(
         bdf=str(bdf),
         name=fn.name,
         ids=fn.ids,
         kind=fn.kind.value,
+        parent=str(fn.parent) if fn.parent else None,
+        physfn=str(fn.physfn) if fn.physfn else None,
         driver=fn.driver,
-        state=rec.state.value,
-        vm=rec.vm,
+        state=holder.state.value,
+        vm=holder.vm,
         external=host.topology.is_behind_external_port(bdf),
         iommu=unit.name if unit else None,
         requester_ids=[str(r) for r in sorted(host.requester_ids(bdf))],
-        reasons=[ReasonEntry(code=r.code, message=r.message) for r in reasons],
+        reasons=[ReasonEntry.model_construct(code=r.code, message=r.message) for r in reasons],
     )
 
 
 def audit(ts: Toolstack, source: str) -> AuditReport:
-    """Audit the toolstack's host as it stands now."""
-    host = ts.host
-    groups = []
-    for group in host.groups:
-        present = [b for b in group.members if b in ts.ledger and ts.ledger[b].state is not State.REMOVED]
-        if not present:
-            continue
-        endpoints = [b for b in present if not host.topology[b].kind.is_bridge]
-        per_device: dict[Bdf, list[Reason]] = {}
-        for bdf in present:
-            reasons = device_reasons(host, bdf, ts.options) if bdf in endpoints else []
-            if host.topology[bdf].host_critical:
-                reasons.append(
-                    Reason(
-                        HOST_CRITICAL,
-                        f"{bdf} is host-critical ({host.topology[bdf].name or 'the host needs it'})",
-                    )
-                )
-            per_device[bdf] = reasons
-        blockers = [r for b in endpoints for r in per_device[b]]
-        to_quarantine = [str(b) for b in endpoints if ts.ledger[b].state is State.HOST]
-        if not endpoints:
-            verdict = Verdict.BRIDGES_ONLY
-        elif blockers:
-            verdict = Verdict.NOT_ASSIGNABLE
-        elif to_quarantine:
-            verdict = Verdict.READY_AFTER_QUARANTINE
-        else:
-            verdict = Verdict.READY
-        groups.append(
-            GroupEntry(
-                number=group.number,
-                verdict=verdict,
-                members=[_device_entry(ts, b, per_device[b]) for b in present],
-                must_quarantine=to_quarantine if verdict is not Verdict.NOT_ASSIGNABLE else [],
-                reasons=[ReasonEntry(code=r.code, message=r.message) for r in dict.fromkeys(blockers)],
-            )
-        )
+    """Audit a simulated host through its toolstack, as the ledger stands now."""
+    return audit_host(
+        ts.host,
+        ts.options,
+        source,
+        lambda b: ts.ledger[b].holder() if b in ts.ledger else None,
+        unsafe=ts.unsafe_in_force(),
+    )
+
+
+QUARANTINE_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
+
+
+def linux_holder(host: Host) -> Callable[[Bdf], Holder]:
+    """On a real host, who holds a device is what its driver says."""
+    functions = host.topology.functions
+    return lambda b: Holder(State.QUARANTINED if functions[b].driver in QUARANTINE_DRIVERS else State.HOST)
+
+
+def audit_host(
+    host: Host,
+    options: Options,
+    source: str,
+    holder_of: Callable[[Bdf], Holder | None],
+    unsafe: list[str] | None = None,
+    facts: KernelFacts | None = None,
+) -> AuditReport:
+    """Audit ``host``: host findings, then every group with its verdict and reasons."""
+    critical_why = dict(facts.host_critical) if facts else {}
+    if facts is not None and host.kernel_groups is None:
+        listed: tuple[IommuGroup, ...] = ()  # the kernel formed no groups: nothing is isolated
+        ungrouped = list(host.topology)
+    else:
+        listed = host.groups
+        ungrouped = host.ungrouped()
+    groups = [_group_entry(host, options, g, holder_of, critical_why, facts) for g in listed]
+    for bdf in ungrouped:  # one entry each: nothing ties them together, nothing confines them
+        alone = IommuGroup(-1, (bdf,))
+        groups.append(_group_entry(host, options, alone, holder_of, critical_why, facts, ungrouped=True))
+    findings = host_findings(host, options)
+    unsafe = list(unsafe if unsafe is not None else options.unsafe_overrides())
+    if facts is not None:
+        findings += kernel_findings(host, facts)
+        unsafe += [f"kernel: {u}" for u in facts.kernel_unsafe]
     return AuditReport(
         host=host.name,
         arch=host.arch.value,
         source=source,
-        findings=host_findings(host, ts.options),
-        unsafe_overrides=ts.unsafe_in_force(),
-        groups=groups,
+        findings=findings,
+        unsafe_overrides=unsafe,
+        groups=[g for g in groups if g.members],
+        limitations=[Limitation(path=u.path, why=u.why, hides=u.hides) for u in facts.unreadable]
+        if facts
+        else [],
+        input_problems=[InputProblemEntry(path=p.path, message=p.message) for p in facts.problems]
+        if facts
+        else [],
     )
+
+
+def _group_entry(
+    host: Host,
+    options: Options,
+    group: IommuGroup,
+    holder_of: Callable[[Bdf], Holder | None],
+    critical_why: dict[Bdf, str],
+    facts: KernelFacts | None,
+    ungrouped: bool = False,
+) -> GroupEntry:
+    holders = {b: holder_of(b) for b in group.members}
+    present = [b for b, h in holders.items() if h is not None and h.state is not State.REMOVED]
+    endpoints = [b for b in present if not host.topology[b].kind.is_bridge]
+    per_device: dict[Bdf, list[Reason]] = {}
+    for bdf in present:
+        fn = host.topology[bdf]
+        reasons = device_reasons(host, bdf, options) if bdf in endpoints else []
+        if ungrouped and not any(r.code == NO_IOMMU for r in reasons) and bdf in endpoints:
+            reasons.insert(0, Reason(NO_IOMMU, f"no IOMMU group holds {bdf}: nothing confines its DMA"))
+        if fn.host_critical:
+            why = critical_why.get(bdf) or fn.name or "the host needs it"
+            reasons.append(Reason(HOST_CRITICAL, f"{bdf} is host-critical: {why}"))
+        per_device[bdf] = reasons
+    blockers = [r for b in endpoints for r in per_device[b]]
+    to_quarantine = [str(b) for b in endpoints if holders[b].state is State.HOST]  # type: ignore[union-attr]
+    if not endpoints:
+        verdict = Verdict.BRIDGES_ONLY
+    elif blockers:
+        verdict = Verdict.NOT_ASSIGNABLE
+    elif to_quarantine:
+        verdict = Verdict.READY_AFTER_QUARANTINE
+    else:
+        verdict = Verdict.READY
+    return GroupEntry.model_construct(
+        number=None if ungrouped else group.number,
+        domain=group.domain.value if group.domain else None,
+        verdict=verdict,
+        members=[_device_entry(host, b, holders[b], per_device[b]) for b in present],  # type: ignore[arg-type]
+        must_quarantine=to_quarantine if verdict is not Verdict.NOT_ASSIGNABLE else [],
+        reasons=[
+            ReasonEntry.model_construct(code=r.code, message=r.message) for r in dict.fromkeys(blockers)
+        ],
+        notes=[] if ungrouped else group_notes(host, group, facts),
+    )
+
+
+def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> list[ReasonEntry]:
+    """Why members share the group, what is external, and where pciguard and the kernel differ."""
+    topo = host.topology
+    notes: list[ReasonEntry] = []
+    endpoints = [b for b in group.members if not topo[b].kind.is_bridge]
+    if len(endpoints) > 1:
+        leaky: dict[str, str] = {}
+        for f in (f for m in group.members for f in (topo[m], *topo.path_to_root(m))):
+            if acs_enabled(topo, f):
+                continue
+            if f.kind is Kind.PCIE_TO_PCI_BRIDGE:
+                leaky[str(f.bdf)] = "a PCIe-to-PCI bridge: conventional PCI below it shares requester IDs"
+            elif f.kind in (Kind.ROOT_PORT, Kind.SWITCH_DOWNSTREAM):
+                leaky[str(f.bdf)] = (
+                    f"a {f.kind.value} without ACS: devices below it reach each other directly"
+                )
+            elif topo.is_multifunction(f.bdf):
+                slot = f"{f.bdf.segment:04x}:{f.bdf.bus:02x}:{f.bdf.device:02x}"
+                leaky[slot] = "a multi-function device without ACS: its functions reach each other directly"
+        notes += [ReasonEntry(code="no-acs", message=f"{where} is {why}") for where, why in leaky.items()]
+    external = [b for b in endpoints if topo.is_behind_external_port(b)]
+    if external:
+        notes.append(
+            ReasonEntry(
+                code="external-port",
+                message=f"{', '.join(map(str, external))} sit(s) behind an external port: "
+                "whoever can plug in there can replace it with a device of their choosing",
+            )
+        )
+    differing = host.groups_differing.get(group.number)
+    if differing and (facts is None or facts.topology_complete):
+        mine = " + ".join("[" + ", ".join(map(str, g.members)) + "]" for g in differing)
+        notes.append(
+            ReasonEntry(
+                code="groups-differ",
+                message=f"pciguard derives {mine} from topology and ACS, the kernel formed one group: a "
+                "kernel quirk, an ACS override, or a bug of pciguard's (please report it with "
+                "`pciguard snapshot`)",
+            )
+        )
+    return notes
+
+
+def kernel_findings(host: Host, facts: KernelFacts) -> list[Finding]:
+    """What a Linux kernel's own state says about isolation."""
+    out: list[Finding] = []
+
+    def add(code: str, severity: Severity, message: str) -> None:
+        out.append(Finding(code=code, severity=severity, message=message))
+
+    groups = host.kernel_groups or ()
+    if not host.iommus and facts.firmware_table is None:
+        dmar_unread = any(u.path.endswith(("DMAR", "IVRS")) for u in facts.unreadable)
+        add(
+            "no-firmware-iommu",
+            Severity.INFO,
+            "the firmware tables (DMAR/IVRS) could not be read, so whether the hardware has an IOMMU "
+            "is unknown"
+            if dmar_unread
+            else "the firmware describes no IOMMU (no DMAR or IVRS table): enable VT-d / AMD-Vi in the "
+            "firmware setup if the hardware has one",
+        )
+    if host.iommus and groups == ():
+        add(
+            "no-groups",
+            Severity.CRITICAL,
+            "the kernel formed no IOMMU groups: no device is isolated",
+        )
+    identity = [g for g in groups if g.domain is DomainType.IDENTITY]
+    if identity:
+        add(
+            "identity-domains",
+            Severity.CRITICAL,
+            f"{len(identity)} of {len(groups)} IOMMU groups have identity (passthrough) default domains "
+            "(iommu=pt or iommu.passthrough=1): their devices' DMA is not translated and reaches all RAM, "
+            "even while bound to vfio-pci and unused",
+        )
+    lazy = [g for g in groups if g.domain is DomainType.DMA_FQ]
+    if lazy:
+        add(
+            "lazy-invalidation",
+            Severity.WARNING,
+            f"{len(lazy)} IOMMU groups use lazy IOTLB invalidation (DMA-FQ): a freed DMA buffer stays "
+            "reachable by the device for a few milliseconds; iommu.strict=1 makes it strict",
+        )
+    if facts.interrupt_remapping_in_use is None and host.arch is Arch.X86 and host.iommus:
+        add(
+            "interrupt-remapping-unknown",
+            Severity.WARNING,
+            "could not tell from /proc/interrupts whether interrupt remapping is in use; judged as off",
+        )
+    if "X2APIC_OPT_OUT" in facts.firmware_flags:
+        add(
+            "x2apic-opt-out",
+            Severity.WARNING,
+            "the firmware asks the OS not to use x2APIC (DMAR X2APIC_OPT_OUT), which some kernels "
+            "answer by leaving interrupt remapping off",
+        )
+    has_external = any(f.external for f in host.topology.values()) or facts.thunderbolt_domains
+    if facts.preboot_dma_protection:
+        add(
+            "preboot-dma-protection",
+            Severity.INFO,
+            "the firmware protects against DMA before the OS starts (pre-boot DMA protection)",
+        )
+    elif facts.preboot_dma_protection is False and has_external:
+        add(
+            "no-preboot-dma-protection",
+            Severity.WARNING,
+            "no pre-boot DMA protection: a device on an external port can DMA while the machine boots",
+        )
+    for unsafe in facts.kernel_unsafe:
+        add("unsafe-override", Severity.CRITICAL, f"UNSAFE kernel setting in force: {unsafe}")
+    for domain in facts.thunderbolt_domains:
+        if domain.security == "none":
+            add(
+                "thunderbolt-no-security",
+                Severity.WARNING,
+                f"Thunderbolt {domain.name}: security level none: every device plugged in is "
+                "connected and can DMA at once",
+            )
+        elif domain.security:
+            add(
+                "thunderbolt-security",
+                Severity.INFO,
+                f"Thunderbolt {domain.name}: security level {domain.security}",
+            )
+        if domain.iommu_dma_protection is False:
+            add(
+                "thunderbolt-no-dma-protection",
+                Severity.WARNING,
+                f"Thunderbolt {domain.name}: iommu_dma_protection is off: devices are not confined "
+                "by the IOMMU when they connect",
+            )
+    pending = [d for d in facts.thunderbolt_devices if d.authorized is False]
+    if pending:
+        add(
+            "thunderbolt-unauthorized",
+            Severity.INFO,
+            f"{len(pending)} Thunderbolt device(s) connected but not authorised: "
+            + ", ".join(f"{d.name} {d.vendor_name} {d.device_name}".strip() for d in pending),
+        )
+    differ = host.groups_differing
+    if differ and facts.topology_complete:
+        add(
+            "groups-differ",
+            Severity.WARNING,
+            f"{len(differ)} kernel IOMMU group(s) differ from pciguard's derivation from topology and "
+            "ACS (see the groups' notes); the kernel's groups are used",
+        )
+    if not facts.topology_complete:
+        add(
+            "derivation-skipped",
+            Severity.INFO,
+            "config space beyond the header could not be read, so pciguard's own group derivation "
+            "was not compared with the kernel's",
+        )
+    if facts.iommu_switches:
+        add(
+            "kernel-switches",
+            Severity.INFO,
+            "IOMMU switches on the kernel command line: " + " ".join(facts.iommu_switches),
+        )
+    for problem in facts.problems:
+        add("malformed-input", Severity.WARNING, f"{problem.path}: {problem.message}")
+    return out

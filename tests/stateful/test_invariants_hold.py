@@ -17,6 +17,7 @@ from pciguard.platforms.base import DomainState
 from pciguard.platforms.sim import SimPlatform
 from pciguard.toolstack import Toolstack
 from pciguard.verify.invariants import check_all
+from strategies import platform_file
 
 FAULTABLE = [
     "reset",
@@ -30,96 +31,6 @@ FAULTABLE = [
     "unbind_host_driver",
     "bind_host_driver",
 ]
-
-
-@st.composite
-def endpoint(draw: st.DrawFn, bus: int, kind: str = "endpoint") -> list[dict[str, Any]]:
-    functions = draw(st.integers(1, 2)) if kind == "endpoint" else 1
-    acs = draw(st.sampled_from(["full", "none"]))
-    out = []
-    for fn in range(functions):
-        dev: dict[str, Any] = {
-            "bdf": f"0000:{bus:02x}:00.{fn}",
-            "kind": kind,
-            "acs": acs,
-            "driver": draw(st.sampled_from([None, "drv"])),
-            "reset": draw(st.sampled_from([["flr"], ["bus"], []])),
-        }
-        if draw(st.booleans()) and kind == "endpoint" and functions == 1:
-            dev["phantom_functions"] = 1
-        if draw(st.integers(0, 5)) == 0:
-            dev["reserved_regions"] = [
-                {"name": f"r{bus}", "start": 0x1000_0000 + bus * 0x10000, "end": 0x1000_FFFF + bus * 0x10000}
-            ]
-        if kind == "endpoint" and functions == 1 and draw(st.integers(0, 3)) == 0:
-            dev["sriov"] = {"vfs": draw(st.integers(1, 2)), "offset": 8}
-        out.append(dev)
-    return out
-
-
-@st.composite
-def platform_file(draw: st.DrawFn) -> dict[str, Any]:
-    devices: list[dict[str, Any]] = []
-    bus = 1
-    for slot in range(1, draw(st.integers(1, 4)) + 1):
-        port: dict[str, Any] = {
-            "bdf": f"0000:00:{slot:02x}.0",
-            "kind": "root-port",
-            "driver": "pcieport",
-            "acs": draw(st.sampled_from(["full", "none"])),
-            "external": draw(st.booleans()),
-        }
-        shape = draw(st.sampled_from(["endpoint", "switch", "pci-bridge"]))
-        hotplug = draw(st.booleans())
-        if shape == "endpoint":
-            children = draw(endpoint(bus))
-            bus += 1
-        elif shape == "switch":
-            downstream = []
-            up_bus, port_bus, bus = bus, bus + 1, bus + 2
-            for d in range(draw(st.integers(1, 2))):
-                leaf = draw(endpoint(bus))
-                downstream.append(
-                    {
-                        "bdf": f"0000:{port_bus:02x}:{d:02x}.0",
-                        "kind": "switch-downstream",
-                        "acs": draw(st.sampled_from(["full", "none"])),
-                        "children": leaf,
-                    }
-                )
-                bus += 1
-            children = [{"bdf": f"0000:{up_bus:02x}:00.0", "kind": "switch-upstream", "children": downstream}]
-        else:
-            legacy = [
-                {"bdf": f"0000:{bus + 1:02x}:{d + 1:02x}.0", "kind": "pci-endpoint", "reset": ["bus"]}
-                for d in range(draw(st.integers(1, 2)))
-            ]
-            children = [{"bdf": f"0000:{bus:02x}:00.0", "kind": "pcie-to-pci-bridge", "children": legacy}]
-            bus += 2
-        if hotplug:
-            for child in children:
-                child["hotplug"] = True
-        port["children"] = children
-        devices.append(port)
-    for fn in range(draw(st.integers(0, 2))):
-        devices.append(
-            {
-                "bdf": f"0000:00:1f.{fn}",
-                "kind": "rc-endpoint",
-                "driver": "drv",
-                "host_critical": draw(st.booleans()),
-            }
-        )
-    iommus = [
-        {
-            "name": "dmar0",
-            "dma_remapping": draw(st.sampled_from(["enabled", "enabled", "disabled"])),
-            "interrupt_remapping": draw(st.sampled_from(["enabled", "absent"])),
-        }
-    ]
-    if draw(st.integers(0, 5)) == 0:
-        iommus = []
-    return {"name": "random", "iommus": iommus, "devices": devices}
 
 
 def random_host(data: dict[str, Any]) -> Host:

@@ -9,10 +9,21 @@ from rich.table import Table
 from rich.text import Text
 
 from pciguard.checks import Options, RmrrPolicy
-from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.cli.common import Exit, emit_json, err, input_errors, out
 from pciguard.formats.platform_file import load_platform
+from pciguard.pciids import name_devices
+from pciguard.platforms.linux import read_host
 from pciguard.platforms.sim import SimPlatform
-from pciguard.report import AuditReport, DeviceEntry, Severity, Verdict, audit
+from pciguard.report import (
+    AuditReport,
+    DeviceEntry,
+    GroupEntry,
+    Severity,
+    Verdict,
+    audit,
+    audit_host,
+    linux_holder,
+)
 from pciguard.toolstack import Toolstack
 
 VERDICT_STYLE = {
@@ -25,15 +36,29 @@ SEVERITY_STYLE = {Severity.CRITICAL: "bold red", Severity.WARNING: "yellow", Sev
 
 
 def command(
-    platform: Path = typer.Option(
-        ...,
+    platform: Path | None = typer.Option(
+        None,
         "--platform",
         "-p",
-        help="A platform description file (YAML) to audit.",
-        exists=False,
+        help="Audit a platform description file (YAML) instead of this host.",
         dir_okay=False,
     ),
+    root: Path | None = typer.Option(
+        None,
+        "--root",
+        help="Audit the sysfs and /proc tree under this directory instead of /.",
+        file_okay=False,
+    ),
+    snapshot: Path | None = typer.Option(
+        None, "--snapshot", help="Audit a snapshot taken by `pciguard snapshot` (.tar.gz).", dir_okay=False
+    ),
+    lspci: Path | None = typer.Option(
+        None, "--lspci", help="Audit the text of `lspci -vvv` (- for standard input).", dir_okay=False
+    ),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    svg: Path | None = typer.Option(
+        None, "--svg", help="Also draw the topology, groups coloured by verdict."
+    ),
     show_all: bool = typer.Option(False, "--all", help="Also list groups of bridges only."),
     allow_unsafe_interrupts: bool = typer.Option(
         False,
@@ -42,18 +67,50 @@ def command(
     ),
     rmrr: RmrrPolicy = typer.Option(RmrrPolicy.STRICT, "--rmrr", help="Policy for firmware 1:1 regions."),
 ) -> None:
-    """Audit a host: IOMMU findings, then every IOMMU group with its verdict.
+    """Audit this host (or a file describing one): IOMMU findings, then every IOMMU
+    group with its verdict and the reasons for it.
 
     Exit codes: 0 the host can isolate devices; 1 critical findings (no IOMMU, no
     interrupt isolation, an unsafe override in force); 2 malformed input.
     """
-    with input_errors():
-        host = load_platform(platform)
+    chosen = [
+        name
+        for name, v in (
+            ("--platform", platform),
+            ("--root", root),
+            ("--snapshot", snapshot),
+            ("--lspci", lspci),
+        )
+        if v
+    ]
+    if len(chosen) > 1:
+        err.print(f"[bold red]error:[/] choose one source to audit, not {' and '.join(chosen)}")
+        raise typer.Exit(Exit.BAD_INPUT)
     options = Options(allow_unsafe_interrupts=allow_unsafe_interrupts, rmrr=rmrr)
-    toolstack = Toolstack(SimPlatform(host), options)
-    report = audit(toolstack, str(platform))
+    with input_errors():
+        if platform is not None:
+            host = load_platform(platform)
+            report = audit(Toolstack(SimPlatform(host), options), str(platform))
+        else:
+            # Imported here: each is needed by one option, and start-up time counts.
+            if snapshot is not None:
+                from pciguard.platforms.linux.snapshot import read_snapshot
+
+                reading, source = read_snapshot(snapshot), f"snapshot {snapshot}"
+            elif lspci is not None:
+                from pciguard.formats.lspci import load_lspci
+
+                reading, source = load_lspci(lspci), f"lspci dump {lspci}"
+            else:
+                reading, source = read_host(str(root or "/")), f"sysfs under {root or '/'}"
+            host = name_devices(reading.host)
+            report = audit_host(host, options, source, linux_holder(host), facts=reading.facts)
+        if svg is not None:
+            from pciguard.draw import write_svg
+
+            write_svg(report, svg)
     if json_output:
-        out.print_json(report.model_dump_json())
+        emit_json(report.model_dump_json(indent=2))
     else:
         render(report, show_all)
     if report.critical:
@@ -70,24 +127,40 @@ def render(report: AuditReport, show_all: bool = False) -> None:
             out.print(
                 Text.assemble((f"{f.severity.value.upper():8}", SEVERITY_STYLE[f.severity]), " ", f.message)
             )
+    if report.limitations:
+        out.print()
+        for lim in report.limitations:
+            out.print(Text.assemble(("UNREAD  ", "magenta"), f"{lim.path} ({lim.why}): hides {lim.hides}"))
     table = Table(title="IOMMU groups", show_lines=True, title_justify="left")
     table.add_column("group", justify="right")
     table.add_column("devices (owner)")
     table.add_column("verdict")
     table.add_column("why / what must go with it")
-    for g in report.groups:
-        if g.verdict is Verdict.BRIDGES_ONLY and not show_all:
-            continue
-        devices = "\n".join(f"{m.bdf} {m.name or m.kind} ({_owner(m)})" for m in g.members)
+    shown = [g for g in report.groups if show_all or g.verdict is not Verdict.BRIDGES_ONLY]
+    for run in _vf_runs(shown):
+        g = run[0]
+        if len(run) == 1:
+            devices = "\n".join(f"{m.bdf} {m.name or m.ids + ' ' + m.kind} ({_owner(m)})" for m in g.members)
+            number = "none" if g.number is None else str(g.number)
+        else:  # a PF's virtual functions in groups of their own, all judged alike: one row
+            first, last = run[0].members[0], run[-1].members[0]
+            devices = (
+                f"{len(run)} virtual functions of {first.physfn}: {first.bdf} ... {last.bdf}\n"
+                f"{first.name or first.ids} ({_owner(first)})"
+            )
+            number = f"{g.number}-{run[-1].number}"
         if g.verdict is Verdict.NOT_ASSIGNABLE:
             why = "\n".join(f"- {r.message}" for r in g.reasons)
         elif g.must_quarantine:
             why = "quarantine together: " + ", ".join(g.must_quarantine)
         else:
             why = ""
-        table.add_row(
-            str(g.number), devices, Text(g.verdict.value.replace("-", " "), VERDICT_STYLE[g.verdict]), why
-        )
+        why = "\n".join([why, *(f"note: {n.message}" for n in g.notes)]).strip()
+        if len(run) > 1 and why:
+            why += f"\n(shown for {first.bdf}; the same holds for each)"
+        if g.domain:
+            number += f"\n{g.domain}"
+        table.add_row(number, devices, Text(g.verdict.value.replace("-", " "), VERDICT_STYLE[g.verdict]), why)
     out.print()
     out.print(table)
     counts = {v: sum(g.verdict is v for g in report.groups) for v in Verdict}
@@ -97,6 +170,34 @@ def render(report: AuditReport, show_all: bool = False) -> None:
     )
     if report.unsafe_overrides:
         err.print(Text("UNSAFE overrides in force: " + "; ".join(report.unsafe_overrides), "bold red"))
+
+
+def _vf_runs(groups: list[GroupEntry]) -> list[list[GroupEntry]]:
+    """Consecutive single-VF groups of one PF with the same verdict, reasons and notes."""
+
+    def key(g: GroupEntry) -> tuple[object, ...] | None:
+        if len(g.members) != 1 or g.members[0].physfn is None or g.number is None:
+            return None
+        m = g.members[0]
+        return (
+            m.physfn,
+            m.name,
+            m.ids,
+            _owner(m),
+            g.verdict,
+            g.domain,
+            [r.code for r in g.reasons],
+            [n.code for n in g.notes],
+        )
+
+    runs: list[list[GroupEntry]] = []
+    for g in groups:
+        k = key(g)
+        if runs and k is not None and key(runs[-1][-1]) == k:
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    return runs
 
 
 def _owner(m: DeviceEntry) -> str:

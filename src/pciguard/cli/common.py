@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
@@ -13,6 +14,12 @@ from pciguard.errors import InputError, TopologyError
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def emit_json(text: str) -> None:
+    """JSON as it is, for programs: rich's highlighting costs seconds on large reports."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 class Exit(IntEnum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from pciguard import __version__
-from pciguard.cli import audit, schema, simulate, verify
+from pciguard.cli import audit, schema, simulate, snapshot, verify
 
 app = typer.Typer(
     name="pciguard",
@@ -17,6 +17,7 @@ app = typer.Typer(
 app.command("audit")(audit.command)
 app.command("simulate")(simulate.command)
 app.command("verify")(verify.command)
+app.command("snapshot")(snapshot.command)
 app.command("schema")(schema.command)
 
 
@@ -32,7 +33,7 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """pciguard: audit, simulate and (soon) enforce PCI device isolation."""
+    """pciguard: audit, simulate and verify PCI device isolation."""
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import Exit, input_errors, out
+from pciguard.cli.common import Exit, emit_json, input_errors, out
 from pciguard.formats.scenario_file import load_scenario
 from pciguard.simulate import SimulationResult, run
 
@@ -40,7 +40,7 @@ def command(
         loaded = load_scenario(scenario)
     result = run(loaded)
     if json_output:
-        out.print_json(json.dumps(as_json(result)))
+        emit_json(json.dumps(as_json(result), indent=2))
     else:
         render(result, show_calls)
     expected = result.scenario.expect_violations or frozenset()

@@ -10,7 +10,7 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.cli.common import Exit, emit_json, err, input_errors, out
 from pciguard.cli.simulate import render as render_timeline
 from pciguard.formats.scenario_file import load_scenario, parse_scenario
 from pciguard.simulate import run as replay
@@ -66,7 +66,7 @@ def command(
         written = out_file or Path(f"{loaded.name}-counterexample.yaml")
         written.write_text(dump(document), encoding="utf-8")
     if json_output:
-        out.print_json(json.dumps(_as_json(result, written)))
+        emit_json(json.dumps(_as_json(result, written), indent=2))
     else:
         _render(result, written, symmetry, independence)
     raise typer.Exit(_exit_code(result, loaded.expect_violations))

@@ -3,7 +3,7 @@
 Nothing in this package performs I/O; tests check its imports.
 """
 
-from pciguard.model.groups import IommuGroup, derive_groups, requester_ids
+from pciguard.model.groups import DomainType, IommuGroup, derive_groups, requester_ids
 from pciguard.model.host import Arch, Feature, Host, IommuUnit, MsiController
 from pciguard.model.pci import Acs, AcsCapability, Bdf, Function, Kind, ReservedRegion, Topology
 
@@ -12,6 +12,7 @@ __all__ = [
     "AcsCapability",
     "Arch",
     "Bdf",
+    "DomainType",
     "Feature",
     "Function",
     "Host",

@@ -15,14 +15,31 @@ drivers/pci/pci.c pci_acs_enabled():
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from pciguard.model.pci import Bdf, Function, Kind, Topology
+
+
+class DomainType(StrEnum):
+    """A Linux IOMMU group's default domain (``/sys/kernel/iommu_groups/N/type``)."""
+
+    DMA = "DMA"  # translated, strict IOTLB invalidation
+    DMA_FQ = "DMA-FQ"  # translated, lazy (flush-queue) invalidation
+    IDENTITY = "identity"  # passthrough: DMA is not translated at all
+    BLOCKED = "blocked"
+    UNMANAGED = "unmanaged"  # owned by a user such as VFIO
+    UNKNOWN = "unknown"
+
+    @property
+    def translates(self) -> bool:
+        return self is not DomainType.IDENTITY
 
 
 @dataclass(frozen=True)
 class IommuGroup:
     number: int
     members: tuple[Bdf, ...]
+    domain: DomainType | None = None  # None: not reported (simulated hosts translate)
 
     def __contains__(self, bdf: object) -> bool:
         return bdf in self.members
@@ -65,8 +82,9 @@ def requester_ids(topology: Topology, bdf: Bdf) -> frozenset[Bdf]:
     return frozenset(rids)
 
 
-def _isolation_anchor(topology: Topology, bdf: Bdf) -> Bdf:
-    """The device whose group ``bdf`` joins (steps 1 and 2 of the module docstring)."""
+def _isolation_anchor(topology: Topology, bdf: Bdf, isolated: dict[Bdf, bool]) -> Bdf:
+    """The device whose group ``bdf`` joins (steps 1 and 2 of the module docstring).
+    ``isolated`` remembers acs_path_enabled per bridge: many devices share each one."""
     anchor = bdf
     for bridge in topology.path_to_root(bdf):
         if bridge.kind is Kind.PCIE_TO_PCI_BRIDGE:
@@ -74,7 +92,9 @@ def _isolation_anchor(topology: Topology, bdf: Bdf) -> Bdf:
     node = topology[anchor]
     while node.parent is not None:
         up = topology[node.parent]
-        if acs_path_enabled(topology, up):
+        if up.bdf not in isolated:
+            isolated[up.bdf] = acs_path_enabled(topology, up)
+        if isolated[up.bdf]:
             break
         node = up
     return node.bdf
@@ -102,8 +122,9 @@ def derive_groups(topology: Topology) -> tuple[IommuGroup, ...]:
     for users in users_of_rid.values():  # step 3: overlapping requester IDs
         for other in users[1:]:
             union(users[0], other)
+    isolated: dict[Bdf, bool] = {}
     for bdf in topology:
-        anchor = _isolation_anchor(topology, bdf)
+        anchor = _isolation_anchor(topology, bdf, isolated)
         union(bdf, anchor)
         anchor_fn = topology[anchor]
         if topology.is_multifunction(anchor) and not acs_enabled(topology, anchor_fn):

@@ -22,6 +22,7 @@ class Feature(StrEnum):
     ABSENT = "absent"
     DISABLED = "disabled"
     ENABLED = "enabled"
+    UNKNOWN = "unknown"  # the input cannot show it (an lspci dump); judged as not enabled
 
 
 class MsiController(StrEnum):
@@ -53,6 +54,8 @@ class Host:
     topology: Topology
     iommus: tuple[IommuUnit, ...] = ()
     hotplug_later: frozenset[Bdf] = frozenset()  # absent at boot, plugged in later
+    # The groups a running kernel formed: the truth on a real host. None: derive them.
+    kernel_groups: tuple[IommuGroup, ...] | None = None
 
     def __post_init__(self) -> None:
         names = [u.name for u in self.iommus]
@@ -60,6 +63,10 @@ class Host:
             raise TopologyError(f"IOMMU unit names repeat: {names}")
         if sum(u.scope is None for u in self.iommus) > 1:
             raise TopologyError("only one IOMMU unit may cover all remaining devices (scope: all)")
+        for group in self.kernel_groups or ():
+            for bdf in group.members:
+                if bdf not in self.topology:
+                    raise TopologyError(f"{group} names {bdf}, which is not a device")
         for unit in self.iommus:
             for bdf in unit.scope or ():
                 if bdf not in self.topology:
@@ -84,9 +91,12 @@ class Host:
         return self._unit_of.get(bdf)
 
     def dma_translated(self, bdf: Bdf) -> bool:
-        """DMA from ``bdf`` goes through an enabled remapping unit."""
+        """DMA from ``bdf`` goes through an enabled remapping unit that translates it."""
         unit = self.iommu_of(bdf)
-        return unit is not None and unit.dma_remapping is Feature.ENABLED
+        if unit is None or unit.dma_remapping is not Feature.ENABLED:
+            return False
+        group = self.group_or_none(bdf)
+        return group is None or group.domain is None or group.domain.translates
 
     def msi_isolated(self, bdf: Bdf) -> bool:
         """An MSI from ``bdf`` can reach only the vectors set up for it."""
@@ -98,8 +108,25 @@ class Host:
         return unit.interrupt_remapping is Feature.ENABLED
 
     @cached_property
-    def groups(self) -> tuple[IommuGroup, ...]:
+    def derived_groups(self) -> tuple[IommuGroup, ...]:
+        """The groups pciguard derives from topology and ACS, as Linux would form them."""
         return derive_groups(self.topology)
+
+    @cached_property
+    def groups_differing(self) -> dict[int, tuple[IommuGroup, ...]]:
+        """Kernel group number -> the derived groups its members fall in, for each kernel
+        group pciguard's derivation does not reproduce (a quirk, an ACS override, or a bug)."""
+        derived_of = {b: g for g in self.derived_groups for b in g.members}
+        derived = {frozenset(g.members) for g in self.derived_groups}
+        return {
+            g.number: tuple(dict.fromkeys(derived_of[m] for m in g.members))
+            for g in self.kernel_groups or ()
+            if frozenset(g.members) not in derived
+        }
+
+    @property
+    def groups(self) -> tuple[IommuGroup, ...]:
+        return self.derived_groups if self.kernel_groups is None else self.kernel_groups
 
     @cached_property
     def _group_of(self) -> dict[Bdf, IommuGroup]:
@@ -107,6 +134,13 @@ class Host:
 
     def group_of(self, bdf: Bdf) -> IommuGroup:
         return self._group_of[bdf]
+
+    def group_or_none(self, bdf: Bdf) -> IommuGroup | None:
+        """A device's group; None on a real host whose kernel put it in none (no IOMMU)."""
+        return self._group_of.get(bdf)
+
+    def ungrouped(self) -> list[Bdf]:
+        return [b for b in self.topology if b not in self._group_of]
 
     @cached_property
     def _rids(self) -> dict[Bdf, frozenset[Bdf]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntFlag, StrEnum
 from functools import cached_property
 
@@ -211,9 +211,10 @@ class Topology(Mapping[Bdf, Function]):
                 raise TopologyError(
                     f"{fn.bdf}: only switch-downstream ports sit below switch-upstream {fn.parent}"
                 )
-        elif fn.kind not in (Kind.ROOT_PORT, Kind.RC_ENDPOINT, Kind.ENDPOINT):
+        elif fn.kind is Kind.SWITCH_UPSTREAM or fn.kind is Kind.SWITCH_DOWNSTREAM:
             raise TopologyError(f"{fn.bdf}: a {fn.kind} cannot sit on a root bus; give it a parent")
-        if fn.kind is Kind.PCI_ENDPOINT and not self._behind_pci_bridge(fn):
+        # Conventional PCI and PCI bridges sit on root buses too (older chipsets, many VMs).
+        if fn.kind is Kind.PCI_ENDPOINT and fn.parent is not None and not self._behind_pci_bridge(fn):
             raise TopologyError(f"{fn.bdf}: conventional PCI devices sit behind a pcie-to-pci-bridge")
         if fn.physfn is not None and fn.physfn not in self.functions:
             raise TopologyError(f"{fn.bdf}: physical function {fn.physfn} is not in the topology")
@@ -223,6 +224,14 @@ class Topology(Mapping[Bdf, Function]):
 
     def _behind_pci_bridge(self, fn: Function) -> bool:
         return any(b.kind is Kind.PCIE_TO_PCI_BRIDGE for b in self.path_to_root(fn.bdf))
+
+    def renamed(self, names: Mapping[Bdf, str]) -> Topology:
+        """The same topology with display names set; names change no structure, so the
+        checks of a new topology are not run again (they cost on hosts of 10,000 functions)."""
+        functions = {b: replace(f, name=names[b]) if b in names else f for b, f in self.functions.items()}
+        new = object.__new__(Topology)
+        object.__setattr__(new, "functions", functions)
+        return new
 
     # Mapping protocol
     def __getitem__(self, bdf: Bdf) -> Function:
@@ -249,19 +258,26 @@ class Topology(Mapping[Bdf, Function]):
         kids = self.children.get(bridge, ())
         return kids[0].bus if kids else None
 
+    @cached_property
+    def _paths(self) -> dict[Bdf, tuple[Function, ...]]:
+        return {}
+
     def path_to_root(self, bdf: Bdf) -> list[Function]:
-        """The bridges above ``bdf``, nearest first."""
-        path: list[Function] = []
-        parent = self.functions[bdf].parent
-        seen: set[Bdf] = set()
-        while parent is not None:
-            if parent in seen:
-                raise TopologyError(f"{bdf}: the parent chain loops at {parent}")
-            seen.add(parent)
-            bridge = self.functions[parent]
-            path.append(bridge)
-            parent = bridge.parent
-        return path
+        """The bridges above ``bdf``, nearest first (remembered: audits ask for every device)."""
+        known = self._paths.get(bdf)
+        if known is None:
+            path: list[Function] = []
+            parent = self.functions[bdf].parent
+            seen: set[Bdf] = set()
+            while parent is not None:
+                if parent in seen:
+                    raise TopologyError(f"{bdf}: the parent chain loops at {parent}")
+                seen.add(parent)
+                bridge = self.functions[parent]
+                path.append(bridge)
+                parent = bridge.parent
+            known = self._paths[bdf] = tuple(path)
+        return list(known)
 
     def subtree(self, bdf: Bdf) -> list[Bdf]:
         """``bdf`` and everything below it."""
@@ -296,6 +312,9 @@ class Topology(Mapping[Bdf, Function]):
     def virtual_functions(self, pf: Bdf) -> list[Bdf]:
         return list(self._vfs.get(pf, ()))
 
+    @cached_property
+    def _external(self) -> frozenset[Bdf]:
+        return frozenset(b for f in self.functions.values() if f.external for b in self.subtree(f.bdf))
+
     def is_behind_external_port(self, bdf: Bdf) -> bool:
-        fn = self.functions[bdf]
-        return fn.external or any(b.external for b in self.path_to_root(bdf))
+        return bdf in self._external

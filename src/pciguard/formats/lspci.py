@@ -1,0 +1,311 @@
+"""``pciguard audit --lspci FILE``: a host from the text of ``lspci -vvv``, as people
+paste it in forums. Pure apart from ``load_lspci``.
+
+Works with or without ``-nn`` (IDs) and ``-D`` (PCI domains); recent pciutils print
+``IOMMU group: N``, and run as root they show the capabilities (port type, ACS, FLR,
+phantom functions, SR-IOV). What a dump can never show is listed with the result.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pciguard.errors import InputError, TopologyError
+from pciguard.formats.yamlpos import read_input
+from pciguard.model import (
+    Acs,
+    AcsCapability,
+    Arch,
+    Bdf,
+    Feature,
+    Function,
+    Host,
+    IommuGroup,
+    IommuUnit,
+    Kind,
+    Topology,
+)
+from pciguard.model.kernel import KernelFacts, Unreadable
+from pciguard.platforms.linux.sysfs import Reading
+
+_HEADER = re.compile(
+    r"^(?P<bdf>(?:[0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]) (?P<class>[^:\[]+?)"
+    r"(?: \[(?P<cc>[0-9a-fA-F]{4})\])?: (?P<rest>.*)$"
+)
+_IDS = re.compile(r"\[(?P<v>[0-9a-fA-F]{4}):(?P<d>[0-9a-fA-F]{4})\]")
+_PROG_IF = re.compile(r"\(prog-if (?P<pi>[0-9a-fA-F]{2})")
+_EXPRESS = re.compile(
+    r"Capabilities: \[[0-9a-f]+\] Express \(v\d\) (?P<type>.+?)(?:, MSI|, IntMsgNum| \(Slot|$)"
+)
+_BUS = re.compile(r"Bus: primary=(?P<p>[0-9a-f]{2}), secondary=(?P<s>[0-9a-f]{2})")
+_ACS_BITS = {
+    "SrcValid": Acs.SV,
+    "TransBlk": Acs.TB,
+    "ReqRedir": Acs.RR,
+    "CmpltRedir": Acs.CR,
+    "UpstreamFwd": Acs.UF,
+    "EgressCtrl": Acs.EC,
+    "DirectTrans": Acs.DT,
+}
+_PORT_TYPES = {
+    "Root Port": Kind.ROOT_PORT,
+    "Upstream Port": Kind.SWITCH_UPSTREAM,
+    "Downstream Port": Kind.SWITCH_DOWNSTREAM,
+    "PCI-Express to PCI/PCI-X Bridge": Kind.PCIE_TO_PCI_BRIDGE,
+    "PCI/PCI-X to PCI-Express Bridge": Kind.PCIE_TO_PCI_BRIDGE,
+    "Root Complex Integrated Endpoint": Kind.RC_ENDPOINT,
+    "Root Complex Event Collector": Kind.RC_ENDPOINT,
+    "Legacy Endpoint": Kind.ENDPOINT,
+    "Endpoint": Kind.ENDPOINT,
+}
+NEVER_SHOWN = (
+    ("whether the IOMMU is enabled, and interrupt remapping", "judged as not isolating interrupts"),
+    ("groups' default domain types (identity = not translated)", "identity domains go unnoticed"),
+    ("the DMAR/IVRS tables: firmware 1:1 regions (RMRR)", "devices with RMRRs look assignable"),
+    ("the kernel command line and VFIO's unsafe module options", "unsafe overrides go unnoticed"),
+    ("reset methods other than FLR and power-management reset", "bus resets are inferred"),
+    ("Thunderbolt security and which ports face the outside", "external ports go unnoticed"),
+)
+
+
+@dataclass
+class _Entry:
+    bdf: Bdf
+    line: int
+    class_code: int = 0
+    ids: str = "0000:0000"
+    name: str = ""
+    bridge: bool = False
+    secondary: int | None = None
+    kind: Kind | None = None
+    acs_cap: Acs | None = None
+    acs_ctl: Acs | None = None
+    flr: bool = False
+    pm_reset: bool = False
+    phantom_supported: int = 0
+    phantom_enabled: bool = False
+    ats: bool = False
+    driver: str | None = None
+    group: int | None = None
+    sriov: dict[str, int] = field(default_factory=dict)
+    access_denied: bool = False
+
+
+def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
+    entries = _entries(text, source)
+    functions = _functions(entries, source)
+    try:
+        topology = Topology(functions)
+    except TopologyError as exc:
+        line = next((e.line for e in entries if str(exc).startswith(str(e.bdf))), 1)
+        raise InputError(source, str(exc), line=line, column=1) from None
+    grouped = [e for e in entries if e.group is not None]
+    groups = None
+    units: tuple[IommuUnit, ...] = ()
+    if grouped:
+        by_number: dict[int, list[Bdf]] = {}
+        for e in grouped:
+            by_number.setdefault(e.group, []).append(e.bdf)  # type: ignore[arg-type]
+        groups = tuple(IommuGroup(n, tuple(sorted(m))) for n, m in sorted(by_number.items()))
+        scope = tuple(sorted(e.bdf for e in grouped))
+        units = (IommuUnit("iommu (from lspci)", Feature.ENABLED, Feature.UNKNOWN, None, scope),)
+    unreadable = [
+        Unreadable(source, "an lspci dump cannot show it", f"{what}: {effect}")
+        for what, effect in NEVER_SHOWN
+    ]
+    if any(e.access_denied for e in entries):
+        unreadable.append(
+            Unreadable(
+                source, "lspci was not run as root (Capabilities: <access denied>)", "port types, ACS, FLR"
+            )
+        )
+    if not grouped:
+        unreadable.append(
+            Unreadable(
+                source, "no 'IOMMU group' lines (old pciutils, or no IOMMU)", "the kernel's IOMMU groups"
+            )
+        )
+    if all(e.ids == "0000:0000" for e in entries):
+        unreadable.append(Unreadable(source, "lspci was run without -nn", "vendor and device IDs"))
+    host = Host(Path(source).name, topology=topology, arch=Arch.X86, iommus=units, kernel_groups=groups)
+    complete = not any(e.access_denied or e.kind is None for e in entries)
+    return Reading(
+        host, KernelFacts(source_kind="lspci", unreadable=tuple(unreadable), topology_complete=complete)
+    )
+
+
+def _entries(text: str, source: str) -> list[_Entry]:
+    entries: list[_Entry] = []
+    current: _Entry | None = None
+    capability = ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.rstrip()
+        if not line.strip():
+            current = None
+            continue
+        if not line[0].isspace():
+            match = _HEADER.match(line)
+            if match is None:
+                raise InputError(
+                    source,
+                    "expected a device line such as '0000:00:1f.3 Audio device [0403]: Intel ...'",
+                    line=number,
+                    column=1,
+                )
+            current = _header(match, number, source)
+            if any(e.bdf == current.bdf for e in entries):
+                raise InputError(source, f"{current.bdf} appears twice", line=number, column=1)
+            entries.append(current)
+            capability = ""
+            continue
+        if current is None:
+            raise InputError(source, "an indented line outside any device entry", line=number, column=1)
+        _body_line(current, line.strip(), capability)
+        if line.strip().startswith("Capabilities:"):
+            capability = line.strip()
+    if not entries:
+        raise InputError(source, "no device entries: is this the output of `lspci -vvv`?", line=1, column=1)
+    return entries
+
+
+def _header(match: re.Match[str], number: int, source: str) -> _Entry:
+    bdf_text = match["bdf"]
+    if bdf_text.count(":") == 1:
+        bdf_text = "0000:" + bdf_text
+    try:
+        bdf = Bdf.parse(bdf_text[-12:])
+    except ValueError as exc:
+        raise InputError(source, str(exc), line=number, column=1) from None
+    entry = _Entry(bdf, number)
+    rest = match["rest"]
+    if match["cc"]:
+        prog = _PROG_IF.search(rest)
+        entry.class_code = int(match["cc"], 16) << 8 | (int(prog["pi"], 16) if prog else 0)
+        entry.bridge = match["cc"].lower() in ("0604", "0609")
+    else:
+        entry.bridge = match["class"].strip() in ("PCI bridge", "CardBus bridge")
+    ids = _IDS.search(rest)
+    if ids:
+        entry.ids = f"{ids['v'].lower()}:{ids['d'].lower()}"
+        rest = rest[: ids.start()]
+    entry.name = re.sub(r"\s*\(rev [0-9a-f]+\).*$", "", rest).strip()
+    return entry
+
+
+def _body_line(entry: _Entry, line: str, capability: str) -> None:
+    if line.startswith("Capabilities: <access denied>"):
+        entry.access_denied = True
+    elif line.startswith("Capabilities:"):
+        express = _EXPRESS.match(line)
+        if express:
+            entry.kind = next(
+                (k for name, k in _PORT_TYPES.items() if express["type"].startswith(name)), Kind.ENDPOINT
+            )
+        elif "Address Translation Service" in line:
+            entry.ats = True
+    elif line.startswith("IOMMU group:"):
+        entry.group = int(line.split(":", 1)[1].strip() or -1)
+    elif line.startswith("Kernel driver in use:"):
+        entry.driver = line.split(":", 1)[1].strip() or None
+    elif (bus := _BUS.search(line)) is not None:
+        entry.secondary = int(bus["s"], 16)
+        entry.bridge = True
+    elif line.startswith(("ACSCap:", "ACSCtl:")):
+        bits = Acs(0)
+        for word in line.split()[1:]:
+            name, sign = word[:-1], word[-1:]
+            if name in _ACS_BITS and sign == "+":
+                bits |= _ACS_BITS[name]
+        if line.startswith("ACSCap:"):
+            entry.acs_cap = bits
+        else:
+            entry.acs_ctl = bits
+    elif "Express" in capability:
+        if phantom := re.search(r"PhantFunc (\d)", line):  # DevCap: what is supported
+            entry.phantom_supported = int(phantom[1])
+        entry.flr = entry.flr or "FLReset+" in line  # only DevCap shows it set
+        entry.phantom_enabled = entry.phantom_enabled or "PhantFunc+" in line  # DevCtl: in use
+    elif "Power Management" in capability and line.startswith("Status:") and "NoSoftRst-" in line:
+        entry.pm_reset = True
+    elif "SR-IOV" in capability:
+        for key, value in re.findall(r"(Number of VFs|VF offset|stride): (\d+)", line):
+            entry.sriov[key] = int(value)
+
+
+def _functions(entries: list[_Entry], source: str) -> dict[Bdf, Function]:
+    bridges = {(e.bdf.segment, e.secondary): e for e in entries if e.secondary is not None}
+    physfn: dict[Bdf, Bdf] = {}
+    for e in entries:
+        count, offset = e.sriov.get("Number of VFs", 0), e.sriov.get("VF offset", 0)
+        for i in range(count):
+            rid = e.bdf.rid + offset + i * e.sriov.get("stride", 1)
+            if rid <= 0xFFFF:
+                physfn[Bdf.from_rid(e.bdf.segment, rid)] = e.bdf
+    by_bdf = {e.bdf: e for e in entries}
+    kinds: dict[Bdf, Kind] = {}
+    parents: dict[Bdf, Bdf | None] = {}
+    for e in sorted(entries, key=lambda e: e.bdf):
+        bridge = bridges.get((e.bdf.segment, e.bdf.bus))
+        parents[e.bdf] = bridge.bdf if bridge is not None and bridge.bdf != e.bdf else None
+    for e in sorted(entries, key=lambda e: _depth(e.bdf, parents)):
+        parent = parents[e.bdf]
+        if e.kind is not None:
+            kinds[e.bdf] = e.kind
+        elif e.bridge:
+            kinds[e.bdf] = Kind.ROOT_PORT if parent is None else Kind.PCIE_TO_PCI_BRIDGE
+        elif parent is not None and _behind(kinds, parents, e.bdf, Kind.PCIE_TO_PCI_BRIDGE):
+            kinds[e.bdf] = Kind.PCI_ENDPOINT
+        else:
+            kinds[e.bdf] = Kind.ENDPOINT if parent is not None else Kind.RC_ENDPOINT
+    functions = {}
+    for e in entries:
+        resets = tuple(m for m, on in (("flr", e.flr), ("pm", e.pm_reset)) if on)
+        if parents[e.bdf] is not None and all(
+            o.bdf.slot == e.bdf.slot for o in entries if parents[o.bdf] == parents[e.bdf]
+        ):
+            resets += ("bus",)
+        acs = AcsCapability(e.acs_cap, e.acs_ctl or Acs(0)) if e.acs_cap is not None else None
+        pf = physfn.get(e.bdf)
+        functions[e.bdf] = Function(
+            bdf=e.bdf,
+            kind=kinds[e.bdf],
+            parent=parents[e.bdf],
+            name=e.name,
+            ids=e.ids,
+            class_code=e.class_code,
+            driver=e.driver,
+            acs=acs,
+            ats=e.ats,
+            phantom_functions=e.phantom_supported if e.phantom_enabled else 0,
+            reset_methods=resets,
+            physfn=pf if pf in by_bdf else None,
+        )
+    return functions
+
+
+def _depth(bdf: Bdf, parents: dict[Bdf, Bdf | None]) -> int:
+    depth, node, seen = 0, parents.get(bdf), set()
+    while node is not None and node not in seen:
+        seen.add(node)
+        depth += 1
+        node = parents.get(node)
+    return depth
+
+
+def _behind(kinds: dict[Bdf, Kind], parents: dict[Bdf, Bdf | None], bdf: Bdf, kind: Kind) -> bool:
+    node, seen = parents.get(bdf), set()
+    while node is not None and node not in seen:
+        seen.add(node)
+        if kinds.get(node) is kind:
+            return True
+        node = parents.get(node)
+    return False
+
+
+def load_lspci(path: Path) -> Reading:
+    if str(path) == "-":
+        return parse_lspci(sys.stdin.read(), "<stdin>")
+    return parse_lspci(read_input(path, "lspci dump"), str(path))

@@ -1,0 +1,65 @@
+"""What a running Linux kernel says beyond the topology: pure values for the audit.
+
+Filled by ``pciguard.platforms.linux`` (from sysfs, /proc and ACPI tables) or by the
+``lspci`` reader; judged by ``pciguard.report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from pciguard.model.pci import Bdf
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Something the audit could not read, and what that hides from the report."""
+
+    path: str
+    why: str
+    hides: str
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """Input that is there but malformed; the audit carries on without it."""
+
+    path: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ThunderboltDomain:
+    name: str
+    security: str | None  # none, user, secure, dponly, usbonly, nopcie
+    iommu_dma_protection: bool | None
+
+
+@dataclass(frozen=True)
+class ThunderboltDevice:
+    name: str
+    vendor_name: str
+    device_name: str
+    authorized: bool | None
+    unique_id: str = ""
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    source_kind: str = "sysfs"  # sysfs, snapshot, lspci
+    release: str | None = None
+    iommu_switches: tuple[str, ...] = ()  # IOMMU-related words of the kernel command line
+    firmware_table: str | None = None  # DMAR, IVRS, or None when there is none (or unreadable)
+    firmware_units: int = 0  # remapping units the firmware table describes
+    firmware_flags: tuple[str, ...] = ()  # DMAR flags by name
+    preboot_dma_protection: bool | None = None
+    interrupt_remapping_in_use: bool | None = None  # None: could not tell
+    kernel_unsafe: tuple[str, ...] = ()  # unsafe switches the kernel has in force
+    thunderbolt_domains: tuple[ThunderboltDomain, ...] = ()
+    thunderbolt_devices: tuple[ThunderboltDevice, ...] = ()
+    host_critical: Mapping[Bdf, str] = field(default_factory=dict)  # device -> why the host needs it
+    driver_overrides: Mapping[Bdf, str] = field(default_factory=dict)
+    unreadable: tuple[Unreadable, ...] = ()
+    problems: tuple[InputProblem, ...] = ()
+    topology_complete: bool = True  # False: capabilities unseen, so derived groups are guesses

@@ -1,0 +1,115 @@
+"""`pciguard audit --lspci`: hosts from the text of `lspci -vvv`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from conftest import CORPUS, audit_reading, bdf
+from fakesys import render
+from pciguard.errors import InputError
+from pciguard.formats.lspci import parse_lspci
+from pciguard.formats.platform_file import build_host
+from pciguard.model import Feature, Host
+from strategies import platform_file
+
+LSPCI = shutil.which("lspci")
+needs_lspci = pytest.mark.skipif(LSPCI is None, reason="pciutils is not installed (.ci/run installs it)")
+
+
+def lspci_of(root: Path, *flags: str) -> str:
+    assert LSPCI is not None
+    command = [LSPCI, "-vvv", *flags, "-A", "linux-sysfs", "-O", f"sysfs.path={root}/sys/bus/pci"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+
+def shown_by_lspci(host: Host) -> dict[str, Any]:
+    """lspci prints FLR support for endpoints only."""
+    return {
+        str(b): (
+            f.kind,
+            f.parent,
+            f.ids,
+            f.acs,
+            f.phantom_functions,
+            f.physfn,
+            f.driver,
+            "flr" in f.reset_methods and not f.kind.is_bridge,
+        )
+        for b, f in host.topology.items()
+    }
+
+
+@needs_lspci
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=60)
+@given(spec=platform_file())
+def test_real_lspci_output_of_a_rendered_host_reads_back(spec: dict[str, Any]) -> None:
+    host = build_host(spec, {}, "<random>")
+    with TemporaryDirectory() as tmp:
+        render(host, Path(tmp))
+        text = lspci_of(Path(tmp), "-nn", "-D")
+    reading = parse_lspci(text, "dump")
+    assert shown_by_lspci(reading.host) == shown_by_lspci(host)
+    if any(u.dma_remapping is Feature.ENABLED for u in host.iommus):
+        kernel = {frozenset(g.members) for g in reading.host.kernel_groups or ()}
+        assert kernel == {frozenset(g.members) for g in host.derived_groups}
+
+
+@needs_lspci
+def test_without_domains_or_ids_the_dump_still_reads(tree: Any) -> None:
+    text = lspci_of(tree("server"))
+    reading = parse_lspci(text, "dump")
+    assert set(reading.host.topology) == set(build_host_from("server").topology)
+    assert any("-nn" in u.why for u in reading.facts.unreadable)
+
+
+def build_host_from(name: str) -> Host:
+    from conftest import example
+
+    return example(name)
+
+
+def test_a_forum_paste_by_an_ordinary_user() -> None:
+    path = CORPUS / "lspci" / "forum-non-root.txt"
+    reading = parse_lspci(path.read_text(), str(path))
+    host = reading.host
+    assert host.topology[bdf("0000:01:00.0")].parent == bdf("0000:00:01.0")
+    assert host.topology[bdf("0000:00:01.0")].kind.is_bridge
+    gpu_group = host.group_of(bdf("0000:01:00.0"))
+    assert set(gpu_group.members) == {bdf("0000:00:01.0"), bdf("0000:01:00.0"), bdf("0000:01:00.1")}
+    assert any("not run as root" in u.why for u in reading.facts.unreadable)
+    assert not reading.facts.topology_complete
+    report = audit_reading(reading)
+    group = next(g for g in report.groups if g.number == 1)
+    assert group.verdict == "not-assignable"  # interrupt remapping cannot be seen: fail closed
+    assert {m.state for m in group.members if m.bdf == "0000:01:00.0"} == {"quarantined"}
+    assert not any(n.code == "groups-differ" for g in report.groups for n in g.notes)
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [
+        ("", "no device entries", 1),
+        ("hello world\n", "expected a device line", 1),
+        ("\tIOMMU group: 3\n", "outside any device entry", 1),
+        ("00:01.0 Ethernet controller: X\n\n00:01.0 Ethernet controller: Y\n", "appears twice", 3),
+        (
+            "00:1f.0 Ethernet controller: X\n\n03:00.0 PCI bridge: Y\n\tBus: primary=03, secondary=03, x\n",
+            "",
+            0,
+        ),
+    ],
+)
+def test_bad_dumps_name_the_line(text: str, message: str, line: int) -> None:
+    if not message:  # a bridge claiming its own bus: read without looping
+        parse_lspci(text, "dump.txt")
+        return
+    with pytest.raises(InputError, match=message) as info:
+        parse_lspci(text, "dump.txt")
+    assert info.value.line == line and "dump.txt" in str(info.value)
