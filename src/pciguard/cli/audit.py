@@ -48,6 +48,7 @@ def command(
         "--root",
         help="Audit the sysfs and /proc tree under this directory instead of /.",
         file_okay=False,
+        exists=True,
     ),
     snapshot: Path | None = typer.Option(
         None, "--snapshot", help="Audit a snapshot taken by `pciguard snapshot` (.tar.gz).", dir_okay=False

@@ -319,6 +319,10 @@ class _Reader:
         raws: dict[Bdf, _Raw] = {}
         found: list[tuple[Bdf, str]] = []
         names = self.fs.listdir(PCI_DEVICES)
+        if not names and not self.fs.exists(PCI_DEVICES):
+            self.notes.unreadable.append(
+                Unreadable(PCI_DEVICES, "missing", "every PCI device: is sysfs mounted, and is this Linux?")
+            )
         for entry in names:
             rel = f"{PCI_DEVICES}/{entry}"
             if not _BDF_NAME.match(entry):
@@ -491,6 +495,7 @@ class _Reader:
         names = self.fs.listdir(IOMMU_GROUPS)
         groups = []
         seen: dict[Bdf, int] = {}
+        by_name = {str(b): b for b in topology.functions}
         for entry in names:
             rel = f"{IOMMU_GROUPS}/{entry}"
             if not entry.isdigit():
@@ -498,10 +503,10 @@ class _Reader:
                 continue
             members = []
             for member in self.fs.listdir(f"{rel}/devices"):
-                if not _BDF_NAME.match(member):
+                bdf = by_name.get(member)
+                if bdf is None and not _BDF_NAME.match(member):
                     continue  # non-PCI members (platform devices on ARM)
-                bdf = Bdf.parse(member)
-                if bdf not in topology:
+                if bdf is None:
                     self.notes.problem(
                         f"{rel}/devices/{member}", "names a device that is not in the topology"
                     )
