@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the fake-sysfs builder lives with the tests
 
 from fakesys import render  # noqa: E402
-
 from pciguard.formats.platform_file import build_host  # noqa: E402
 from pciguard.model import Host  # noqa: E402
 

@@ -102,8 +102,23 @@ class Fs:
 
     def read_bytes(self, rel: str) -> bytes | None:
         """None when missing; PermissionError and other OSErrors propagate."""
+        return self._read(f"{self.root}/{rel}", None, rel)
+
+    # Reading inside one directory through its descriptor spares the kernel a path walk
+    # per attribute: the audit reads some 60,000 of them on a host of 10,000 functions.
+    def open_dir(self, rel: str) -> int | None:
         try:
-            fd = os.open(f"{self.root}/{rel}", os.O_RDONLY)
+            return os.open(f"{self.root}/{rel}", os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read_in(self, directory: int, rel: str, name: str) -> bytes | None:
+        """read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``."""
+        return self._read(name, directory, f"{rel}/{name}")
+
+    def _read(self, path: str, directory: int | None, rel: str) -> bytes | None:
+        try:
+            fd = os.open(path, os.O_RDONLY, dir_fd=directory)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -118,38 +133,14 @@ class Fs:
             self._note(rel, "file", data)
         return data
 
-    # Reading inside one directory through its descriptor spares the kernel a path walk
-    # per attribute: the audit reads some 60,000 of them on a host of 10,000 functions.
-    def open_dir(self, rel: str) -> int | None:
+    def _readlink(self, path: str, directory: int | None, rel: str) -> str | None:
         try:
-            return os.open(f"{self.root}/{rel}", os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def read_in(self, directory: int, rel: str, name: str) -> bytes | None:
-        """Like read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``."""
-        try:
-            fd = os.open(name, os.O_RDONLY, dir_fd=directory)
-        except FileNotFoundError:
-            return None
-        try:
-            data = os.read(fd, 65536)
-            while len(data) % 65536 == 0 and data and (more := os.read(fd, 65536)):
-                data += more
-        finally:
-            os.close(fd)
-        if self.recorded is not None:
-            self._note(f"{rel}/{name}", "file", data)
-        return data
-
-    def link_name_in(self, directory: int, rel: str, name: str) -> str | None:
-        try:
-            target = os.readlink(name, dir_fd=directory)
+            target = os.readlink(path, dir_fd=directory)
         except OSError:
             return None
         if self.recorded is not None:
-            self._note(f"{rel}/{name}", "link", target)
-        return target.rstrip("/").rpartition("/")[2]
+            self._note(rel, "link", target)
+        return target
 
     def text(self, rel: str) -> str | None:
         data = self.read_bytes(rel)
@@ -167,26 +158,19 @@ class Fs:
                     self.link(f"{rel}/{name}")
         return names
 
-    def link_name(self, rel: str) -> str | None:
-        """The last component of where a link points (a driver's or a group's name)."""
-        try:
-            target = os.readlink(f"{self.root}/{rel}")
-        except OSError:
-            return None
-        if self.recorded is not None:
-            self._note(rel, "link", target)
-        return target.rstrip("/").rpartition("/")[2]
+    def link_name(self, rel: str, directory: int | None = None) -> str | None:
+        """The last component of where a link points (a driver's name, a PF's address).
+        With ``directory`` (an open_dir of rel's folder) ``rel``'s last part is looked up in it."""
+        path = rel.rpartition("/")[2] if directory is not None else f"{self.root}/{rel}"
+        target = self._readlink(path, directory, rel)
+        return None if target is None else target.rstrip("/").rpartition("/")[2]
 
     def link(self, rel: str) -> str | None:
         """Where a symbolic link points, as a path relative to the root; None if it is
-        not a link, or leaves the root."""
-        try:
-            target = os.readlink(f"{self.root}/{rel}")
-        except OSError:
+        not a link. Resolved as an absolute path under the root, so ".." cannot climb out."""
+        target = self._readlink(f"{self.root}/{rel}", None, rel)
+        if target is None:
             return None
-        if self.recorded is not None:
-            self._note(rel, "link", target)
-        # Resolved as an absolute path under the root, ".." cannot climb out of it.
         if target.startswith("/"):
             resolved = os.path.normpath(target)
         else:
@@ -394,7 +378,7 @@ class _Reader:
                     self.notes.problem(f"{path}/config", message)
                 if cfg.vendor != 0xFFFF and len(data) >= 0x40:
                     raw.ids, raw.class_code = f"{cfg.vendor:04x}:{cfg.device:04x}", cfg.class_code
-            raw.driver = fs.link_name_in(directory, path, "driver")
+            raw.driver = fs.link_name(f"{path}/driver", directory)
             override = text("driver_override")
             raw.driver_override = None if override in (None, "(null)", "") else override
             methods = text("reset_method")
