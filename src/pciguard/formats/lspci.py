@@ -29,6 +29,7 @@ from pciguard.model import (
     Topology,
 )
 from pciguard.model.kernel import KernelFacts, Unreadable
+from pciguard.model.pci import ancestors
 from pciguard.platforms.linux.sysfs import Reading
 
 _HEADER = re.compile(
@@ -250,13 +251,13 @@ def _functions(entries: list[_Entry], source: str) -> dict[Bdf, Function]:
     for e in sorted(entries, key=lambda e: e.bdf):
         bridge = bridges.get((e.bdf.segment, e.bdf.bus))
         parents[e.bdf] = bridge.bdf if bridge is not None and bridge.bdf != e.bdf else None
-    for e in sorted(entries, key=lambda e: _depth(e.bdf, parents)):
+    for e in sorted(entries, key=lambda e: len(ancestors(e.bdf, parents.get))):
         parent = parents[e.bdf]
         if e.kind is not None:
             kinds[e.bdf] = e.kind
         elif e.bridge:
             kinds[e.bdf] = Kind.ROOT_PORT if parent is None else Kind.PCIE_TO_PCI_BRIDGE
-        elif parent is not None and _behind(kinds, parents, e.bdf, Kind.PCIE_TO_PCI_BRIDGE):
+        elif any(kinds.get(b) is Kind.PCIE_TO_PCI_BRIDGE for b in ancestors(e.bdf, parents.get)):
             kinds[e.bdf] = Kind.PCI_ENDPOINT
         else:
             kinds[e.bdf] = Kind.ENDPOINT if parent is not None else Kind.RC_ENDPOINT
@@ -284,25 +285,6 @@ def _functions(entries: list[_Entry], source: str) -> dict[Bdf, Function]:
             physfn=pf if pf in by_bdf else None,
         )
     return functions
-
-
-def _depth(bdf: Bdf, parents: dict[Bdf, Bdf | None]) -> int:
-    depth, node, seen = 0, parents.get(bdf), set()
-    while node is not None and node not in seen:
-        seen.add(node)
-        depth += 1
-        node = parents.get(node)
-    return depth
-
-
-def _behind(kinds: dict[Bdf, Kind], parents: dict[Bdf, Bdf | None], bdf: Bdf, kind: Kind) -> bool:
-    node, seen = parents.get(bdf), set()
-    while node is not None and node not in seen:
-        seen.add(node)
-        if kinds.get(node) is kind:
-            return True
-        node = parents.get(node)
-    return False
 
 
 def load_lspci(path: Path) -> Reading:

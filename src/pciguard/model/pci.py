@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntFlag, StrEnum
 from functools import cached_property
@@ -188,6 +188,17 @@ class Function:
             Bdf(self.bdf.segment, self.bdf.bus, self.bdf.device, fn)
             for fn in range(self.bdf.function + stride, 8, stride)
         )
+
+
+def ancestors(bdf: Bdf, parent_of: Callable[[Bdf], Bdf | None]) -> list[Bdf]:
+    """The bridges above ``bdf``, nearest first, in a tree that may still be malformed
+    (readers build topologies from it): stops at a loop or an unknown parent."""
+    out: list[Bdf] = []
+    node = parent_of(bdf)
+    while node is not None and node not in out and node != bdf:
+        out.append(node)
+        node = parent_of(node)
+    return out
 
 
 @dataclass(frozen=True)

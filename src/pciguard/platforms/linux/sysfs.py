@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from pciguard.errors import TopologyError
@@ -36,6 +36,7 @@ from pciguard.model.kernel import (
     ThunderboltDomain,
     Unreadable,
 )
+from pciguard.model.pci import ancestors
 from pciguard.platforms.linux.acpi import (
     DeviceScope,
     Dmar,
@@ -429,7 +430,8 @@ class _Reader:
                 children.setdefault(raw.parent, []).append(raw)
         release = self._text("proc/sys/kernel/osrelease") or ""
         trusts_missing_reset = _kernel_at_least(release, (5, 15))
-        for raw in sorted(raws.values(), key=lambda r: _depth(r, raws)):
+        parent_of = _parent_of(raws)
+        for raw in sorted(raws.values(), key=lambda r: len(ancestors(r.bdf, parent_of))):
             parent = raws[raw.parent] if raw.parent is not None else None
             raw.kind = _kind(raw, parent, children.get(raw.bdf, []), raws)
         functions: dict[Bdf, Function] = {}
@@ -468,7 +470,7 @@ class _Reader:
                 return Topology(functions)
             except TopologyError as exc:
                 culprit = _culprit(exc, functions)
-                gone = [culprit, *(b for b in functions if _below(b, culprit, functions))]
+                gone = [culprit, *(b for b in functions if culprit in ancestors(b, _parent_in(functions)))]
                 for b in gone:
                     functions.pop(b, None)
                 self.notes.problem(raws[culprit].path, f"{exc}; left out of the audit with what is below it")
@@ -736,23 +738,8 @@ def _culprit(exc: TopologyError, functions: dict[Bdf, Function]) -> Bdf:
     return bdf if bdf in functions else max(functions)
 
 
-def _depth(raw: _Raw, raws: dict[Bdf, _Raw]) -> int:
-    depth, parent, seen = 0, raw.parent, set()
-    while parent is not None and parent not in seen:
-        seen.add(parent)
-        depth += 1
-        parent = raws[parent].parent
-    return depth
-
-
-def _below(bdf: Bdf, top: Bdf, functions: dict[Bdf, Function]) -> bool:
-    parent, seen = functions[bdf].parent, set()
-    while parent is not None and parent in functions and parent not in seen:
-        if parent == top:
-            return True
-        seen.add(parent)
-        parent = functions[parent].parent
-    return False
+def _parent_in(functions: dict[Bdf, Function]) -> Callable[[Bdf], Bdf | None]:
+    return lambda b: functions[b].parent if b in functions else None
 
 
 def _kind(raw: _Raw, parent: _Raw | None, children: list[_Raw], raws: dict[Bdf, _Raw]) -> Kind:
@@ -780,11 +767,9 @@ def _kind(raw: _Raw, parent: _Raw | None, children: list[_Raw], raws: dict[Bdf, 
     return Kind.PCI_ENDPOINT if _behind_pci_bridge(raw, raws) else Kind.ENDPOINT
 
 
+def _parent_of(raws: dict[Bdf, _Raw]) -> Callable[[Bdf], Bdf | None]:
+    return lambda b: raws[b].parent if b in raws else None
+
+
 def _behind_pci_bridge(raw: _Raw, raws: dict[Bdf, _Raw]) -> bool:
-    parent, seen = raw.parent, set()
-    while parent is not None and parent not in seen:
-        seen.add(parent)
-        if raws[parent].kind is Kind.PCIE_TO_PCI_BRIDGE:
-            return True
-        parent = raws[parent].parent
-    return False
+    return any(raws[b].kind is Kind.PCIE_TO_PCI_BRIDGE for b in ancestors(raw.bdf, _parent_of(raws)))
