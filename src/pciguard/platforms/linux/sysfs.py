@@ -143,10 +143,6 @@ class Fs:
             self._note(rel, "link", target)
         return target
 
-    def text(self, rel: str) -> str | None:
-        data = self.read_bytes(rel)
-        return None if data is None else data.decode("utf-8", "replace").strip()
-
     def listdir(self, rel: str) -> list[str]:
         try:
             names = sorted(os.listdir(f"{self.root}/{rel}"))
@@ -229,16 +225,17 @@ class _Reader:
         self.notes = _Notes()
 
     # -- small helpers that turn OSErrors into notes -------------------------------
-    def _text(self, rel: str, hides: str = "") -> str | None:
-        try:
-            return self.fs.text(rel)
-        except OSError as exc:
-            self.notes.cannot_read(rel, exc, hides or "this value")
-            return None
+    def _text(self, rel: str, hides: str = "this value", directory: int | None = None) -> str | None:
+        data = self._bytes(rel, hides, directory)
+        return None if data is None else data.decode("utf-8", "replace").strip()
 
-    def _bytes(self, rel: str, hides: str) -> bytes | None:
+    def _bytes(self, rel: str, hides: str, directory: int | None = None) -> bytes | None:
+        """``directory``: an Fs.open_dir of rel's folder, to read through."""
         try:
-            return self.fs.read_bytes(rel)
+            if directory is None:
+                return self.fs.read_bytes(rel)
+            folder, _, name = rel.rpartition("/")
+            return self.fs.read_in(directory, folder, name)
         except OSError as exc:
             self.notes.cannot_read(rel, exc, hides)
             return None
@@ -253,14 +250,12 @@ class _Reader:
             self.notes.problem(rel, f"expected a hexadecimal number, found {text[:40]!r}")
             return None
 
-    def _link_name(self, rel: str) -> str | None:
-        return self.fs.link_name(rel)
-
     # -- the whole reading ---------------------------------------------------------
     def read(self, name: str | None) -> Reading:
         raws = self._pci_functions()
         critical = self._host_critical(raws)
-        topology = self._topology(raws, critical)
+        release = self._text("proc/sys/kernel/osrelease")
+        topology = self._topology(raws, critical, release or "")
         critical = {b: why for b, why in critical.items() if b in topology}
         groups = self._kernel_groups(raws, topology)
         interrupts = self._text("proc/interrupts", "whether interrupt remapping is in use")
@@ -275,7 +270,7 @@ class _Reader:
         hostname = name or self._text("proc/sys/kernel/hostname") or "this host"
         host = Host(hostname, arch, topology, units, kernel_groups=groups)
         facts = KernelFacts(
-            release=self._text("proc/sys/kernel/osrelease"),
+            release=release,
             iommu_switches=switches,
             firmware_table="DMAR" if dmar else "IVRS" if ivrs else None,
             firmware_units=len(dmar.drhds) if dmar else len(ivrs.units) if ivrs else 0,
@@ -360,19 +355,10 @@ class _Reader:
         raw = _Raw(bdf, path)
         try:
 
-            def text(name: str, hides: str = "this value") -> str | None:
-                try:
-                    data = fs.read_in(directory, path, name)
-                except OSError as exc:
-                    self.notes.cannot_read(f"{path}/{name}", exc, hides)
-                    return None
-                return None if data is None else data.decode("utf-8", "replace").strip()
+            def text(name: str) -> str | None:
+                return self._text(f"{path}/{name}", directory=directory)
 
-            try:
-                data = fs.read_in(directory, path, "config")
-            except OSError as exc:
-                self.notes.cannot_read(f"{path}/config", exc, "this function's capabilities")
-                data = None
+            data = self._bytes(f"{path}/config", "this function's capabilities", directory)
             if data is not None:
                 cfg = raw.config = parse_config(data)
                 for message in cfg.problems:
@@ -417,18 +403,17 @@ class _Reader:
             raw.class_code = (
                 class_code if class_code is not None else raw.config.class_code if raw.config else 0
             )
-            physfn = self._link_name(f"{path}/physfn")
+            physfn = self.fs.link_name(f"{path}/physfn")
             if physfn is not None and _BDF_NAME.match(physfn):
                 raw.physfn = Bdf.parse(physfn)
             if raw.class_code >> 16 == 0x03:
                 raw.boot_vga = self._text(f"{path}/boot_vga") == "1"
 
-    def _topology(self, raws: dict[Bdf, _Raw], critical: dict[Bdf, str]) -> Topology:
+    def _topology(self, raws: dict[Bdf, _Raw], critical: dict[Bdf, str], release: str) -> Topology:
         children: dict[Bdf, list[_Raw]] = {}
         for raw in raws.values():
             if raw.parent is not None:
                 children.setdefault(raw.parent, []).append(raw)
-        release = self._text("proc/sys/kernel/osrelease") or ""
         trusts_missing_reset = _kernel_at_least(release, (5, 15))
         parent_of = _parent_of(raws)
         for raw in sorted(raws.values(), key=lambda r: len(ancestors(r.bdf, parent_of))):
