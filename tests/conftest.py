@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
+pytest_plugins = ["lab.fixtures"]  # the real-kernel lab's machines (tests/lab)
+
 
 def bdf(text: str) -> Bdf:
     return Bdf.parse(text)

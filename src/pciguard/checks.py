@@ -113,8 +113,7 @@ def device_reasons(host: Host, bdf: Bdf, options: Options) -> list[Reason]:
         shared = [
             region
             for region in fn.reserved_regions
-            for other in host.topology.values()
-            if other.bdf != bdf and region in other.reserved_regions
+            if any(other.bdf != bdf and region in other.reserved_regions for other in host.topology.values())
         ]
         if options.rmrr is RmrrPolicy.STRICT or shared:
             regions = ", ".join(map(str, shared or fn.reserved_regions))

@@ -20,7 +20,7 @@ from pciguard.model.kernel import KernelFacts
 from pciguard.model.ownership import State
 from pciguard.toolstack import Toolstack
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 
 class Severity(StrEnum):
@@ -84,12 +84,30 @@ class InputProblemEntry(BaseModel):
     message: str
 
 
+class IommuEntry(BaseModel):
+    name: str
+    dma_remapping: str  # enabled, disabled, absent, unknown
+    interrupt_remapping: str
+    msi_controller: str | None  # ARM: the MSI controller behind the SMMU
+
+
+class FirmwareEntry(BaseModel):
+    """What the firmware's IOMMU table says, as read on a real host."""
+
+    table: str | None  # DMAR or IVRS; None: there is none, or it could not be read
+    units: int  # remapping units it describes
+    flags: list[str]  # DMAR flags by name (INTR_REMAP, X2APIC_OPT_OUT, DMA_CTRL_PLATFORM_OPT_IN)
+    preboot_dma_protection: bool | None  # None: could not tell
+
+
 class AuditReport(BaseModel):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     host: str
     arch: str
     source: str
     findings: list[Finding]
+    iommus: list[IommuEntry] = []  # the remapping units in use, with what each does
+    firmware: FirmwareEntry | None = None  # None: not audited from a real host
     unsafe_overrides: list[str]
     groups: list[GroupEntry]
     limitations: list[Limitation] = []  # what could not be read, and what that hides
@@ -255,6 +273,23 @@ def audit_host(
         arch=host.arch.value,
         source=source,
         findings=findings,
+        iommus=[
+            IommuEntry(
+                name=u.name,
+                dma_remapping=u.dma_remapping.value,
+                interrupt_remapping=u.interrupt_remapping.value,
+                msi_controller=u.msi_controller.value if u.msi_controller else None,
+            )
+            for u in host.iommus
+        ],
+        firmware=FirmwareEntry(
+            table=facts.firmware_table,
+            units=facts.firmware_units,
+            flags=list(facts.firmware_flags),
+            preboot_dma_protection=facts.preboot_dma_protection,
+        )
+        if facts
+        else None,
         unsafe_overrides=unsafe,
         groups=[g for g in groups if g.members],
         limitations=[Limitation(path=u.path, why=u.why, hides=u.hides) for u in facts.unreadable]

@@ -28,7 +28,7 @@ def test_audit_json_follows_the_schema() -> None:
     result = runner.invoke(app, ["audit", "-p", str(EXAMPLES / "server.yaml"), "--json"])
     assert result.exit_code == 0
     report = json.loads(result.output)
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     verdicts = {g["number"]: g["verdict"] for g in report["groups"]}
     pf_group = next(g for g in report["groups"] if any(m["bdf"] == "0000:12:00.0" for m in g["members"]))
     assert pf_group["verdict"] == "not-assignable"

@@ -126,6 +126,19 @@ def render(report: AuditReport, show_all: bool = False) -> None:
     out.print(
         Text.assemble(("pciguard audit", "bold"), f" of {report.host} ({report.arch}) from {report.source}")
     )
+    facts = [
+        f"IOMMU {u.name}: DMA remapping {u.dma_remapping}, interrupt remapping {u.interrupt_remapping}"
+        + (f", MSIs through {u.msi_controller}" if u.msi_controller else "")
+        for u in report.iommus
+    ]
+    fw = report.firmware
+    if fw and fw.table:
+        flags = ", ".join(fw.flags) or "none"
+        facts.append(f"firmware {fw.table}: {fw.units} remapping unit(s), flags: {flags}")
+    if facts:
+        out.print()
+        for line in facts:
+            out.print(line)
     if report.findings:
         out.print()
         for f in report.findings:

@@ -609,13 +609,13 @@ class _Reader:
         # attribute (or that could not be read) are charged to every endpoint of the group.
         for group in groups or ():
             rel = f"{IOMMU_GROUPS}/{group.number}/reserved_regions"
-            for start, end in self._direct_regions(rel):
+            for start, end, kind in self._direct_regions(rel):
                 attributed = any(
                     r.start == start and r.end == end for m in group.members for r in regions.get(m, ())
                 )
                 if not attributed:
                     for bdf in group.members:
-                        give(bdf, ReservedRegion("direct", start, end))
+                        give(bdf, ReservedRegion(kind, start, end))
         if not regions:
             return topology
         return Topology(
@@ -625,7 +625,10 @@ class _Reader:
             }
         )
 
-    def _direct_regions(self, rel: str) -> list[tuple[int, int]]:
+    def _direct_regions(self, rel: str) -> list[tuple[int, int, str]]:
+        """A group's 1:1 regions, named by the kernel's type: ``direct``, or
+        ``direct-relaxable`` (ISA floppy workaround, USB and GPU RMRRs), which VFIO may
+        leave unmapped for a guest."""
         out = []
         for number, line in enumerate((self._text(rel) or "").splitlines(), 1):
             words = line.split()
@@ -635,7 +638,7 @@ class _Reader:
                 self.notes.problem(f"{rel}:{number}", f"expected 'START END TYPE', found {line[:60]!r}")
                 continue
             if kind in ("direct", "direct-relaxable"):
-                out.append((start, end))
+                out.append((start, end, kind))
         return out
 
     # -- host facts ----------------------------------------------------------------

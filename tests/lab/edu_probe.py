@@ -1,0 +1,174 @@
+"""A user-space DMA probe for QEMU's ``edu`` device: does a DMA the device makes into a
+chosen page of host memory land, or does the IOMMU block it?
+
+The probe needs no driver: it enables bus mastering through the device's ``config``
+file, drives the DMA engine through ``resource0``, and finds the physical address of a
+locked page of its own through ``/proc/self/pagemap``. The device first reads a random
+pattern from one page into its buffer, then writes its buffer to a second, zeroed page.
+The verdict rests on evidence, not on log text: whether the pattern arrived in the
+second page, and how many DMAR fault interrupts ``/proc/interrupts`` counted meanwhile.
+
+Run as root inside the lab guest: ``python3 edu_probe.py 0000:01:00.0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import re
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+EDU_IDS = ("0x1234", "0x11e8")
+EDU_IDENT = 0x010000ED
+REG_IDENT, REG_DMA_SRC, REG_DMA_DST, REG_DMA_COUNT, REG_DMA_CMD = 0x00, 0x80, 0x88, 0x90, 0x98
+DMA_RUN, DMA_DEVICE_TO_RAM = 0x1, 0x2  # direction bit clear: RAM to the device buffer
+DEVICE_BUFFER = 0x40000  # the edu's 4 KiB DMA buffer, in the device's own address space
+PAGE = 4096
+PATTERN_BYTES = 256
+MAP_LOCKED = 0x2000  # x86; not exported by the mmap module
+COMMAND_MEMORY, COMMAND_BUS_MASTER = 0x2, 0x4
+
+
+@dataclass(frozen=True)
+class Probe:
+    bdf: str
+    verdict: str  # LANDED, BLOCKED or INCONCLUSIVE
+    target: int  # physical address of the page the device was told to write
+    bytes_arrived: int  # how many of the pattern's bytes arrived there
+    dmar_faults: int  # DMAR fault interrupts counted during the probe
+    why: str
+
+
+class ProbeError(Exception):
+    """The probe could not run (wrong device, not root, ...)."""
+
+
+def dmar_fault_interrupts(interrupts: str | None = None) -> int:
+    """Sum over CPUs of the DMAR fault interrupt lines of /proc/interrupts."""
+    text = Path("/proc/interrupts").read_text() if interrupts is None else interrupts
+    lines = text.splitlines()
+    cpus = len(lines[0].split()) if lines else 0
+    total = 0
+    for line in lines[1:]:
+        if "DMAR" in line:
+            total += sum(int(n) for n in line.split()[1 : 1 + cpus] if n.isdigit())
+    return total
+
+
+def physical_address(virtual: int) -> int:
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(virtual // PAGE * 8)
+        (entry,) = struct.unpack("<Q", pagemap.read(8))
+    pfn = entry & ((1 << 55) - 1)
+    if not entry >> 63 or pfn == 0:
+        raise ProbeError("pagemap gave no physical address (not present, or not root)")
+    return pfn * PAGE + virtual % PAGE
+
+
+def _enable_bus_mastering(device: Path) -> None:
+    if (device / "enable").read_text().strip() == "0":
+        (device / "enable").write_text("1")
+    with open(device / "config", "r+b", buffering=0) as config:
+        config.seek(4)
+        command = int.from_bytes(config.read(2), "little")
+        config.seek(4)
+        config.write((command | COMMAND_MEMORY | COMMAND_BUS_MASTER).to_bytes(2, "little"))
+
+
+class Edu:
+    """The edu's registers, through 32-bit accesses only (it ignores narrower ones)."""
+
+    def __init__(self, resource: Path) -> None:
+        fd = os.open(resource, os.O_RDWR | os.O_SYNC)
+        try:
+            self._map = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._regs = memoryview(self._map).cast("I")
+
+    def read(self, offset: int) -> int:
+        return int(self._regs[offset // 4])
+
+    def write(self, offset: int, value: int) -> None:
+        self._regs[offset // 4] = value
+
+    def dma(self, src: int, dst: int, count: int, cmd: int, timeout: float = 5.0) -> bool:
+        """Run one DMA; False if the engine did not finish in time."""
+        for offset, value in ((REG_DMA_SRC, src), (REG_DMA_DST, dst), (REG_DMA_COUNT, count)):
+            if value >= 1 << 32:
+                raise ProbeError(f"address {value:#x} needs more than 32 bits")
+            self.write(offset, value)
+        self.write(REG_DMA_CMD, cmd | DMA_RUN)
+        deadline = time.monotonic() + timeout
+        while self.read(REG_DMA_CMD) & DMA_RUN:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        self._regs.release()
+        self._map.close()
+
+
+def probe(bdf: str, sysfs: Path = Path("/sys")) -> Probe:
+    device = sysfs / "bus" / "pci" / "devices" / bdf
+    ids = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
+    if ids != EDU_IDS:
+        raise ProbeError(f"{bdf} is {ids[0]}:{ids[1]}, not an edu device")
+    _enable_bus_mastering(device)
+    edu = Edu(device / "resource0")
+    pages = mmap.mmap(-1, 2 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE | MAP_LOCKED)
+    try:
+        if edu.read(REG_IDENT) != EDU_IDENT:
+            raise ProbeError(f"{bdf}: identification register reads {edu.read(REG_IDENT):#x}")
+        pattern = os.urandom(PATTERN_BYTES)
+        pages[:PATTERN_BYTES] = pattern
+        pages[PAGE : 2 * PAGE] = bytes(PAGE)
+        anchor = ctypes.c_char.from_buffer(pages)
+        source = physical_address(ctypes.addressof(anchor))
+        target = physical_address(ctypes.addressof(anchor) + PAGE)
+        del anchor
+        before = dmar_fault_interrupts()
+        finished = edu.dma(source, DEVICE_BUFFER, PATTERN_BYTES, 0) and edu.dma(
+            DEVICE_BUFFER, target, PATTERN_BYTES, DMA_DEVICE_TO_RAM
+        )
+        time.sleep(0.2)  # let the fault interrupt be handled
+        faults = dmar_fault_interrupts() - before
+        written = pages[PAGE : PAGE + PATTERN_BYTES]
+        arrived = sum(a == b for a, b in zip(written, pattern, strict=True))
+    finally:
+        edu.close()
+        pages.close()
+    if not finished:
+        verdict, why = "INCONCLUSIVE", "the DMA engine did not finish"
+    elif written == pattern and faults == 0:
+        verdict, why = "LANDED", "the pattern arrived and the IOMMU reported no fault"
+    elif written == bytes(PATTERN_BYTES) and faults > 0:
+        verdict, why = "BLOCKED", "nothing arrived and the IOMMU reported DMA faults"
+    else:
+        verdict, why = "INCONCLUSIVE", f"{arrived} of {PATTERN_BYTES} bytes arrived with {faults} DMAR faults"
+    return Probe(bdf, verdict, target, arrived, faults, why)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not re.fullmatch(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", argv[0]):
+        print("usage: edu_probe.py DOMAIN:BUS:DEVICE.FUNCTION", file=sys.stderr)
+        return 2
+    try:
+        result = probe(argv[0])
+    except (ProbeError, OSError) as exc:
+        print(f"edu_probe: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)))
+    return 0 if result.verdict != "INCONCLUSIVE" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

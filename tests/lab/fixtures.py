@@ -1,0 +1,89 @@
+"""The lab's fixtures, a plugin tests/conftest.py loads: every machine boots once per
+test session, all at the same time (one virtual CPU each), and each test reads what its
+guest brought back.
+
+Without QEMU and no way to install it (not root), the lab tests are skipped with the
+reason; with ``PCIGUARD_LAB=required`` (as in CI) that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from lab.kit import LabUnavailable, prepare
+from lab.machines import MACHINES, Boot, Outcome, finish, start
+
+
+class Lab:
+    def __init__(self, boots: dict[str, Boot]) -> None:
+        self._boots = boots
+        self._outcomes: dict[str, Outcome] = {}
+
+    def __getitem__(self, name: str) -> Outcome:
+        if name not in self._outcomes:
+            self._outcomes[name] = finish(self._boots[name])
+        return self._outcomes[name]
+
+    def stop(self) -> None:
+        for boot in self._boots.values():
+            if boot.process.poll() is None:
+                boot.process.kill()
+                boot.process.wait()
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    try:
+        kit = prepare()
+    except LabUnavailable as exc:
+        if os.environ.get("PCIGUARD_LAB") == "required":
+            pytest.fail(f"the lab is required but cannot run: {exc}")
+        pytest.skip(f"lab unavailable: {exc}")
+    root = tmp_path_factory.mktemp("lab")
+    running = Lab({m.name: start(kit, m, root / m.name) for m in MACHINES})
+    yield running
+    running.stop()
+
+
+def _outcome(lab: Lab, name: str) -> Outcome:
+    outcome = lab[name]
+    assert outcome.result is not None, (
+        f"guest {name} brought nothing back (exit {outcome.exit_code}); console:\n{outcome.console[-4000:]}"
+    )
+    return outcome
+
+
+@pytest.fixture
+def topologies(lab: Lab) -> Outcome:
+    return _outcome(lab, "topologies")
+
+
+@pytest.fixture
+def passthrough(lab: Lab) -> Outcome:
+    return _outcome(lab, "iommu-pt")
+
+
+@pytest.fixture
+def no_intremap(lab: Lab) -> Outcome:
+    return _outcome(lab, "intremap-off")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The lab's own closing line, whatever else the session ran."""
+    counts = {}
+    for outcome in ("passed", "failed", "error", "skipped"):
+        reports = terminalreporter.stats.get(outcome, [])
+        counts[outcome] = sum(
+            1 for r in reports if getattr(r, "when", "call") in ("call", "setup") and _in_lab(r.nodeid)
+        )
+    if any(counts.values()):
+        failed = counts["failed"] + counts["error"]
+        line = f"lab: {counts['passed']} passed, {failed} failed"
+        terminalreporter.write_line(line + (f", {counts['skipped']} skipped" if counts["skipped"] else ""))
+
+
+def _in_lab(nodeid: str) -> bool:
+    return nodeid.split("::", 1)[0].replace("\\", "/").startswith("tests/lab/") or nodeid.startswith("lab/")

@@ -1,0 +1,154 @@
+"""Runs inside the lab guest (chrooted into the host's read-only root, with the guest's
+own /proc, /sys and /dev): carries out the steps of a plan written by the host and
+writes what each gave to ``result.json`` beside the plan.
+
+Ground truth is read here with plain code that shares nothing with pciguard's reader,
+so that the host-side tests compare pciguard with the kernel, not with itself.
+
+Devices are named in the plan by where they sit, since bus numbers are the firmware's
+choice: ``00:10.0/00.0`` is function 00.0 on the secondary bus of the root port at
+0000:00:10.0; each further ``/DD.F`` goes one bridge deeper.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lab.edu_probe import probe
+
+SYS_DEVICES = Path("/sys/devices/pci0000:00")
+IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
+DMAR = Path("/sys/firmware/acpi/tables/DMAR")
+USER_PYTHON_PREFIX = Path("/run/python")
+DMAR_FLAGS_OFFSET = 37  # after the 36-byte ACPI header and the host address width
+
+
+def locate(locator: str) -> str | None:
+    """The BDF of the function a locator names, or None if nothing is there."""
+    first, *rest = locator.split("/")
+    here = SYS_DEVICES / f"0000:{first}"
+    for step in rest:
+        name = re.compile(rf"[0-9a-f]{{4}}:[0-9a-f]{{2}}:{re.escape(step)}")
+        below = [p for p in here.iterdir() if name.fullmatch(p.name)]
+        if len(below) != 1:
+            return None
+        here = below[0]
+    return here.name if here.exists() else None
+
+
+def kernel_groups() -> dict[str, Any]:
+    groups = {}
+    for group in IOMMU_GROUPS.iterdir() if IOMMU_GROUPS.exists() else ():
+        kind = group / "type"
+        groups[group.name] = {
+            "type": kind.read_text().strip() if kind.exists() else None,
+            "devices": sorted(d.name for d in (group / "devices").iterdir()),
+        }
+    return groups
+
+
+def drivers() -> dict[str, str | None]:
+    out = {}
+    for device in Path("/sys/bus/pci/devices").iterdir():
+        driver = device / "driver"
+        out[device.name] = os.readlink(driver).rsplit("/", 1)[-1] if driver.exists() else None
+    return out
+
+
+def dmesg() -> list[str]:
+    """The kernel log as it stands, from /dev/kmsg (records, not a rate-limited console)."""
+    lines = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                record = os.read(fd, 8192).decode("utf-8", "replace")
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    break
+                if exc.errno == errno.EPIPE:  # overwritten while reading: skip ahead
+                    continue
+                raise
+            lines.append(record.split(";", 1)[-1].split("\n", 1)[0])
+    finally:
+        os.close(fd)
+    return lines
+
+
+def pciguard(args: list[str], user: int | None = None) -> dict[str, Any]:
+    """Run the pciguard command, as root or as ``user``. An ordinary user cannot reach an
+    interpreter under /root, so run.sh also mounts the interpreter's prefix at
+    ``USER_PYTHON_PREFIX``."""
+    python = [sys.executable]
+    if user is not None:
+        # Seen in the lab: run by an ordinary user from the bound prefix, the interpreter's
+        # frozen ``site`` module looked for dist-packages and missed site-packages.
+        bound = USER_PYTHON_PREFIX / Path(sys.executable).relative_to(sys.prefix)
+        python = [str(bound), "-X", "frozen_modules=off"]
+
+    def drop() -> None:
+        if user is not None:
+            os.setgroups([])
+            os.setgid(user)
+            os.setuid(user)
+
+    done = subprocess.run([*python, "-m", "pciguard", *args], capture_output=True, text=True, preexec_fn=drop)
+    result: dict[str, Any] = {"exit": done.returncode, "stderr": done.stderr}
+    try:
+        result["json"] = json.loads(done.stdout)
+    except ValueError:
+        result["output"] = done.stdout
+    return result
+
+
+def ground_truth() -> dict[str, Any]:
+    return {
+        "groups": kernel_groups(),
+        "drivers": drivers(),
+        "interrupts": Path("/proc/interrupts").read_text(),
+        "cmdline": Path("/proc/cmdline").read_text().strip(),
+        "dmar_flags": DMAR.read_bytes()[DMAR_FLAGS_OFFSET] if DMAR.exists() else None,
+        "dmesg": dmesg(),
+    }
+
+
+def set_group_type(bdf: str, kind: str) -> dict[str, Any]:
+    group = Path(os.readlink(Path("/sys/bus/pci/devices") / bdf / "iommu_group")).name
+    (IOMMU_GROUPS / group / "type").write_text(kind)
+    return {"group": group, "type": (IOMMU_GROUPS / group / "type").read_text().strip()}
+
+
+def run(plan_path: Path) -> dict[str, Any]:
+    plan = json.loads(plan_path.read_text())
+    out = plan_path.parent
+    devices = {name: locate(locator) for name, locator in plan["devices"].items()}
+    results: dict[str, Any] = {"devices": devices, "steps": {}, "errors": {}}
+    actions: dict[str, Callable[[dict[str, Any]], Any]] = {
+        "truth": lambda step: ground_truth(),
+        "audit": lambda step: pciguard(["audit", "--json"], step.get("user")),
+        "audit-table": lambda step: pciguard(["audit"]),
+        "snapshot": lambda step: pciguard(["snapshot", str(out / f"{step['name']}.tar.gz")]),
+        "probe": lambda step: vars(probe(devices[step["device"]] or "absent")),
+        "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),
+    }
+    for step in plan["steps"]:
+        try:
+            results["steps"][step["name"]] = actions[step["do"]](step)
+        except Exception:
+            results["errors"][step["name"]] = traceback.format_exc()
+    return results
+
+
+if __name__ == "__main__":
+    plan_file = Path(sys.argv[1])
+    outcome = run(plan_file)
+    (plan_file.parent / "result.json").write_text(json.dumps(outcome, indent=1))

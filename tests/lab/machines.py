@@ -1,0 +1,196 @@
+"""The lab's machines and how to boot one.
+
+Each machine is a q35 PC with QEMU's emulated Intel VT-d IOMMU, booted under TCG with a
+real Debian kernel. The guest mounts the host's root read-only over 9p and chroots into
+it, so this very checkout runs inside against the guest's real sysfs; a second 9p share
+carries ``plan.json`` in and ``result.json`` (and snapshots) out.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lab.kit import Kit
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+BOOT_LIMIT = 420  # seconds; a hung guest is killed, not waited for
+EDU = "edu,dma_mask=0xffffffffff"  # the default 28-bit mask would clamp DMA addresses silently
+BASE_CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 loglevel=4"
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    devices: tuple[str, ...]  # QEMU -device arguments, in order
+    locators: dict[str, str]  # device name -> where it sits (see inside.locate)
+    steps: tuple[dict[str, Any], ...]  # what the guest does, in order
+    cmdline: str = ""  # kernel arguments beyond BASE_CMDLINE
+
+
+@dataclass
+class Boot:
+    machine: Machine
+    out: Path
+    process: subprocess.Popen[bytes]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    machine: Machine
+    out: Path
+    exit_code: int
+    console: str
+    result: dict[str, Any] | None  # None: the guest wrote nothing back
+
+    def step(self, name: str) -> Any:
+        assert self.result is not None, f"{self.machine.name}: no result\n{self.console[-3000:]}"
+        error = self.result["errors"].get(name)
+        assert error is None, f"{self.machine.name}: step {name} failed in the guest:\n{error}"
+        return self.result["steps"][name]
+
+    def bdf(self, device: str) -> str:
+        assert self.result is not None
+        found = self.result["devices"][device]
+        assert found, f"{self.machine.name}: no device at {self.machine.locators[device]}"
+        return str(found)
+
+
+def qemu_argv(kit: Kit, machine: Machine, out: Path) -> list[str]:
+    argv = [
+        "timeout", "--kill-after=10", str(BOOT_LIMIT),
+        str(kit.qemu), "-accel", "tcg,thread=multi", "-machine", "q35,kernel-irqchip=split",
+        "-cpu", "qemu64", "-smp", "1", "-m", "1024", "-nodefaults",
+        "-device", "intel-iommu,intremap=on",
+        "-display", "none", "-no-reboot", "-monitor", "none",
+        "-serial", f"file:{out / 'console.log'}",
+        "-kernel", str(kit.vmlinux), "-initrd", str(kit.initramfs),
+        "-append", f"{BASE_CMDLINE} {machine.cmdline}".strip(),
+        "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={out},mount_tag=results,security_model=none",
+    ]  # fmt: skip
+    for device in machine.devices:
+        argv += ["-device", device]
+    return argv
+
+
+def guest_script(out: Path) -> str:
+    """run.sh: from the initramfs into the host's root, with the guest's own kernel views."""
+    py = shlex.quote(sys.executable)
+    paths = shlex.quote(f"{CHECKOUT / 'src'}:{CHECKOUT / 'tests'}")
+    target = shlex.quote(f"/host{out}")
+    return f"""set -u
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || exit 1
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t devtmpfs devtmpfs /host/dev
+mount -t tmpfs tmpfs /host/run
+mkdir /host/run/python && mount -o bind /host{shlex.quote(sys.prefix)} /host/run/python
+mount -o bind /out {target}
+chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/run TMPDIR=/run PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONPATH={paths} {py} -m lab.inside {shlex.quote(str(out / "plan.json"))}
+"""
+
+
+def start(kit: Kit, machine: Machine, out: Path) -> Boot:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps({"devices": machine.locators, "steps": machine.steps}))
+    (out / "run.sh").write_text(guest_script(out))
+    log = open(out / "qemu.log", "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(qemu_argv(kit, machine, out), stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return Boot(machine, out, process)
+
+
+def finish(boot: Boot) -> Outcome:
+    exit_code = boot.process.wait()
+    result_file = boot.out / "result.json"
+    console_file = boot.out / "console.log"
+    console = console_file.read_text(errors="replace") if console_file.exists() else ""
+    qemu_log = (boot.out / "qemu.log").read_text(errors="replace")
+    return Outcome(
+        machine=boot.machine,
+        out=boot.out,
+        exit_code=exit_code,
+        console=console + ("\n[qemu] " + qemu_log if qemu_log.strip() else ""),
+        result=json.loads(result_file.read_text()) if result_file.exists() else None,
+    )
+
+
+# Devices under separate ACS root ports, a switch under a root port without ACS
+# (ioh3420), and a PCIe-to-PCI bridge with two conventional devices, in one machine.
+# Plus an e1000e NIC, a device a real host driver binds.
+TOPOLOGIES = Machine(
+    name="topologies",
+    devices=(
+        "pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10",
+        f"{EDU},id=edu1,bus=rp1",
+        "pcie-root-port,id=rp2,chassis=2,slot=2,bus=pcie.0,addr=0x11",
+        f"{EDU},id=edu2,bus=rp2",
+        "ioh3420,id=rp3,chassis=3,slot=3,bus=pcie.0,addr=0x12",
+        "x3130-upstream,id=up,bus=rp3",
+        "xio3130-downstream,id=dn1,bus=up,addr=0x0,chassis=4,slot=4",
+        "xio3130-downstream,id=dn2,bus=up,addr=0x1,chassis=5,slot=5",
+        f"{EDU},id=edu3,bus=dn1",
+        f"{EDU},id=edu4,bus=dn2",
+        "pcie-root-port,id=rp4,chassis=6,slot=6,bus=pcie.0,addr=0x13",
+        "pcie-pci-bridge,id=br,bus=rp4",
+        f"{EDU},id=edu5,bus=br,addr=0x1",
+        f"{EDU},id=edu6,bus=br,addr=0x2",
+        "pcie-root-port,id=rp5,chassis=7,slot=7,bus=pcie.0,addr=0x14",
+        "e1000e,id=nic,bus=rp5",
+    ),
+    locators={
+        "rp1": "00:10.0",
+        "edu1": "00:10.0/00.0",
+        "edu2": "00:11.0/00.0",
+        "ioh3420": "00:12.0",
+        "switch-up": "00:12.0/00.0",
+        "edu3": "00:12.0/00.0/00.0/00.0",
+        "edu4": "00:12.0/00.0/01.0/00.0",
+        "pci-bridge": "00:13.0/00.0",
+        "edu5": "00:13.0/00.0/01.0",
+        "edu6": "00:13.0/00.0/02.0",
+        "nic": "00:14.0/00.0",
+    },
+    steps=(
+        {"do": "truth", "name": "truth"},
+        {"do": "audit", "name": "audit"},
+        {"do": "audit", "name": "audit-as-nobody", "user": 65534},
+        {"do": "audit-table", "name": "audit-table"},
+        {"do": "snapshot", "name": "snapshot"},
+        {"do": "probe", "name": "probe-edu1-dma", "device": "edu1"},
+        {"do": "probe", "name": "probe-edu5-dma", "device": "edu5"},
+        {"do": "group-type", "name": "edu1-to-identity", "device": "edu1", "type": "identity"},
+        {"do": "probe", "name": "probe-edu1-identity", "device": "edu1"},
+        {"do": "audit", "name": "audit-edu1-identity"},
+        {"do": "truth", "name": "truth-edu1-identity"},
+    ),
+)
+
+PASSTHROUGH = Machine(
+    name="iommu-pt",
+    cmdline="iommu=pt",
+    devices=("pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10", f"{EDU},id=edu1,bus=rp1"),
+    locators={"edu1": "00:10.0/00.0"},
+    steps=(
+        {"do": "truth", "name": "truth"},
+        {"do": "audit", "name": "audit"},
+        {"do": "probe", "name": "probe-edu1", "device": "edu1"},
+    ),
+)
+
+NO_INTREMAP = Machine(
+    name="intremap-off",
+    cmdline="intremap=off",
+    devices=PASSTHROUGH.devices,
+    locators=PASSTHROUGH.locators,
+    steps=PASSTHROUGH.steps,
+)
+
+MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP)

@@ -1,0 +1,203 @@
+"""pciguard on a real Linux kernel with an emulated Intel IOMMU (QEMU, TCG).
+
+Three guests boot once per session (see machines.py): ``topologies`` (root ports with
+ACS, a switch below a root port without ACS, a PCIe-to-PCI bridge with two conventional
+devices, an e1000e NIC), ``iommu-pt`` (booted with iommu=pt) and ``intremap-off``
+(booted with intremap=off). In each, pciguard audits the guest's real sysfs, and the
+edu DMA probe shows what the IOMMU really does with a device's DMA.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from lab.edu_probe import dmar_fault_interrupts
+from lab.machines import CHECKOUT, Outcome
+from pciguard.cli.main import app
+from pciguard.formats.platform_file import load_platform
+from pciguard.model import Host
+from pciguard.platforms.linux.snapshot import read_snapshot
+
+pytestmark = pytest.mark.lab
+
+
+def report(outcome: Outcome, step: str = "audit") -> dict[str, Any]:
+    ran = outcome.step(step)
+    assert "json" in ran, f"{outcome.machine.name}: pciguard printed no JSON:\n{ran}"
+    return dict(ran["json"])
+
+
+def reported_groups(rep: dict[str, Any]) -> dict[int, set[str]]:
+    return {g["number"]: {m["bdf"] for m in g["members"]} for g in rep["groups"] if g["number"] is not None}
+
+
+def kernel_groups(outcome: Outcome, step: str = "truth") -> dict[int, set[str]]:
+    return {int(n): set(g["devices"]) for n, g in outcome.step(step)["groups"].items()}
+
+
+def group_of(rep: dict[str, Any], bdf: str) -> dict[str, Any]:
+    (found,) = [g for g in rep["groups"] if bdf in {m["bdf"] for m in g["members"]}]
+    return dict(found)
+
+
+def codes(entries: list[dict[str, Any]]) -> set[str]:
+    return {e["code"] for e in entries}
+
+
+def snapshot_host(outcome: Outcome) -> Host:
+    return read_snapshot(outcome.out / "snapshot.tar.gz").host
+
+
+# Groups: pciguard reports the kernel's, and its own derivation agrees ------------------
+@pytest.mark.parametrize("machine", ["topologies", "passthrough", "no_intremap"])
+def test_every_group_pciguard_reports_is_the_kernels(machine: str, request: pytest.FixtureRequest) -> None:
+    outcome: Outcome = request.getfixturevalue(machine)
+    rep, truth = report(outcome), outcome.step("truth")
+    assert reported_groups(rep) == kernel_groups(outcome)
+    domains = {int(n): g["type"] for n, g in truth["groups"].items()}
+    assert {g["number"]: g["domain"] for g in rep["groups"]} == domains
+    drivers = {m["bdf"]: m["driver"] for g in rep["groups"] for m in g["members"]}
+    assert drivers == truth["drivers"]
+
+
+def test_pciguards_derivation_agrees_with_the_kernel_on_every_lab_topology(topologies: Outcome) -> None:
+    host = snapshot_host(topologies)
+    derived = {frozenset(str(b) for b in g.members) for g in host.derived_groups}
+    assert derived == {frozenset(members) for members in kernel_groups(topologies).values()}
+    assert host.groups_differing == {}
+    assert "groups-differ" not in codes(report(topologies)["findings"])
+
+
+def test_each_lab_topology_forms_the_groups_linux_documents(topologies: Outcome) -> None:
+    bdf = topologies.bdf
+    groups = {frozenset(members) for members in kernel_groups(topologies).values()}
+    assert {bdf("edu1")} in groups and {bdf("edu2")} in groups  # root ports with ACS
+    switch = {bdf("ioh3420"), bdf("switch-up"), bdf("edu3"), bdf("edu4")}
+    (switch_group,) = [g for g in groups if switch <= g]  # no ACS at the root port: one group
+    assert len(switch_group) == 6  # with the switch's two downstream ports
+    assert {bdf("pci-bridge"), bdf("edu5"), bdf("edu6")} in groups  # one requester ID behind the bridge
+    rep = report(topologies)
+    assert "no-acs" in codes(group_of(rep, bdf("edu3"))["notes"])
+    assert {"0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3"} in groups  # ICH9 functions without ACS
+
+
+def test_the_simulated_lab_platforms_predict_the_real_groups(topologies: Outcome) -> None:
+    """examples/lab/*.yaml describe the lab machines for the simulator: each of their
+    groups, by the kinds of its members, is one the real kernel formed."""
+
+    def shapes(host: Host, groups: Any) -> Counter[tuple[str, ...]]:
+        return Counter(tuple(sorted(host.topology[b].kind.value for b in g.members)) for g in groups)
+
+    real_host = snapshot_host(topologies)
+    real = shapes(real_host, real_host.groups)
+    for path in sorted((CHECKOUT / "examples" / "lab").glob("*.yaml")):
+        predicted = load_platform(path)
+        assert shapes(predicted, predicted.groups) <= real, path.name
+
+
+# Interrupt remapping and the firmware table ------------------------------------------
+def test_interrupt_remapping_is_detected_as_enabled(topologies: Outcome) -> None:
+    rep, truth = report(topologies), topologies.step("truth")
+    assert [u["interrupt_remapping"] for u in rep["iommus"]] == ["enabled"]
+    assert [u["dma_remapping"] for u in rep["iommus"]] == ["enabled"]
+    assert "no-interrupt-remapping" not in codes(rep["findings"])
+    assert any("Enabled IRQ remapping" in line for line in truth["dmesg"])  # the kernel agrees
+    assert " IR-" in truth["interrupts"]
+
+
+def test_interrupt_remapping_is_detected_as_absent_under_intremap_off(no_intremap: Outcome) -> None:
+    ran, truth = no_intremap.step("audit"), no_intremap.step("truth")
+    rep = ran["json"]
+    assert "intremap=off" in truth["cmdline"] and " IR-" not in truth["interrupts"]
+    assert [u["interrupt_remapping"] for u in rep["iommus"]] == ["disabled"]
+    assert "no-interrupt-remapping" in codes(rep["findings"]) and ran["exit"] == 1
+    edu = group_of(rep, no_intremap.bdf("edu1"))
+    assert edu["verdict"] == "not-assignable" and "msi-not-isolated" in codes(edu["reasons"])
+    assert rep["firmware"]["flags"] == ["INTR_REMAP"]  # the firmware offers it; the kernel declined
+
+
+def test_dmar_flags_are_read(topologies: Outcome) -> None:
+    firmware, flags = report(topologies)["firmware"], topologies.step("truth")["dmar_flags"]
+    assert firmware["table"] == "DMAR" and firmware["units"] == 1
+    assert ("INTR_REMAP" in firmware["flags"]) == bool(flags & 0x1)
+    assert ("X2APIC_OPT_OUT" in firmware["flags"]) == bool(flags & 0x2)
+    assert ("DMA_CTRL_PLATFORM_OPT_IN" in firmware["flags"]) == bool(flags & 0x4)
+    assert firmware["preboot_dma_protection"] is bool(flags & 0x4)
+
+
+# The ground truth the audit relies on, seen by DMA ------------------------------------
+def test_a_driverless_device_in_a_dma_domain_is_blocked_and_the_audit_agrees(topologies: Outcome) -> None:
+    for name in ("edu1", "edu5"):  # under a root port; behind a PCIe-to-PCI bridge
+        probe = topologies.step(f"probe-{name}-dma")
+        assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
+    edu1 = group_of(report(topologies), topologies.bdf("edu1"))
+    assert edu1["domain"] == "DMA" and edu1["verdict"] == "ready-after-quarantine"
+    assert "identity-domain" not in codes(edu1["reasons"])
+
+
+def test_the_same_device_in_an_identity_group_lands_and_the_audit_refuses_it(topologies: Outcome) -> None:
+    assert topologies.step("edu1-to-identity")["type"] == "identity"
+    probe = topologies.step("probe-edu1-identity")
+    assert probe["verdict"] == "LANDED" and probe["dmar_faults"] == 0, probe
+    rep = report(topologies, "audit-edu1-identity")
+    edu1 = group_of(rep, topologies.bdf("edu1"))
+    assert edu1["domain"] == "identity" and edu1["verdict"] == "not-assignable"
+    assert "identity-domain" in codes(edu1["reasons"])
+    assert "identity-domains" in codes(rep["findings"])
+    assert reported_groups(rep) == kernel_groups(topologies, "truth-edu1-identity")
+
+
+def test_under_iommu_pt_every_group_is_flagged_as_not_translating(passthrough: Outcome) -> None:
+    ran, truth = passthrough.step("audit"), passthrough.step("truth")
+    assert {g["type"] for g in truth["groups"].values()} == {"identity"}
+    rep = ran["json"]
+    assert ran["exit"] == 1 and "identity-domains" in codes(rep["findings"])
+    probe = passthrough.step("probe-edu1")
+    assert probe["verdict"] == "LANDED", probe
+    edu1 = group_of(rep, passthrough.bdf("edu1"))
+    assert edu1["verdict"] == "not-assignable" and "identity-domain" in codes(edu1["reasons"])
+
+
+def test_without_interrupt_remapping_dma_is_still_translated(no_intremap: Outcome) -> None:
+    probe = no_intremap.step("probe-edu1")
+    assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
+
+
+# Other ways of running it ---------------------------------------------------------------
+def test_an_ordinary_user_sees_the_same_groups_and_is_told_what_is_hidden(topologies: Outcome) -> None:
+    root, user = report(topologies), report(topologies, "audit-as-nobody")
+    assert reported_groups(user) == reported_groups(root)
+    hidden = {lim["path"] for lim in user["limitations"]}
+    assert {"sys/bus/pci/devices/*/config", "sys/firmware/acpi/tables/DMAR"} <= hidden
+    assert "derivation-skipped" in codes(user["findings"])
+    assert root["limitations"] == []
+
+
+def test_a_snapshot_taken_in_the_guest_gives_the_same_report_here(topologies: Outcome) -> None:
+    snapshot = topologies.out / "snapshot.tar.gz"
+    result = CliRunner().invoke(app, ["audit", "--snapshot", str(snapshot), "--json"])
+    here, there = json.loads(result.stdout), report(topologies)
+    assert here.pop("source") != there.pop("source")
+    assert here.pop("host") == "snapshot" and there.pop("host") != "snapshot"  # no host names in snapshots
+    assert here == there
+
+
+def test_the_nic_is_driven_by_its_host_driver(topologies: Outcome) -> None:
+    nic = group_of(report(topologies), topologies.bdf("nic"))
+    assert [m["driver"] for m in nic["members"]] == ["e1000e"]
+    assert nic["verdict"] == "ready-after-quarantine"
+
+
+def test_dmar_fault_interrupts_are_summed_over_cpus() -> None:
+    text = (
+        "           CPU0       CPU1\n"
+        "  0:        161          0  IR-IO-APIC    2-edge      timer\n"
+        " 24:          3          4  DMAR-MSI    0-edge      dmar0\n"
+        " 25:          1          0  DMAR-MSI    1-edge      dmar1\n"
+    )
+    assert dmar_fault_interrupts(text) == 8
