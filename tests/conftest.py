@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,31 @@ devices:
 @pytest.fixture
 def no_iommu_host() -> Host:
     return parse_platform(NO_IOMMU_HOST, "no-iommu")
+
+
+def as_nobody(action: Callable[[], object]) -> str:
+    """Run ``action`` in a forked child that dropped to uid and gid 65534 (an ordinary
+    user); return ``str`` of what it returned, or of the exception it raised."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            answer = str(action())
+        except BaseException as exc:
+            answer = f"{type(exc).__name__}: {exc}"
+        os.write(write, answer.encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
 
 
 # -- Linux hosts: simulated hosts rendered as fake sysfs trees (tests/fakesys.py) --

@@ -46,9 +46,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("machines", nargs="*", choices=[[], *names], default=names, metavar="MACHINE")
+    parser.add_argument(
+        "machines", nargs="*", metavar="MACHINE", help=f"any of {', '.join(names)} (default: all)"
+    )
     parser.add_argument("--out", type=Path, help="where results go (default: a new temp folder)")
     args = parser.parse_args()
+    if unknown := set(args.machines) - set(names):
+        parser.error(f"no machine named {', '.join(sorted(unknown))}; there are {', '.join(names)}")
+    chosen = args.machines or names
     try:
         kit = prepare()
     except LabUnavailable as exc:
@@ -56,7 +61,7 @@ def main() -> int:
         return 2
     out = args.out or Path(tempfile.mkdtemp(prefix="pciguard-lab-"))
     began = time.monotonic()
-    boots = [start(kit, m, out / m.name) for m in MACHINES if m.name in args.machines]
+    boots = [start(kit, m, out / m.name) for m in MACHINES if m.name in chosen]
     for boot in boots:
         show(finish(boot))
     print(f"{len(boots)} machine(s) in {time.monotonic() - began:.0f} s")

@@ -72,7 +72,9 @@ def physical_address(virtual: int) -> int:
 
 
 def _enable_bus_mastering(device: Path) -> None:
-    if (device / "enable").read_text().strip() == "0":
+    # The kernel lets user space enable only a device no driver holds (vfio-pci enables
+    # its devices when opened); the command register below is what DMA needs.
+    if not (device / "driver").exists() and (device / "enable").read_text().strip() == "0":
         (device / "enable").write_text("1")
     with open(device / "config", "r+b", buffering=0) as config:
         config.seek(4)

@@ -136,6 +136,7 @@ def run(plan_path: Path) -> dict[str, Any]:
         "truth": lambda step: ground_truth(),
         "audit": lambda step: pciguard(["audit", "--json"], step.get("user")),
         "audit-table": lambda step: pciguard(["audit"]),
+        "pciguard": lambda step: pciguard([arg.format(**devices) for arg in step["args"]]),
         "snapshot": lambda step: pciguard(["snapshot", str(out / f"{step['name']}.tar.gz")]),
         "probe": lambda step: vars(probe(devices[step["device"]] or "absent")),
         "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),

@@ -22,6 +22,7 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 BOOT_LIMIT = 420  # seconds; a hung guest is killed, not waited for
 EDU = "edu,dma_mask=0xffffffffff"  # the default 28-bit mask would clamp DMA addresses silently
 BASE_CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 loglevel=4"
+STATE = ("--state-dir", "/run/pciguard")  # the journal, on the guest's tmpfs
 
 
 @dataclass(frozen=True)
@@ -170,27 +171,38 @@ TOPOLOGIES = Machine(
         {"do": "probe", "name": "probe-edu1-identity", "device": "edu1"},
         {"do": "audit", "name": "audit-edu1-identity"},
         {"do": "truth", "name": "truth-edu1-identity"},
+        # Enforcement: quarantine a driver-less edu and the e1000e NIC, then give them back.
+        {"do": "pciguard", "name": "quarantine-edu2", "args": ["quarantine", "{edu2}", *STATE]},
+        {"do": "pciguard", "name": "quarantine-nic", "args": ["quarantine", "{nic}", *STATE]},
+        {"do": "probe", "name": "probe-edu2-quarantined", "device": "edu2"},
+        {"do": "audit", "name": "audit-quarantined"},
+        {"do": "truth", "name": "truth-quarantined"},
+        {"do": "pciguard", "name": "unquarantine-nic", "args": ["unquarantine", "{nic}", *STATE]},
+        {"do": "pciguard", "name": "unquarantine-edu2", "args": ["unquarantine", "{edu2}", *STATE]},
+        {"do": "truth", "name": "truth-unquarantined"},
+        {"do": "pciguard", "name": "journal", "args": ["journal", *STATE]},
     ),
 )
 
-PASSTHROUGH = Machine(
-    name="iommu-pt",
-    cmdline="iommu=pt",
-    devices=("pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10", f"{EDU},id=edu1,bus=rp1"),
-    locators={"edu1": "00:10.0/00.0"},
-    steps=(
-        {"do": "truth", "name": "truth"},
-        {"do": "audit", "name": "audit"},
-        {"do": "probe", "name": "probe-edu1", "device": "edu1"},
-    ),
+ONE_EDU = ("pcie-root-port,id=rp1,chassis=1,slot=1,bus=pcie.0,addr=0x10", f"{EDU},id=edu1,bus=rp1")
+ONE_EDU_STEPS = (
+    {"do": "truth", "name": "truth"},
+    {"do": "audit", "name": "audit"},
+    {"do": "probe", "name": "probe-edu1", "device": "edu1"},
+    {"do": "pciguard", "name": "quarantine-edu1", "args": ["quarantine", "{edu1}", *STATE]},
+    {"do": "truth", "name": "truth-after-quarantine"},
+    {"do": "probe", "name": "probe-edu1-after-quarantine", "device": "edu1"},
 )
 
-NO_INTREMAP = Machine(
-    name="intremap-off",
-    cmdline="intremap=off",
-    devices=PASSTHROUGH.devices,
-    locators=PASSTHROUGH.locators,
-    steps=PASSTHROUGH.steps,
-)
+
+def one_edu(name: str, cmdline: str) -> Machine:
+    """One edu under a root port, on a kernel booted with ``cmdline``."""
+    return Machine(
+        name=name, cmdline=cmdline, devices=ONE_EDU, locators={"edu1": "00:10.0/00.0"}, steps=ONE_EDU_STEPS
+    )
+
+
+PASSTHROUGH = one_edu("iommu-pt", "iommu=pt")
+NO_INTREMAP = one_edu("intremap-off", "intremap=off")
 
 MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP)

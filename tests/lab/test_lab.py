@@ -112,7 +112,7 @@ def test_interrupt_remapping_is_detected_as_enabled(topologies: Outcome) -> None
 
 def test_interrupt_remapping_is_detected_as_absent_under_intremap_off(no_intremap: Outcome) -> None:
     ran, truth = no_intremap.step("audit"), no_intremap.step("truth")
-    rep = ran["json"]
+    rep = report(no_intremap)
     assert "intremap=off" in truth["cmdline"] and " IR-" not in truth["interrupts"]
     assert [u["interrupt_remapping"] for u in rep["iommus"]] == ["disabled"]
     assert "no-interrupt-remapping" in codes(rep["findings"]) and ran["exit"] == 1
@@ -155,7 +155,7 @@ def test_the_same_device_in_an_identity_group_lands_and_the_audit_refuses_it(top
 def test_under_iommu_pt_every_group_is_flagged_as_not_translating(passthrough: Outcome) -> None:
     ran, truth = passthrough.step("audit"), passthrough.step("truth")
     assert {g["type"] for g in truth["groups"].values()} == {"identity"}
-    rep = ran["json"]
+    rep = report(passthrough)
     assert ran["exit"] == 1 and "identity-domains" in codes(rep["findings"])
     probe = passthrough.step("probe-edu1")
     assert probe["verdict"] == "LANDED", probe
@@ -165,6 +165,44 @@ def test_under_iommu_pt_every_group_is_flagged_as_not_translating(passthrough: O
 
 def test_without_interrupt_remapping_dma_is_still_translated(no_intremap: Outcome) -> None:
     probe = no_intremap.step("probe-edu1")
+    assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
+
+
+# Enforcement: quarantine with vfio-pci, and back ---------------------------------------
+def test_quarantine_binds_vfio_pci_and_the_dma_is_blocked(topologies: Outcome) -> None:
+    edu2, nic = topologies.bdf("edu2"), topologies.bdf("nic")
+    for step in ("quarantine-edu2", "quarantine-nic"):
+        assert topologies.step(step)["exit"] == 0, topologies.step(step)
+    drivers = topologies.step("truth-quarantined")["drivers"]
+    assert (drivers[edu2], drivers[nic]) == ("vfio-pci", "vfio-pci")
+    probe = topologies.step("probe-edu2-quarantined")
+    assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
+    rep = report(topologies, "audit-quarantined")
+    assert group_of(rep, edu2)["verdict"] == "ready" and group_of(rep, nic)["verdict"] == "ready"
+
+
+def test_unquarantine_gives_the_nic_back_to_e1000e(topologies: Outcome) -> None:
+    edu2, nic = topologies.bdf("edu2"), topologies.bdf("nic")
+    for step in ("unquarantine-nic", "unquarantine-edu2"):
+        assert topologies.step(step)["exit"] == 0, topologies.step(step)
+    drivers = topologies.step("truth-unquarantined")["drivers"]
+    assert (drivers[edu2], drivers[nic]) == (None, "e1000e")
+    journal = topologies.step("journal")["output"]
+    assert journal.count(": done\n") == 4 and "intended" not in journal and "failed" not in journal
+
+
+def test_an_identity_group_is_refused_and_the_probe_shows_why(passthrough: Outcome) -> None:
+    refused = passthrough.step("quarantine-edu1")
+    assert refused["exit"] == 5 and "identity" in refused["stderr"]
+    assert passthrough.step("truth-after-quarantine")["drivers"][passthrough.bdf("edu1")] is None
+    probe = passthrough.step("probe-edu1-after-quarantine")
+    assert probe["verdict"] == "LANDED", probe  # vfio-pci could not have stopped this
+
+
+def test_quarantine_blocks_dma_without_interrupt_remapping_too(no_intremap: Outcome) -> None:
+    assert no_intremap.step("quarantine-edu1")["exit"] == 0
+    assert no_intremap.step("truth-after-quarantine")["drivers"][no_intremap.bdf("edu1")] == "vfio-pci"
+    probe = no_intremap.step("probe-edu1-after-quarantine")
     assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
 
 

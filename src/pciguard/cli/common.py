@@ -30,6 +30,7 @@ class Exit(IntEnum):
     BAD_INPUT = 2  # a file or argument is malformed (also typer's usage errors)
     UNMET = 3  # a step's expectation, or an expected violation, did not come true
     INCOMPLETE = 4  # verify: a limit stopped the search before it was exhaustive
+    REFUSED = 5  # quarantine/unquarantine: refused, or a step failed and was unwound
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from pciguard import __version__
-from pciguard.cli import audit, schema, simulate, snapshot, verify
+from pciguard.cli import audit, enforce, schema, simulate, snapshot, verify
 
 app = typer.Typer(
     name="pciguard",
@@ -19,6 +19,10 @@ app.command("simulate")(simulate.command)
 app.command("verify")(verify.command)
 app.command("snapshot")(snapshot.command)
 app.command("schema")(schema.command)
+app.command("quarantine")(enforce.quarantine)
+app.command("unquarantine")(enforce.unquarantine)
+app.command("recover")(enforce.recover)
+app.command("journal")(enforce.journal)
 
 
 def _version(value: bool) -> None:

@@ -177,6 +177,15 @@ class Fs:
     def exists(self, rel: str) -> bool:
         return os.path.exists(self.abs(rel))
 
+    def write(self, rel: str, text: str) -> None:
+        """Write one sysfs attribute (the only way pciguard changes a host). OSErrors
+        propagate: the caller knows which step failed."""
+        fd = os.open(self.abs(rel), os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
 
 @dataclass
 class _Raw:

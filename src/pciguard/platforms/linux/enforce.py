@@ -1,0 +1,180 @@
+"""Quarantine and unquarantine on a Linux host: the secure toolstack's own plans,
+carried out by ``LinuxPlatform``, written ahead to the journal, one pciguard at a
+time, and brought back to quarantine when a previous run was killed half-way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pciguard.checks import Options
+from pciguard.errors import RefusedError, StepFailed
+from pciguard.model import Bdf, Host
+from pciguard.model.ownership import State
+from pciguard.platforms.base import QUARANTINE
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, Operation
+from pciguard.platforms.linux.platform import LinuxPlatform, Write
+from pciguard.platforms.linux.sysfs import Fs, read_host
+from pciguard.toolstack import OperationFailed, Plan, Toolstack
+
+RELAXABLE = "direct-relaxable"  # 1:1 regions VFIO may leave unmapped (Linux's own judgement)
+
+
+@dataclass
+class Result:
+    operation: str
+    devices: tuple[Bdf, ...]
+    dry_run: bool
+    writes: list[Write] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # what was set right first
+    warnings: list[str] = field(default_factory=list)
+
+
+class Enforcer:
+    def __init__(self, root: str = "/", state_dir: Path = DEFAULT_STATE_DIR) -> None:
+        self.root = root
+        self.state_dir = state_dir
+
+    def quarantine(self, bdf: Bdf, dry_run: bool = False) -> Result:
+        """Release ``bdf`` and the group siblings that must go with it from their host
+        drivers and bind them to vfio-pci."""
+        return self._run("quarantine", bdf, dry_run)
+
+    def unquarantine(self, bdf: Bdf, dry_run: bool = False) -> Result:
+        """Reset ``bdf`` and give it back to the host driver it had."""
+        return self._run("unquarantine", bdf, dry_run)
+
+    def recover_interrupted(self) -> list[str]:
+        """Only the recovery every other operation starts with (for a boot-time unit)."""
+        journal = Journal(self.state_dir)
+        try:
+            with journal.locked():
+                return self.recover(journal)
+        finally:
+            journal.close()
+
+    def _run(self, operation: str, bdf: Bdf, dry_run: bool) -> Result:
+        journal = Journal(self.state_dir)
+        try:
+            with journal.locked():
+                recovered = [] if dry_run else self.recover(journal)
+                toolstack, warnings = self._toolstack(journal, dry_run)
+                plan = self._plan(toolstack, operation, bdf)
+                result = Result(operation, plan.devices, dry_run, recovered=recovered, warnings=warnings)
+                platform = toolstack.platform
+                assert isinstance(platform, LinuxPlatform)
+                if dry_run:
+                    toolstack.execute(plan)
+                    result.writes = platform.writes
+                    return result
+                drivers = {
+                    str(d): platform.driver(d) if platform.host_driver_bound(d) else None
+                    for d in plan.devices
+                }
+                op = journal.begin(operation, [str(d) for d in plan.devices], drivers)
+                platform.step_log = lambda description: journal.step(op, description)
+                try:
+                    toolstack.execute(plan)
+                except OperationFailed as failure:
+                    journal.finish(op, f"failed: {failure}", self._states(toolstack, plan))
+                    raise
+                journal.finish(op, "done", self._states(toolstack, plan))
+                result.writes = platform.writes
+                return result
+        finally:
+            journal.close()
+
+    def _toolstack(self, journal: Journal, dry_run: bool) -> tuple[Toolstack, list[str]]:
+        host = read_host(self.root).host
+        rows = journal.devices()
+        drivers = {b: rows[str(b)].host_driver for b in host.topology if str(b) in rows}
+        platform = LinuxPlatform(Fs(self.root), host, drivers, dry_run=dry_run)
+        toolstack = Toolstack(platform, Options())
+        warnings = []
+        for bdf, record in toolstack.ledger.items():
+            row = rows.get(str(bdf))
+            if platform.context_of(bdf) == QUARANTINE:
+                record.state = State.QUARANTINED  # bound to vfio-pci: by pciguard or by hand
+            elif row is not None and row.state == "quarantined":
+                warnings.append(
+                    f"{bdf} was quarantined but is now with {platform.driver(bdf) or 'no driver'}: "
+                    "something bound it behind pciguard's back"
+                )
+        return toolstack, warnings
+
+    def _plan(self, toolstack: Toolstack, operation: str, bdf: Bdf) -> Plan:
+        if bdf not in toolstack.host.topology:
+            raise RefusedError(f"{bdf} is not a PCI device of this host", device=str(bdf))
+        if operation == "unquarantine":
+            return toolstack.plan_make_unassignable(bdf)
+        plan = toolstack.plan_make_assignable(bdf)
+        for device in plan.devices:
+            if why := quarantine_refusal(toolstack.host, device):
+                raise RefusedError(f"cannot quarantine {device}: {why}", device=str(device))
+        return plan
+
+    @staticmethod
+    def _states(toolstack: Toolstack, plan: Plan) -> dict[str, str]:
+        names = {State.QUARANTINED: "quarantined", State.HOST: "host"}
+        return {str(d): names.get(toolstack.ledger[d].state, "broken") for d in plan.devices}
+
+    def recover(self, journal: Journal) -> list[str]:
+        """Bring the devices of every interrupted operation to quarantine (fail closed:
+        a device that was being made assignable, or given back, ends up blocked)."""
+        notes = []
+        for op in journal.operations(unfinished_only=True):
+            notes.append(self._recover(journal, op))
+        return notes
+
+    def _recover(self, journal: Journal, op: Operation) -> str:
+        host = read_host(self.root).host
+        rows = journal.devices()
+        drivers = {b: rows[str(b)].host_driver for b in host.topology if str(b) in rows}
+        platform = LinuxPlatform(Fs(self.root), host, drivers)
+        platform.step_log = lambda description: journal.step(op.id, description)
+        last = next((d for d, status in reversed(op.steps) if status == "intended"), None)
+        last = last or (op.steps[-1][0] if op.steps else "before its first step")
+        states = {}
+        for name in op.devices:
+            device = Bdf.parse(name)
+            if not platform.present(device):
+                states[name] = "broken"
+                continue
+            try:
+                if platform.host_driver_bound(device):
+                    platform.unbind_host_driver(device)
+                platform.attach(device, QUARANTINE)
+                states[name] = "quarantined"
+            except StepFailed as exc:
+                states[name] = "broken"
+                journal.finish(op.id, f"interrupted at {last}; recovery failed: {exc}", states)
+                raise StepFailed(
+                    "recover",
+                    f"{op.name} of {' '.join(op.devices)} was interrupted and "
+                    f"could not be brought back to quarantine: {exc}",
+                ) from exc
+        outcome = f"interrupted at {last}; recovered: {', '.join(op.devices)} quarantined"
+        journal.finish(op.id, outcome, states)
+        return f"{op.name} #{op.id} {outcome}"
+
+
+def quarantine_refusal(host: Host, device: Bdf) -> str | None:
+    """Why a device must not be quarantined on a Linux host, beyond the toolstack's own
+    refusals (bridges, host-critical devices, groups the IOMMU does not translate)."""
+    fn = host.topology[device]
+    fixed = [r for r in fn.reserved_regions if r.name != RELAXABLE]
+    if fixed:
+        regions = ", ".join(map(str, fixed))
+        return (
+            f"the firmware needs 1:1 DMA regions for it ({regions}): it may still use them "
+            "(USB legacy emulation, a GPU's stolen memory), so it can be neither cut off from "
+            "them nor assigned (VFIO refuses such devices)"
+        )
+    vfs = host.topology.virtual_functions(device)
+    if vfs:
+        return (
+            f"it is an SR-IOV physical function with {len(vfs)} virtual functions enabled, which "
+            f"depend on its driver; disable them first (echo 0 > /sys/bus/pci/devices/{device}/sriov_numvfs)"
+        )
+    return None

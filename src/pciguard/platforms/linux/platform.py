@@ -1,0 +1,215 @@
+"""The ``Platform`` protocol on a real Linux host: each step is a few sysfs writes.
+
+- ``unbind_host_driver(d)``: ``d`` to ``devices/d/driver/unbind``
+- ``attach(d, quarantine)``: ``vfio-pci`` to ``devices/d/driver_override``, ``d`` to
+  ``drivers_probe``; then it checks that vfio-pci holds the device
+- ``attach(d, host)``: ``d`` to ``drivers/vfio-pci/unbind`` (if bound), a newline to
+  ``devices/d/driver_override``
+- ``bind_host_driver(d)``: ``d`` to ``drivers/DRIVER/bind``, DRIVER being the one it had
+  before quarantine; nothing if it had none
+- ``reset(d)``: ``1`` to ``devices/d/reset``; ``remove(d)``: ``1`` to ``devices/d/remove``
+- ``flush_iotlb``, ``route_msi``: nothing; the kernel flushes the IOTLB on every domain
+  change, and a device bound to vfio-pci and not opened has MSIs off and no remapping
+  entries
+
+(all under ``/sys/bus/pci``). Binding goes through ``driver_override`` and
+``drivers_probe``, never ``new_id``, so no other device with the same IDs is captured.
+A quarantined device sits in its group's default domain with nothing mapped for it,
+which blocks its DMA only when that domain translates (``DMA`` or ``DMA-FQ``, not
+``identity``): the toolstack refuses identity groups before this module is reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from pciguard.errors import PlatformMisuse, StepFailed
+from pciguard.model import Bdf, Host
+from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo
+from pciguard.platforms.linux.sysfs import Fs
+
+VFIO_PCI = "vfio-pci"
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+DEVICES = "sys/bus/pci/devices"
+DRIVERS = "sys/bus/pci/drivers"
+NO_VMS = PlatformMisuse("VMs on a Linux host are not driven through pciguard yet")
+
+
+@dataclass(frozen=True)
+class Write:
+    path: str  # relative to the root ("sys/bus/pci/...")
+    value: str
+
+    def __str__(self) -> str:
+        shown = self.value.strip() or "''"
+        return f"echo {shown} > /{self.path}"
+
+
+class LinuxPlatform:
+    """A Linux host driven through sysfs under ``fs``'s root.
+
+    ``host_drivers`` names, per device, the host driver to give it back to (recorded
+    when it was quarantined). With ``dry_run`` nothing is written: ``writes`` collects
+    what would be. ``step_log`` (the journal) hears of each step before and after it.
+    """
+
+    def __init__(
+        self,
+        fs: Fs,
+        host: Host,
+        host_drivers: Mapping[Bdf, str | None],
+        *,
+        dry_run: bool = False,
+        step_log: Callable[[str], Callable[[str], None]] | None = None,
+    ) -> None:
+        self.fs = fs
+        self._host = host
+        self.host_drivers = dict(host_drivers)
+        self.dry_run = dry_run
+        self.step_log = step_log
+        self.writes: list[Write] = []
+        self._dry: dict[Bdf, str | None] = {}  # dry run: the drivers the writes would leave
+        self._dry_override: dict[Bdf, str] = {}
+
+    @property
+    def host(self) -> Host:
+        return self._host
+
+    # -- what is there now ---------------------------------------------------
+    def driver(self, device: Bdf) -> str | None:
+        if device in self._dry:
+            return self._dry[device]
+        return self.fs.link_name(f"{DEVICES}/{device}/driver")
+
+    def domains(self) -> Mapping[str, DomainInfo]:
+        return {}
+
+    def present(self, device: Bdf) -> bool:
+        return self.fs.exists(f"{DEVICES}/{device}")
+
+    def host_driver_bound(self, device: Bdf) -> bool:
+        driver = self.driver(device)
+        return driver is not None and driver not in QUARANTINE_DRIVERS
+
+    def context_of(self, device: Bdf) -> str | None:
+        return QUARANTINE if self.driver(device) in QUARANTINE_DRIVERS else HOST
+
+    # -- VMs: started by their own tools, not yet driven through pciguard -----------
+    def create_domain(self, name: str, *, iommu_context: bool) -> None:
+        raise NO_VMS
+
+    def crash_domain(self, name: str) -> None:
+        raise NO_VMS
+
+    def destroy_domain(self, name: str) -> None:
+        raise NO_VMS
+
+    def enable_iommu_context(self, name: str) -> None:
+        raise NO_VMS
+
+    def map_reserved(self, device: Bdf, domain: str) -> None:
+        raise NO_VMS
+
+    def unmap_reserved(self, device: Bdf, domain: str) -> None:
+        raise NO_VMS
+
+    def expose(self, device: Bdf, domain: str) -> None:
+        raise NO_VMS
+
+    def unexpose(self, device: Bdf, domain: str) -> None:
+        raise NO_VMS
+
+    # -- device steps --------------------------------------------------------------
+    def unbind_host_driver(self, device: Bdf) -> None:
+        with self._step(f"unbind_host_driver({device})"):
+            if (driver := self.driver(device)) is not None:
+                self.host_drivers[device] = driver
+                self._write(f"{DEVICES}/{device}/driver/unbind", str(device))
+
+    def bind_host_driver(self, device: Bdf) -> None:
+        with self._step(f"bind_host_driver({device})"):
+            driver = self.host_drivers.get(device)
+            if driver is None:
+                return  # it had no driver before quarantine: it stays without one
+            if self.fs.exists(f"{DRIVERS}/{driver}"):
+                self._write(f"{DRIVERS}/{driver}/bind", str(device))
+            else:
+                self._write("sys/bus/pci/drivers_probe", str(device))
+            if not self.dry_run and self.driver(device) != driver:
+                raise StepFailed("bind_host_driver", f"{driver} did not bind {device}")
+
+    def reset(self, device: Bdf) -> None:
+        with self._step(f"reset({device})"):
+            self._write(f"{DEVICES}/{device}/reset", "1")
+
+    def attach(self, device: Bdf, domain: str) -> None:
+        with self._step(f"attach({device}, {domain})"):
+            if domain == QUARANTINE:
+                self._to_vfio(device)
+            elif domain == HOST:
+                if self.driver(device) in QUARANTINE_DRIVERS:
+                    self._write(f"{DRIVERS}/{self.driver(device)}/unbind", str(device))
+                self._write(f"{DEVICES}/{device}/driver_override", "\n")
+            else:
+                raise PlatformMisuse(f"cannot attach {device} to {domain}: VMs are not driven by pciguard")
+
+    def _to_vfio(self, device: Bdf) -> None:
+        if not self.dry_run and not self.fs.exists(f"{DRIVERS}/{VFIO_PCI}"):
+            raise StepFailed("attach", "the vfio-pci driver is not loaded: run `modprobe vfio-pci` first")
+        if self.driver(device) == VFIO_PCI:
+            return
+        if self.host_driver_bound(device):  # the toolstack unbinds first; never bind over a driver
+            raise StepFailed("attach", f"{device} is still bound to {self.driver(device)}")
+        self._write(f"{DEVICES}/{device}/driver_override", VFIO_PCI)
+        self._write("sys/bus/pci/drivers_probe", str(device))
+        if not self.dry_run and self.driver(device) != VFIO_PCI:
+            raise StepFailed("attach", f"vfio-pci did not bind {device} (see the kernel log)")
+
+    def flush_iotlb(self, device: Bdf) -> None:
+        """Nothing to write: the kernel flushes the IOTLB whenever a domain changes."""
+
+    def route_msi(self, device: Bdf, domain: str) -> None:
+        """Nothing to write: interrupt remapping entries follow the driver that enables
+        MSIs; vfio-pci enables none until a user opens the device."""
+
+    def remove(self, device: Bdf) -> None:
+        with self._step(f"remove({device})"):
+            self._write(f"{DEVICES}/{device}/remove", "1")
+
+    # -- helpers -------------------------------------------------------------------
+    @contextmanager
+    def _step(self, description: str) -> Iterator[None]:
+        ended = self.step_log(description) if self.step_log and not self.dry_run else None
+        try:
+            yield
+        except BaseException:
+            if ended is not None:
+                ended("failed")
+            raise
+        if ended is not None:
+            ended("done")
+
+    def _write(self, path: str, value: str) -> None:
+        self.writes.append(Write(path, value))
+        if self.dry_run:
+            self._pretend(path, value)
+            return
+        try:
+            self.fs.write(path, value)
+        except OSError as exc:
+            raise StepFailed("sysfs", f"writing {value.strip()!r} to /{path}: {exc.strerror or exc}") from exc
+
+    def _pretend(self, path: str, value: str) -> None:
+        """What the kernel would do with a write, so that a dry run plans what follows."""
+        parts = path.split("/")
+        if parts[-1] == "driver_override":
+            self._dry_override[Bdf.parse(parts[-2])] = value.strip()
+        elif parts[-1] == "unbind":
+            self._dry[Bdf.parse(value)] = None
+        elif parts[-1] == "bind":
+            self._dry[Bdf.parse(value)] = parts[-2]
+        elif parts[-1] == "drivers_probe":
+            device = Bdf.parse(value)
+            self._dry[device] = self._dry_override.get(device) or self.host_drivers.get(device)

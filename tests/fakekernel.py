@@ -1,0 +1,90 @@
+"""The kernel's answers to sysfs writes, on a fake tree rendered by ``fakesys``.
+
+``prepare(root, host)`` adds the files pciguard writes (``bind``/``unbind`` of every
+driver, ``drivers_probe``, each device's ``reset`` and ``remove``) and remembers which
+driver would claim each device if probed; inside ``installed(root)``, ``Fs.write`` acts
+as the kernel would: unbinding drops the ``driver`` link, ``drivers_probe`` binds the
+``driver_override`` (or the device's own driver), ``bind`` binds. With ``kill_at=N``
+the process kills itself (SIGKILL) just before its N-th write: a crash at that point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pciguard.model import Host
+from pciguard.platforms.linux.sysfs import Fs
+
+STATE = "fakekernel.json"  # per tree: device -> the driver a probe without override binds
+VFIO_PCI = "vfio-pci"
+
+
+def prepare(root: Path, host: Host, vfio_loaded: bool = True) -> None:
+    pci = root / "sys/bus/pci"
+    (pci / "drivers_probe").write_text("")
+    natural = {str(b): f.driver for b, f in host.topology.items() if f.driver}
+    for driver in {*natural.values(), *([VFIO_PCI] if vfio_loaded else [])}:
+        folder = pci / "drivers" / driver
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("bind", "unbind"):
+            (folder / name).write_text("")
+    for bdf in host.topology:
+        for name in ("reset", "remove"):
+            (pci / "devices" / str(bdf) / name).write_text("")
+    (root / STATE).write_text(json.dumps(natural))
+
+
+def driver_of(root: Path, bdf: str) -> str | None:
+    link = root / "sys/bus/pci/devices" / bdf / "driver"
+    return os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+
+
+def _bind(root: Path, bdf: str, driver: str) -> None:
+    folder = root / "sys/bus/pci/drivers" / driver
+    link = root / "sys/bus/pci/devices" / bdf / "driver"
+    if folder.is_dir() and not link.is_symlink():
+        os.symlink(os.path.relpath(folder, link.resolve().parent), link)
+
+
+def emulate(root: Path, rel: str, value: str) -> None:
+    parts, value = rel.split("/"), value.strip()
+    devices = root / "sys/bus/pci/devices"
+    if parts[-1] == "unbind":
+        bdf = value
+        if parts[-2] == "driver" or driver_of(root, bdf) == parts[-2]:
+            (devices / bdf / "driver").unlink(missing_ok=True)
+    elif parts[-1] == "bind":
+        _bind(root, value, parts[-2])
+    elif parts[-1] == "driver_override":
+        (root / rel).write_text((value or "(null)") + "\n")
+    elif parts[-1] == "drivers_probe":
+        override = (devices / value / "driver_override").read_text().strip()
+        natural = json.loads((root / STATE).read_text()).get(value)
+        chosen = override if override != "(null)" else natural
+        if chosen:
+            _bind(root, value, chosen)
+
+
+@contextmanager
+def installed(root: Path, kill_at: int = 0) -> Iterator[list[tuple[str, str]]]:
+    """Emulate the kernel's answers while inside; yields the writes made, in order."""
+    original = Fs.write
+    writes: list[tuple[str, str]] = []
+
+    def write(fs: Fs, rel: str, text: str) -> None:
+        if len(writes) + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        writes.append((rel, text))
+        original(fs, rel, text)
+        emulate(Path(fs.root), rel, text)
+
+    Fs.write = write  # type: ignore[method-assign]
+    try:
+        yield writes
+    finally:
+        Fs.write = original  # type: ignore[method-assign]
