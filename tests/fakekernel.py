@@ -5,7 +5,8 @@ driver, ``drivers_probe``, each device's ``reset`` and ``remove``) and remembers
 driver would claim each device if probed; inside ``installed(root)``, ``Fs.write`` acts
 as the kernel would: unbinding drops the ``driver`` link, ``drivers_probe`` binds the
 ``driver_override`` (or the device's own driver), ``bind`` binds. With ``kill_at=N``
-the process kills itself (SIGKILL) just before its N-th write: a crash at that point.
+the process kills itself (SIGKILL) just before its N-th write (or hand-over of a
+``/dev/vfio`` node): a crash at that point.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def _bind(root: Path, bdf: str, driver: str) -> None:
     link = root / "sys/bus/pci/devices" / bdf / "driver"
     if folder.is_dir() and not link.is_symlink():
         os.symlink(os.path.relpath(folder, link.resolve().parent), link)
+        group = root / "sys/bus/pci/devices" / bdf / "iommu_group"
+        if driver == VFIO_PCI and group.is_symlink():  # vfio-pci makes the group's node
+            node = root / "dev/vfio" / os.readlink(group).rsplit("/", 1)[-1]
+            node.parent.mkdir(parents=True, exist_ok=True)
+            node.touch(mode=0o600, exist_ok=True)
 
 
 def emulate(root: Path, rel: str, value: str) -> None:
@@ -73,18 +79,26 @@ def emulate(root: Path, rel: str, value: str) -> None:
 @contextmanager
 def installed(root: Path, kill_at: int = 0) -> Iterator[list[tuple[str, str]]]:
     """Emulate the kernel's answers while inside; yields the writes made, in order."""
-    original = Fs.write
+    original_write, original_hand_over = Fs.write, Fs.hand_over
     writes: list[tuple[str, str]] = []
 
-    def write(fs: Fs, rel: str, text: str) -> None:
+    def crash_here() -> None:
         if len(writes) + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def write(fs: Fs, rel: str, text: str) -> None:
+        crash_here()
         writes.append((rel, text))
-        original(fs, rel, text)
+        original_write(fs, rel, text)
         emulate(Path(fs.root), rel, text)
 
-    Fs.write = write  # type: ignore[method-assign]
+    def hand_over(fs: Fs, rel: str, uid: int) -> None:
+        crash_here()
+        writes.append((rel, f"owner {uid}"))
+        original_hand_over(fs, rel, uid)
+
+    Fs.write, Fs.hand_over = write, hand_over  # type: ignore[method-assign]
     try:
         yield writes
     finally:
-        Fs.write = original  # type: ignore[method-assign]
+        Fs.write, Fs.hand_over = original_write, original_hand_over  # type: ignore[method-assign]

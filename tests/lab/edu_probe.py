@@ -21,6 +21,8 @@ import re
 import struct
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ PAGE = 4096
 PATTERN_BYTES = 256
 MAP_LOCKED = 0x2000  # x86; not exported by the mmap module
 COMMAND_MEMORY, COMMAND_BUS_MASTER = 0x2, 0x4
+SYSFS_DEVICES = Path("/sys/bus/pci/devices")
 
 
 @dataclass(frozen=True)
@@ -119,44 +122,65 @@ class Edu:
         self._map.close()
 
 
-def probe(bdf: str, sysfs: Path = Path("/sys")) -> Probe:
-    device = sysfs / "bus" / "pci" / "devices" / bdf
+def copy(bdf: str, source: int, target: int, count: int = PATTERN_BYTES) -> tuple[bool, int]:
+    """Have the device copy ``count`` bytes from ``source`` to ``target`` (addresses as
+    the device sees them: physical, or IOVAs of a VFIO user) through its buffer.
+    Returns whether the engine finished, and the DMAR fault interrupts meanwhile."""
+    device = SYSFS_DEVICES / bdf
     ids = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
     if ids != EDU_IDS:
         raise ProbeError(f"{bdf} is {ids[0]}:{ids[1]}, not an edu device")
     _enable_bus_mastering(device)
     edu = Edu(device / "resource0")
-    pages = mmap.mmap(-1, 2 * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE | MAP_LOCKED)
     try:
         if edu.read(REG_IDENT) != EDU_IDENT:
             raise ProbeError(f"{bdf}: identification register reads {edu.read(REG_IDENT):#x}")
-        pattern = os.urandom(PATTERN_BYTES)
-        pages[:PATTERN_BYTES] = pattern
-        pages[PAGE : 2 * PAGE] = bytes(PAGE)
-        anchor = ctypes.c_char.from_buffer(pages)
-        source = physical_address(ctypes.addressof(anchor))
-        target = physical_address(ctypes.addressof(anchor) + PAGE)
-        del anchor
         before = dmar_fault_interrupts()
-        finished = edu.dma(source, DEVICE_BUFFER, PATTERN_BYTES, 0) and edu.dma(
-            DEVICE_BUFFER, target, PATTERN_BYTES, DMA_DEVICE_TO_RAM
+        finished = edu.dma(source, DEVICE_BUFFER, count, 0) and edu.dma(
+            DEVICE_BUFFER, target, count, DMA_DEVICE_TO_RAM
         )
         time.sleep(0.2)  # let the fault interrupt be handled
-        faults = dmar_fault_interrupts() - before
-        written = pages[PAGE : PAGE + PATTERN_BYTES]
-        arrived = sum(a == b for a, b in zip(written, pattern, strict=True))
+        return finished, dmar_fault_interrupts() - before
     finally:
         edu.close()
-        pages.close()
+
+
+def verdict(finished: bool, written: bytes, pattern: bytes, faults: int) -> tuple[str, str]:
+    arrived = sum(a == b for a, b in zip(written, pattern, strict=True))
     if not finished:
-        verdict, why = "INCONCLUSIVE", "the DMA engine did not finish"
-    elif written == pattern and faults == 0:
-        verdict, why = "LANDED", "the pattern arrived and the IOMMU reported no fault"
-    elif written == bytes(PATTERN_BYTES) and faults > 0:
-        verdict, why = "BLOCKED", "nothing arrived and the IOMMU reported DMA faults"
-    else:
-        verdict, why = "INCONCLUSIVE", f"{arrived} of {PATTERN_BYTES} bytes arrived with {faults} DMAR faults"
-    return Probe(bdf, verdict, target, arrived, faults, why)
+        return "INCONCLUSIVE", "the DMA engine did not finish"
+    if written == pattern and faults == 0:
+        return "LANDED", "the pattern arrived and the IOMMU reported no fault"
+    if written == bytes(len(pattern)) and faults > 0:
+        return "BLOCKED", "nothing arrived and the IOMMU reported DMA faults"
+    return "INCONCLUSIVE", f"{arrived} of {len(pattern)} bytes arrived with {faults} DMAR faults"
+
+
+@contextmanager
+def own_pages(count: int) -> Iterator[tuple[mmap.mmap, list[int]]]:
+    """``count`` zeroed pages of this process, locked in memory, with their physical addresses."""
+    pages = mmap.mmap(
+        -1, count * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE | MAP_LOCKED
+    )
+    try:
+        anchor = ctypes.c_char.from_buffer(pages)
+        addresses = [physical_address(ctypes.addressof(anchor) + n * PAGE) for n in range(count)]
+        del anchor
+        yield pages, addresses
+    finally:
+        pages.close()
+
+
+def probe(bdf: str) -> Probe:
+    """Does a DMA from ``bdf`` into a page of host memory land?"""
+    with own_pages(2) as (pages, (source, target)):
+        pattern = os.urandom(PATTERN_BYTES)
+        pages[:PATTERN_BYTES] = pattern
+        finished, faults = copy(bdf, source, target)
+        written = pages[PAGE : PAGE + PATTERN_BYTES]
+    outcome, why = verdict(finished, written, pattern, faults)
+    arrived = sum(a == b for a, b in zip(written, pattern, strict=True))
+    return Probe(bdf, outcome, target, arrived, faults, why)
 
 
 def main(argv: list[str]) -> int:

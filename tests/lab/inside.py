@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lab.edu_probe import probe
+from lab.edu_probe import copy, own_pages, probe, verdict
+from lab.vfio_user import HALF, IOVA, UNMAPPED_IOVA
 
 SYS_DEVICES = Path("/sys/devices/pci0000:00")
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
@@ -84,29 +85,72 @@ def dmesg() -> list[str]:
     return lines
 
 
-def pciguard(args: list[str], user: int | None = None) -> dict[str, Any]:
-    """Run the pciguard command, as root or as ``user``. An ordinary user cannot reach an
-    interpreter under /root, so run.sh also mounts the interpreter's prefix at
-    ``USER_PYTHON_PREFIX``."""
-    python = [sys.executable]
-    if user is not None:
-        # Seen in the lab: run by an ordinary user from the bound prefix, the interpreter's
-        # frozen ``site`` module looked for dist-packages and missed site-packages.
-        bound = USER_PYTHON_PREFIX / Path(sys.executable).relative_to(sys.prefix)
-        python = [str(bound), "-X", "frozen_modules=off"]
+def python_as(user: int | None) -> tuple[list[str], Callable[[], None]]:
+    """The interpreter and a pre-exec function that run Python as root or as ``user``. An
+    ordinary user cannot reach an interpreter under /root, so run.sh also mounts the
+    interpreter's prefix at ``USER_PYTHON_PREFIX``."""
+    if user is None:
+        return [sys.executable], lambda: None
+    # Seen in the lab: run by an ordinary user from the bound prefix, the interpreter's
+    # frozen ``site`` module looked for dist-packages and missed site-packages.
+    bound = USER_PYTHON_PREFIX / Path(sys.executable).relative_to(sys.prefix)
 
     def drop() -> None:
-        if user is not None:
-            os.setgroups([])
-            os.setgid(user)
-            os.setuid(user)
+        os.setgroups([])
+        os.setgid(user)
+        os.setuid(user)
 
+    return [str(bound), "-X", "frozen_modules=off"], drop
+
+
+def pciguard(args: list[str], user: int | None = None) -> dict[str, Any]:
+    python, drop = python_as(user)
     done = subprocess.run([*python, "-m", "pciguard", *args], capture_output=True, text=True, preexec_fn=drop)
     result: dict[str, Any] = {"exit": done.returncode, "stderr": done.stderr}
     try:
         result["json"] = json.loads(done.stdout)
     except ValueError:
         result["output"] = done.stdout
+    return result
+
+
+def vfio_session(bdf: str, user: int | None) -> dict[str, Any]:
+    """A VM's process (lab.vfio_user, run as ``user``) takes the device's group and maps
+    one page at IOVA; the device then copies a pattern within that page, then to a page
+    of the host's and to an IOVA nobody mapped; then the process is killed and the
+    device probed again."""
+    group = Path(os.readlink(Path("/sys/bus/pci/devices") / bdf / "iommu_group")).name
+    python, drop = python_as(user)
+    vm = subprocess.Popen(
+        [*python, "-m", "lab.vfio_user", group],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=drop,
+    )
+    assert vm.stdin is not None and vm.stdout is not None
+    result: dict[str, Any] = {"group": group, "greeting": vm.stdout.readline().strip()}
+    if not result["greeting"].startswith("ready"):
+        vm.wait()
+        return result
+
+    def ask(word: str) -> bytes:
+        assert vm.stdin is not None and vm.stdout is not None
+        vm.stdin.write(word + "\n")
+        vm.stdin.flush()
+        return bytes.fromhex(vm.stdout.readline().strip())
+
+    pattern = ask("fill")
+    finished, faults = copy(bdf, IOVA, IOVA + HALF, HALF)
+    result["into-vm-page"] = verdict(finished, ask("show"), pattern, faults)
+    with own_pages(1) as (pages, (host_page,)):
+        finished, faults = copy(bdf, IOVA, host_page, HALF)  # a host address is no IOVA of the VM's
+        result["into-host-page"] = verdict(finished, pages[:HALF], pattern, faults)
+    finished, faults = copy(bdf, IOVA, UNMAPPED_IOVA, HALF)
+    result["into-unmapped-iova"] = {"finished": finished, "faults": faults}
+    vm.kill()
+    vm.wait()
+    result["after-the-vm-died"] = vars(probe(bdf))
     return result
 
 
@@ -137,6 +181,7 @@ def run(plan_path: Path) -> dict[str, Any]:
         "audit": lambda step: pciguard(["audit", "--json"], step.get("user")),
         "audit-table": lambda step: pciguard(["audit"]),
         "pciguard": lambda step: pciguard([arg.format(**devices) for arg in step["args"]]),
+        "vfio-session": lambda step: vfio_session(devices[step["device"]] or "absent", step.get("user")),
         "snapshot": lambda step: pciguard(["snapshot", str(out / f"{step['name']}.tar.gz")]),
         "probe": lambda step: vars(probe(devices[step["device"]] or "absent")),
         "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),

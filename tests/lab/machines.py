@@ -23,6 +23,7 @@ BOOT_LIMIT = 420  # seconds; a hung guest is killed, not waited for
 EDU = "edu,dma_mask=0xffffffffff"  # the default 28-bit mask would clamp DMA addresses silently
 BASE_CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 loglevel=4"
 STATE = ("--state-dir", "/run/pciguard")  # the journal, on the guest's tmpfs
+VM_USER = 65534  # the user a VM's process runs as
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,16 @@ TOPOLOGIES = Machine(
         {"do": "probe", "name": "probe-edu2-quarantined", "device": "edu2"},
         {"do": "audit", "name": "audit-quarantined"},
         {"do": "truth", "name": "truth-quarantined"},
+        # A VM's process (uid 65534) cannot take the group before assign, and can after.
+        {"do": "vfio-session", "name": "vfio-before-assign", "device": "edu2", "user": VM_USER},
+        {
+            "do": "pciguard",
+            "name": "assign-edu2",
+            "args": ["assign", "{edu2}", "--to", "vm1", "--user", str(VM_USER), *STATE],
+        },
+        {"do": "vfio-session", "name": "vfio-assigned", "device": "edu2", "user": VM_USER},
+        {"do": "pciguard", "name": "release-edu2", "args": ["release", "{edu2}", *STATE]},
+        {"do": "truth", "name": "truth-released"},
         {"do": "pciguard", "name": "unquarantine-nic", "args": ["unquarantine", "{nic}", *STATE]},
         {"do": "pciguard", "name": "unquarantine-edu2", "args": ["unquarantine", "{edu2}", *STATE]},
         {"do": "truth", "name": "truth-unquarantined"},
@@ -192,6 +203,12 @@ ONE_EDU_STEPS = (
     {"do": "pciguard", "name": "quarantine-edu1", "args": ["quarantine", "{edu1}", *STATE]},
     {"do": "truth", "name": "truth-after-quarantine"},
     {"do": "probe", "name": "probe-edu1-after-quarantine", "device": "edu1"},
+    {
+        "do": "pciguard",
+        "name": "assign-edu1",
+        "args": ["assign", "{edu1}", "--to", "vm1", "--user", str(VM_USER), *STATE],
+    },
+    {"do": "vfio-session", "name": "vfio-as-root", "device": "edu1"},  # VFIO's own check, unassigned
 )
 
 

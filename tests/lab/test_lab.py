@@ -181,6 +181,34 @@ def test_quarantine_binds_vfio_pci_and_the_dma_is_blocked(topologies: Outcome) -
     assert group_of(rep, edu2)["verdict"] == "ready" and group_of(rep, nic)["verdict"] == "ready"
 
 
+def test_an_assigned_device_reaches_only_its_vms_page_and_is_blocked_once_the_vm_dies(
+    topologies: Outcome,
+) -> None:
+    before = topologies.step("vfio-before-assign")
+    assert "Permission denied" in before["greeting"]  # not the VM's before assign
+    assigned = topologies.step("assign-edu2")
+    assert (
+        assigned["exit"] == 0 and "<hostdev mode='subsystem' type='pci' managed='no'>" in assigned["output"]
+    )
+    session = topologies.step("vfio-assigned")
+    assert session["greeting"].startswith("ready"), session
+    assert session["into-vm-page"][0] == "LANDED", session
+    assert session["into-host-page"][0] == "BLOCKED", session
+    assert session["into-unmapped-iova"]["faults"] > 0, session
+    assert session["after-the-vm-died"]["verdict"] == "BLOCKED", session  # back in quarantine
+    assert topologies.step("release-edu2")["exit"] == 0
+    assert topologies.step("truth-released")["drivers"][topologies.bdf("edu2")] == "vfio-pci"
+
+
+def test_assignment_without_interrupt_remapping_is_refused_by_pciguard_and_by_vfio(
+    no_intremap: Outcome,
+) -> None:
+    refused = no_intremap.step("assign-edu1")
+    assert refused["exit"] == 5 and "interrupt remapping" in refused["stderr"]
+    vfio = no_intremap.step("vfio-as-root")  # VFIO's own check (no allow_unsafe_interrupts)
+    assert vfio["greeting"] == "error [Errno 1] Operation not permitted", vfio
+
+
 def test_unquarantine_gives_the_nic_back_to_e1000e(topologies: Outcome) -> None:
     edu2, nic = topologies.bdf("edu2"), topologies.bdf("nic")
     for step in ("unquarantine-nic", "unquarantine-edu2"):
@@ -188,7 +216,7 @@ def test_unquarantine_gives_the_nic_back_to_e1000e(topologies: Outcome) -> None:
     drivers = topologies.step("truth-unquarantined")["drivers"]
     assert (drivers[edu2], drivers[nic]) == (None, "e1000e")
     journal = topologies.step("journal")["output"]
-    assert journal.count(": done\n") == 4 and "intended" not in journal and "failed" not in journal
+    assert journal.count(": done\n") == 6 and "intended" not in journal and "failed" not in journal
 
 
 def test_an_identity_group_is_refused_and_the_probe_shows_why(passthrough: Outcome) -> None:

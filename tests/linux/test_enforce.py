@@ -183,6 +183,77 @@ def test_the_cli_exits_5_on_a_refusal(emulated: tuple[Path, list[tuple[str, str]
     assert "refused: cannot quarantine 0000:02:00.0" in result.stderr
 
 
+# -- assigning to a VM's process, and back -------------------------------------------
+VM_USER = 1000
+
+
+def group_node(root: Path, device: str) -> Path:
+    return (
+        root
+        / "dev/vfio"
+        / os.readlink(root / "sys/bus/pci/devices" / device / "iommu_group").rsplit("/", 1)[-1]
+    )
+
+
+def test_assign_hands_the_group_node_to_the_vm_user_alone(
+    emulated: tuple[Path, list[tuple[str, str]]],
+) -> None:
+    root, writes = emulated
+    enforcer(root).quarantine(bdf(NIC))
+    writes.clear()
+    result = runner.invoke(app, ["assign", "03:00.0", "--to", "vm1", "--user", str(VM_USER), *where(root)])
+    assert result.exit_code == 0, result.output
+    node = group_node(root, NIC)
+    assert writes == [
+        (f"sys/bus/pci/devices/{NIC}/reset", "1"),
+        (str(node.relative_to(root)), f"owner {VM_USER}"),
+    ]
+    assert (node.stat().st_uid, node.stat().st_mode & 0o777) == (VM_USER, 0o600)
+    assert driver_of(root, NIC) == "vfio-pci"  # the VM's process attaches the group when it opens it
+    assert "<address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/>" in result.stdout
+    assert f"pci = [ '{NIC}' ]" in result.stdout
+    row = Journal(root / "state").devices()[NIC]
+    assert (row.state, row.vm, row.uid) == ("assigned", "vm1", VM_USER)
+
+
+def test_release_waits_for_the_vm_process_to_let_go(emulated: tuple[Path, list[tuple[str, str]]]) -> None:
+    root, writes = emulated
+    enforcer(root).quarantine(bdf(NIC))
+    enforcer(root).assign(bdf(NIC), "vm1", VM_USER)
+    node = group_node(root, NIC)
+    fd = root / "proc/4242/fd/7"  # the VM's process, holding the group open
+    fd.parent.mkdir(parents=True)
+    os.symlink(f"/{node.relative_to(root)}", fd)
+    with pytest.raises(RefusedError, match="process 4242 still holds"):
+        enforcer(root).release(bdf(NIC))
+    fd.unlink()
+    writes.clear()
+    enforcer(root).release(bdf(NIC))
+    assert writes == [(str(node.relative_to(root)), "owner 0"), (f"sys/bus/pci/devices/{NIC}/reset", "1")]
+    assert node.stat().st_uid == 0 and driver_of(root, NIC) == "vfio-pci"  # quarantine, never the host
+    row = Journal(root / "state").devices()[NIC]
+    assert (row.state, row.vm) == ("quarantined", None)
+
+
+def test_assign_refuses_a_device_that_is_not_quarantined(
+    emulated: tuple[Path, list[tuple[str, str]]],
+) -> None:
+    root, writes = emulated
+    with pytest.raises(RefusedError, match="make it assignable"):
+        enforcer(root).assign(bdf(NIC), "vm1", VM_USER)
+    assert writes == []
+
+
+def test_assign_refuses_without_interrupt_remapping(host_tree: Callable[..., Path]) -> None:
+    root = host_tree(interrupts_remapped=False)
+    with installed(root) as writes:
+        enforcer(root).quarantine(bdf(NIC))
+        writes.clear()
+        with pytest.raises(RefusedError, match="interrupt"):
+            enforcer(root).assign(bdf(NIC), "vm1", VM_USER)
+    assert writes == []
+
+
 # -- the journal --------------------------------------------------------------------
 def test_the_journal_refuses_ordinary_users(tmp_path: Path) -> None:
     state = tmp_path / "state"
@@ -219,9 +290,12 @@ def test_concurrent_runs_wait_for_the_lock(host_tree: Callable[..., Path]) -> No
 OPERATIONS = [
     ("quarantine", NIC, 4),
     ("quarantine", GPU, 8),
+    ("assign", NIC, 2),
+    ("release", NIC, 2),
     ("unquarantine", NIC, 4),
     ("unquarantine", GPU, 4),
 ]
+BEFORE = {"assign": ["quarantine"], "release": ["quarantine", "assign"], "unquarantine": ["quarantine"]}
 CRASH_POINTS = [
     (op, dev, str(n)) for op, dev, writes in OPERATIONS for n in [*range(1, writes + 1), "finish"]
 ]
@@ -234,11 +308,15 @@ def test_a_crash_at_any_step_ends_in_quarantine_with_the_journal_intact(
     root = host_tree()
     state = root / "state"
     group = (GPU, GPU_AUDIO) if device == GPU else (NIC,)
-    if operation == "unquarantine":
-        with installed(root):
-            enforcer(root).quarantine(bdf(device))
+    with installed(root):
+        for step in BEFORE.get(operation, []):
+            if step == "assign":
+                enforcer(root).assign(bdf(device), "vm1", VM_USER)
+            else:
+                enforcer(root).quarantine(bdf(device))
     before = _rows(state)
     argv = [sys.executable, str(TESTS / "linux/crash_run.py"), str(root), kill_at, operation, device]
+    argv += ["--to", "vm1", "--user", str(VM_USER)] if operation == "assign" else []
     argv += where(root)
     crashed = subprocess.run(argv, env=TESTS_ON_PATH, capture_output=True, text=True)
     assert crashed.returncode == -9, crashed.stderr
@@ -252,6 +330,7 @@ def test_a_crash_at_any_step_ends_in_quarantine_with_the_journal_intact(
     interrupted = journal.operations()[-1]
     assert interrupted.name == operation and interrupted.outcome and "recovered" in interrupted.outcome
     assert {journal.devices()[d].state for d in group} == {"quarantined"}
+    assert {group_node(root, d).stat().st_uid for d in group} == {0}  # no VM can open it now
     # ... and from there the device can be given back to the host.
     with installed(root):
         enforcer(root).unquarantine(bdf(device))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pwd
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,8 @@ import typer
 from rich.text import Text
 
 from pciguard.cli.common import Exit, err, input_errors, out
-from pciguard.errors import RefusedError, StepFailed
+from pciguard.errors import InputError, RefusedError, StepFailed
+from pciguard.formats.vmconfig import libvirt_hostdev, xl_pci
 from pciguard.model import Bdf
 from pciguard.platforms.linux.enforce import Enforcer, Result
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
@@ -40,6 +42,25 @@ def _device(text: str) -> Bdf:
         return Bdf.parse(text)
 
 
+def _uid(user: str) -> int:
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        with input_errors():
+            raise InputError("--user", f"there is no user named {user!r}") from None
+        raise
+
+
+DONE = {
+    "quarantine": "quarantined",
+    "unquarantine": "given back to the host",
+    "assign": "assigned",
+    "release": "released to quarantine",
+}
+
+
 def _show(result: Result) -> None:
     for note in result.recovered:
         out.print(Text.assemble(("recovered ", "yellow"), note))
@@ -49,10 +70,17 @@ def _show(result: Result) -> None:
     if result.dry_run:
         out.print(f"{result.operation} {devices} would write, in order:")
     else:
-        done = "quarantined" if result.operation == "quarantine" else "given back to the host"
-        out.print(f"{done}: {devices}")
+        out.print(f"{DONE[result.operation]}: {devices}")
     for write in result.writes:
         out.print(f"  {write}")
+    if result.operation == "assign" and not result.dry_run:
+        out.print("libvirt (the domain's <devices>):")
+        for device in result.devices:
+            out.print(libvirt_hostdev(device), markup=False)
+        out.print(
+            "xl.cfg (Xen binds its devices to xen-pciback, not vfio-pci: `xl pci-assignable-add` them):"
+        )
+        out.print(xl_pci(result.devices), markup=False)
 
 
 def quarantine(
@@ -79,6 +107,30 @@ def unquarantine(
         _show(Enforcer(str(root), state_dir).unquarantine(_device(device), dry_run))
 
 
+def assign(
+    device: str = DEVICE,
+    to: str = typer.Option(..., "--to", help="The VM's name."),
+    user: str = typer.Option(..., "--user", help="The user (name or uid) the VM's process runs as."),
+    dry_run: bool = DRY_RUN,
+    root: Path = ROOT,
+    state_dir: Path = STATE_DIR,
+) -> None:
+    """Hand a quarantined device to a VM's process after every check (group, interrupt
+    remapping, reset, identity domain): its VFIO group node becomes that user's, and
+    the process attaches the group to its own IOMMU domain when it opens it."""
+    with refusals():
+        _show(Enforcer(str(root), state_dir).assign(_device(device), to, _uid(user), dry_run))
+
+
+def release(
+    device: str = DEVICE, dry_run: bool = DRY_RUN, root: Path = ROOT, state_dir: Path = STATE_DIR
+) -> None:
+    """Take a device back from its VM into quarantine (never to a host driver), once the
+    VM's process no longer holds its group open."""
+    with refusals():
+        _show(Enforcer(str(root), state_dir).release(_device(device), dry_run))
+
+
 def recover(root: Path = ROOT, state_dir: Path = STATE_DIR) -> None:
     """Bring the devices of any operation a killed pciguard left half-done back to
     quarantine (every quarantine and unquarantine does this first, too)."""
@@ -97,7 +149,8 @@ def journal(state_dir: Path = STATE_DIR) -> None:
         try:
             for bdf, row in sorted(book.devices().items()):
                 driver = f" (host driver {row.host_driver})" if row.host_driver else ""
-                out.print(f"{bdf}: {row.state}{driver}")
+                vm = f" to {row.vm} (uid {row.uid})" if row.vm else ""
+                out.print(f"{bdf}: {row.state}{vm}{driver}")
             for op in book.operations():
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(op.started))
                 out.print(f"#{op.id} {when} {op.name} {' '.join(op.devices)}: {op.outcome or 'IN FLIGHT'}")

@@ -21,6 +21,8 @@ app.command("snapshot")(snapshot.command)
 app.command("schema")(schema.command)
 app.command("quarantine")(enforce.quarantine)
 app.command("unquarantine")(enforce.unquarantine)
+app.command("assign")(enforce.assign)
+app.command("release")(enforce.release)
 app.command("recover")(enforce.recover)
 app.command("journal")(enforce.journal)
 

@@ -13,12 +13,13 @@ from pciguard.errors import RefusedError, StepFailed
 from pciguard.model import Bdf, Host
 from pciguard.model.ownership import State
 from pciguard.platforms.base import QUARANTINE
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, Operation
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
 from pciguard.platforms.linux.platform import LinuxPlatform, Write
-from pciguard.platforms.linux.sysfs import Fs, read_host
+from pciguard.platforms.linux.sysfs import Fs, holders_of, read_host
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 
 RELAXABLE = "direct-relaxable"  # 1:1 regions VFIO may leave unmapped (Linux's own judgement)
+QUARANTINED, BROKEN = DeviceRow("quarantined", None, None, None), DeviceRow("broken", None, None, None)
 
 
 @dataclass
@@ -45,6 +46,17 @@ class Enforcer:
         """Reset ``bdf`` and give it back to the host driver it had."""
         return self._run("unquarantine", bdf, dry_run)
 
+    def assign(self, bdf: Bdf, vm: str, uid: int, dry_run: bool = False) -> Result:
+        """After every check of the secure toolstack, hand the quarantined device's VFIO
+        group to the VM's user (``uid``), whose process then attaches it to its own
+        IOMMU domain."""
+        return self._run("assign", bdf, dry_run, vm=(vm, uid))
+
+    def release(self, bdf: Bdf, dry_run: bool = False) -> Result:
+        """Take the device back from its VM into quarantine (never to a host driver).
+        Refused while the VM's process still holds the group open."""
+        return self._run("release", bdf, dry_run)
+
     def recover_interrupted(self) -> list[str]:
         """Only the recovery every other operation starts with (for a boot-time unit)."""
         journal = Journal(self.state_dir)
@@ -54,13 +66,13 @@ class Enforcer:
         finally:
             journal.close()
 
-    def _run(self, operation: str, bdf: Bdf, dry_run: bool) -> Result:
+    def _run(self, operation: str, bdf: Bdf, dry_run: bool, vm: tuple[str, int] | None = None) -> Result:
         journal = Journal(self.state_dir)
         try:
             with journal.locked():
                 recovered = [] if dry_run else self.recover(journal)
                 toolstack, warnings = self._toolstack(journal, dry_run)
-                plan = self._plan(toolstack, operation, bdf)
+                plan = self._plan(toolstack, operation, bdf, vm)
                 result = Result(operation, plan.devices, dry_run, recovered=recovered, warnings=warnings)
                 platform = toolstack.platform
                 assert isinstance(platform, LinuxPlatform)
@@ -90,11 +102,19 @@ class Enforcer:
         rows = journal.devices()
         drivers = {b: rows[str(b)].host_driver for b in host.topology if str(b) in rows}
         platform = LinuxPlatform(Fs(self.root), host, drivers, dry_run=dry_run)
+        for held in rows.values():
+            if held.vm is not None and held.vm not in platform.domains():
+                platform.create_domain(held.vm, iommu_context=True)
+                platform.vm_users[held.vm] = held.uid or 0
         toolstack = Toolstack(platform, Options())
         warnings = []
         for bdf, record in toolstack.ledger.items():
             row = rows.get(str(bdf))
-            if platform.context_of(bdf) == QUARANTINE:
+            if platform.context_of(bdf) == QUARANTINE and row is not None and row.vm is not None:
+                record.state, record.vm = State.ASSIGNED, row.vm  # handed to a VM's process
+                record.context = record.msi = record.exposed = row.vm
+                record.guest_touched = True
+            elif platform.context_of(bdf) == QUARANTINE:
                 record.state = State.QUARANTINED  # bound to vfio-pci: by pciguard or by hand
             elif row is not None and row.state == "quarantined":
                 warnings.append(
@@ -103,11 +123,34 @@ class Enforcer:
                 )
         return toolstack, warnings
 
-    def _plan(self, toolstack: Toolstack, operation: str, bdf: Bdf) -> Plan:
+    def _plan(self, toolstack: Toolstack, operation: str, bdf: Bdf, vm: tuple[str, int] | None) -> Plan:
         if bdf not in toolstack.host.topology:
             raise RefusedError(f"{bdf} is not a PCI device of this host", device=str(bdf))
+        platform = toolstack.platform
+        assert isinstance(platform, LinuxPlatform)
         if operation == "unquarantine":
             return toolstack.plan_make_unassignable(bdf)
+        if operation == "assign":
+            assert vm is not None
+            name, uid = vm
+            if name in platform.domains() and platform.vm_users[name] != uid:
+                raise RefusedError(f"{name} runs as uid {platform.vm_users[name]}, not {uid}")
+            if name not in platform.domains():
+                platform.create_domain(name, iommu_context=True)
+                platform.vm_users[name] = uid
+            return toolstack.plan_assign(bdf, name)
+        if operation == "release":
+            plan = toolstack.plan_release(bdf)
+            for device in plan.devices:
+                node = platform.group_node(device)
+                if holders := holders_of(platform.fs, node):
+                    raise RefusedError(
+                        f"cannot release {device}: process {', '.join(map(str, holders))} still holds "
+                        f"/{node} open, so its IOMMU domain still holds the device; detach the device "
+                        "in the VM, or stop the VM, first",
+                        device=str(device),
+                    )
+            return plan
         plan = toolstack.plan_make_assignable(bdf)
         for device in plan.devices:
             if why := quarantine_refusal(toolstack.host, device):
@@ -115,9 +158,16 @@ class Enforcer:
         return plan
 
     @staticmethod
-    def _states(toolstack: Toolstack, plan: Plan) -> dict[str, str]:
-        names = {State.QUARANTINED: "quarantined", State.HOST: "host"}
-        return {str(d): names.get(toolstack.ledger[d].state, "broken") for d in plan.devices}
+    def _states(toolstack: Toolstack, plan: Plan) -> dict[str, DeviceRow]:
+        names = {State.QUARANTINED: "quarantined", State.HOST: "host", State.ASSIGNED: "assigned"}
+        platform = toolstack.platform
+        assert isinstance(platform, LinuxPlatform)
+        out = {}
+        for device in plan.devices:
+            record = toolstack.ledger[device]
+            uid = platform.vm_users.get(record.vm) if record.vm else None
+            out[str(device)] = DeviceRow(names.get(record.state, "broken"), None, record.vm, uid)
+        return out
 
     def recover(self, journal: Journal) -> list[str]:
         """Bring the devices of every interrupted operation to quarantine (fail closed:
@@ -135,19 +185,24 @@ class Enforcer:
         platform.step_log = lambda description: journal.step(op.id, description)
         last = next((d for d, status in reversed(op.steps) if status == "intended"), None)
         last = last or (op.steps[-1][0] if op.steps else "before its first step")
-        states = {}
+        states, held = {}, []
         for name in op.devices:
             device = Bdf.parse(name)
             if not platform.present(device):
-                states[name] = "broken"
+                states[name] = BROKEN
                 continue
             try:
                 if platform.host_driver_bound(device):
                     platform.unbind_host_driver(device)
                 platform.attach(device, QUARANTINE)
-                states[name] = "quarantined"
+                node = platform.group_node(device)
+                if platform.fs.exists(node):  # no VM's process may open it any more
+                    platform.unexpose(device, QUARANTINE)
+                    if holders := holders_of(platform.fs, node):
+                        held.append(f"{device} (process {', '.join(map(str, holders))} holds /{node})")
+                states[name] = QUARANTINED
             except StepFailed as exc:
-                states[name] = "broken"
+                states[name] = BROKEN
                 journal.finish(op.id, f"interrupted at {last}; recovery failed: {exc}", states)
                 raise StepFailed(
                     "recover",
@@ -155,6 +210,8 @@ class Enforcer:
                     f"could not be brought back to quarantine: {exc}",
                 ) from exc
         outcome = f"interrupted at {last}; recovered: {', '.join(op.devices)} quarantined"
+        if held:
+            outcome += f"; still attached to a VM process's IOMMU domain until it exits: {'; '.join(held)}"
         journal.finish(op.id, outcome, states)
         return f"{op.name} #{op.id} {outcome}"
 

@@ -27,6 +27,8 @@ CREATE TABLE IF NOT EXISTS devices (
     bdf TEXT PRIMARY KEY,
     state TEXT NOT NULL,            -- quarantined, host, broken
     host_driver TEXT,               -- the driver to give it back to
+    vm TEXT,                        -- the VM it is assigned to
+    uid INTEGER,                    -- the user that VM's process runs as
     changed REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS operations (
@@ -65,8 +67,10 @@ class Operation:
 
 @dataclass(frozen=True)
 class DeviceRow:
-    state: str
+    state: str  # quarantined, assigned, host, broken
     host_driver: str | None
+    vm: str | None = None
+    uid: int | None = None
 
 
 def _private(path: Path, kind: str) -> None:
@@ -145,18 +149,21 @@ class Journal:
 
         return ended
 
-    def finish(self, operation: int, outcome: str, states: dict[str, str]) -> None:
+    def finish(self, operation: int, outcome: str, states: dict[str, DeviceRow]) -> None:
+        """Record the end of an operation and where its devices now stand (their host
+        drivers are kept until they are back with the host)."""
         now = time.time()
         with self._transaction():
             self.db.execute(
                 "UPDATE operations SET finished = ?, outcome = ? WHERE id = ?", (now, outcome, operation)
             )
-            for bdf, state in states.items():
+            for bdf, row in states.items():
                 self.db.execute(
-                    "INSERT INTO devices (bdf, state, changed) VALUES (?, ?, ?) "
-                    "ON CONFLICT(bdf) DO UPDATE SET state = excluded.state, changed = excluded.changed, "
+                    "INSERT INTO devices (bdf, state, vm, uid, changed) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(bdf) DO UPDATE SET state = excluded.state, vm = excluded.vm, "
+                    "uid = excluded.uid, changed = excluded.changed, "
                     "host_driver = CASE WHEN excluded.state = 'host' THEN NULL ELSE host_driver END",
-                    (bdf, state, now),
+                    (bdf, row.state, row.vm, row.uid, now),
                 )
 
     @contextmanager
@@ -171,8 +178,8 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------
     def devices(self) -> dict[str, DeviceRow]:
-        rows = self.db.execute("SELECT bdf, state, host_driver FROM devices")
-        return {bdf: DeviceRow(state, driver) for bdf, state, driver in rows}
+        rows = self.db.execute("SELECT bdf, state, host_driver, vm, uid FROM devices")
+        return {bdf: DeviceRow(state, driver, vm, uid) for bdf, state, driver, vm, uid in rows}
 
     def operations(self, unfinished_only: bool = False) -> list[Operation]:
         query = "SELECT id, name, devices, started, finished, outcome FROM operations"

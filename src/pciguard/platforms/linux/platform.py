@@ -8,6 +8,9 @@
 - ``bind_host_driver(d)``: ``d`` to ``drivers/DRIVER/bind``, DRIVER being the one it had
   before quarantine; nothing if it had none
 - ``reset(d)``: ``1`` to ``devices/d/reset``; ``remove(d)``: ``1`` to ``devices/d/remove``
+- ``expose(d, vm)`` / ``unexpose``: the group's ``/dev/vfio/N`` is given to the VM's
+  user (mode 0600) / back to root; ``attach(d, vm)``: nothing, the VM's VFIO process
+  attaches the group to its own IOMMU domain when it opens that node
 - ``flush_iotlb``, ``route_msi``: nothing; the kernel flushes the IOTLB on every domain
   change, and a device bound to vfio-pci and not opened has MSIs off and no remapping
   entries
@@ -27,14 +30,13 @@ from dataclasses import dataclass
 
 from pciguard.errors import PlatformMisuse, StepFailed
 from pciguard.model import Bdf, Host
-from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo
+from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
 from pciguard.platforms.linux.sysfs import Fs
 
 VFIO_PCI = "vfio-pci"
 QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 DEVICES = "sys/bus/pci/devices"
 DRIVERS = "sys/bus/pci/drivers"
-NO_VMS = PlatformMisuse("VMs on a Linux host are not driven through pciguard yet")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class LinuxPlatform:
         self.writes: list[Write] = []
         self._dry: dict[Bdf, str | None] = {}  # dry run: the drivers the writes would leave
         self._dry_override: dict[Bdf, str] = {}
+        self._vms: dict[str, DomainInfo] = {}
+        self.vm_users: dict[str, int] = {}  # VM -> the uid its VFIO process runs as
 
     @property
     def host(self) -> Host:
@@ -84,7 +88,7 @@ class LinuxPlatform:
         return self.fs.link_name(f"{DEVICES}/{device}/driver")
 
     def domains(self) -> Mapping[str, DomainInfo]:
-        return {}
+        return self._vms
 
     def present(self, device: Bdf) -> bool:
         return self.fs.exists(f"{DEVICES}/{device}")
@@ -94,32 +98,57 @@ class LinuxPlatform:
         return driver is not None and driver not in QUARANTINE_DRIVERS
 
     def context_of(self, device: Bdf) -> str | None:
+        """QUARANTINE for a device vfio-pci holds: its group is in the default domain
+        until a VM's VFIO process attaches it to its own (see ``attach``)."""
         return QUARANTINE if self.driver(device) in QUARANTINE_DRIVERS else HOST
 
-    # -- VMs: started by their own tools, not yet driven through pciguard -----------
+    # -- VMs: VFIO users (QEMU, crosvm, cloud-hypervisor), started by their own tools --
     def create_domain(self, name: str, *, iommu_context: bool) -> None:
-        raise NO_VMS
+        """Register a VM; ``uid`` (vm_users) is the user its VFIO process runs as."""
+        if not iommu_context:
+            raise PlatformMisuse(f"{name}: a VFIO user always works through the IOMMU")
+        self._vms[name] = DomainInfo(name, DomainState.RUNNING, iommu_context=True)
 
     def crash_domain(self, name: str) -> None:
-        raise NO_VMS
+        raise PlatformMisuse(f"pciguard does not stop VM processes ({name}); stop it with its own tools")
 
     def destroy_domain(self, name: str) -> None:
-        raise NO_VMS
+        self._vms.pop(name, None)
 
     def enable_iommu_context(self, name: str) -> None:
-        raise NO_VMS
+        raise PlatformMisuse("a VFIO user always works through the IOMMU")
 
     def map_reserved(self, device: Bdf, domain: str) -> None:
-        raise NO_VMS
+        raise PlatformMisuse("VFIO maps no firmware 1:1 region into a guest; such devices are refused")
 
     def unmap_reserved(self, device: Bdf, domain: str) -> None:
-        raise NO_VMS
+        raise PlatformMisuse("VFIO maps no firmware 1:1 region into a guest; such devices are refused")
 
     def expose(self, device: Bdf, domain: str) -> None:
-        raise NO_VMS
+        """Hand the device's VFIO group node to the VM's user: only that user's process
+        can now open it, attach the group to its own IOMMU domain and map its memory."""
+        with self._step(f"expose({device}, {domain})"):
+            self._hand_over(device, self.vm_users[domain])
 
     def unexpose(self, device: Bdf, domain: str) -> None:
-        raise NO_VMS
+        with self._step(f"unexpose({device}, {domain})"):
+            self._hand_over(device, 0)
+
+    def group_node(self, device: Bdf) -> str:
+        group = self.fs.link_name(f"{DEVICES}/{device}/iommu_group")
+        if group is None:
+            raise StepFailed("expose", f"{device} is in no IOMMU group")
+        return f"dev/vfio/{group}"
+
+    def _hand_over(self, device: Bdf, uid: int) -> None:
+        node = self.group_node(device)
+        self.writes.append(Write(node, f"owner {uid}"))
+        if self.dry_run:
+            return
+        try:
+            self.fs.hand_over(node, uid)
+        except OSError as exc:
+            raise StepFailed("expose", f"giving /{node} to uid {uid}: {exc.strerror or exc}") from exc
 
     # -- device steps --------------------------------------------------------------
     def unbind_host_driver(self, device: Bdf) -> None:
@@ -152,8 +181,14 @@ class LinuxPlatform:
                 if self.driver(device) in QUARANTINE_DRIVERS:
                     self._write(f"{DRIVERS}/{self.driver(device)}/unbind", str(device))
                 self._write(f"{DEVICES}/{device}/driver_override", "\n")
+            elif domain in self._vms:
+                # Nothing to write: the VM's VFIO process attaches the group to its own
+                # IOMMU domain when it opens the group node (after ``expose``), and the
+                # kernel returns it to the default domain when the process lets go.
+                if self.driver(device) != VFIO_PCI:
+                    raise StepFailed("attach", f"{device} is not bound to vfio-pci")
             else:
-                raise PlatformMisuse(f"cannot attach {device} to {domain}: VMs are not driven by pciguard")
+                raise PlatformMisuse(f"cannot attach {device} to {domain}: there is no such VM")
 
     def _to_vfio(self, device: Bdf) -> None:
         if not self.dry_run and not self.fs.exists(f"{DRIVERS}/{VFIO_PCI}"):

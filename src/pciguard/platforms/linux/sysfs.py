@@ -177,6 +177,11 @@ class Fs:
     def exists(self, rel: str) -> bool:
         return os.path.exists(self.abs(rel))
 
+    def hand_over(self, rel: str, uid: int) -> None:
+        """Give a device node (``dev/vfio/N``) to ``uid`` alone (mode 0600)."""
+        os.chown(self.abs(rel), uid, -1)
+        os.chmod(self.abs(rel), 0o600)
+
     def write(self, rel: str, text: str) -> None:
         """Write one sysfs attribute (the only way pciguard changes a host). OSErrors
         propagate: the caller knows which step failed."""
@@ -222,6 +227,16 @@ class _Notes:
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(InputProblem(path, message))
+
+
+def holders_of(fs: Fs, node: str) -> list[int]:
+    """The processes that hold ``/node`` (a device node such as ``dev/vfio/7``) open."""
+    return [
+        int(pid)
+        for pid in fs.listdir("proc")
+        if pid.isdigit()
+        and any(fs.link(f"proc/{pid}/fd/{fd}") == node for fd in fs.listdir(f"proc/{pid}/fd"))
+    ]
 
 
 def read_host(root: str = "/", fs: Fs | None = None, name: str | None = None) -> Reading:
