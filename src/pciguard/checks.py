@@ -69,11 +69,15 @@ def iommu_reason(host: Host, bdf: Bdf) -> Reason | None:
         )
     group = host.group_or_none(bdf)
     if group is not None and group.domain is not None and not group.domain.translates:
+        remedy = (
+            "`pciguard quarantine` switches this single-device group to DMA first"
+            if len(group.members) == 1
+            else "boot without iommu=pt (or iommu.passthrough=1)"
+        )
         return Reason(
             IDENTITY_DOMAIN,
             f"{group} of {bdf} has an identity (passthrough) default domain: its DMA is not "
-            "translated, so even bound to vfio-pci it reaches all RAM; boot without iommu=pt "
-            "(or iommu.passthrough=1), or switch the group's type to DMA",
+            f"translated, so even bound to vfio-pci it reaches all RAM; {remedy}",
         )
     return None
 

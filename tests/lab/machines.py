@@ -208,7 +208,11 @@ ONE_EDU_STEPS = (
         "name": "assign-edu1",
         "args": ["assign", "{edu1}", "--to", "vm1", "--user", str(VM_USER), *STATE],
     },
-    {"do": "vfio-session", "name": "vfio-as-root", "device": "edu1"},  # VFIO's own check, unassigned
+    {"do": "vfio-session", "name": "vfio-as-root", "device": "edu1"},  # VFIO's own check
+    {"do": "pciguard", "name": "release-edu1", "args": ["release", "{edu1}", *STATE]},
+    {"do": "pciguard", "name": "unquarantine-edu1", "args": ["unquarantine", "{edu1}", *STATE]},
+    {"do": "truth", "name": "truth-after-unquarantine"},
+    {"do": "probe", "name": "probe-edu1-after-unquarantine", "device": "edu1"},
 )
 
 

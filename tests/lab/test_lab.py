@@ -152,7 +152,7 @@ def test_the_same_device_in_an_identity_group_lands_and_the_audit_refuses_it(top
     assert reported_groups(rep) == kernel_groups(topologies, "truth-edu1-identity")
 
 
-def test_under_iommu_pt_every_group_is_flagged_as_not_translating(passthrough: Outcome) -> None:
+def test_under_iommu_pt_every_group_is_flagged_as_not_translating_as_it_stands(passthrough: Outcome) -> None:
     ran, truth = passthrough.step("audit"), passthrough.step("truth")
     assert {g["type"] for g in truth["groups"].values()} == {"identity"}
     rep = report(passthrough)
@@ -219,12 +219,27 @@ def test_unquarantine_gives_the_nic_back_to_e1000e(topologies: Outcome) -> None:
     assert journal.count(": done\n") == 6 and "intended" not in journal and "failed" not in journal
 
 
-def test_an_identity_group_is_refused_and_the_probe_shows_why(passthrough: Outcome) -> None:
-    refused = passthrough.step("quarantine-edu1")
-    assert refused["exit"] == 5 and "identity" in refused["stderr"]
-    assert passthrough.step("truth-after-quarantine")["drivers"][passthrough.bdf("edu1")] is None
+def test_under_iommu_pt_quarantine_makes_the_group_translating_and_unquarantine_restores_it(
+    passthrough: Outcome,
+) -> None:
+    edu1 = passthrough.bdf("edu1")
+    assert passthrough.step("probe-edu1")["verdict"] == "LANDED"  # identity: vfio-pci alone would not help
+    quarantined = passthrough.step("quarantine-edu1")
+    assert quarantined["exit"] == 0 and "echo DMA > /sys/kernel/iommu_groups/" in quarantined["output"]
+
+    def group_type(step: str) -> str:
+        truth = passthrough.step(step)
+        (kind,) = [g["type"] for g in truth["groups"].values() if edu1 in g["devices"]]
+        return str(kind)
+
+    after = passthrough.step("truth-after-quarantine")
+    assert (group_type("truth-after-quarantine"), after["drivers"][edu1]) == ("DMA", "vfio-pci")
     probe = passthrough.step("probe-edu1-after-quarantine")
-    assert probe["verdict"] == "LANDED", probe  # vfio-pci could not have stopped this
+    assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
+    assert passthrough.step("unquarantine-edu1")["exit"] == 0
+    back = passthrough.step("truth-after-unquarantine")
+    assert (group_type("truth-after-unquarantine"), back["drivers"][edu1]) == ("identity", None)
+    assert passthrough.step("probe-edu1-after-unquarantine")["verdict"] == "LANDED"
 
 
 def test_quarantine_blocks_dma_without_interrupt_remapping_too(no_intremap: Outcome) -> None:

@@ -155,10 +155,31 @@ def test_a_pf_with_vfs_enabled_is_refused(host_tree: Callable[..., Path]) -> Non
     assert writes == []
 
 
-def test_an_identity_group_is_refused(host_tree: Callable[..., Path]) -> None:
+def test_an_identity_group_of_one_device_is_made_translating_and_restored(
+    host_tree: Callable[..., Path],
+) -> None:
+    root = host_tree(domain="identity")  # iommu=pt: vfio-pci alone would not block DMA
+    group_type = (root / f"sys/bus/pci/devices/{NIC}/iommu_group").resolve() / "type"
+    rel = str(group_type.relative_to(root))
+    with installed(root) as writes:
+        enforcer(root).quarantine(bdf(NIC))
+        assert writes[:2] == [(f"sys/bus/pci/devices/{NIC}/driver/unbind", NIC), (rel, "DMA")]
+        assert group_type.read_text() == "DMA" and driver_of(root, NIC) == "vfio-pci"
+        assert Journal(root / "state").devices()[NIC].group_type == "identity"
+        writes.clear()
+        enforcer(root).unquarantine(bdf(NIC))
+        assert writes[2:] == [
+            (f"sys/bus/pci/devices/{NIC}/driver_override", "\n"),
+            (rel, "identity"),  # as the administrator chose, once the device is the host's again
+            ("sys/bus/pci/drivers/e1000e/bind", NIC),
+        ]
+    assert group_type.read_text() == "identity" and driver_of(root, NIC) == "e1000e"
+
+
+def test_an_identity_group_of_several_devices_is_refused(host_tree: Callable[..., Path]) -> None:
     root = host_tree(domain="identity")
     with installed(root) as writes, pytest.raises(RefusedError, match="identity"):
-        enforcer(root).quarantine(bdf(NIC))
+        enforcer(root).quarantine(bdf(GPU))  # with its audio function: the kernel cannot switch it
     assert writes == []
 
 

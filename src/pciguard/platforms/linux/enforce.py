@@ -5,12 +5,12 @@ time, and brought back to quarantine when a previous run was killed half-way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pciguard.checks import Options
 from pciguard.errors import RefusedError, StepFailed
-from pciguard.model import Bdf, Host
+from pciguard.model import Bdf, DomainType, Host
 from pciguard.model.ownership import State
 from pciguard.platforms.base import QUARANTINE
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
@@ -19,7 +19,7 @@ from pciguard.platforms.linux.sysfs import Fs, holders_of, read_host
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 
 RELAXABLE = "direct-relaxable"  # 1:1 regions VFIO may leave unmapped (Linux's own judgement)
-QUARANTINED, BROKEN = DeviceRow("quarantined", None, None, None), DeviceRow("broken", None, None, None)
+QUARANTINED, BROKEN = DeviceRow("quarantined", None), DeviceRow("broken", None)
 
 
 @dataclass
@@ -84,7 +84,8 @@ class Enforcer:
                     str(d): platform.driver(d) if platform.host_driver_bound(d) else None
                     for d in plan.devices
                 }
-                op = journal.begin(operation, [str(d) for d in plan.devices], drivers)
+                kinds = {str(d): "identity" for d in plan.devices if platform.group_type(d) == "identity"}
+                op = journal.begin(operation, [str(d) for d in plan.devices], drivers, kinds)
                 platform.step_log = lambda description: journal.step(op, description)
                 try:
                     toolstack.execute(plan)
@@ -98,10 +99,8 @@ class Enforcer:
             journal.close()
 
     def _toolstack(self, journal: Journal, dry_run: bool) -> tuple[Toolstack, list[str]]:
-        host = read_host(self.root).host
         rows = journal.devices()
-        drivers = {b: rows[str(b)].host_driver for b in host.topology if str(b) in rows}
-        platform = LinuxPlatform(Fs(self.root), host, drivers, dry_run=dry_run)
+        platform = self._platform(rows, dry_run)
         for held in rows.values():
             if held.vm is not None and held.vm not in platform.domains():
                 platform.create_domain(held.vm, iommu_context=True)
@@ -122,6 +121,14 @@ class Enforcer:
                     "something bound it behind pciguard's back"
                 )
         return toolstack, warnings
+
+    def _platform(self, rows: dict[str, DeviceRow], dry_run: bool = False) -> LinuxPlatform:
+        """This host as it stands, with what the journal remembers of its devices."""
+        host = translating_on_quarantine(read_host(self.root).host)
+        known = {b: rows[str(b)] for b in host.topology if str(b) in rows}
+        drivers = {b: row.host_driver for b, row in known.items()}
+        kinds = {b: row.group_type for b, row in known.items() if row.group_type}
+        return LinuxPlatform(Fs(self.root), host, drivers, kinds, dry_run=dry_run)
 
     def _plan(self, toolstack: Toolstack, operation: str, bdf: Bdf, vm: tuple[str, int] | None) -> Plan:
         if bdf not in toolstack.host.topology:
@@ -166,7 +173,7 @@ class Enforcer:
         for device in plan.devices:
             record = toolstack.ledger[device]
             uid = platform.vm_users.get(record.vm) if record.vm else None
-            out[str(device)] = DeviceRow(names.get(record.state, "broken"), None, record.vm, uid)
+            out[str(device)] = DeviceRow(names.get(record.state, "broken"), None, None, record.vm, uid)
         return out
 
     def recover(self, journal: Journal) -> list[str]:
@@ -178,10 +185,7 @@ class Enforcer:
         return notes
 
     def _recover(self, journal: Journal, op: Operation) -> str:
-        host = read_host(self.root).host
-        rows = journal.devices()
-        drivers = {b: rows[str(b)].host_driver for b in host.topology if str(b) in rows}
-        platform = LinuxPlatform(Fs(self.root), host, drivers)
+        platform = self._platform(journal.devices())
         platform.step_log = lambda description: journal.step(op.id, description)
         last = next((d for d, status in reversed(op.steps) if status == "intended"), None)
         last = last or (op.steps[-1][0] if op.steps else "before its first step")
@@ -214,6 +218,21 @@ class Enforcer:
             outcome += f"; still attached to a VM process's IOMMU domain until it exits: {'; '.join(held)}"
         journal.finish(op.id, outcome, states)
         return f"{op.name} #{op.id} {outcome}"
+
+
+def translating_on_quarantine(host: Host) -> Host:
+    """The host as the toolstack should judge it: quarantine switches an identity group
+    of one device to DMA before binding vfio-pci (``LinuxPlatform``), so such a group
+    is as good as translating. Identity groups of several devices stay as they are, and
+    the toolstack refuses them."""
+    groups = host.kernel_groups
+    if groups is None or not any(g.domain is DomainType.IDENTITY and len(g.members) == 1 for g in groups):
+        return host
+    switched = tuple(
+        replace(g, domain=DomainType.DMA) if g.domain is DomainType.IDENTITY and len(g.members) == 1 else g
+        for g in groups
+    )
+    return replace(host, kernel_groups=switched)
 
 
 def quarantine_refusal(host: Host, device: Bdf) -> str | None:

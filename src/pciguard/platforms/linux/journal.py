@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS devices (
     bdf TEXT PRIMARY KEY,
     state TEXT NOT NULL,            -- quarantined, host, broken
     host_driver TEXT,               -- the driver to give it back to
+    group_type TEXT,                -- its group's type before quarantine, if pciguard changed it
     vm TEXT,                        -- the VM it is assigned to
     uid INTEGER,                    -- the user that VM's process runs as
     changed REAL NOT NULL
@@ -69,6 +70,7 @@ class Operation:
 class DeviceRow:
     state: str  # quarantined, assigned, host, broken
     host_driver: str | None
+    group_type: str | None = None
     vm: str | None = None
     uid: int | None = None
 
@@ -116,7 +118,15 @@ class Journal:
             os.close(fd)  # releases the lock
 
     # -- writing ---------------------------------------------------------------------
-    def begin(self, name: str, devices: list[str], host_drivers: dict[str, str | None]) -> int:
+    def begin(
+        self,
+        name: str,
+        devices: list[str],
+        host_drivers: dict[str, str | None],
+        group_types: dict[str, str] | None = None,
+    ) -> int:
+        """Record an operation before its first step, with what is needed to undo it:
+        each device's host driver and the group type quarantine will change."""
         now = time.time()
         with self._transaction():
             cursor = self.db.execute(
@@ -125,10 +135,11 @@ class Journal:
             )
             for bdf, driver in host_drivers.items():
                 self.db.execute(
-                    "INSERT INTO devices (bdf, state, host_driver, changed) VALUES (?, 'host', ?, ?) "
-                    "ON CONFLICT(bdf) DO UPDATE SET "
-                    "host_driver = COALESCE(excluded.host_driver, host_driver)",
-                    (bdf, driver, now),
+                    "INSERT INTO devices (bdf, state, host_driver, group_type, changed) "
+                    "VALUES (?, 'host', ?, ?, ?) ON CONFLICT(bdf) DO UPDATE SET "
+                    "host_driver = COALESCE(excluded.host_driver, host_driver), "
+                    "group_type = COALESCE(excluded.group_type, group_type)",
+                    (bdf, driver, (group_types or {}).get(bdf), now),
                 )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -162,7 +173,8 @@ class Journal:
                     "INSERT INTO devices (bdf, state, vm, uid, changed) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(bdf) DO UPDATE SET state = excluded.state, vm = excluded.vm, "
                     "uid = excluded.uid, changed = excluded.changed, "
-                    "host_driver = CASE WHEN excluded.state = 'host' THEN NULL ELSE host_driver END",
+                    "host_driver = CASE WHEN excluded.state = 'host' THEN NULL ELSE host_driver END, "
+                    "group_type = CASE WHEN excluded.state = 'host' THEN NULL ELSE group_type END",
                     (bdf, row.state, row.vm, row.uid, now),
                 )
 
@@ -178,8 +190,8 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------
     def devices(self) -> dict[str, DeviceRow]:
-        rows = self.db.execute("SELECT bdf, state, host_driver, vm, uid FROM devices")
-        return {bdf: DeviceRow(state, driver, vm, uid) for bdf, state, driver, vm, uid in rows}
+        rows = self.db.execute("SELECT bdf, state, host_driver, group_type, vm, uid FROM devices")
+        return {bdf: DeviceRow(state, driver, kind, vm, uid) for bdf, state, driver, kind, vm, uid in rows}
 
     def operations(self, unfinished_only: bool = False) -> list[Operation]:
         query = "SELECT id, name, devices, started, finished, outcome FROM operations"

@@ -1,10 +1,11 @@
 """The ``Platform`` protocol on a real Linux host: each step is a few sysfs writes.
 
 - ``unbind_host_driver(d)``: ``d`` to ``devices/d/driver/unbind``
-- ``attach(d, quarantine)``: ``vfio-pci`` to ``devices/d/driver_override``, ``d`` to
-  ``drivers_probe``; then it checks that vfio-pci holds the device
+- ``attach(d, quarantine)``: ``DMA`` to ``/sys/kernel/iommu_groups/N/type`` if the
+  group is ``identity`` (one device only), ``vfio-pci`` to ``devices/d/driver_override``,
+  ``d`` to ``drivers_probe``; then it checks that vfio-pci holds the device
 - ``attach(d, host)``: ``d`` to ``drivers/vfio-pci/unbind`` (if bound), a newline to
-  ``devices/d/driver_override``
+  ``devices/d/driver_override``, and the group's type back if quarantine changed it
 - ``bind_host_driver(d)``: ``d`` to ``drivers/DRIVER/bind``, DRIVER being the one it had
   before quarantine; nothing if it had none
 - ``reset(d)``: ``1`` to ``devices/d/reset``; ``remove(d)``: ``1`` to ``devices/d/remove``
@@ -19,7 +20,8 @@
 ``drivers_probe``, never ``new_id``, so no other device with the same IDs is captured.
 A quarantined device sits in its group's default domain with nothing mapped for it,
 which blocks its DMA only when that domain translates (``DMA`` or ``DMA-FQ``, not
-``identity``): the toolstack refuses identity groups before this module is reached.
+``identity``): hence the switch of single-device identity groups above; the toolstack
+refuses the others.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ VFIO_PCI = "vfio-pci"
 QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 DEVICES = "sys/bus/pci/devices"
 DRIVERS = "sys/bus/pci/drivers"
+GROUPS = "sys/kernel/iommu_groups"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class LinuxPlatform:
         fs: Fs,
         host: Host,
         host_drivers: Mapping[Bdf, str | None],
+        group_types: Mapping[Bdf, str] | None = None,
         *,
         dry_run: bool = False,
         step_log: Callable[[str], Callable[[str], None]] | None = None,
@@ -69,6 +73,7 @@ class LinuxPlatform:
         self.fs = fs
         self._host = host
         self.host_drivers = dict(host_drivers)
+        self.group_types = dict(group_types or {})  # types pciguard changed, to restore
         self.dry_run = dry_run
         self.step_log = step_log
         self.writes: list[Write] = []
@@ -181,6 +186,8 @@ class LinuxPlatform:
                 if self.driver(device) in QUARANTINE_DRIVERS:
                     self._write(f"{DRIVERS}/{self.driver(device)}/unbind", str(device))
                 self._write(f"{DEVICES}/{device}/driver_override", "\n")
+                if (kind := self.group_types.get(device)) is not None:  # as it was before quarantine
+                    self._write(f"{GROUPS}/{self._group(device)}/type", kind)
             elif domain in self._vms:
                 # Nothing to write: the VM's VFIO process attaches the group to its own
                 # IOMMU domain when it opens the group node (after ``expose``), and the
@@ -197,10 +204,37 @@ class LinuxPlatform:
             return
         if self.host_driver_bound(device):  # the toolstack unbinds first; never bind over a driver
             raise StepFailed("attach", f"{device} is still bound to {self.driver(device)}")
+        self._make_translating(device)
         self._write(f"{DEVICES}/{device}/driver_override", VFIO_PCI)
         self._write("sys/bus/pci/drivers_probe", str(device))
         if not self.dry_run and self.driver(device) != VFIO_PCI:
             raise StepFailed("attach", f"vfio-pci did not bind {device} (see the kernel log)")
+
+    def _group(self, device: Bdf) -> str | None:
+        return self.fs.link_name(f"{DEVICES}/{device}/iommu_group")
+
+    def group_type(self, device: Bdf) -> str | None:
+        """The type of the device's group's default domain, as the kernel says now."""
+        group = self._group(device)
+        data = self.fs.read_bytes(f"{GROUPS}/{group}/type") if group else None
+        return data.decode().strip() if data else None
+
+    def _make_translating(self, device: Bdf) -> None:
+        """A group of type ``identity`` does not translate, so vfio-pci alone would not
+        block the device's DMA: switch it to ``DMA`` first (the kernel allows that for a
+        group of one device that no driver holds). ``group_types`` remembers the type to
+        restore when the device goes back to the host."""
+        group, kind = self._group(device), self.group_type(device)
+        if kind != "identity":
+            return
+        if len(self.fs.listdir(f"{GROUPS}/{group}/devices")) != 1:
+            raise StepFailed(
+                "attach",
+                f"group {group} of {device} has an identity domain and more than one device; the "
+                "kernel switches only single-device groups to DMA: boot without iommu=pt",
+            )
+        self.group_types[device] = kind
+        self._write(f"{GROUPS}/{group}/type", "DMA")
 
     def flush_iotlb(self, device: Bdf) -> None:
         """Nothing to write: the kernel flushes the IOTLB whenever a domain changes."""
