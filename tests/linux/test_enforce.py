@@ -148,6 +148,16 @@ def test_refusals_say_why_and_change_nothing(
     assert Journal(root / "state").operations() == []
 
 
+def test_the_console_gpu_is_quarantined_only_when_asked(emulated: tuple[Path, list[tuple[str, str]]]) -> None:
+    root, _ = emulated
+    console = "0000:00:02.0"
+    with pytest.raises(RefusedError, match="console GPU"):
+        enforcer(root).quarantine(bdf(console))
+    result = runner.invoke(app, ["quarantine", console, "--console-gpu", *where(root)])
+    assert result.exit_code == 0, result.output
+    assert driver_of(root, console) == "vfio-pci"
+
+
 def test_a_pf_with_vfs_enabled_is_refused(host_tree: Callable[..., Path]) -> None:
     root = host_tree("server")
     with installed(root) as writes, pytest.raises(RefusedError, match="sriov_numvfs"):

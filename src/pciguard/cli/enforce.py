@@ -86,13 +86,16 @@ def _show(result: Result) -> None:
 def quarantine(
     device: str = DEVICE,
     dry_run: bool = DRY_RUN,
+    console_gpu: bool = typer.Option(
+        False, "--console-gpu", help="Also when it is the console GPU (the host loses its display)."
+    ),
     root: Path = ROOT,
     state_dir: Path = STATE_DIR,
 ) -> None:
     """Make a device assignable: release it, and every group sibling that must go with
     it, from host drivers and bind them to vfio-pci (their DMA is then blocked)."""
     with refusals():
-        _show(Enforcer(str(root), state_dir).quarantine(_device(device), dry_run))
+        _show(Enforcer(str(root), state_dir).quarantine(_device(device), dry_run, console_gpu))
 
 
 def unquarantine(

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from pciguard.checks import Options
 from pciguard.errors import RefusedError, StepFailed
-from pciguard.model import Bdf, DomainType, Host
+from pciguard.model import Bdf, DomainType, Host, Topology
 from pciguard.model.ownership import State
 from pciguard.platforms.base import QUARANTINE
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
 from pciguard.platforms.linux.platform import LinuxPlatform, Write
-from pciguard.platforms.linux.sysfs import Fs, holders_of, read_host
+from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs, holders_of, read_host
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 
 RELAXABLE = "direct-relaxable"  # 1:1 regions VFIO may leave unmapped (Linux's own judgement)
@@ -36,10 +36,14 @@ class Enforcer:
     def __init__(self, root: str = "/", state_dir: Path = DEFAULT_STATE_DIR) -> None:
         self.root = root
         self.state_dir = state_dir
+        self.console_gpu = False
+        self.critical_why: dict[Bdf, str] = {}
 
-    def quarantine(self, bdf: Bdf, dry_run: bool = False) -> Result:
+    def quarantine(self, bdf: Bdf, dry_run: bool = False, console_gpu: bool = False) -> Result:
         """Release ``bdf`` and the group siblings that must go with it from their host
-        drivers and bind them to vfio-pci."""
+        drivers and bind them to vfio-pci. ``console_gpu``: the console GPU too (the
+        host then loses its display), which is otherwise refused as host-critical."""
+        self.console_gpu = console_gpu
         return self._run("quarantine", bdf, dry_run)
 
     def unquarantine(self, bdf: Bdf, dry_run: bool = False) -> Result:
@@ -124,7 +128,15 @@ class Enforcer:
 
     def _platform(self, rows: dict[str, DeviceRow], dry_run: bool = False) -> LinuxPlatform:
         """This host as it stands, with what the journal remembers of its devices."""
-        host = translating_on_quarantine(read_host(self.root).host)
+        reading = read_host(self.root)
+        self.critical_why = dict(reading.facts.host_critical)
+        host = translating_on_quarantine(reading.host)
+        if self.console_gpu:
+            console = {b for b, why in reading.facts.host_critical.items() if why == CONSOLE_GPU}
+            functions = {
+                b: replace(f, host_critical=False) if b in console else f for b, f in host.topology.items()
+            }
+            host = replace(host, topology=Topology(functions))
         known = {b: rows[str(b)] for b in host.topology if str(b) in rows}
         drivers = {b: row.host_driver for b, row in known.items()}
         kinds = {b: row.group_type for b, row in known.items() if row.group_type}
@@ -158,10 +170,17 @@ class Enforcer:
                         device=str(device),
                     )
             return plan
+        for member in toolstack.host.group_of(bdf).members:
+            if toolstack.host.topology[member].host_critical and member in self.critical_why:
+                why = self.critical_why[member]
+                hint = "; pass --console-gpu to quarantine it all the same" if why == CONSOLE_GPU else ""
+                raise RefusedError(
+                    f"cannot quarantine {bdf}: {member} is host-critical: {why}{hint}", device=str(member)
+                )
         plan = toolstack.plan_make_assignable(bdf)
         for device in plan.devices:
-            if why := quarantine_refusal(toolstack.host, device):
-                raise RefusedError(f"cannot quarantine {device}: {why}", device=str(device))
+            if refusal := quarantine_refusal(toolstack.host, device):
+                raise RefusedError(f"cannot quarantine {device}: {refusal}", device=str(device))
         return plan
 
     @staticmethod

@@ -73,6 +73,7 @@ IOMMU_SWITCHES = re.compile(
 # Chips in /proc/interrupts whose names say interrupts pass through remapping.
 IR_CHIP = re.compile(r"\bIR-[A-Z]|\b(?:INTEL|AMD)-IR\b|\bAMD-IR-")
 PLAIN_CHIP = re.compile(r"\b(?:IO-APIC|PCI-MSI|PCI-MSIX)")
+CONSOLE_GPU = "the console GPU (boot_vga)"
 _BDF_NAME = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _ROOT_BUS_NAME = re.compile(r"^pci[0-9a-f]{4,5}:[0-9a-f]{2}$")
 HIDES_CONFIG = (
@@ -670,7 +671,7 @@ class _Reader:
         critical: dict[Bdf, str] = {}
         for bdf, raw in raws.items():
             if raw.boot_vga:
-                critical[bdf] = "the console GPU (boot_vga)"
+                critical[bdf] = CONSOLE_GPU
             elif raw.class_code >> 8 == 0x0600:
                 critical[bdf] = "the host bridge"
             elif raw.class_code >> 8 == 0x0601:
