@@ -36,15 +36,13 @@ class Enforcer:
     def __init__(self, root: str = "/", state_dir: Path = DEFAULT_STATE_DIR) -> None:
         self.root = root
         self.state_dir = state_dir
-        self.console_gpu = False
         self.critical_why: dict[Bdf, str] = {}
 
     def quarantine(self, bdf: Bdf, dry_run: bool = False, console_gpu: bool = False) -> Result:
         """Release ``bdf`` and the group siblings that must go with it from their host
         drivers and bind them to vfio-pci. ``console_gpu``: the console GPU too (the
         host then loses its display), which is otherwise refused as host-critical."""
-        self.console_gpu = console_gpu
-        return self._run("quarantine", bdf, dry_run)
+        return self._run("quarantine", bdf, dry_run, console_gpu=console_gpu)
 
     def unquarantine(self, bdf: Bdf, dry_run: bool = False) -> Result:
         """Reset ``bdf`` and give it back to the host driver it had."""
@@ -70,12 +68,19 @@ class Enforcer:
         finally:
             journal.close()
 
-    def _run(self, operation: str, bdf: Bdf, dry_run: bool, vm: tuple[str, int] | None = None) -> Result:
+    def _run(
+        self,
+        operation: str,
+        bdf: Bdf,
+        dry_run: bool,
+        vm: tuple[str, int] | None = None,
+        console_gpu: bool = False,
+    ) -> Result:
         journal = Journal(self.state_dir)
         try:
             with journal.locked():
                 recovered = [] if dry_run else self.recover(journal)
-                toolstack, warnings = self._toolstack(journal, dry_run)
+                toolstack, warnings = self._toolstack(journal, dry_run, console_gpu)
                 plan = self._plan(toolstack, operation, bdf, vm)
                 result = Result(operation, plan.devices, dry_run, recovered=recovered, warnings=warnings)
                 platform = toolstack.platform
@@ -102,9 +107,9 @@ class Enforcer:
         finally:
             journal.close()
 
-    def _toolstack(self, journal: Journal, dry_run: bool) -> tuple[Toolstack, list[str]]:
+    def _toolstack(self, journal: Journal, dry_run: bool, console_gpu: bool) -> tuple[Toolstack, list[str]]:
         rows = journal.devices()
-        platform = self._platform(rows, dry_run)
+        platform = self._platform(rows, dry_run, console_gpu)
         for held in rows.values():
             if held.vm is not None and held.vm not in platform.domains():
                 platform.create_domain(held.vm, iommu_context=True)
@@ -126,12 +131,15 @@ class Enforcer:
                 )
         return toolstack, warnings
 
-    def _platform(self, rows: dict[str, DeviceRow], dry_run: bool = False) -> LinuxPlatform:
-        """This host as it stands, with what the journal remembers of its devices."""
+    def _platform(
+        self, rows: dict[str, DeviceRow], dry_run: bool = False, console_gpu: bool = False
+    ) -> LinuxPlatform:
+        """This host as it stands, with what the journal remembers of its devices
+        (``console_gpu``: the console GPU judged as any other device)."""
         reading = read_host(self.root)
         self.critical_why = dict(reading.facts.host_critical)
         host = translating_on_quarantine(reading.host)
-        if self.console_gpu:
+        if console_gpu:
             console = {b for b, why in reading.facts.host_critical.items() if why == CONSOLE_GPU}
             functions = {
                 b: replace(f, host_critical=False) if b in console else f for b, f in host.topology.items()
@@ -245,13 +253,13 @@ def translating_on_quarantine(host: Host) -> Host:
     is as good as translating. Identity groups of several devices stay as they are, and
     the toolstack refuses them."""
     groups = host.kernel_groups
-    if groups is None or not any(g.domain is DomainType.IDENTITY and len(g.members) == 1 for g in groups):
+    if groups is None:
         return host
     switched = tuple(
         replace(g, domain=DomainType.DMA) if g.domain is DomainType.IDENTITY and len(g.members) == 1 else g
         for g in groups
     )
-    return replace(host, kernel_groups=switched)
+    return host if switched == groups else replace(host, kernel_groups=switched)
 
 
 def quarantine_refusal(host: Host, device: Bdf) -> str | None:

@@ -140,7 +140,7 @@ class LinuxPlatform:
             self._hand_over(device, 0)
 
     def group_node(self, device: Bdf) -> str:
-        group = self.fs.link_name(f"{DEVICES}/{device}/iommu_group")
+        group = self._group(device)
         if group is None:
             raise StepFailed("expose", f"{device} is in no IOMMU group")
         return f"dev/vfio/{group}"
