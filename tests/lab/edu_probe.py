@@ -74,7 +74,7 @@ def physical_address(virtual: int) -> int:
     return pfn * PAGE + virtual % PAGE
 
 
-def _enable_bus_mastering(device: Path) -> None:
+def enable_bus_mastering(device: Path) -> None:
     # The kernel lets user space enable only a device no driver holds (vfio-pci enables
     # its devices when opened); the command register below is what DMA needs.
     if not (device / "driver").exists() and (device / "enable").read_text().strip() == "0":
@@ -86,8 +86,8 @@ def _enable_bus_mastering(device: Path) -> None:
         config.write((command | COMMAND_MEMORY | COMMAND_BUS_MASTER).to_bytes(2, "little"))
 
 
-class Edu:
-    """The edu's registers, through 32-bit accesses only (it ignores narrower ones)."""
+class Registers:
+    """A device's BAR 0 registers, through 32-bit accesses only (edu ignores others)."""
 
     def __init__(self, resource: Path) -> None:
         fd = os.open(resource, os.O_RDWR | os.O_SYNC)
@@ -103,6 +103,12 @@ class Edu:
     def write(self, offset: int, value: int) -> None:
         self._regs[offset // 4] = value
 
+    def close(self) -> None:
+        self._regs.release()
+        self._map.close()
+
+
+class Edu(Registers):
     def dma(self, src: int, dst: int, count: int, cmd: int, timeout: float = 5.0) -> bool:
         """Run one DMA; False if the engine did not finish in time."""
         for offset, value in ((REG_DMA_SRC, src), (REG_DMA_DST, dst), (REG_DMA_COUNT, count)):
@@ -117,10 +123,6 @@ class Edu:
             time.sleep(0.01)
         return True
 
-    def close(self) -> None:
-        self._regs.release()
-        self._map.close()
-
 
 def copy(bdf: str, source: int, target: int, count: int = PATTERN_BYTES) -> tuple[bool, int]:
     """Have the device copy ``count`` bytes from ``source`` to ``target`` (addresses as
@@ -130,7 +132,7 @@ def copy(bdf: str, source: int, target: int, count: int = PATTERN_BYTES) -> tupl
     ids = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
     if ids != EDU_IDS:
         raise ProbeError(f"{bdf} is {ids[0]}:{ids[1]}, not an edu device")
-    _enable_bus_mastering(device)
+    enable_bus_mastering(device)
     edu = Edu(device / "resource0")
     try:
         if edu.read(REG_IDENT) != EDU_IDENT:

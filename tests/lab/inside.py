@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.edu_probe import copy, own_pages, probe, verdict
+from lab.nic_probe import probe as nic_probe
 from lab.vfio_user import HALF, IOVA, UNMAPPED_IOVA
 
 SYS_DEVICES = Path("/sys/devices/pci0000:00")
@@ -165,6 +166,12 @@ def ground_truth() -> dict[str, Any]:
     }
 
 
+def unbind(bdf: str) -> dict[str, Any]:
+    driver = Path("/sys/bus/pci/devices") / bdf / "driver"
+    (driver / "unbind").write_text(bdf)
+    return {"driver": None if not driver.exists() else os.readlink(driver)}
+
+
 def set_group_type(bdf: str, kind: str) -> dict[str, Any]:
     group = Path(os.readlink(Path("/sys/bus/pci/devices") / bdf / "iommu_group")).name
     (IOMMU_GROUPS / group / "type").write_text(kind)
@@ -184,6 +191,8 @@ def run(plan_path: Path) -> dict[str, Any]:
         "vfio-session": lambda step: vfio_session(devices[step["device"]] or "absent", step.get("user")),
         "snapshot": lambda step: pciguard(["snapshot", str(out / f"{step['name']}.tar.gz")]),
         "probe": lambda step: vars(probe(devices[step["device"]] or "absent")),
+        "nic-probe": lambda step: vars(nic_probe(devices[step["device"]] or "absent")),
+        "unbind": lambda step: unbind(devices[step["device"]] or "absent"),
         "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),
     }
     for step in plan["steps"]:

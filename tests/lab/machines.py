@@ -176,6 +176,7 @@ TOPOLOGIES = Machine(
         {"do": "pciguard", "name": "quarantine-edu2", "args": ["quarantine", "{edu2}", *STATE]},
         {"do": "pciguard", "name": "quarantine-nic", "args": ["quarantine", "{nic}", *STATE]},
         {"do": "probe", "name": "probe-edu2-quarantined", "device": "edu2"},
+        {"do": "nic-probe", "name": "probe-nic-quarantined", "device": "nic"},
         {"do": "audit", "name": "audit-quarantined"},
         {"do": "truth", "name": "truth-quarantined"},
         # A VM's process (uid 65534) cannot take the group before assign, and can after.
@@ -192,6 +193,10 @@ TOPOLOGIES = Machine(
         {"do": "pciguard", "name": "unquarantine-edu2", "args": ["unquarantine", "{edu2}", *STATE]},
         {"do": "truth", "name": "truth-unquarantined"},
         {"do": "pciguard", "name": "journal", "args": ["journal", *STATE]},
+        # The NIC probe's other half: driver-less in an identity group, its DMA lands.
+        {"do": "unbind", "name": "nic-unbound", "device": "nic"},
+        {"do": "group-type", "name": "nic-to-identity", "device": "nic", "type": "identity"},
+        {"do": "nic-probe", "name": "probe-nic-identity", "device": "nic"},
     ),
 )
 

@@ -175,10 +175,18 @@ def test_quarantine_binds_vfio_pci_and_the_dma_is_blocked(topologies: Outcome) -
         assert topologies.step(step)["exit"] == 0, topologies.step(step)
     drivers = topologies.step("truth-quarantined")["drivers"]
     assert (drivers[edu2], drivers[nic]) == ("vfio-pci", "vfio-pci")
-    probe = topologies.step("probe-edu2-quarantined")
-    assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
+    for step in ("probe-edu2-quarantined", "probe-nic-quarantined"):
+        probe = topologies.step(step)
+        assert probe["verdict"] == "BLOCKED" and probe["dmar_faults"] > 0, probe
     rep = report(topologies, "audit-quarantined")
     assert group_of(rep, edu2)["verdict"] == "ready" and group_of(rep, nic)["verdict"] == "ready"
+
+
+def test_the_nic_probe_sees_dma_land_when_nothing_blocks_it(topologies: Outcome) -> None:
+    """The other half of the NIC's BLOCKED: driver-less in an identity group, it lands."""
+    assert topologies.step("nic-to-identity")["type"] == "identity"
+    probe = topologies.step("probe-nic-identity")
+    assert probe["verdict"] == "LANDED" and probe["dmar_faults"] == 0, probe
 
 
 def test_an_assigned_device_reaches_only_its_vms_page_and_is_blocked_once_the_vm_dies(
