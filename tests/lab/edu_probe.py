@@ -21,7 +21,7 @@ import re
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,10 +124,28 @@ class Edu(Registers):
         return True
 
 
-def copy(bdf: str, source: int, target: int, count: int = PATTERN_BYTES) -> tuple[bool, int]:
+def faults_since(before: int, arrived: Callable[[], bool], timeout: float = 3.0) -> int:
+    """DMAR fault interrupts counted since ``before``, once the outcome is in: the data
+    ``arrived()``, or a fault was counted (then a moment more, for the faults of the
+    same DMA), or ``timeout`` passed. A loaded host may be slow to run the handler."""
+    deadline = time.monotonic() + timeout
+    while not arrived() and dmar_fault_interrupts() == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    return dmar_fault_interrupts() - before
+
+
+def copy(
+    bdf: str,
+    source: int,
+    target: int,
+    count: int = PATTERN_BYTES,
+    arrived: Callable[[], bool] = lambda: False,
+) -> tuple[bool, int]:
     """Have the device copy ``count`` bytes from ``source`` to ``target`` (addresses as
     the device sees them: physical, or IOVAs of a VFIO user) through its buffer.
-    Returns whether the engine finished, and the DMAR fault interrupts meanwhile."""
+    Returns whether the engine finished, and the DMAR fault interrupts meanwhile
+    (``arrived`` tells early when the data is there)."""
     device = SYSFS_DEVICES / bdf
     ids = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
     if ids != EDU_IDS:
@@ -141,8 +159,7 @@ def copy(bdf: str, source: int, target: int, count: int = PATTERN_BYTES) -> tupl
         finished = edu.dma(source, DEVICE_BUFFER, count, 0) and edu.dma(
             DEVICE_BUFFER, target, count, DMA_DEVICE_TO_RAM
         )
-        time.sleep(0.2)  # let the fault interrupt be handled
-        return finished, dmar_fault_interrupts() - before
+        return finished, faults_since(before, arrived)
     finally:
         edu.close()
 
@@ -178,7 +195,9 @@ def probe(bdf: str) -> Probe:
     with own_pages(2) as (pages, (source, target)):
         pattern = os.urandom(PATTERN_BYTES)
         pages[:PATTERN_BYTES] = pattern
-        finished, faults = copy(bdf, source, target)
+        finished, faults = copy(
+            bdf, source, target, arrived=lambda: pages[PAGE : PAGE + PATTERN_BYTES] == pattern
+        )
         written = pages[PAGE : PAGE + PATTERN_BYTES]
     outcome, why = verdict(finished, written, pattern, faults)
     arrived = sum(a == b for a, b in zip(written, pattern, strict=True))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import time
 from dataclasses import asdict
 
 from lab.edu_probe import (
@@ -22,6 +21,7 @@ from lab.edu_probe import (
     Registers,
     dmar_fault_interrupts,
     enable_bus_mastering,
+    faults_since,
     own_pages,
 )
 
@@ -51,8 +51,7 @@ def probe(bdf: str) -> Probe:
                 nic.write(register, value)
             nic.write(TCTL, TCTL_EN | TCTL_PSP)
             nic.write(TDT, 1)  # one descriptor to send
-            time.sleep(0.5)
-            faults = dmar_fault_interrupts() - before
+            faults = faults_since(before, lambda: bool(page[12] & STATUS_DD))
             done = bool(page[12] & STATUS_DD)
             nic.write(TCTL, 0)
     finally:
