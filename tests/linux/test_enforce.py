@@ -128,6 +128,16 @@ def test_dry_run_prints_every_write_and_changes_nothing(host_tree: Callable[...,
     assert Journal(root / "state").operations() == []
 
 
+def test_an_ordinary_user_can_see_the_plan(host_tree: Callable[..., Path]) -> None:
+    root = host_tree()
+    for folder in [root, *root.parents]:
+        if str(folder).startswith("/tmp/"):
+            folder.chmod(0o755)
+    plan = as_nobody(lambda: [str(w) for w in enforcer(root).quarantine(bdf(NIC), dry_run=True).writes])
+    assert f"echo vfio-pci > /sys/bus/pci/devices/{NIC}/driver_override" in plan
+    assert not (root / "state").exists()  # and nothing was written, not even a journal
+
+
 @pytest.mark.parametrize(
     ("device", "why"),
     [

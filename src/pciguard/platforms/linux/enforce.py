@@ -5,6 +5,7 @@ time, and brought back to quarantine when a previous run was killed half-way.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from pciguard.platforms.linux.platform import LinuxPlatform, Write
 from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs, holders_of, read_host
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 
+NOT_ROOT = (
+    "not root: planned without the journal (which holds earlier quarantines and original "
+    "drivers) and with what an ordinary user can read of sysfs"
+)
 RELAXABLE = "direct-relaxable"  # 1:1 regions VFIO may leave unmapped (Linux's own judgement)
 QUARANTINED, BROKEN = DeviceRow("quarantined", None), DeviceRow("broken", None)
 
@@ -76,19 +81,19 @@ class Enforcer:
         vm: tuple[str, int] | None = None,
         console_gpu: bool = False,
     ) -> Result:
+        if dry_run and os.geteuid() != 0:  # anyone may look at a plan; the journal is root's
+            return self._dry_run(operation, bdf, {}, vm, console_gpu, [NOT_ROOT])
         journal = Journal(self.state_dir)
         try:
             with journal.locked():
-                recovered = [] if dry_run else self.recover(journal)
-                toolstack, warnings = self._toolstack(journal, dry_run, console_gpu)
+                if dry_run:
+                    return self._dry_run(operation, bdf, journal.devices(), vm, console_gpu, [])
+                recovered = self.recover(journal)
+                toolstack, warnings = self._toolstack(journal.devices(), False, console_gpu)
                 plan = self._plan(toolstack, operation, bdf, vm)
                 result = Result(operation, plan.devices, dry_run, recovered=recovered, warnings=warnings)
                 platform = toolstack.platform
                 assert isinstance(platform, LinuxPlatform)
-                if dry_run:
-                    toolstack.execute(plan)
-                    result.writes = platform.writes
-                    return result
                 drivers = {
                     str(d): platform.driver(d) if platform.host_driver_bound(d) else None
                     for d in plan.devices
@@ -107,8 +112,25 @@ class Enforcer:
         finally:
             journal.close()
 
-    def _toolstack(self, journal: Journal, dry_run: bool, console_gpu: bool) -> tuple[Toolstack, list[str]]:
-        rows = journal.devices()
+    def _dry_run(
+        self,
+        operation: str,
+        bdf: Bdf,
+        rows: dict[str, DeviceRow],
+        vm: tuple[str, int] | None,
+        console_gpu: bool,
+        warnings: list[str],
+    ) -> Result:
+        toolstack, more = self._toolstack(rows, True, console_gpu)
+        plan = self._plan(toolstack, operation, bdf, vm)
+        toolstack.execute(plan)
+        platform = toolstack.platform
+        assert isinstance(platform, LinuxPlatform)
+        return Result(operation, plan.devices, True, platform.writes, warnings=warnings + more)
+
+    def _toolstack(
+        self, rows: dict[str, DeviceRow], dry_run: bool, console_gpu: bool
+    ) -> tuple[Toolstack, list[str]]:
         platform = self._platform(rows, dry_run, console_gpu)
         for held in rows.values():
             if held.vm is not None and held.vm not in platform.domains():
