@@ -11,10 +11,8 @@ from rich.text import Text
 
 from pciguard.checks import Options, RmrrPolicy
 from pciguard.cli.common import Exit, emit_json, err, input_errors, out
-from pciguard.formats.platform_file import load_platform
 from pciguard.pciids import name_devices
 from pciguard.platforms.linux import read_host
-from pciguard.platforms.sim import SimPlatform
 from pciguard.report import (
     AuditReport,
     DeviceEntry,
@@ -94,6 +92,9 @@ def command(
     gc.disable()
     with input_errors():
         if platform is not None:
+            from pciguard.formats.platform_file import load_platform  # only for a simulated host
+            from pciguard.platforms.sim import SimPlatform
+
             host = load_platform(platform)
             report = audit(Toolstack(SimPlatform(host), options), str(platform))
         else:

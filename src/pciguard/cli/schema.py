@@ -9,9 +9,6 @@ import typer
 from pydantic import BaseModel
 
 from pciguard.cli.common import out
-from pciguard.formats.platform_file import PlatformFile
-from pciguard.formats.scenario_file import ScenarioFile
-from pciguard.report import AuditReport
 
 
 class Document(StrEnum):
@@ -20,15 +17,17 @@ class Document(StrEnum):
     SCENARIO = "scenario"  # scenario files
 
 
-MODELS: dict[Document, type[BaseModel]] = {
-    Document.AUDIT: AuditReport,
-    Document.PLATFORM: PlatformFile,
-    Document.SCENARIO: ScenarioFile,
-}
-
-
 def schema_text(document: Document) -> str:
-    return json.dumps(MODELS[document].model_json_schema(), indent=2, sort_keys=True) + "\n"
+    from pciguard.formats.platform_file import PlatformFile
+    from pciguard.formats.scenario_file import ScenarioFile
+    from pciguard.report import AuditReport
+
+    models: dict[Document, type[BaseModel]] = {
+        Document.AUDIT: AuditReport,
+        Document.PLATFORM: PlatformFile,
+        Document.SCENARIO: ScenarioFile,
+    }
+    return json.dumps(models[document].model_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
 def command(document: Document = typer.Argument(..., help="Which schema to print.")) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.text import Text
 
 from pciguard.cli.common import Exit, emit_json, input_errors, out
-from pciguard.formats.scenario_file import load_scenario
-from pciguard.simulate import SimulationResult, run
+
+if TYPE_CHECKING:  # imported when the command runs: every pciguard start would pay for it
+    from pciguard.simulate import SimulationResult
 
 STATUS_STYLE = {
     "ok": "green",
@@ -36,6 +38,9 @@ def command(
     expect (or the platform caught the toolstack misusing it); 2 malformed input;
     3 a step's expectation, or an expected violation, was not met.
     """
+    from pciguard.formats.scenario_file import load_scenario
+    from pciguard.simulate import run
+
     with input_errors():
         loaded = load_scenario(scenario)
     result = run(loaded)

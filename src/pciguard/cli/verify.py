@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.live import Live
 from rich.text import Text
 
 from pciguard.cli.common import Exit, emit_json, err, input_errors, out
-from pciguard.cli.simulate import render as render_timeline
-from pciguard.formats.scenario_file import load_scenario, parse_scenario
-from pciguard.simulate import run as replay
-from pciguard.verify.counterexample import dump, scenario_document
-from pciguard.verify.explorer import Explorer, Result, Stats
+
+if TYPE_CHECKING:  # imported when the command runs: every pciguard start would pay for them
+    from pciguard.verify.explorer import Result, Stats
 
 
 def command(
@@ -45,6 +44,10 @@ def command(
     expect_violations); 1 a violation it did not expect; 2 malformed input; 3 it
     expected a violation and none was found; 4 a limit stopped the search first.
     """
+    from pciguard.formats.scenario_file import load_scenario
+    from pciguard.verify.counterexample import dump, scenario_document
+    from pciguard.verify.explorer import Explorer
+
     with input_errors():
         loaded = load_scenario(scenario)
         if loaded.explore is None:
@@ -138,6 +141,10 @@ def _render(result: Result, written: Path | None, symmetry: bool, independence: 
     out.print(Text(f"VIOLATION after {len(result.counterexample.actions)} steps:", "bold red"))
     for v in result.counterexample.violations:
         out.print(Text(f"  {v}", "red"))
+    from pciguard.cli.simulate import render as render_timeline
+    from pciguard.formats.scenario_file import parse_scenario
+    from pciguard.simulate import run as replay
+
     out.print(f"Counterexample written to {written}; replay it with: pciguard simulate {written}\n")
     with input_errors():
         replayed = replay(parse_scenario(written.read_text(), str(written), written.parent))
