@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Self
 
 EDU_IDS = ("0x1234", "0x11e8")
 EDU_IDENT = 0x010000ED
@@ -97,6 +98,16 @@ class Registers:
             os.close(fd)
         self._regs = memoryview(self._map).cast("I")
 
+    @classmethod
+    def of(cls, bdf: str, ids: tuple[str, str], what: str) -> Self:
+        """The registers of ``bdf``, which must have ``ids``, with bus mastering on."""
+        device = SYSFS_DEVICES / bdf
+        found = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
+        if found != ids:
+            raise ProbeError(f"{bdf} is {found[0]}:{found[1]}, not {what}")
+        enable_bus_mastering(device)
+        return cls(device / "resource0")
+
     def read(self, offset: int) -> int:
         return int(self._regs[offset // 4])
 
@@ -146,12 +157,7 @@ def copy(
     the device sees them: physical, or IOVAs of a VFIO user) through its buffer.
     Returns whether the engine finished, and the DMAR fault interrupts meanwhile
     (``arrived`` tells early when the data is there)."""
-    device = SYSFS_DEVICES / bdf
-    ids = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
-    if ids != EDU_IDS:
-        raise ProbeError(f"{bdf} is {ids[0]}:{ids[1]}, not an edu device")
-    enable_bus_mastering(device)
-    edu = Edu(device / "resource0")
+    edu = Edu.of(bdf, EDU_IDS, "an edu device")
     try:
         if edu.read(REG_IDENT) != EDU_IDENT:
             raise ProbeError(f"{bdf}: identification register reads {edu.read(REG_IDENT):#x}")

@@ -15,12 +15,9 @@ import sys
 from dataclasses import asdict
 
 from lab.edu_probe import (
-    SYSFS_DEVICES,
     Probe,
-    ProbeError,
     Registers,
     dmar_fault_interrupts,
-    enable_bus_mastering,
     faults_since,
     own_pages,
 )
@@ -35,12 +32,7 @@ FRAME = 64
 
 
 def probe(bdf: str) -> Probe:
-    device = SYSFS_DEVICES / bdf
-    ids = ((device / "vendor").read_text().strip(), (device / "device").read_text().strip())
-    if ids != NIC_IDS:
-        raise ProbeError(f"{bdf} is {ids[0]}:{ids[1]}, not an 82574 NIC")
-    enable_bus_mastering(device)
-    nic = Registers(device / "resource0")
+    nic = Registers.of(bdf, NIC_IDS, "an 82574 NIC")
     try:
         with own_pages(1) as (page, (ring,)):
             frame = ring + RING * 16  # the frame to send, after the ring, in the same page
