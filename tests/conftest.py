@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,17 +89,18 @@ def no_iommu_host() -> Host:
     return parse_platform(NO_IOMMU_HOST, "no-iommu")
 
 
-def as_nobody(action: Callable[[], object]) -> str:
-    """Run ``action`` in a forked child that dropped to uid and gid 65534 (an ordinary
-    user); return ``str`` of what it returned, or of the exception it raised."""
+def as_nobody(action: Callable[[], object], uid: int = 65534) -> str:
+    """Run ``action`` in a forked child that dropped to ``uid`` and the same gid (65534:
+    nobody, an ordinary user); return ``str`` of what it returned, or of the exception
+    it raised."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns
         os.close(read)
         try:
             os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
+            os.setgid(uid)
+            os.setuid(uid)
             answer = str(action())
         except BaseException as exc:
             answer = f"{type(exc).__name__}: {exc}"
@@ -149,3 +151,14 @@ from hypothesis import settings as _settings  # noqa: E402
 _settings.register_profile("fast", max_examples=300, deadline=None)
 _settings.register_profile("thorough", max_examples=5000, deadline=None)
 _settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+
+def header(path: Path) -> tuple[str, int | None, int | None]:
+    """A bad-corpus file's promise: the error it must give (``# error:``) and where (``# at: line:col``)."""
+    text = path.read_text()
+    error = re.search(r"^# error: (.+)$", text, re.M)
+    place = re.search(r"^# at: (\d+)(?::(\d+))?$", text, re.M)
+    assert error, f"{path.name} lacks an '# error:' header"
+    line = int(place[1]) if place else None
+    col = int(place[2]) if place and place[2] else None
+    return error[1], line, col

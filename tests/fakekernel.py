@@ -22,17 +22,20 @@ from pciguard.model import Host
 from pciguard.platforms.linux.sysfs import Fs
 
 STATE = "fakekernel.json"  # per tree: device -> the driver a probe without override binds
+UNPLUGGED = "unplugged.json"  # links of devices taken off the bus, to plug them back
+CLAIM = "vfio-claims-all"  # present while vfio-pci carries the catch-all dynamic ID
 VFIO_PCI = "vfio-pci"
 
 
 def prepare(root: Path, host: Host, vfio_loaded: bool = True) -> None:
     pci = root / "sys/bus/pci"
     (pci / "drivers_probe").write_text("")
+    (pci / "drivers_autoprobe").write_text("1\n")
     natural = {str(b): f.driver for b, f in host.topology.items() if f.driver}
     for driver in {*natural.values(), *([VFIO_PCI] if vfio_loaded else [])}:
         folder = pci / "drivers" / driver
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("bind", "unbind"):
+        for name in ("bind", "unbind", "new_id", "remove_id"):
             (folder / name).write_text("")
     for bdf in host.topology:
         for name in ("reset", "remove"):
@@ -68,12 +71,77 @@ def emulate(root: Path, rel: str, value: str) -> None:
         _bind(root, value, parts[-2])
     elif parts[-1] == "driver_override":
         (root / rel).write_text((value or "(null)") + "\n")
+    elif parts[-1] == "remove" and value == "1":
+        unplug(root, parts[-2])
     elif parts[-1] == "drivers_probe":
-        override = (devices / value / "driver_override").read_text().strip()
-        natural = json.loads((root / STATE).read_text()).get(value)
-        chosen = override if override != "(null)" else natural
-        if chosen:
-            _bind(root, value, chosen)
+        probe(root, value)
+    elif parts[-2:] == [VFIO_PCI, "new_id"] and value.startswith("ffffffff ffffffff"):
+        (root / CLAIM).touch()  # the catch-all ID: and the driver is offered every unbound device
+        for link in devices.iterdir():
+            if driver_of(root, link.name) is None:
+                probe(root, link.name)
+    elif parts[-2:] == [VFIO_PCI, "remove_id"] and value.startswith("ffffffff ffffffff"):
+        (root / CLAIM).unlink(missing_ok=True)
+
+
+def probe(root: Path, bdf: str) -> None:
+    """Offer an unbound device to the drivers, as the kernel does at enumeration (whatever
+    drivers_autoprobe says) and on drivers_probe: its driver_override alone if it has one
+    (none matches a name no driver has), else vfio-pci first while it carries the
+    catch-all ID (it registered first and refuses bridges), else its own driver."""
+    device = root / "sys/bus/pci/devices" / bdf
+    override = (device / "driver_override").read_text().strip()
+    bridge = (device / "class").read_text().strip().startswith("0x0604")
+    if override != "(null)":
+        chosen: str | None = override
+    elif (root / CLAIM).exists() and not bridge:
+        chosen = VFIO_PCI
+    else:
+        chosen = json.loads((root / STATE).read_text()).get(bdf)
+    if chosen:
+        _bind(root, bdf, chosen)
+
+
+def _below(root: Path, bdf: str) -> list[str]:
+    """``bdf`` and the functions below it, parents first (as the kernel announces them)."""
+    devices = root / "sys/bus/pci/devices"
+    top = (devices / bdf).resolve()
+    found = [link.name for link in devices.iterdir() if link.resolve().is_relative_to(top)]
+    return sorted(found, key=lambda name: len((devices / name).resolve().parts))
+
+
+def unplug(root: Path, bdf: str) -> list[str]:
+    """Take ``bdf`` and everything below it off the (fake) bus: gone from
+    /sys/bus/pci/devices and from its IOMMU group, its driver unbound. The links are
+    remembered so that ``plug`` can bring each back. Returns what went, parents first."""
+    gone = _below(root, bdf)
+    devices = root / "sys/bus/pci/devices"
+    stash = root / UNPLUGGED
+    kept = json.loads(stash.read_text()) if stash.exists() else {}
+    for name in gone:
+        path = (devices / name).resolve()
+        (path / "driver").unlink(missing_ok=True)
+        links = [devices / name]
+        if (path / "iommu_group").is_symlink():
+            links.append((path / "iommu_group").resolve() / "devices" / name)
+        kept[name] = [(str(link), os.readlink(link)) for link in links]
+        for link in links:
+            link.unlink()
+    stash.write_text(json.dumps(kept))
+    return gone
+
+
+def plug(root: Path, bdf: str) -> None:
+    """The kernel finds ``bdf`` again (after ``unplug``): listed, in its group, and
+    offered to the drivers already loaded (the lab shows Linux does so even with
+    drivers_autoprobe=0)."""
+    stash = root / UNPLUGGED
+    kept = json.loads(stash.read_text())
+    for link, target in kept.pop(bdf):
+        os.symlink(target, link)
+    stash.write_text(json.dumps(kept))
+    (root / "sys/bus/pci/devices" / bdf / "driver_override").write_text("(null)\n")
+    probe(root, bdf)
 
 
 @contextmanager

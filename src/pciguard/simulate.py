@@ -61,7 +61,7 @@ def build(scenario: Scenario) -> tuple[SimPlatform, Toolstack]:
     platform = SimPlatform(
         scenario.host, quarantine_mode=scenario.quarantine_mode, flaws=scenario.options.flaws
     )
-    toolstack = Toolstack(platform, scenario.options)
+    toolstack = Toolstack(platform, scenario.options, scenario.policy)
     for name, iommu in scenario.vms:
         toolstack.create_vm(name, iommu=iommu)
     return platform, toolstack

@@ -71,6 +71,11 @@ def no_intremap(lab: Lab) -> Outcome:
     return _outcome(lab, "intremap-off")
 
 
+@pytest.fixture
+def hotplug(lab: Lab) -> Outcome:
+    return _outcome(lab, "hotplug")
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """The lab's own closing line, whatever else the session ran."""
     counts = {}

@@ -16,14 +16,18 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lab.edu_probe import copy, own_pages, probe, verdict
+from lab.machines import HOTPLUG_DONE, HOTPLUG_READY
 from lab.nic_probe import probe as nic_probe
 from lab.vfio_user import HALF, IOVA, UNMAPPED_IOVA
 
@@ -68,7 +72,12 @@ def drivers() -> dict[str, str | None]:
 
 def dmesg() -> list[str]:
     """The kernel log as it stands, from /dev/kmsg (records, not a rate-limited console)."""
-    lines = []
+    return [message for _, message in kernel_log()]
+
+
+def kernel_log() -> list[tuple[float, str]]:
+    """(CLOCK_MONOTONIC seconds, message) of each /dev/kmsg record."""
+    records = []
     fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
     try:
         while True:
@@ -80,10 +89,11 @@ def dmesg() -> list[str]:
                 if exc.errno == errno.EPIPE:  # overwritten while reading: skip ahead
                     continue
                 raise
-            lines.append(record.split(";", 1)[-1].split("\n", 1)[0])
+            header, _, text = record.partition(";")
+            records.append((int(header.split(",")[2]) / 1e6, text.split("\n", 1)[0]))
     finally:
         os.close(fd)
-    return lines
+    return records
 
 
 def python_as(user: int | None) -> tuple[list[str], Callable[[], None]]:
@@ -178,6 +188,100 @@ def set_group_type(bdf: str, kind: str) -> dict[str, Any]:
     return {"group": group, "type": (IOMMU_GROUPS / group / "type").read_text().strip()}
 
 
+class Watcher(threading.Thread):
+    """Independent of the guard: polls /sys/bus/pci/devices every ``interval`` seconds
+    and notes, for each function that appears, when it appeared and every driver it was
+    seen with (milliseconds after it appeared)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        super().__init__(daemon=True)
+        self.interval, self.stopping = interval, threading.Event()
+        self.before = set(os.listdir("/sys/bus/pci/devices"))
+        self.seen: dict[str, dict[str, Any]] = {}
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            for name in set(os.listdir("/sys/bus/pci/devices")) - self.before:
+                entry = self.seen.setdefault(name, {"appeared": now, "drivers": []})
+                driver = drivers_of([name]).get(name)
+                if not entry["drivers"] or entry["drivers"][-1][1] != driver:
+                    entry["drivers"].append((round((now - entry["appeared"]) * 1000, 1), driver))
+            time.sleep(self.interval)
+
+
+def drivers_of(names: list[str]) -> dict[str, str | None]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = os.readlink(f"/sys/bus/pci/devices/{name}/driver").rsplit("/", 1)[-1]
+        except OSError:
+            out[name] = None
+    return out
+
+
+def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Start ``pciguard guard`` with the step's policy, tell the host to plug its devices
+    in, wait for the guard's decisions, probe the edu's DMA, stop the guard."""
+    from pciguard.platforms.linux.guard import request
+    from pciguard.platforms.linux.journal import Journal
+
+    state = Path("/run/pciguard")
+    state.mkdir(mode=0o700, exist_ok=True)
+    policy, sock, log_path = state / "policy.rules", state / "guard.sock", state / "guard.log"
+    policy.write_text(step["policy"])
+    autoprobe = Path("/sys/bus/pci/drivers_autoprobe")
+    result: dict[str, Any] = {"autoprobe-before": autoprobe.read_text().strip()}
+    with open(log_path, "w") as log:
+        guard = subprocess.Popen(
+            [sys.executable, "-m", "pciguard", "guard", "--policy", str(policy), "--state-dir", str(state),
+             "--socket", str(sock)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not sock.exists() and guard.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        result["autoprobe-while-running"] = autoprobe.read_text().strip()
+        watcher = Watcher()
+        watcher.start()
+        (out / HOTPLUG_READY).write_text("ready\n")
+        expected: dict[str, str] = step["expect"]
+        decided: dict[str, Any] = {}
+        while time.monotonic() < deadline and guard.poll() is None:
+            devices = {name: locate(where) for name, where in expected.items()}
+            if all(devices.values()):
+                listed = next(request(sock, {"op": "list"}))["devices"]
+                decided = {d["device"]: d for d in listed if d["source"] == "hotplug"}
+                if all(bdf in decided for bdf in devices.values()):
+                    break
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the watcher see the drivers settle
+        watcher.stopping.set()
+        watcher.join()
+        result["devices"] = devices
+        result["decisions"] = decided
+        result["watched"] = {bdf: watcher.seen.get(bdf or "") for bdf in devices.values()}
+        result["drivers"] = drivers_of([b for b in devices.values() if b])
+        result["enumerated"] = {  # when the kernel found each device (its log's clock)
+            bdf: next((t for t, text in kernel_log() if text.startswith(f"pci {bdf}: [")), None)
+            for bdf in devices.values()
+        }
+        for name, bdf in devices.items():
+            if bdf and step.get("probe", {}).get(name) == "edu":
+                result[f"probe-{name}"] = vars(probe(bdf))
+            elif bdf and step.get("probe", {}).get(name) == "nic":
+                result[f"probe-{name}"] = vars(nic_probe(bdf))
+    finally:
+        guard.send_signal(signal.SIGTERM)
+        result["guard-exit"] = guard.wait(60)
+        result["autoprobe-after"] = autoprobe.read_text().strip()
+        result["guard-log"] = log_path.read_text()
+        result["monitor"] = (out / HOTPLUG_DONE).read_text() if (out / HOTPLUG_DONE).exists() else None
+    result["journaled"] = [json.loads(d) for d in Journal(state).decisions()]
+    return result
+
+
 def run(plan_path: Path) -> dict[str, Any]:
     plan = json.loads(plan_path.read_text())
     out = plan_path.parent
@@ -194,6 +298,7 @@ def run(plan_path: Path) -> dict[str, Any]:
         "nic-probe": lambda step: vars(nic_probe(devices[step["device"]] or "absent")),
         "unbind": lambda step: unbind(devices[step["device"]] or "absent"),
         "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),
+        "guard-hotplug": lambda step: guard_hotplug(step, out),
     }
     for step in plan["steps"]:
         try:

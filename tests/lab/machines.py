@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from typing import Any
 from lab.kit import Kit
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+MONITOR = "monitor.sock"  # QEMU's human monitor, for hot-plugs
+HOTPLUG_READY, HOTPLUG_DONE = "hotplug-ready", "hotplug-done"  # the guest's and the host's word
 BOOT_LIMIT = 420  # seconds; a hung guest is killed, not waited for
 EDU = "edu,dma_mask=0xffffffffff"  # the default 28-bit mask would clamp DMA addresses silently
 BASE_CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 loglevel=4"
@@ -33,6 +38,7 @@ class Machine:
     locators: dict[str, str]  # device name -> where it sits (see inside.locate)
     steps: tuple[dict[str, Any], ...]  # what the guest does, in order
     cmdline: str = ""  # kernel arguments beyond BASE_CMDLINE
+    hotplug: tuple[str, ...] = ()  # device_add arguments the host sends when the guest is ready
 
 
 @dataclass
@@ -69,7 +75,8 @@ def qemu_argv(kit: Kit, machine: Machine, out: Path) -> list[str]:
         str(kit.qemu), "-accel", "tcg,thread=multi", "-machine", "q35,kernel-irqchip=split",
         "-cpu", "qemu64", "-smp", "1", "-m", "1024", "-nodefaults",
         "-device", "intel-iommu,intremap=on",
-        "-display", "none", "-no-reboot", "-monitor", "none",
+        "-display", "none", "-no-reboot",
+        "-monitor", f"unix:{out / MONITOR},server=on,wait=off" if machine.hotplug else "none",
         "-serial", f"file:{out / 'console.log'}",
         "-kernel", str(kit.vmlinux), "-initrd", str(kit.initramfs),
         "-append", f"{BASE_CMDLINE} {machine.cmdline}".strip(),
@@ -106,7 +113,38 @@ def start(kit: Kit, machine: Machine, out: Path) -> Boot:
     log = open(out / "qemu.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(qemu_argv(kit, machine, out), stdout=log, stderr=subprocess.STDOUT)
     log.close()
+    if machine.hotplug:
+        threading.Thread(target=plug_when_ready, args=(machine, out), daemon=True).start()
     return Boot(machine, out, process)
+
+
+def plug_when_ready(machine: Machine, out: Path) -> None:
+    """The host's side of a hot-plug: when the guest says it is ready (a file in the
+    shared results folder), plug each device in through the QEMU monitor, and say so."""
+    deadline = time.monotonic() + BOOT_LIMIT
+    while not (out / HOTPLUG_READY).exists():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.1)
+    answers = []
+    with socket.socket(socket.AF_UNIX) as monitor:
+        monitor.connect(str(out / MONITOR))
+        monitor.settimeout(30)
+        answers.append(_until_prompt(monitor))
+        for device in machine.hotplug:
+            monitor.sendall(f"device_add {device}\n".encode())
+            answers.append(_until_prompt(monitor))
+    (out / HOTPLUG_DONE).write_text("\n".join(answers))
+
+
+def _until_prompt(monitor: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"(qemu) "):
+        chunk = monitor.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
 
 
 def finish(boot: Boot) -> Outcome:
@@ -231,4 +269,27 @@ def one_edu(name: str, cmdline: str) -> Machine:
 PASSTHROUGH = one_edu("iommu-pt", "iommu=pt")
 NO_INTREMAP = one_edu("intremap-off", "intremap=off")
 
-MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP)
+# Three empty root ports. With the guard running, an edu (no Linux driver claims it)
+# and two e1000e NICs (whose driver is loaded) are plugged in; the policy allows the
+# NIC on 00:12.0 and quarantines the rest.
+EDU_ID, E1000E_ID = "1234:11e8", "8086:10d3"
+HOTPLUG = Machine(
+    name="hotplug",
+    devices=tuple(
+        f"pcie-root-port,id=hp{n},chassis={10 + n},slot={10 + n},bus=pcie.0,addr=0x{0x10 + n:x}"
+        for n in (1, 2, 3)
+    ),
+    locators={},
+    steps=(
+        {
+            "do": "guard-hotplug",
+            "name": "guard",
+            "policy": f"allow id {E1000E_ID} class 02:00:* via-port 0000:00:12.0\n",
+            "expect": {"edu": "00:11.0/00.0", "nic": "00:12.0/00.0", "nic2": "00:13.0/00.0"},
+            "probe": {"edu": "edu", "nic2": "nic"},
+        },
+    ),
+    hotplug=(f"{EDU},id=hpedu,bus=hp1", "e1000e,id=hpnic,bus=hp2", "e1000e,id=hpnic2,bus=hp3"),
+)
+
+MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP, HOTPLUG)

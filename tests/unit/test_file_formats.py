@@ -3,28 +3,17 @@ corpus fails with the error and the place its header names."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, EXAMPLES
+from conftest import CORPUS, EXAMPLES, header
 from pciguard.errors import InputError
 from pciguard.formats.platform_file import load_platform, parse_platform
 from pciguard.formats.scenario_file import load_scenario
 
 BAD_PLATFORMS = sorted((CORPUS / "platform" / "bad").glob("*.yaml"))
 BAD_SCENARIOS = sorted((CORPUS / "scenario" / "bad").glob("*.yaml"))
-
-
-def header(path: Path) -> tuple[str, int | None, int | None]:
-    text = path.read_text()
-    error = re.search(r"^# error: (.+)$", text, re.M)
-    place = re.search(r"^# at: (\d+)(?::(\d+))?$", text, re.M)
-    assert error, f"{path.name} lacks an '# error:' header"
-    line = int(place[1]) if place else None
-    col = int(place[2]) if place and place[2] else None
-    return error[1], line, col
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("**/*.yaml")), ids=lambda p: p.name)

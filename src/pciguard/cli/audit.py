@@ -10,9 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pciguard.checks import Options, RmrrPolicy
-from pciguard.cli.common import Exit, emit_json, err, input_errors, out
+from pciguard.cli.common import Exit, emit_json, err, input_errors, linux_reading, out
 from pciguard.pciids import name_devices
-from pciguard.platforms.linux import read_host
 from pciguard.report import (
     AuditReport,
     DeviceEntry,
@@ -98,17 +97,7 @@ def command(
             host = load_platform(platform)
             report = audit(Toolstack(SimPlatform(host), options), str(platform))
         else:
-            # Imported here: each is needed by one option, and start-up time counts.
-            if snapshot is not None:
-                from pciguard.platforms.linux.snapshot import read_snapshot
-
-                reading, source = read_snapshot(snapshot), f"snapshot {snapshot}"
-            elif lspci is not None:
-                from pciguard.formats.lspci import load_lspci
-
-                reading, source = load_lspci(lspci), f"lspci dump {lspci}"
-            else:
-                reading, source = read_host(str(root or "/")), f"sysfs under {root or '/'}"
+            reading, source = linux_reading(root, snapshot, lspci)
             host = name_devices(reading.host)
             report = audit_host(host, options, source, linux_holder(host), facts=reading.facts)
         if svg is not None:

@@ -6,11 +6,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from pciguard.errors import InputError, TopologyError
+
+if TYPE_CHECKING:
+    from pciguard.platforms.linux import Reading
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -41,3 +46,22 @@ def input_errors() -> Iterator[None]:
     except (InputError, TopologyError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(Exit.BAD_INPUT) from None
+
+
+def linux_reading(
+    root: Path | None, snapshot: Path | None = None, lspci: Path | None = None
+) -> tuple[Reading, str]:
+    """A Linux host as read from sysfs under ``root`` (default /), a snapshot or an
+    lspci dump, with the words that name it. Imported here: each reader is needed by
+    one option, and start-up time counts."""
+    if snapshot is not None:
+        from pciguard.platforms.linux.snapshot import read_snapshot
+
+        return read_snapshot(snapshot), f"snapshot {snapshot}"
+    if lspci is not None:
+        from pciguard.formats.lspci import load_lspci
+
+        return load_lspci(lspci), f"lspci dump {lspci}"
+    from pciguard.platforms.linux import read_host
+
+    return read_host(str(root or "/")), f"sysfs under {root or '/'}"

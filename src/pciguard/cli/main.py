@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from pciguard import __version__
-from pciguard.cli import audit, enforce, schema, simulate, snapshot, verify
+from pciguard.cli import audit, enforce, guard, policy, schema, simulate, snapshot, verify
 
 app = typer.Typer(
     name="pciguard",
@@ -25,6 +25,8 @@ app.command("assign")(enforce.assign)
 app.command("release")(enforce.release)
 app.command("recover")(enforce.recover)
 app.command("journal")(enforce.journal)
+app.add_typer(policy.app, name="policy")
+app.add_typer(guard.app, name="guard")
 
 
 def _version(value: bool) -> None:

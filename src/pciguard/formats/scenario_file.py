@@ -7,7 +7,7 @@ text into a ``Scenario``; the platform may be inline or a path relative to the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path as FsPath
 from typing import Any, Literal, get_args
 
@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pciguard.checks import Options, RmrrPolicy
 from pciguard.errors import InputError
 from pciguard.formats.platform_file import build_host, load_platform
+from pciguard.formats.policy_file import load_policy
 from pciguard.formats.yamlpos import Path, at, load, read_input, validate
 from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
+from pciguard.policy.rules import Policy, PolicyError, parse_rule
 
 #: What the verifier may do, besides advancing operations in flight.
 ExploreOp = Literal[
@@ -141,6 +143,9 @@ class ScenarioFile(_Strict):
         None, description="the invariants this scenario is meant to break (legacy demos)"
     )
     explore: ExploreSpec | None = None
+    policy: str | list[str] | None = Field(
+        None, description="hot-plug policy: a rules file (relative to this file) or the rules inline"
+    )
 
     @model_validator(mode="after")
     def _known_invariants(self) -> ScenarioFile:
@@ -231,6 +236,8 @@ class Scenario:
     expect_violations: frozenset[str] | None = None
     explore: Exploration | None = None
     platform_source: str | dict[str, Any] = ""  # the platform as the file gave it (path made absolute)
+    policy: Policy | None = None  # None: the built-in DefaultPolicy
+    policy_source: str | list[str] | None = None  # as the file gave it (path made absolute)
 
 
 def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | None = None) -> Scenario:
@@ -318,6 +325,7 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
             spec.explore.concurrency,
             spec.explore.whole_groups,
         )
+    policy, policy_source = _policy(spec.policy, source, base_dir, positions)
     return Scenario(
         name=spec.name or (FsPath(source).stem if source != "<scenario>" else "scenario"),
         host=host,
@@ -329,7 +337,38 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
         expect_violations=None if spec.expect_violations is None else frozenset(spec.expect_violations),
         explore=explore,
         platform_source=platform_source,
+        policy=policy,
+        policy_source=policy_source,
     )
+
+
+def _policy(
+    given: str | list[str] | None,
+    source: str,
+    base_dir: FsPath | None,
+    positions: dict[Path, tuple[int, int]],
+) -> tuple[Policy | None, str | list[str] | None]:
+    if given is None:
+        return None, None
+    if isinstance(given, str):
+        path = ((base_dir or FsPath(".")) / given).resolve()
+        try:
+            return load_policy(path), str(path)
+        except InputError as exc:
+            raise at(source, f"its policy file failed to load: {exc}", ("policy",), positions) from None
+    rules = []
+    for i, text in enumerate(given):
+        line, column = positions.get(("policy", i), (None, None))
+        try:
+            rules.append(replace(parse_rule(text, source), line=line or 0))
+        except PolicyError as exc:
+            raise PolicyError(
+                source,
+                f"policy rule {i + 1}: {exc.detail}",
+                line=line,
+                column=None if column is None or exc.column is None else column + exc.column - 1,
+            ) from None
+    return Policy(tuple(rules), source), list(given)
 
 
 def load_scenario(path: str | FsPath) -> Scenario:

@@ -72,7 +72,7 @@ def scenario_document(
         "vms": [{"name": name, "iommu": iommu} for name, iommu in scenario.vms],
         "expect_violations": broken,
         "steps": [step_to_dict(s) for s in scenario.steps] + steps,
-    }
+    } | ({"policy": scenario.policy_source} if scenario.policy_source is not None else {})
 
 
 def dump(document: dict[str, Any]) -> str:

@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS steps (
     at REAL NOT NULL,
     PRIMARY KEY (operation, number)
 );
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    decision TEXT NOT NULL          -- the guard's decision as JSON (docs/guard.md)
+);
 """
 
 
@@ -96,7 +101,8 @@ class Journal:
         self.path = state_dir / "journal.sqlite"
         old_umask = os.umask(0o077)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None)
+            # Used by one thread at a time; the guard may be built in one and served in another.
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         finally:
             os.umask(old_umask)
         _private(self.path, "file")
@@ -178,6 +184,10 @@ class Journal:
                     (bdf, row.state, row.vm, row.uid, now),
                 )
 
+    def decision(self, record: str) -> None:
+        """Record one decision of the hot-plug guard (JSON)."""
+        self.db.execute("INSERT INTO decisions (at, decision) VALUES (?, ?)", (time.time(), record))
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         self.db.execute("BEGIN IMMEDIATE")
@@ -207,6 +217,11 @@ class Journal:
             record = Operation(op_id, name, tuple(devices.split()), started, finished, outcome, tuple(steps))
             out.append(record)
         return out
+
+    def decisions(self, last: int = 100) -> list[str]:
+        """The guard's latest decisions, oldest first (JSON each)."""
+        rows = self.db.execute("SELECT decision FROM decisions ORDER BY id DESC LIMIT ?", (last,)).fetchall()
+        return [decision for (decision,) in reversed(rows)]
 
     def close(self) -> None:
         self.db.close()

@@ -729,6 +729,11 @@ class _Reader:
             )
 
 
+def thunderbolt_devices(fs: Fs) -> list[ThunderboltDevice]:
+    """The Thunderbolt devices under ``fs`` as they stand now (what the guard authorises)."""
+    return list(_Reader(fs)._thunderbolt_devices())
+
+
 def _interrupt_remapping_in_use(interrupts: str | None) -> bool | None:
     if not interrupts:
         return None

@@ -1,0 +1,196 @@
+"""``pciguard guard``: the hot-plug guard daemon, and the commands that talk to it."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.text import Text
+
+from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.platforms.linux.guard import DEFAULT_SOCKET, PresentPolicy
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
+
+DEFAULT_POLICY = Path("/etc/pciguard/policy.rules")
+SOCKET = typer.Option(
+    DEFAULT_SOCKET, "--socket", envvar="PCIGUARD_SOCKET", help="The guard's control socket."
+)
+DEVICE = typer.Argument(..., help="A PCI address, or a Thunderbolt device's name (such as 0-1).")
+TARGET_STYLE = {"allow": "bold green", "quarantine": "yellow", "reject": "bold red", "keep": "dim"}
+
+app = typer.Typer(
+    help="The hot-plug guard: run it (no subcommand), or list and change its decisions.",
+    invoke_without_command=True,
+)
+
+
+@app.callback()
+def run(
+    ctx: typer.Context,
+    policy_file: Path = typer.Option(
+        DEFAULT_POLICY, "--policy", help="The rules (docs/policy.md).", dir_okay=False
+    ),
+    present: PresentPolicy = typer.Option(
+        PresentPolicy.KEEP, "--present", help="What to do with devices already there at start."
+    ),
+    socket_path: Path = SOCKET,
+    group: str | None = typer.Option(None, "--group", help="Members of this group may use the socket too."),
+    root: Path = typer.Option(Path("/"), "--root", help="Act on the sysfs tree under this directory."),
+    state_dir: Path = typer.Option(
+        DEFAULT_STATE_DIR, "--state-dir", envvar="PCIGUARD_STATE_DIR", help="Where the journal lives."
+    ),
+) -> None:
+    """Run the guard: automatic driver probing off, then every new PCI function and
+    Thunderbolt device judged by the policy and the decision carried out and journaled.
+    Stops cleanly on SIGTERM or Ctrl-C (probing is then given back as it was)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from pciguard.formats.policy_file import load_policy
+    from pciguard.platforms.linux.guard import Guard, serve, uevents
+    from pciguard.platforms.linux.journal import JournalError
+
+    with input_errors():
+        if not policy_file.exists() and policy_file == DEFAULT_POLICY:
+            raise_missing_policy()
+        policy = load_policy(policy_file)
+    stopping: list[int] = []
+
+    def stop(signum: int, _: Any) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        events = uevents() if root == Path("/") else None  # before start: no event is missed
+        guard = Guard(policy, str(root), state_dir, present)
+    except (JournalError, OSError) as exc:
+        err.print(Text.assemble(("cannot start: ", "bold red"), str(exc)))
+        raise typer.Exit(Exit.REFUSED) from None
+    guard.listeners.append(_show)
+    try:
+        out.print(f"pciguard guard: {len(policy.rules)} rules from {policy_file}; present devices: {present}")
+        guard.start()
+        if guard.claiming:
+            out.print("vfio-pci claims every PCI function the kernel finds until the policy has judged it")
+        else:
+            err.print(
+                Text.assemble(
+                    ("warning: ", "yellow"),
+                    "vfio-pci is not loaded: host drivers already loaded will bind hot-plugged devices "
+                    "before the guard can act (load vfio-pci early, from the initramfs)",
+                )
+            )
+        out.print(f"listening on {socket_path}; automatic driver probing is off until the guard stops")
+        serve(guard, socket_path, group, events, should_stop=lambda: bool(stopping))
+    finally:
+        guard.stop()
+        out.print("stopped; automatic driver probing restored")
+
+
+def raise_missing_policy() -> None:
+    from pciguard.errors import InputError
+
+    raise InputError(
+        str(DEFAULT_POLICY),
+        "no policy here; write one that allows what is present now with "
+        f"`pciguard policy generate -o {DEFAULT_POLICY}`, read it, then start the guard",
+    )
+
+
+def _show(decision: Any) -> None:
+    out.print(
+        Text.assemble(
+            f"{decision.source:9} {decision.device:13} ",
+            (f"{decision.target:10}", TARGET_STYLE.get(decision.target, "")),
+            f" {decision.outcome}  ",
+            (f"[{decision.rule}; {decision.latency_ms} ms]", "dim"),
+        ),
+        soft_wrap=True,
+    )
+
+
+def _ask(socket_path: Path, message: dict[str, Any]) -> Any:
+    from pciguard.platforms.linux.guard import request
+
+    try:
+        yield from request(socket_path, message)
+    except OSError as exc:
+        err.print(
+            Text.assemble(
+                ("error: ", "bold red"), f"no guard answers on {socket_path}: {exc.strerror or exc}"
+            )
+        )
+        raise typer.Exit(Exit.REFUSED) from None
+
+
+def _answer(socket_path: Path, message: dict[str, Any]) -> dict[str, Any]:
+    answer: dict[str, Any] = next(iter(_ask(socket_path, message)), {"ok": False, "error": "no answer"})
+    if not answer.get("ok"):
+        err.print(Text.assemble(("refused: ", "bold red"), str(answer.get("error"))))
+        raise typer.Exit(Exit.REFUSED)
+    return answer
+
+
+@app.command("unit")
+def unit_command() -> None:
+    """Print the systemd unit that ships with pciguard (to /etc/systemd/system/pciguard-guard.service)."""
+    typer.echo(shipped("pciguard-guard.service"), nl=False)
+
+
+def shipped(name: str) -> str:
+    """A file that ships with the package (src/pciguard/data)."""
+    from importlib.resources import files
+
+    return (files("pciguard") / "data" / name).read_text()
+
+
+@app.command("list")
+def list_command(socket_path: Path = SOCKET, json_output: bool = typer.Option(False, "--json")) -> None:
+    """Every device the guard has judged, with its latest decision."""
+    devices = _answer(socket_path, {"op": "list"})["devices"]
+    if json_output:
+        typer.echo(json.dumps(devices, indent=2))
+        return
+    for device in devices:
+        _show(_Shown(**device))
+
+
+class _Shown:
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+def _control(target: str, device: str, socket_path: Path) -> None:
+    _show(_Shown(**_answer(socket_path, {"op": target, "device": device})["decision"]))
+
+
+@app.command("allow")
+def allow_command(device: str = DEVICE, socket_path: Path = SOCKET) -> None:
+    """Let a host driver have the device (unquarantining it first if need be)."""
+    _control("allow", device, socket_path)
+
+
+@app.command("quarantine")
+def quarantine_command(device: str = DEVICE, socket_path: Path = SOCKET) -> None:
+    """Bind the device to vfio-pci, its DMA blocked."""
+    _control("quarantine", device, socket_path)
+
+
+@app.command("reject")
+def reject_command(device: str = DEVICE, socket_path: Path = SOCKET) -> None:
+    """Remove the device from the bus (or leave a Thunderbolt device unauthorised)."""
+    _control("reject", device, socket_path)
+
+
+@app.command("watch")
+def watch_command(socket_path: Path = SOCKET) -> None:
+    """Print each decision as the guard makes it, until interrupted."""
+    for answer in _ask(socket_path, {"op": "watch"}):
+        if "event" in answer:
+            _show(_Shown(**answer["event"]))
+        elif not answer.get("ok"):
+            err.print(Text.assemble(("refused: ", "bold red"), str(answer.get("error"))))
+            raise typer.Exit(Exit.REFUSED)

@@ -1,0 +1,113 @@
+"""``pciguard policy generate|check|test``: write, validate and try hot-plug policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.text import Text
+
+from pciguard.cli.common import Exit, err, input_errors, linux_reading, out
+from pciguard.errors import InputError
+from pciguard.formats.policy_file import load_policy
+from pciguard.model import Bdf, Host
+from pciguard.model.kernel import ThunderboltDevice
+from pciguard.pciids import name_devices
+from pciguard.policy.rules import Subject, generate
+
+app = typer.Typer(help="Write, check and try hot-plug policies (the rules `pciguard guard` applies).")
+
+PLATFORM = typer.Option(
+    None, "--platform", "-p", help="A platform description file (YAML) instead of this host.", dir_okay=False
+)
+ROOT = typer.Option(None, "--root", help="The sysfs tree under this directory instead of /.", file_okay=False)
+SNAPSHOT = typer.Option(None, "--snapshot", help="A snapshot taken by `pciguard snapshot`.", dir_okay=False)
+TARGET_STYLE = {"allow": "bold green", "quarantine": "yellow", "reject": "bold red"}
+
+
+def _host(
+    platform: Path | None, root: Path | None, snapshot: Path | None
+) -> tuple[Host, tuple[ThunderboltDevice, ...]]:
+    if platform is not None:
+        from pciguard.formats.platform_file import load_platform
+
+        return load_platform(platform), ()
+    reading, _ = linux_reading(root, snapshot)
+    return name_devices(reading.host), reading.facts.thunderbolt_devices
+
+
+@app.command("generate")
+def generate_command(
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of standard output."),
+    platform: Path | None = PLATFORM,
+    root: Path | None = ROOT,
+    snapshot: Path | None = SNAPSHOT,
+) -> None:
+    """A policy that allows every device present now (like `usbguard generate-policy`);
+    anything plugged in later falls to the implicit quarantine."""
+    with input_errors():
+        text = generate(*_host(platform, root, snapshot))
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    if output.exists():
+        err.print(f"[bold red]error:[/] {output} exists; pciguard does not overwrite a policy")
+        raise typer.Exit(Exit.BAD_INPUT)
+    output.write_text(text)
+    out.print(f"wrote {text.count(chr(10)) - 2} rules to {output}")
+
+
+@app.command("example")
+def example_command() -> None:
+    """Print the example policy that ships with pciguard, every construct explained."""
+    from pciguard.cli.guard import shipped
+
+    typer.echo(shipped("example.rules"), nl=False)
+
+
+@app.command("check")
+def check_command(file: Path = typer.Argument(..., help="The policy file.", dir_okay=False)) -> None:
+    """Validate a policy; a malformed rule is named by file, line and column (exit 2)."""
+    with input_errors():
+        policy = load_policy(file)
+    out.print(f"{file}: {len(policy.rules)} rules, well formed")
+
+
+@app.command("test")
+def test_command(
+    file: Path = typer.Argument(..., help="The policy file.", dir_okay=False),
+    device: str = typer.Argument(..., help="A PCI address, or a Thunderbolt device's name (0-1)."),
+    present: bool = typer.Option(False, "--present", help="Judge it as present when the guard starts."),
+    platform: Path | None = PLATFORM,
+    root: Path | None = ROOT,
+    snapshot: Path | None = SNAPSHOT,
+) -> None:
+    """Which rule decides a device, and why each rule before it did not match."""
+    with input_errors():
+        policy = load_policy(file)
+        host, thunderbolt = _host(platform, root, snapshot)
+        subject = _subject(host, thunderbolt, device, present)
+    verdict = policy.judge(subject)
+    for rule, why_not in verdict.considered:
+        out.print(Text.assemble(("  no  ", "dim"), f"{rule.where}: {rule}  ", (f"({why_not})", "dim")))
+    if verdict.rule is not None:
+        out.print(Text.assemble(("  yes ", "bold"), f"{verdict.rule.where}: {verdict.rule}"))
+    target = verdict.decision.target
+    out.print(
+        Text.assemble(
+            f"{subject.address}: ", (str(target), TARGET_STYLE[target]), f" — {verdict.decision.rule}"
+        )
+    )
+
+
+def _subject(host: Host, thunderbolt: tuple[ThunderboltDevice, ...], device: str, present: bool) -> Subject:
+    for tb in thunderbolt:
+        if tb.name == device:
+            return Subject.of_thunderbolt(tb, present=present)
+    try:
+        bdf = Bdf.parse(device)
+    except ValueError as exc:
+        raise InputError("DEVICE", f"{exc}, nor a Thunderbolt device of this host") from None
+    if bdf not in host.topology:
+        raise InputError("DEVICE", f"{bdf} is not a device of {host.name}")
+    return Subject.of_function(host, bdf, present=present)

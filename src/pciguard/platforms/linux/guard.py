@@ -1,0 +1,598 @@
+"""The hot-plug guard: a policy decides every PCI function and Thunderbolt device
+that appears, and the enforcement code carries the decision out.
+
+How a new PCI function is kept from host drivers. Linux enumerates a hot-plugged
+function and, in the same call, offers it to every PCI driver already loaded, in the
+order they registered; ``drivers_autoprobe=0`` does not stop that (it only stops
+drivers loaded later, such as the module udev loads for the new device). The lab
+shows it on Linux 6.1: an e1000e NIC is bound to e1000e within milliseconds, long
+before any user-space reaction. So while the guard runs, vfio-pci carries a dynamic
+ID that matches every device: a driver registered before the host drivers (load it
+early, from the initramfs) then claims each new function at enumeration, its DMA
+blocked, until the policy says otherwise. Devices present at start that have no
+driver are held out of that claim with a ``driver_override`` naming no driver.
+Thunderbolt devices wait for authorisation before any PCI function behind them exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from pciguard.errors import RefusedError, StepFailed
+from pciguard.model import Bdf, Host
+from pciguard.model.kernel import ThunderboltDevice
+from pciguard.pciids import name_devices
+from pciguard.platforms.linux.enforce import Enforcer
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
+from pciguard.platforms.linux.sysfs import (
+    PCI_DEVICES,
+    THUNDERBOLT,
+    Fs,
+    holders_of,
+    read_host,
+    thunderbolt_devices,
+)
+from pciguard.policy import Target
+from pciguard.policy.rules import Policy, Subject
+
+AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
+DRIVERS_PROBE = "sys/bus/pci/drivers_probe"
+VFIO_PCI = "vfio-pci"
+VFIO_DRIVER = f"sys/bus/pci/drivers/{VFIO_PCI}"
+CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # any vendor, device and subsystem
+CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
+HOLD = "pciguard-hold"  # a driver_override no driver has: matches nothing
+
+
+class PresentPolicy(StrEnum):
+    """What the guard does with devices already there when it starts (USBGuard's
+    PresentDevicePolicy). ``keep`` is the default: they had host drivers before the
+    guard ran, and quarantining a disk or network controller the policy forgot would
+    cut the host off; run ``pciguard policy generate`` first, then ``apply-policy``."""
+
+    KEEP = "keep"
+    APPLY_POLICY = "apply-policy"
+    ALLOW = "allow"
+    QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """One decision and what came of it; what ``list`` and ``watch`` show."""
+
+    device: str  # a BDF, or a Thunderbolt device's name
+    kind: str  # pci, thunderbolt
+    source: str  # present, hotplug, control
+    target: str  # allow, quarantine, reject, keep
+    rule: str  # the rule that decided, in words
+    outcome: str  # what the guard did, or why it could not
+    at: float  # seconds since the epoch
+    latency_ms: float  # from the event reaching the guard to the decision applied
+    decide_ms: float  # of which reading the host and judging it
+    monotonic: float  # when it was applied, on the clock of the kernel log's timestamps
+    bound_before: str | None = None  # hot-plug: the host driver the kernel bound before the guard acted
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Guard:
+    """Decisions and their enforcement, without the event loop (``serve`` runs it)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        root: str = "/",
+        state_dir: Path = DEFAULT_STATE_DIR,
+        present: PresentPolicy = PresentPolicy.KEEP,
+    ) -> None:
+        self.policy = policy
+        self.fs = Fs(root)
+        self.root = root
+        self.present = present
+        self.enforcer = Enforcer(root, state_dir)
+        self.journal = Journal(state_dir)
+        self.decisions: dict[str, GuardDecision] = {}
+        self.listeners: list[Callable[[GuardDecision], None]] = []
+        self.autoprobe_before: str | None = None
+        self.held: set[str] = set()  # assigned devices a VM process was seen holding
+        self.claiming = False  # vfio-pci's catch-all ID is in place
+        self.holding: set[str] = set()  # devices given the HOLD override, to clear at stop
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self) -> list[GuardDecision]:
+        """Stop automatic probing first (so nothing new binds from here on), then apply
+        the present-device policy and judge Thunderbolt devices waiting for authorisation."""
+        before = self.fs.read_bytes(AUTOPROBE)
+        if before is None:
+            raise StepFailed("guard", f"/{AUTOPROBE} is missing: is this Linux with PCI support?")
+        self.autoprobe_before = before.decode().strip()
+        self.fs.write(AUTOPROBE, "0")
+        reading = read_host(self.root)
+        host = self._named(reading.host)
+        self.claiming = self._claim(host)
+        made = [self._present_function(host, bdf) for bdf in host.topology]
+        for device in reading.facts.thunderbolt_devices:
+            if device.authorized is False:
+                made.append(
+                    self._decide(Subject.of_thunderbolt(device, present=True), "present", time.monotonic())
+                )
+        return made
+
+    def stop(self) -> None:
+        """Give probing back as it was (a clean exit only: killed, the guard leaves
+        vfio-pci claiming every new device: fail closed)."""
+        if self.claiming:
+            self.fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
+            self.claiming = False
+            for bdf in sorted(self.holding):
+                with contextlib.suppress(OSError):  # it may be gone
+                    self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", "\n")
+            self.holding.clear()
+        if self.autoprobe_before is not None:
+            self.fs.write(AUTOPROBE, self.autoprobe_before)
+            self.autoprobe_before = None
+        self.journal.close()
+
+    # -- events ----------------------------------------------------------------------
+    def added(self, subsystem: str, name: str, received: float | None = None) -> GuardDecision | None:
+        """A device appeared (a udev ``add``); None for what the guard does not judge."""
+        received = time.monotonic() if received is None else received
+        if subsystem == "pci":
+            if name in self.decisions and self.decisions[name].source != "present":
+                return None  # the same device announced twice
+            host = self._named(read_host(self.root).host)
+            try:
+                bdf = Bdf.parse(name)
+            except ValueError:
+                return None
+            if bdf not in host.topology:
+                return None  # gone again, or under a bridge pciguard cannot place
+            return self._decide(Subject.of_function(host, bdf), "hotplug", received, host)
+        if subsystem == "thunderbolt":
+            device = self._thunderbolt(name)
+            if device is None or device.authorized:
+                return None
+            return self._decide(Subject.of_thunderbolt(device), "hotplug", received)
+        return None
+
+    def control(self, device: str, target: Target) -> GuardDecision:
+        """An administrator's decision at run time (through the control socket)."""
+        received = time.monotonic()
+        thunderbolt = self._thunderbolt(device)
+        if thunderbolt is not None:
+            subject = Subject.of_thunderbolt(thunderbolt)
+            return self._apply(subject, target, "control: asked at run time", "control", received)
+        bdf = Bdf.parse(device)  # ValueError: the caller answers with an error
+        host = self._named(read_host(self.root).host)
+        if bdf not in host.topology:
+            raise LookupError(f"{bdf} is not a PCI device of this host")
+        subject = Subject.of_function(host, bdf)
+        return self._apply(subject, target, "control: asked at run time", "control", received, host)
+
+    def release_abandoned(self) -> list[GuardDecision]:
+        """Assigned devices whose VM process has let go of the group (it exited) go back
+        to quarantine in the journal too. Only after a process was seen holding the
+        group: between ``pciguard assign`` and the VM's start nobody holds it yet."""
+        rows = {b: r for b, r in self.journal.devices().items() if r.state == "assigned"}
+        made = []
+        for name in sorted(rows):
+            group = self.fs.link_name(f"{PCI_DEVICES}/{name}/iommu_group")
+            holders = holders_of(self.fs, f"dev/vfio/{group}") if group else []
+            if holders:
+                self.held.add(name)
+            elif name in self.held:
+                self.held.discard(name)
+                received = time.monotonic()
+                try:
+                    result = self.enforcer.release(Bdf.parse(name))
+                    outcome = f"released to quarantine: {', '.join(map(str, result.devices))}"
+                except (RefusedError, StepFailed, JournalError, OSError) as exc:
+                    outcome = f"not released: {exc}"
+                subject = Subject(address=name)
+                made.append(
+                    self._record(
+                        subject,
+                        "vm-exited",
+                        "quarantine",
+                        f"{rows[name].vm}'s process let go of it",
+                        outcome,
+                        received,
+                    )
+                )
+        return made
+
+    # -- the claim ------------------------------------------------------------------
+    def _claim(self, host: Host) -> bool:
+        """vfio-pci claims every function found from now on (see the module's words);
+        False when vfio-pci is not loaded, and hot-plugged devices then meet the host
+        drivers first."""
+        if not self.fs.exists(f"{VFIO_DRIVER}/new_id"):
+            return False
+        for bdf, fn in host.topology.items():
+            if fn.driver is None and not fn.kind.is_bridge:
+                self._hold(str(bdf))
+        with contextlib.suppress(OSError):  # left by a guard that was killed
+            self.fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
+        self.fs.write(f"{VFIO_DRIVER}/new_id", CATCH_ALL)
+        return True
+
+    def _hold(self, bdf: str) -> None:
+        """Keep a driverless device out of vfio-pci's claim (and every other driver's)."""
+        override = self.fs.read_bytes(f"{PCI_DEVICES}/{bdf}/driver_override")
+        if override is not None and override.strip() in (b"", b"(null)"):
+            self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", HOLD)
+            self.holding.add(bdf)
+
+    @contextlib.contextmanager
+    def _lifted(self, bdf: Bdf) -> Iterator[None]:
+        """vfio-pci's claim lifted while ``bdf`` goes to a host driver; a device left
+        without one is held, so that the claim does not take it back."""
+        if not self.claiming:
+            yield
+            return
+        if str(bdf) in self.holding:
+            self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", "\n")
+            self.holding.discard(str(bdf))
+        self.fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
+        try:
+            yield
+        finally:
+            if self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") is None:
+                self._hold(str(bdf))
+            self.fs.write(f"{VFIO_DRIVER}/new_id", CATCH_ALL)
+
+    # -- deciding and acting ---------------------------------------------------------
+    def _named(self, host: Host) -> Host:
+        """Names from pci.ids, when a rule asks for them (reading the database costs)."""
+        return name_devices(host) if self.policy.mentions("name") else host
+
+    def _present_function(self, host: Host, bdf: Bdf) -> GuardDecision:
+        subject = Subject.of_function(host, bdf, present=True)
+        if self.present is PresentPolicy.APPLY_POLICY:
+            return self._decide(subject, "present", time.monotonic(), host)
+        if self.present is PresentPolicy.KEEP:
+            driver = host.topology[bdf].driver
+            outcome = f"kept as it was ({driver or 'no driver'})"
+            return self._record(
+                subject, "present", "keep", "present-device policy: keep", outcome, time.monotonic()
+            )
+        target = Target(self.present.value)
+        return self._apply(
+            subject, target, f"present-device policy: {self.present}", "present", time.monotonic(), host
+        )
+
+    def _decide(
+        self, subject: Subject, source: str, received: float, host: Host | None = None
+    ) -> GuardDecision:
+        decision = self.policy.judge(subject).decision
+        return self._apply(subject, decision.target, decision.rule, source, received, host)
+
+    def _apply(
+        self,
+        subject: Subject,
+        target: Target,
+        rule: str,
+        source: str,
+        received: float,
+        host: Host | None = None,
+    ) -> GuardDecision:
+        decided = time.monotonic()
+        bound_before = None
+        if source == "hotplug" and host is not None:
+            driver = host.topology[Bdf.parse(subject.address)].driver
+            bound_before = driver if driver not in (None, VFIO_PCI) else None
+        try:
+            if subject.thunderbolt:
+                outcome = self._act_thunderbolt(subject.address, target)
+            else:
+                assert host is not None
+                outcome = self._act_pci(host, Bdf.parse(subject.address), target)
+        except (RefusedError, StepFailed, JournalError, OSError) as exc:
+            # Nothing bound it meanwhile: with automatic probing off it waits driverless.
+            outcome = f"not done: {exc}"
+        if bound_before and target is not Target.ALLOW:
+            outcome += f" (the kernel had bound {bound_before} to it before the guard could act)"
+        return self._record(subject, source, str(target), rule, outcome, received, decided, bound_before)
+
+    def _act_pci(self, host: Host, bdf: Bdf, target: Target) -> str:
+        fn = host.topology[bdf]
+        if target is Target.REJECT:
+            self.fs.write(f"{PCI_DEVICES}/{bdf}/remove", "1")
+            return "removed from the bus" + (" with everything below it" if fn.kind.is_bridge else "")
+        if target is Target.QUARANTINE:
+            if fn.kind.is_bridge:
+                return (
+                    "left without a driver: a bridge cannot be bound to vfio-pci; "
+                    "its group's DMA domain maps nothing for it"
+                )
+            if fn.driver == VFIO_PCI:
+                group = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/iommu_group")
+                kind = self.fs.read_bytes(f"sys/kernel/iommu_groups/{group}/type") if group else None
+                if kind is None or kind.strip() != b"identity":
+                    return "quarantined: vfio-pci claimed it as the kernel found it"
+                # An identity group lets vfio-pci's device reach all RAM: let go of it, and
+                # let the enforcement make its group translating before binding again.
+                self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
+            result = self.enforcer.quarantine(bdf)
+            return f"quarantined with vfio-pci: {', '.join(map(str, result.devices))}"
+        if fn.driver not in (None, VFIO_PCI):
+            return f"already with host driver {fn.driver}"
+        with self._lifted(bdf):
+            if fn.driver == VFIO_PCI:
+                self.enforcer.unquarantine(bdf)
+            if self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") is None:
+                self.fs.write(DRIVERS_PROBE, str(bdf))
+        driver = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver")
+        return f"bound to host driver {driver}" if driver else "probed: no host driver claimed it"
+
+    def _act_thunderbolt(self, name: str, target: Target) -> str:
+        if target is Target.REJECT:
+            return "left unauthorised: no PCI tunnel is set up"
+        self.fs.write(f"{THUNDERBOLT}/{name}/authorized", "1")
+        return "authorised; the PCI functions behind it are judged as they appear"
+
+    def _thunderbolt(self, name: str) -> ThunderboltDevice | None:
+        return next((d for d in thunderbolt_devices(self.fs) if d.name == name), None)
+
+    def _record(
+        self,
+        subject: Subject,
+        source: str,
+        target: str,
+        rule: str,
+        outcome: str,
+        received: float,
+        decided: float | None = None,
+        bound_before: str | None = None,
+    ) -> GuardDecision:
+        now = time.monotonic()
+        decision = GuardDecision(
+            subject.address,
+            "thunderbolt" if subject.thunderbolt else "pci",
+            source,
+            target,
+            rule,
+            outcome,
+            time.time(),
+            round((now - received) * 1000, 2),
+            round(((decided or now) - received) * 1000, 2),
+            now,
+            bound_before,
+        )
+        self.decisions[subject.address] = decision
+        self.journal.decision(json.dumps(decision.to_json()))
+        for listener in self.listeners:
+            listener(decision)
+        return decision
+
+
+class Event(Protocol):
+    action: str | None
+    subsystem: str | None
+    sys_name: str
+    device_type: str | None
+
+
+def is_judged(event: Event) -> bool:
+    """PCI functions and Thunderbolt devices (not domains, retimers or services)."""
+    if event.action != "add":
+        return False
+    return event.subsystem == "pci" or (
+        event.subsystem == "thunderbolt" and event.device_type == "thunderbolt_device"
+    )
+
+
+def uevents() -> Any:
+    """The kernel's own uevents (not udev's rebroadcast): they come first, and need no
+    udev daemon. Root only."""
+    import pyudev
+
+    monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+    monitor.start()
+    return monitor
+
+
+def peer_allowed(uid: int, gid: int, group: str | None) -> bool:
+    """Root, the guard's own user, or a member of ``group``."""
+    if uid in (0, os.geteuid()):
+        return True
+    if group is None:
+        return False
+    import grp
+    import pwd
+
+    try:
+        wanted = grp.getgrnam(group).gr_gid
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    return wanted == gid or wanted in os.getgrouplist(name, gid)
+
+
+# -- the control socket ----------------------------------------------------------------
+DEFAULT_SOCKET = Path("/run/pciguard/guard.sock")
+MAX_REQUEST = 65536  # bytes in one request line
+OPERATIONS = ("list", "watch", *(str(t) for t in Target))
+
+
+def handle(guard: Guard, line: bytes) -> dict[str, Any]:
+    """One request of the control protocol (docs/guard.md) and its answer. A malformed
+    request gets an error and changes nothing."""
+    try:
+        request = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return {"ok": False, "error": f"not JSON: {exc}"}
+    if not isinstance(request, dict):
+        return {"ok": False, "error": 'a request is a JSON object such as {"op": "list"}'}
+    op = request.get("op")
+    if op not in OPERATIONS:
+        return {"ok": False, "error": f"'op' must be one of {', '.join(OPERATIONS)}, not {op!r}"}
+    if op == "list":
+        return {"ok": True, "devices": [d.to_json() for d in guard.decisions.values()]}
+    if op == "watch":
+        return {"ok": True, "watching": True}
+    device = request.get("device")
+    if not isinstance(device, str):
+        return {"ok": False, "error": f"'{op}' needs 'device': a PCI address or a Thunderbolt device name"}
+    try:
+        decision = guard.control(device, Target(op))
+    except (ValueError, LookupError) as exc:
+        return {"ok": False, "error": str(exc)}
+    return {"ok": True, "decision": decision.to_json()}
+
+
+class Peer:
+    def __init__(self, conn: socket.socket, uid: int) -> None:
+        self.conn, self.uid, self.buffer, self.watching = conn, uid, b"", False
+
+    def send(self, answer: dict[str, Any]) -> bool:
+        try:
+            self.conn.sendall(json.dumps(answer).encode() + b"\n")
+            return True
+        except OSError:
+            return False
+
+
+def listen(path: Path, group: str | None) -> socket.socket:
+    """The control socket: root's, and the group's when one is configured (SO_PEERCRED
+    is checked on every connection all the same)."""
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    if group is not None:
+        import grp
+
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, 0o660)
+    server.listen(16)
+    server.setblocking(False)
+    return server
+
+
+def serve(
+    guard: Guard,
+    path: Path = DEFAULT_SOCKET,
+    group: str | None = None,
+    events: Any = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    tick: float = 0.5,
+) -> None:
+    """The guard's loop: kernel events, control requests, and every ``tick`` seconds
+    a look for assigned devices whose VM process has exited. Single-threaded: one
+    decision at a time, in the order things happened."""
+    server = listen(path, group)
+    selector = selectors.DefaultSelector()
+    selector.register(server, selectors.EVENT_READ, None)
+    if events is not None:
+        selector.register(events.fileno(), selectors.EVENT_READ, events)
+    peers: dict[int, Peer] = {}
+
+    def drop(peer: Peer) -> None:
+        selector.unregister(peer.conn)
+        peers.pop(peer.conn.fileno(), None)
+        peer.conn.close()
+
+    def push(decision: GuardDecision) -> None:
+        for peer in [p for p in peers.values() if p.watching]:
+            if not peer.send({"event": decision.to_json()}):
+                drop(peer)
+
+    guard.listeners.append(push)
+    try:
+        while not should_stop():
+            for key, _ in selector.select(timeout=tick):
+                if key.fileobj is server:
+                    _accept(server, selector, peers, group)
+                elif key.data is events:
+                    while (event := events.poll(timeout=0)) is not None:
+                        received = time.monotonic()
+                        if is_judged(event):
+                            guard.added(event.subsystem, event.sys_name, received)
+                elif isinstance(key.data, Peer):
+                    _serve_peer(guard, key.data, drop)
+            guard.release_abandoned()
+    finally:
+        guard.listeners.remove(push)
+        for peer in list(peers.values()):
+            drop(peer)
+        selector.close()
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+def _accept(
+    server: socket.socket, selector: selectors.BaseSelector, peers: dict[int, Peer], group: str | None
+) -> None:
+    try:
+        conn, _ = server.accept()
+    except BlockingIOError:
+        return
+    pid, uid, gid = struct.unpack(
+        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    )
+    peer = Peer(conn, uid)
+    if not peer_allowed(uid, gid, group):
+        who = f"uid {uid} (process {pid})"
+        allowed = "root" + (f" or members of group {group}" if group else "")
+        peer.send({"ok": False, "error": f"refused: {who} may not control the guard; only {allowed} may"})
+        conn.close()
+        return
+    conn.setblocking(False)
+    peers[conn.fileno()] = peer
+    selector.register(conn, selectors.EVENT_READ, peer)
+
+
+def _serve_peer(guard: Guard, peer: Peer, drop: Callable[[Peer], None]) -> None:
+    try:
+        data = peer.conn.recv(MAX_REQUEST)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        data = b""
+    if not data:
+        drop(peer)
+        return
+    peer.buffer += data
+    while b"\n" in peer.buffer:
+        line, peer.buffer = peer.buffer.split(b"\n", 1)
+        if not line.strip():
+            continue
+        answer = handle(guard, line)
+        peer.watching = peer.watching or bool(answer.get("watching"))
+        if not peer.send(answer):
+            drop(peer)
+            return
+    if len(peer.buffer) > MAX_REQUEST:
+        peer.send({"ok": False, "error": f"a request line is longer than {MAX_REQUEST} bytes"})
+        drop(peer)
+
+
+def request(path: Path, message: dict[str, Any], timeout: float = 30.0) -> Iterator[Any]:
+    """Send one request to a running guard and yield its answers (one, or a stream
+    for ``watch``). OSError when no guard listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
+        conn.sendall(json.dumps(message).encode() + b"\n")
+        if message.get("op") == "watch":
+            conn.settimeout(None)
+        with conn.makefile("rb") as answers:
+            for line in answers:
+                yield json.loads(line)
