@@ -201,8 +201,9 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         while not self.stopping.is_set():
-            now = time.monotonic()
-            for name in set(os.listdir("/sys/bus/pci/devices")) - self.before:
+            names = set(os.listdir("/sys/bus/pci/devices")) - self.before
+            now = time.monotonic()  # after looking: a late look must not seem early
+            for name in names:
                 entry = self.seen.setdefault(name, {"appeared": now, "drivers": []})
                 driver = drivers_of([name]).get(name)
                 if not entry["drivers"] or entry["drivers"][-1][1] != driver:

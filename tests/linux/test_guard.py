@@ -24,7 +24,8 @@ from conftest import as_nobody, bdf, example
 from fakekernel import CLAIM, driver_of, installed, plug, prepare, unplug
 from pciguard.platforms.linux.guard import Guard, PresentPolicy, handle, request, serve
 from pciguard.platforms.linux.journal import Journal
-from pciguard.policy.rules import parse_policy
+from pciguard.platforms.linux.sysfs import Fs, read_arrival, read_host
+from pciguard.policy.rules import Subject, parse_policy
 
 NIC, ENCLOSURE, FAKE_BRIDGE = "0000:03:00.0", "0000:05:00.0", "0000:06:00.0"
 AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
@@ -77,6 +78,19 @@ def host(tree: Callable[..., Path]) -> Iterator[Path]:
 
 def guard(root: Path, rules: str, present: PresentPolicy = PresentPolicy.KEEP) -> Guard:
     return Guard(parse_policy(rules, "test.rules"), str(root), root / "state", present)
+
+
+@pytest.mark.parametrize("name", ["workstation", "server"])
+def test_a_function_read_alone_is_judged_as_in_a_whole_reading(tree: Callable[..., Path], name: str) -> None:
+    root = tree(name)
+    host = read_host(str(root)).host
+    for device in host.topology:
+        arrival = read_arrival(Fs(str(root)), device)
+        whole = Subject.of_function(host, device)
+        assert arrival is not None
+        alone = (arrival.ids, arrival.class_code, arrival.ports, arrival.external, arrival.bridge)
+        assert alone == (whole.ids, whole.class_code, whole.ports, whole.external, whole.bridge), device
+        assert arrival.translated == whole.iommu and arrival.driver == host.topology[device].driver
 
 
 def test_probing_is_off_while_the_guard_runs_and_restored_after(host: Path) -> None:
@@ -153,6 +167,23 @@ def test_a_plugged_device_gets_its_target(host: Path, rules: str, target: str, d
     journaled = [json.loads(d) for d in Journal(host / "state").decisions()]
     assert journaled[-1]["device"] == ENCLOSURE and journaled[-1]["target"] == target
     assert journaled[-1]["rule"] == decision.rule and decision.latency_ms > 0
+    g.stop()
+
+
+def test_another_device_in_the_same_slot_is_judged_as_itself(host: Path) -> None:
+    g = guard(host, "allow id 1987:5012")
+    g.start()
+    plug(host, ENCLOSURE)
+    assert g.added("pci", ENCLOSURE).target == "allow"  # type: ignore[union-attr]
+    unplug(host, ENCLOSURE)
+    g.removed(ENCLOSURE)
+    device = next(host.glob(f"sys/devices/**/{ENCLOSURE}"))
+    data = bytearray((device / "config").read_bytes())
+    data[0:4] = bytes.fromhex("86 80 3d 15")  # now an Intel device: 8086:153d
+    (device / "config").write_bytes(bytes(data))
+    plug(host, ENCLOSURE)
+    again = g.added("pci", ENCLOSURE)
+    assert again is not None and again.target == "quarantine" and again.rule.startswith("implicit")
     g.stop()
 
 

@@ -89,9 +89,12 @@ def test_command(
         subject = _subject(host, thunderbolt, device, present)
     verdict = policy.judge(subject)
     for rule, why_not in verdict.considered:
-        out.print(Text.assemble(("  no  ", "dim"), f"{rule.where}: {rule}  ", (f"({why_not})", "dim")))
+        out.print(
+            Text.assemble(("  no  ", "dim"), f"{rule.where}: {rule}  ", (f"({why_not})", "dim")),
+            soft_wrap=True,
+        )
     if verdict.rule is not None:
-        out.print(Text.assemble(("  yes ", "bold"), f"{verdict.rule.where}: {verdict.rule}"))
+        out.print(Text.assemble(("  yes ", "bold"), f"{verdict.rule.where}: {verdict.rule}"), soft_wrap=True)
     target = verdict.decision.target
     out.print(
         Text.assemble(

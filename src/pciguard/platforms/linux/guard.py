@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from pciguard.errors import RefusedError, StepFailed
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import ThunderboltDevice
-from pciguard.pciids import name_devices
+from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
 from pciguard.platforms.linux.sysfs import (
@@ -40,6 +40,7 @@ from pciguard.platforms.linux.sysfs import (
     THUNDERBOLT,
     Fs,
     holders_of,
+    read_arrival,
     read_host,
     thunderbolt_devices,
 )
@@ -109,6 +110,8 @@ class Guard:
         self.held: set[str] = set()  # assigned devices a VM process was seen holding
         self.claiming = False  # vfio-pci's catch-all ID is in place
         self.holding: set[str] = set()  # devices given the HOLD override, to clear at stop
+        self.translating = False  # an IOMMU translates DMA on this host
+        self.interrupt_remapping = False
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> list[GuardDecision]:
@@ -121,6 +124,8 @@ class Guard:
         self.fs.write(AUTOPROBE, "0")
         reading = read_host(self.root)
         host = self._named(reading.host)
+        self.translating = any(host.dma_translated(b) for b in host.topology)
+        self.interrupt_remapping = any(host.msi_isolated(b) for b in host.topology)
         self.claiming = self._claim(host)
         made = [self._present_function(host, bdf) for bdf in host.topology]
         for device in reading.facts.thunderbolt_devices:
@@ -150,22 +155,34 @@ class Guard:
         """A device appeared (a udev ``add``); None for what the guard does not judge."""
         received = time.monotonic() if received is None else received
         if subsystem == "pci":
-            if name in self.decisions and self.decisions[name].source != "present":
-                return None  # the same device announced twice
-            host = self._named(read_host(self.root).host)
             try:
-                bdf = Bdf.parse(name)
+                arrival = read_arrival(self.fs, Bdf.parse(name))
             except ValueError:
                 return None
-            if bdf not in host.topology:
-                return None  # gone again, or under a bridge pciguard cannot place
-            return self._decide(Subject.of_function(host, bdf), "hotplug", received, host)
+            if arrival is None:
+                return None  # gone again
+            subject = Subject(
+                name,
+                ids=arrival.ids,
+                class_code=arrival.class_code,
+                ports=arrival.ports,
+                external=arrival.external,
+                bridge=arrival.bridge,
+                name=lookup([arrival.ids]).get(arrival.ids, "") if self.policy.mentions("name") else "",
+                iommu=self.translating and arrival.translated,
+                interrupt_remapping=self.interrupt_remapping,
+            )
+            return self._decide(subject, "hotplug", received, arrival.driver)
         if subsystem == "thunderbolt":
             device = self._thunderbolt(name)
             if device is None or device.authorized:
                 return None
             return self._decide(Subject.of_thunderbolt(device), "hotplug", received)
         return None
+
+    def removed(self, name: str) -> None:
+        """A PCI function left the bus: its decision goes with it."""
+        self.decisions.pop(name, None)
 
     def control(self, device: str, target: Target) -> GuardDecision:
         """An administrator's decision at run time (through the control socket)."""
@@ -179,7 +196,8 @@ class Guard:
         if bdf not in host.topology:
             raise LookupError(f"{bdf} is not a PCI device of this host")
         subject = Subject.of_function(host, bdf)
-        return self._apply(subject, target, "control: asked at run time", "control", received, host)
+        driver = host.topology[bdf].driver
+        return self._apply(subject, target, "control: asked at run time", "control", received, driver)
 
     def release_abandoned(self) -> list[GuardDecision]:
         """Assigned devices whose VM process has let go of the group (it exited) go back
@@ -261,7 +279,7 @@ class Guard:
     def _present_function(self, host: Host, bdf: Bdf) -> GuardDecision:
         subject = Subject.of_function(host, bdf, present=True)
         if self.present is PresentPolicy.APPLY_POLICY:
-            return self._decide(subject, "present", time.monotonic(), host)
+            return self._decide(subject, "present", time.monotonic(), host.topology[bdf].driver)
         if self.present is PresentPolicy.KEEP:
             driver = host.topology[bdf].driver
             outcome = f"kept as it was ({driver or 'no driver'})"
@@ -269,15 +287,14 @@ class Guard:
                 subject, "present", "keep", "present-device policy: keep", outcome, time.monotonic()
             )
         target = Target(self.present.value)
-        return self._apply(
-            subject, target, f"present-device policy: {self.present}", "present", time.monotonic(), host
-        )
+        rule = f"present-device policy: {self.present}"
+        return self._apply(subject, target, rule, "present", time.monotonic(), host.topology[bdf].driver)
 
     def _decide(
-        self, subject: Subject, source: str, received: float, host: Host | None = None
+        self, subject: Subject, source: str, received: float, driver: str | None = None
     ) -> GuardDecision:
         decision = self.policy.judge(subject).decision
-        return self._apply(subject, decision.target, decision.rule, source, received, host)
+        return self._apply(subject, decision.target, decision.rule, source, received, driver)
 
     def _apply(
         self,
@@ -286,19 +303,16 @@ class Guard:
         rule: str,
         source: str,
         received: float,
-        host: Host | None = None,
+        driver: str | None = None,
     ) -> GuardDecision:
+        """``driver``: the PCI function's driver when it was read."""
         decided = time.monotonic()
-        bound_before = None
-        if source == "hotplug" and host is not None:
-            driver = host.topology[Bdf.parse(subject.address)].driver
-            bound_before = driver if driver not in (None, VFIO_PCI) else None
+        bound_before = driver if source == "hotplug" and driver not in (None, VFIO_PCI) else None
         try:
             if subject.thunderbolt:
                 outcome = self._act_thunderbolt(subject.address, target)
             else:
-                assert host is not None
-                outcome = self._act_pci(host, Bdf.parse(subject.address), target)
+                outcome = self._act_pci(Bdf.parse(subject.address), target, driver, subject.bridge)
         except (RefusedError, StepFailed, JournalError, OSError) as exc:
             # Nothing bound it meanwhile: with automatic probing off it waits driverless.
             outcome = f"not done: {exc}"
@@ -306,18 +320,17 @@ class Guard:
             outcome += f" (the kernel had bound {bound_before} to it before the guard could act)"
         return self._record(subject, source, str(target), rule, outcome, received, decided, bound_before)
 
-    def _act_pci(self, host: Host, bdf: Bdf, target: Target) -> str:
-        fn = host.topology[bdf]
+    def _act_pci(self, bdf: Bdf, target: Target, driver: str | None, bridge: bool) -> str:
         if target is Target.REJECT:
             self.fs.write(f"{PCI_DEVICES}/{bdf}/remove", "1")
-            return "removed from the bus" + (" with everything below it" if fn.kind.is_bridge else "")
+            return "removed from the bus" + (" with everything below it" if bridge else "")
         if target is Target.QUARANTINE:
-            if fn.kind.is_bridge:
+            if bridge:
                 return (
                     "left without a driver: a bridge cannot be bound to vfio-pci; "
                     "its group's DMA domain maps nothing for it"
                 )
-            if fn.driver == VFIO_PCI:
+            if driver == VFIO_PCI:
                 group = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/iommu_group")
                 kind = self.fs.read_bytes(f"sys/kernel/iommu_groups/{group}/type") if group else None
                 if kind is None or kind.strip() != b"identity":
@@ -327,10 +340,13 @@ class Guard:
                 self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
             result = self.enforcer.quarantine(bdf)
             return f"quarantined with vfio-pci: {', '.join(map(str, result.devices))}"
-        if fn.driver not in (None, VFIO_PCI):
-            return f"already with host driver {fn.driver}"
+        if driver not in (None, VFIO_PCI):
+            return f"already with host driver {driver}"
         with self._lifted(bdf):
-            if fn.driver == VFIO_PCI:
+            if driver == VFIO_PCI and str(bdf) not in self.journal.devices():
+                # Claimed at enumeration and never used: no reset needed, nothing to restore.
+                self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
+            elif driver == VFIO_PCI:
                 self.enforcer.unquarantine(bdf)
             if self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") is None:
                 self.fs.write(DRIVERS_PROBE, str(bdf))
@@ -525,6 +541,8 @@ def serve(
                         received = time.monotonic()
                         if is_judged(event):
                             guard.added(event.subsystem, event.sys_name, received)
+                        elif event.action == "remove" and event.subsystem == "pci":
+                            guard.removed(event.sys_name)
                 elif isinstance(key.data, Peer):
                     _serve_peer(guard, key.data, drop)
             guard.release_abandoned()
