@@ -83,9 +83,8 @@ def lab() -> None:
         ran = outcome.step("guard")
     print("lab, Linux guest under QEMU TCG (1 emulated CPU), devices plugged through the QEMU monitor;")
     print("milliseconds after the kernel logged finding each device:")
-    print(
-        f"  {'device':6} {'target':11} {'in sysfs':>9} {'vfio-pci':>9} {'applied':>8}   guard: event to applied"
-    )
+    columns = f"{'device':6} {'target':11} {'in sysfs':>9} {'vfio-pci':>9} {'applied':>8}"
+    print(f"  {columns}   guard: event to applied")
     for name, bdf in ran["devices"].items():
         decision, found = ran["decisions"][bdf], ran["enumerated"][bdf]
         watched = ran["watched"][bdf]
