@@ -127,6 +127,20 @@ def test_devices_present_without_a_driver_are_held_out_of_the_claim(host: Path) 
     assert (usb / "driver_override").read_text().strip() == "(null)"
 
 
+def test_a_guard_after_a_killed_one_clears_what_that_one_left(host: Path) -> None:
+    usb = host / "sys/bus/pci/devices/0000:00:14.0"
+    (usb / "driver").unlink()
+    first = guard(host, "")
+    first.start()  # and killed: nothing undone
+    first.journal.close()
+    assert (host / CLAIM).exists() and (usb / "driver_override").read_text().strip() == "pciguard-hold"
+    second = guard(host, "")
+    second.start()
+    second.stop()
+    assert not (host / CLAIM).exists() and (usb / "driver_override").read_text().strip() == "(null)"
+    assert (host / AUTOPROBE).read_text().strip() == "1"  # as before the first guard
+
+
 def test_without_vfio_pci_a_loaded_driver_binds_first_and_the_guard_says_so(
     tree: Callable[..., Path],
 ) -> None:

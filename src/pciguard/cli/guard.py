@@ -19,6 +19,10 @@ SOCKET = typer.Option(
     DEFAULT_SOCKET, "--socket", envvar="PCIGUARD_SOCKET", help="The guard's control socket."
 )
 DEVICE = typer.Argument(..., help="A PCI address, or a Thunderbolt device's name (such as 0-1).")
+HELD_AFTER_FAILURE = (
+    "the guard stopped without undoing its claim: vfio-pci keeps claiming new devices "
+    "and automatic probing stays off until it runs again"
+)
 TARGET_STYLE = {"allow": "bold green", "quarantine": "yellow", "reject": "bold red", "keep": "dim"}
 
 app = typer.Typer(
@@ -43,11 +47,13 @@ def run(
         DEFAULT_STATE_DIR, "--state-dir", envvar="PCIGUARD_STATE_DIR", help="Where the journal lives."
     ),
 ) -> None:
-    """Run the guard: automatic driver probing off, then every new PCI function and
-    Thunderbolt device judged by the policy and the decision carried out and journaled.
-    Stops cleanly on SIGTERM or Ctrl-C (probing is then given back as it was)."""
+    """Run the guard: vfio-pci claims every new PCI function, which the policy then
+    allows, quarantines or rejects; Thunderbolt devices are authorised by policy; every
+    decision is journaled. Stops cleanly on SIGTERM or Ctrl-C (probing is then given
+    back as it was)."""
     if ctx.invoked_subcommand is not None:
         return
+    from pciguard.errors import StepFailed
     from pciguard.formats.policy_file import load_policy
     from pciguard.platforms.linux.guard import Guard, serve, uevents
     from pciguard.platforms.linux.journal import JournalError
@@ -70,8 +76,8 @@ def run(
         err.print(Text.assemble(("cannot start: ", "bold red"), str(exc)))
         raise typer.Exit(Exit.REFUSED) from None
     guard.listeners.append(_show)
+    out.print(f"pciguard guard: {len(policy.rules)} rules from {policy_file}; present devices: {present}")
     try:
-        out.print(f"pciguard guard: {len(policy.rules)} rules from {policy_file}; present devices: {present}")
         guard.start()
         if guard.claiming:
             out.print("vfio-pci claims every PCI function the kernel finds until the policy has judged it")
@@ -85,9 +91,16 @@ def run(
             )
         out.print(f"listening on {socket_path}; automatic driver probing is off until the guard stops")
         serve(guard, socket_path, group, events, should_stop=lambda: bool(stopping))
-    finally:
-        guard.stop()
-        out.print("stopped; automatic driver probing restored")
+    except (StepFailed, OSError) as exc:
+        held = f"; {HELD_AFTER_FAILURE}" if guard.claiming else ""
+        err.print(Text.assemble(("failed: ", "bold red"), f"{exc}{held}"))
+        raise typer.Exit(Exit.REFUSED) from None
+    except BaseException:
+        if guard.claiming:
+            err.print(HELD_AFTER_FAILURE)
+        raise
+    guard.stop()
+    out.print("stopped; automatic driver probing restored")
 
 
 def raise_missing_policy() -> None:

@@ -22,7 +22,9 @@ import os
 import selectors
 import socket
 import struct
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -74,7 +76,7 @@ class GuardDecision:
 
     device: str  # a BDF, or a Thunderbolt device's name
     kind: str  # pci, thunderbolt
-    source: str  # present, hotplug, control
+    source: str  # present, hotplug, control, vm-exited
     target: str  # allow, quarantine, reject, keep
     rule: str  # the rule that decided, in words
     outcome: str  # what the guard did, or why it could not
@@ -103,7 +105,8 @@ class Guard:
         self.root = root
         self.present = present
         self.enforcer = Enforcer(root, state_dir)
-        self.journal = Journal(state_dir)
+        self.journal = Journal(state_dir)  # makes state_dir, root's alone
+        self.state_dir = state_dir
         self.decisions: dict[str, GuardDecision] = {}
         self.listeners: list[Callable[[GuardDecision], None]] = []
         self.autoprobe_before: str | None = None
@@ -115,12 +118,17 @@ class Guard:
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> list[GuardDecision]:
-        """Stop automatic probing first (so nothing new binds from here on), then apply
-        the present-device policy and judge Thunderbolt devices waiting for authorisation."""
+        """Automatic probing off and vfio-pci's claim in place (see the module's words),
+        then the present-device policy, and Thunderbolt devices waiting for authorisation
+        judged."""
         before = self.fs.read_bytes(AUTOPROBE)
         if before is None:
             raise StepFailed("guard", f"/{AUTOPROBE} is missing: is this Linux with PCI support?")
-        self.autoprobe_before = before.decode().strip()
+        # What it was before the first guard: a guard that was killed left it 0.
+        saved = self.state_dir / "autoprobe-before-guard"
+        if not saved.exists():
+            saved.write_text(before.decode().strip())
+        self.autoprobe_before = saved.read_text().strip()
         self.fs.write(AUTOPROBE, "0")
         reading = read_host(self.root)
         host = self._named(reading.host)
@@ -148,6 +156,7 @@ class Guard:
         if self.autoprobe_before is not None:
             self.fs.write(AUTOPROBE, self.autoprobe_before)
             self.autoprobe_before = None
+            (self.state_dir / "autoprobe-before-guard").unlink(missing_ok=True)
         self.journal.close()
 
     # -- events ----------------------------------------------------------------------
@@ -252,6 +261,8 @@ class Guard:
         if override is not None and override.strip() in (b"", b"(null)"):
             self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", HOLD)
             self.holding.add(bdf)
+        elif override is not None and override.strip() == HOLD.encode():
+            self.holding.add(bdf)  # held by a guard that was killed: ours to clear now
 
     @contextlib.contextmanager
     def _lifted(self, bdf: Bdf) -> Iterator[None]:
@@ -538,11 +549,7 @@ def serve(
                     _accept(server, selector, peers, group)
                 elif key.data is events:
                     while (event := events.poll(timeout=0)) is not None:
-                        received = time.monotonic()
-                        if is_judged(event):
-                            guard.added(event.subsystem, event.sys_name, received)
-                        elif event.action == "remove" and event.subsystem == "pci":
-                            guard.removed(event.sys_name)
+                        _handle_event(guard, event, time.monotonic())
                 elif isinstance(key.data, Peer):
                     _serve_peer(guard, key.data, drop)
             guard.release_abandoned()
@@ -553,6 +560,17 @@ def serve(
         selector.close()
         server.close()
         path.unlink(missing_ok=True)
+
+
+def _handle_event(guard: Guard, event: Event, received: float) -> None:
+    try:
+        if is_judged(event):
+            guard.added(event.subsystem or "", event.sys_name, received)
+        elif event.action == "remove" and event.subsystem == "pci":
+            guard.removed(event.sys_name)
+    except Exception:  # one device's failure must not stop the guard; vfio-pci still holds it
+        print(f"pciguard guard: judging {event.sys_name} failed:", file=sys.stderr)
+        traceback.print_exc()
 
 
 def _accept(
