@@ -72,12 +72,7 @@ def drivers() -> dict[str, str | None]:
 
 def dmesg() -> list[str]:
     """The kernel log as it stands, from /dev/kmsg (records, not a rate-limited console)."""
-    return [message for _, message in kernel_log()]
-
-
-def kernel_log() -> list[tuple[float, str]]:
-    """(CLOCK_MONOTONIC seconds, message) of each /dev/kmsg record."""
-    records = []
+    lines = []
     fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
     try:
         while True:
@@ -89,11 +84,10 @@ def kernel_log() -> list[tuple[float, str]]:
                 if exc.errno == errno.EPIPE:  # overwritten while reading: skip ahead
                     continue
                 raise
-            header, _, text = record.partition(";")
-            records.append((int(header.split(",")[2]) / 1e6, text.split("\n", 1)[0]))
+            lines.append(record.split(";", 1)[-1].split("\n", 1)[0])
     finally:
         os.close(fd)
-    return records
+    return lines
 
 
 def python_as(user: int | None) -> tuple[list[str], Callable[[], None]]:
@@ -264,10 +258,6 @@ def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
         result["decisions"] = decided
         result["watched"] = {bdf: watcher.seen.get(bdf or "") for bdf in devices.values()}
         result["drivers"] = drivers_of([b for b in devices.values() if b])
-        result["enumerated"] = {  # when the kernel found each device (its log's clock)
-            bdf: next((t for t, text in kernel_log() if text.startswith(f"pci {bdf}: [")), None)
-            for bdf in devices.values()
-        }
         for name, bdf in devices.items():
             if bdf and step.get("probe", {}).get(name) == "edu":
                 result[f"probe-{name}"] = vars(probe(bdf))

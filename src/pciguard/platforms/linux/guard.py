@@ -83,7 +83,7 @@ class GuardDecision:
     at: float  # seconds since the epoch
     latency_ms: float  # from the event reaching the guard to the decision applied
     decide_ms: float  # of which reading the host and judging it
-    monotonic: float  # when it was applied, on the clock of the kernel log's timestamps
+    monotonic: float  # when it was applied, on this host's CLOCK_MONOTONIC (Python's time.monotonic)
     bound_before: str | None = None  # hot-plug: the host driver the kernel bound before the guard acted
 
     def to_json(self) -> dict[str, Any]:
