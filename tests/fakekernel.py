@@ -11,6 +11,7 @@ the process kills itself (SIGKILL) just before its N-th write (or hand-over of a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -68,6 +69,8 @@ def emulate(root: Path, rel: str, value: str) -> None:
         if parts[-2] == "driver" or driver_of(root, bdf) == parts[-2]:
             (devices / bdf / "driver").unlink(missing_ok=True)
     elif parts[-1] == "bind":
+        if not _matches(root, value, parts[-2]):
+            raise OSError(errno.ENODEV, "No such device")  # the driver's ID table does not match
         _bind(root, value, parts[-2])
     elif parts[-1] == "driver_override":
         (root / rel).write_text((value or "(null)") + "\n")
@@ -82,6 +85,15 @@ def emulate(root: Path, rel: str, value: str) -> None:
                 probe(root, link.name)
     elif parts[-2:] == [VFIO_PCI, "remove_id"] and value.startswith("ffffffff ffffffff"):
         (root / CLAIM).unlink(missing_ok=True)
+
+
+def _matches(root: Path, bdf: str, driver: str) -> bool:
+    """Would ``driver`` match the device (its override, its ID table, a dynamic ID)?"""
+    override = (root / "sys/bus/pci/devices" / bdf / "driver_override").read_text().strip()
+    if override != "(null)":
+        return override == driver
+    natural = json.loads((root / STATE).read_text()).get(bdf)
+    return driver == natural or (driver == VFIO_PCI and (root / CLAIM).exists())
 
 
 def probe(root: Path, bdf: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -114,6 +115,35 @@ def test_vfio_pci_claims_new_devices_before_any_host_driver(host: Path) -> None:
     assert decision.outcome == "quarantined: vfio-pci claimed it as the kernel found it"
     g.stop()
     assert not (host / CLAIM).exists()
+
+
+def test_allowing_a_device_never_lifts_the_claim_for_others(
+    host: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g = guard(host, "allow id 1987:5012")
+    g.start()
+    plug(host, ENCLOSURE)
+    written: list[str] = []
+    kernel = Fs.write  # the fake kernel's, installed by the fixture
+    monkeypatch.setattr(Fs, "write", lambda fs, rel, text: (written.append(rel), kernel(fs, rel, text))[1])
+    decision = g.added("pci", ENCLOSURE)
+    assert decision is not None and decision.outcome == "bound to host driver nvme"
+    assert not any(rel.endswith(("remove_id", "drivers_probe")) for rel in written), written
+    assert "sys/bus/pci/drivers/nvme/bind" in written and (host / CLAIM).exists()
+    g.stop()
+
+
+def test_an_allowed_device_no_driver_takes_is_held(host: Path) -> None:
+    shutil.rmtree(host / "sys/bus/pci/drivers/nvme")  # its module is not loaded
+    g = guard(host, "allow id 1987:5012")
+    g.start()
+    plug(host, ENCLOSURE)
+    decision = g.added("pci", ENCLOSURE)
+    assert decision is not None and decision.outcome.startswith("no host driver claims it")
+    device = host / "sys/bus/pci/devices" / ENCLOSURE
+    assert driver_of(host, ENCLOSURE) is None
+    assert (device / "driver_override").read_text().strip() == "pciguard-hold"
+    g.stop()
 
 
 def test_devices_present_without_a_driver_are_held_out_of_the_claim(host: Path) -> None:

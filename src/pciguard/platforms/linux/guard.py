@@ -9,8 +9,9 @@ shows it on Linux 6.1: an e1000e NIC is bound to e1000e within milliseconds, lon
 before any user-space reaction. So while the guard runs, vfio-pci carries a dynamic
 ID that matches every device: a driver registered before the host drivers (load it
 early, from the initramfs) then claims each new function at enumeration, its DMA
-blocked, until the policy says otherwise. Devices present at start that have no
-driver are held out of that claim with a ``driver_override`` naming no driver.
+blocked, until the policy says otherwise; an allowed device is then offered to the
+host drivers by name (``bind``), so the claim never lapses. Devices present at start
+that have no driver are held out of it with a ``driver_override`` naming no driver.
 Thunderbolt devices wait for authorisation before any PCI function behind them exists.
 """
 
@@ -22,6 +23,7 @@ import os
 import selectors
 import socket
 import struct
+import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +39,7 @@ from pciguard.model.kernel import ThunderboltDevice
 from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
+from pciguard.platforms.linux.platform import QUARANTINE_DRIVERS
 from pciguard.platforms.linux.sysfs import (
     PCI_DEVICES,
     THUNDERBOLT,
@@ -50,7 +53,6 @@ from pciguard.policy import Target
 from pciguard.policy.rules import Policy, Subject
 
 AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
-DRIVERS_PROBE = "sys/bus/pci/drivers_probe"
 VFIO_PCI = "vfio-pci"
 VFIO_DRIVER = f"sys/bus/pci/drivers/{VFIO_PCI}"
 CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # any vendor, device and subsystem
@@ -264,24 +266,6 @@ class Guard:
         elif override is not None and override.strip() == HOLD.encode():
             self.holding.add(bdf)  # held by a guard that was killed: ours to clear now
 
-    @contextlib.contextmanager
-    def _lifted(self, bdf: Bdf) -> Iterator[None]:
-        """vfio-pci's claim lifted while ``bdf`` goes to a host driver; a device left
-        without one is held, so that the claim does not take it back."""
-        if not self.claiming:
-            yield
-            return
-        if str(bdf) in self.holding:
-            self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", "\n")
-            self.holding.discard(str(bdf))
-        self.fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
-        try:
-            yield
-        finally:
-            if self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") is None:
-                self._hold(str(bdf))
-            self.fs.write(f"{VFIO_DRIVER}/new_id", CATCH_ALL)
-
     # -- deciding and acting ---------------------------------------------------------
     def _named(self, host: Host) -> Host:
         """Names from pci.ids, when a rule asks for them (reading the database costs)."""
@@ -353,16 +337,39 @@ class Guard:
             return f"quarantined with vfio-pci: {', '.join(map(str, result.devices))}"
         if driver not in (None, VFIO_PCI):
             return f"already with host driver {driver}"
-        with self._lifted(bdf):
-            if driver == VFIO_PCI and str(bdf) not in self.journal.devices():
-                # Claimed at enumeration and never used: no reset needed, nothing to restore.
-                self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
-            elif driver == VFIO_PCI:
-                self.enforcer.unquarantine(bdf)
-            if self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") is None:
-                self.fs.write(DRIVERS_PROBE, str(bdf))
-        driver = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver")
-        return f"bound to host driver {driver}" if driver else "probed: no host driver claimed it"
+        if driver == VFIO_PCI and str(bdf) in self.journal.devices():
+            self.enforcer.unquarantine(bdf)  # quarantined by pciguard: its own driver back
+        elif driver == VFIO_PCI:
+            # Claimed at enumeration and never used: no reset needed, nothing to restore.
+            self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
+        if str(bdf) in self.holding:
+            self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", "\n")
+            self.holding.discard(str(bdf))
+        bound = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") or self._bind_host_driver(bdf)
+        if bound is None:
+            self._hold(str(bdf))
+            return "no host driver claims it (is its module loaded?); held without a driver"
+        return f"bound to host driver {bound}"
+
+    def _bind_host_driver(self, bdf: Bdf) -> str | None:
+        """Offer the device to each loaded host driver by name (``bind`` attaches only a
+        driver whose ID table matches), so that vfio-pci's claim stays in place for
+        every other device meanwhile; load the device's module first if none takes it."""
+        for attempt in range(2):
+            for name in self.fs.listdir("sys/bus/pci/drivers"):
+                if name in QUARANTINE_DRIVERS or not self.fs.exists(f"sys/bus/pci/drivers/{name}/bind"):
+                    continue
+                with contextlib.suppress(OSError):  # ENODEV: its ID table does not match
+                    self.fs.write(f"sys/bus/pci/drivers/{name}/bind", str(bdf))
+                if (bound := self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver")) is not None:
+                    return bound
+            modalias = self.fs.read_bytes(f"{PCI_DEVICES}/{bdf}/modalias")
+            if attempt == 0 and modalias and self.root == "/":
+                with contextlib.suppress(OSError, subprocess.SubprocessError):  # no modprobe: no module
+                    subprocess.run(  # what udev would have done on the add event
+                        ["modprobe", "-b", "-q", modalias.decode().strip()], check=False, timeout=30
+                    )
+        return None
 
     def _act_thunderbolt(self, name: str, target: Target) -> str:
         if target is Target.REJECT:
