@@ -1,12 +1,16 @@
 """Hypothesis strategies shared by the property tests: random platform descriptions
 (root ports, switches, PCIe-to-PCI bridges, multi-function devices, phantom
-functions, SR-IOV, firmware regions, external ports, IOMMUs on and off)."""
+functions, SR-IOV, firmware regions, external ports, IOMMUs on and off), and
+hot-plug policies in the rule language."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from hypothesis import strategies as st
+
+from pciguard.policy import Target
+from pciguard.policy.rules import ATTRIBUTES, CONDITIONS, Attribute, Condition, Operator, Policy, Rule
 
 
 @st.composite
@@ -97,3 +101,49 @@ def platform_file(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.integers(0, 5)) == 0:
         iommus = []
     return {"name": "random", "iommus": iommus, "devices": devices}
+
+
+# -- hot-plug policies (the rule language) ----------------------------------------------
+PATTERN = {
+    "id": st.sampled_from(["8086:1572", "8086:*", "*:*", "10de:1b80"]),
+    "class": st.sampled_from(["02", "02:00", "03:*:00", "0c:03:30"]),
+    "via-port": st.sampled_from(["0000:00:1c.0", "0000:00:1c.0/0000:02:00.0"]),
+    "name": st.text(min_size=1, max_size=12),
+    "vendor-name": st.text(min_size=1, max_size=12),
+    "unique-id": st.text(alphabet="0123456789abcdef-", min_size=1, max_size=12),
+}
+
+
+@st.composite
+def rules(draw: st.DrawFn) -> Rule:
+    """Any well-formed rule."""
+    names = draw(st.lists(st.sampled_from(sorted(ATTRIBUTES)), unique=True, max_size=4))
+    attributes = []
+    for name in names:
+        if name not in PATTERN:
+            attributes.append(Attribute(name))
+            continue
+        operators = [o for o in Operator if o is not Operator.EQUALS or ATTRIBUTES[name].equals]
+        patterns = draw(st.lists(PATTERN[name], min_size=1, max_size=3))
+        operator = draw(st.sampled_from(operators)) if len(patterns) > 1 else Operator.ONE_OF
+        attributes.append(Attribute(name, operator, tuple(patterns)))
+    condition = None
+    if draw(st.booleans()):
+        terms = tuple(
+            draw(
+                st.lists(
+                    st.tuples(st.booleans(), st.sampled_from(sorted(CONDITIONS))), min_size=1, max_size=3
+                )
+            )
+        )
+        operator = (
+            None
+            if len(terms) == 1
+            else draw(st.sampled_from([Operator.ONE_OF, Operator.ALL_OF, Operator.NONE_OF]))
+        )
+        condition = Condition(terms, operator)
+    return Rule(draw(st.sampled_from(list(Target))), tuple(attributes), condition)
+
+
+def policies() -> st.SearchStrategy[Policy]:
+    return st.lists(rules(), max_size=5).map(lambda found: Policy(tuple(found), "<random>"))

@@ -16,8 +16,6 @@ from pciguard.policy import Target
 from pciguard.policy.rules import (
     ATTRIBUTES,
     CONDITIONS,
-    Attribute,
-    Condition,
     Operator,
     PolicyError,
     Rule,
@@ -25,6 +23,7 @@ from pciguard.policy.rules import (
     parse_policy,
     parse_rule,
 )
+from strategies import rules
 
 BAD = sorted((CORPUS / "policy" / "bad").glob("*.rules"))
 GOOD = sorted((CORPUS / "policy" / "good").glob("*.rules"))
@@ -213,46 +212,6 @@ def test_fuzzing_tried_enough_inputs(capsys: pytest.CaptureFixture[str]) -> None
     with capsys.disabled():
         print(f"\npolicy parser fuzzing: {tried['inputs']} inputs, none crashed")
     assert tried["inputs"] >= 1000
-
-
-PATTERN = {
-    "id": st.sampled_from(["8086:1572", "8086:*", "*:*", "10de:1b80"]),
-    "class": st.sampled_from(["02", "02:00", "03:*:00", "0c:03:30"]),
-    "via-port": st.sampled_from(["0000:00:1c.0", "0000:00:1c.0/0000:02:00.0"]),
-    "name": st.text(min_size=1, max_size=12),
-    "vendor-name": st.text(min_size=1, max_size=12),
-    "unique-id": st.text(alphabet="0123456789abcdef-", min_size=1, max_size=12),
-}
-
-
-@st.composite
-def rules(draw: st.DrawFn) -> Rule:
-    names = draw(st.lists(st.sampled_from(sorted(ATTRIBUTES)), unique=True, max_size=4))
-    attributes = []
-    for name in names:
-        if name not in PATTERN:
-            attributes.append(Attribute(name))
-            continue
-        operators = [o for o in Operator if o is not Operator.EQUALS or ATTRIBUTES[name].equals]
-        patterns = draw(st.lists(PATTERN[name], min_size=1, max_size=3))
-        operator = draw(st.sampled_from(operators)) if len(patterns) > 1 else Operator.ONE_OF
-        attributes.append(Attribute(name, operator, tuple(patterns)))
-    condition = None
-    if draw(st.booleans()):
-        terms = tuple(
-            draw(
-                st.lists(
-                    st.tuples(st.booleans(), st.sampled_from(sorted(CONDITIONS))), min_size=1, max_size=3
-                )
-            )
-        )
-        operator = (
-            None
-            if len(terms) == 1
-            else draw(st.sampled_from([Operator.ONE_OF, Operator.ALL_OF, Operator.NONE_OF]))
-        )
-        condition = Condition(terms, operator)
-    return Rule(draw(st.sampled_from(list(Target))), tuple(attributes), condition)
 
 
 @settings(max_examples=500, deadline=None)

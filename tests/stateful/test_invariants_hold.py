@@ -1,6 +1,7 @@
 """Property tests: over random topologies and random sequences of operations, faults,
-crashes and hot-plugs, every invariant holds after every platform call and every
-ledger move, and the platform never catches the toolstack misusing it."""
+crashes and hot-plugs (decided by the built-in policy or by random rules), every
+invariant holds after every platform call and every ledger move, and the platform
+never catches the toolstack misusing it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pciguard.platforms.base import DomainState
 from pciguard.platforms.sim import SimPlatform
 from pciguard.toolstack import Toolstack
 from pciguard.verify.invariants import check_all
-from strategies import platform_file
+from strategies import platform_file, policies
 
 FAULTABLE = [
     "reset",
@@ -46,7 +47,8 @@ def test_invariants_hold_after_every_step_in_secure_mode(spec: dict[str, Any], d
         rmrr=data.draw(st.sampled_from(list(RmrrPolicy)), label="rmrr"),
     )
     platform = SimPlatform(host, quarantine_mode=data.draw(st.sampled_from(["block", "scratch"])))
-    toolstack = Toolstack(platform, options)
+    policy = data.draw(st.none() | policies(), label="hot-plug policy (None: the built-in)")
+    toolstack = Toolstack(platform, options, policy)
     violations: list[str] = []
 
     def watch(*_: object) -> None:

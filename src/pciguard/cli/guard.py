@@ -80,16 +80,22 @@ def run(
     try:
         guard.start()
         if guard.claiming:
-            out.print("vfio-pci claims every PCI function the kernel finds until the policy has judged it")
+            out.print(
+                "vfio-pci claims every PCI function the kernel finds until the policy has judged it",
+                soft_wrap=True,
+            )
         else:
             err.print(
                 Text.assemble(
                     ("warning: ", "yellow"),
-                    "vfio-pci is not loaded: host drivers already loaded will bind hot-plugged devices "
-                    "before the guard can act (load vfio-pci early, from the initramfs)",
+                    "vfio-pci could not be loaded: host drivers already loaded will bind hot-plugged "
+                    "devices before the guard can act (load vfio-pci early, from the initramfs)",
                 )
             )
-        out.print(f"listening on {socket_path}; automatic driver probing is off until the guard stops")
+        out.print(
+            f"listening on {socket_path}; automatic driver probing is off until the guard stops",
+            soft_wrap=True,
+        )
         serve(guard, socket_path, group, events, should_stop=lambda: bool(stopping))
     except (StepFailed, OSError) as exc:
         held = f"; {HELD_AFTER_FAILURE}" if guard.claiming else ""

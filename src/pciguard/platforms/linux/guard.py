@@ -247,6 +247,10 @@ class Guard:
         """vfio-pci claims every function found from now on (see the module's words);
         False when vfio-pci is not loaded, and hot-plugged devices then meet the host
         drivers first."""
+        if not self.fs.exists(f"{VFIO_DRIVER}/new_id") and self.root == "/":
+            # Late is better than never: it still comes before the modules not yet loaded.
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["modprobe", "-q", "vfio-pci"], check=False, timeout=30)
         if not self.fs.exists(f"{VFIO_DRIVER}/new_id"):
             return False
         for bdf, fn in host.topology.items():
@@ -277,7 +281,8 @@ class Guard:
             return self._decide(subject, "present", time.monotonic(), host.topology[bdf].driver)
         if self.present is PresentPolicy.KEEP:
             driver = host.topology[bdf].driver
-            outcome = f"kept as it was ({driver or 'no driver'})"
+            held = "; held out of vfio-pci's claim" if str(bdf) in self.holding else ""
+            outcome = f"kept as it was ({driver or 'no driver'}{held})"
             return self._record(
                 subject, "present", "keep", "present-device policy: keep", outcome, time.monotonic()
             )
