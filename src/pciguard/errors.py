@@ -2,6 +2,7 @@
 
     PciguardError
     ├── InputError                 a file or argument is malformed; carries the place
+    │   └── PolicyError            a hot-plug policy rule is malformed (file:line:column)
     ├── TopologyError              a platform description is self-contradictory
     ├── RefusedError               the toolstack refused an operation before changing anything
     │   ├── PreconditionFailed     a check before exposure failed (names the device and why)
@@ -52,6 +53,10 @@ class InputError(PciguardError):
         if self.key_path:
             place += f": at {self.key_path}"
         return f"{place}: {self.detail}"
+
+
+class PolicyError(InputError):
+    """A hot-plug policy rule is malformed; names the file, line and column."""
 
 
 class TopologyError(PciguardError):

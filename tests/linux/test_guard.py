@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import as_nobody, bdf, example
 from fakekernel import CLAIM, driver_of, installed, plug, prepare, unplug
+from pciguard.cli.main import app
 from pciguard.platforms.linux.guard import Guard, PresentPolicy, handle, request, serve
 from pciguard.platforms.linux.journal import Journal
 from pciguard.platforms.linux.sysfs import Fs, read_arrival, read_host
@@ -209,6 +211,8 @@ def test_a_plugged_device_gets_its_target(host: Path, rules: str, target: str, d
     listed = (host / "sys/bus/pci/devices" / ENCLOSURE).is_symlink()
     assert listed is (target != "reject")
     journaled = [json.loads(d) for d in Journal(host / "state").decisions()]
+    shown = CliRunner().invoke(app, ["journal", "--state-dir", str(host / "state")])
+    assert f"hotplug {ENCLOSURE}: {target}" in shown.output
     assert journaled[-1]["device"] == ENCLOSURE and journaled[-1]["target"] == target
     assert journaled[-1]["rule"] == decision.rule and decision.latency_ms > 0
     g.stop()

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import CORPUS, header
+from pciguard.errors import PolicyError
 from pciguard.model import Bdf
 from pciguard.policy import Target
 from pciguard.policy.rules import (
     ATTRIBUTES,
     CONDITIONS,
     Operator,
-    PolicyError,
     Rule,
     Subject,
     parse_policy,

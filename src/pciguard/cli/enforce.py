@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pwd
 import time
 from collections.abc import Iterator
@@ -146,7 +147,8 @@ def recover(root: Path = ROOT, state_dir: Path = STATE_DIR) -> None:
 
 
 def journal(state_dir: Path = STATE_DIR) -> None:
-    """Show what pciguard did to this host: devices it holds, and every operation with its steps."""
+    """Show what pciguard did to this host: devices it holds, every operation with its
+    steps, and the hot-plug guard's latest decisions."""
     with refusals():
         book = Journal(state_dir)
         try:
@@ -159,5 +161,12 @@ def journal(state_dir: Path = STATE_DIR) -> None:
                 out.print(f"#{op.id} {when} {op.name} {' '.join(op.devices)}: {op.outcome or 'IN FLIGHT'}")
                 for description, status in op.steps:
                     out.print(f"    {status:8} {description}")
+            for record in map(json.loads, book.decisions()):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["at"]))
+                out.print(
+                    f"guard {when} {record['source']} {record['device']}: {record['target']}, "
+                    f"{record['outcome']} [{record['rule']}]",
+                    soft_wrap=True,
+                )
         finally:
             book.close()

@@ -14,13 +14,13 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pciguard.checks import Options, RmrrPolicy
-from pciguard.errors import InputError
+from pciguard.errors import InputError, PolicyError
 from pciguard.formats.platform_file import build_host, load_platform
 from pciguard.formats.policy_file import load_policy
 from pciguard.formats.yamlpos import Path, at, load, read_input, validate
 from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
-from pciguard.policy.rules import Policy, PolicyError, parse_rule
+from pciguard.policy.rules import Policy, parse_rule
 
 #: What the verifier may do, besides advancing operations in flight.
 ExploreOp = Literal[

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 
-from pciguard.errors import InputError
+from pciguard.errors import PolicyError
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import ThunderboltDevice
 from pciguard.policy.default import Decision, Target
@@ -25,10 +25,6 @@ EXTERNAL_BRIDGE = (
     "presents itself as a bridge behind an external port, and the rule that matched does not say "
     "'bridge': rejected"
 )
-
-
-class PolicyError(InputError):
-    """A policy file is malformed; names the file, line and column."""
 
 
 class Operator(StrEnum):
@@ -171,7 +167,8 @@ def _match_text(pattern: str, value: str) -> bool:
 
 
 def _match_id(pattern: str, value: str) -> bool:
-    return all(p == "*" or p.lower() == v for p, v in zip(pattern.split(":"), value.split(":"), strict=True))
+    wanted, found = pattern.split(":"), value.split(":")
+    return len(found) == 2 and all(p == "*" or p.lower() == v for p, v in zip(wanted, found, strict=True))
 
 
 def _match_class(pattern: str, value: str) -> bool:
