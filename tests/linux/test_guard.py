@@ -55,7 +55,10 @@ class Uevents:
 
     def plug(self, device: str) -> None:
         plug(self.root, device)
-        self.queue.append(Event("add", "pci", device, None))
+        self.announce(Event("add", "pci", device, None))
+
+    def announce(self, event: Event) -> None:
+        self.queue.append(event)
         os.write(self.write_end, b"x")
 
 
@@ -320,6 +323,25 @@ def test_the_loop_judges_devices_as_the_kernel_announces_them(running: tuple[Gua
     assert driver_of(events.root, ENCLOSURE) == "nvme"
     listed = {d["device"]: d for d in ask(path, {"op": "list"})["devices"]}
     assert listed[ENCLOSURE]["outcome"] == "bound to host driver nvme" and listed[NIC]["target"] == "keep"
+
+
+def test_a_thunderbolt_device_is_authorised_as_it_arrives(running: tuple[Guard, Path, Uevents]) -> None:
+    g, path, events = running
+    g.policy = parse_policy('allow thunderbolt vendor-name "Apple*"')
+    for name, vendor in (("0-1", "Apple Inc."), ("0-3", "Unknown Corp")):
+        folder = events.root / "sys/bus/thunderbolt/devices" / name
+        folder.mkdir(parents=True)
+        for attribute, value in (("authorized", "0"), ("vendor_name", vendor), ("device_name", "Dock")):
+            (folder / attribute).write_text(value + "\n")
+        events.announce(Event("add", "thunderbolt", name, "thunderbolt_device"))
+    events.announce(Event("add", "thunderbolt", "domain0", "thunderbolt_domain"))  # not judged
+    while len([d for d in g.decisions.values() if d.kind == "thunderbolt"]) < 2:
+        threading.Event().wait(0.01)
+    tb = events.root / "sys/bus/thunderbolt/devices"
+    assert (tb / "0-1/authorized").read_text().strip() == "1"
+    assert (tb / "0-3/authorized").read_text().strip() == "0"
+    assert g.decisions["0-3"].rule.startswith("implicit") and g.decisions["0-3"].target == "reject"
+    assert "domain0" not in g.decisions
 
 
 def test_administrators_change_decisions_at_run_time(running: tuple[Guard, Path, Uevents]) -> None:

@@ -144,8 +144,9 @@ def test_an_external_bridge_is_rejected_unless_the_rule_says_bridge() -> None:
 def test_thunderbolt_devices_are_judged_by_thunderbolt_attributes() -> None:
     assert decides('allow thunderbolt vendor-name "Apple*"', DOCK) is Target.ALLOW
     assert decides('allow unique-id "d003-0080" name "Thunderbolt Dock"', DOCK) is Target.ALLOW
-    assert decides('allow unique-id "other"', DOCK) is Target.QUARANTINE
-    assert decides("allow id 8086:*", DOCK) is Target.QUARANTINE  # PCI attributes never match one
+    assert decides('allow unique-id "other"', DOCK) is Target.REJECT  # no rule: stays unauthorised
+    assert decides("allow id 8086:*", DOCK) is Target.REJECT  # PCI attributes never match one
+    assert decides("quarantine thunderbolt", DOCK) is Target.QUARANTINE
     assert decides("reject external", DOCK) is Target.REJECT
     assert decides("allow thunderbolt", NIC) is Target.QUARANTINE
 

@@ -21,6 +21,7 @@ from pciguard.model.kernel import ThunderboltDevice
 from pciguard.policy.default import Decision, Target
 
 IMPLICIT = "implicit: no rule matched, so it is quarantined"
+IMPLICIT_THUNDERBOLT = "implicit: no rule matched, so it stays unauthorised (no PCI tunnel)"
 EXTERNAL_BRIDGE = (
     "presents itself as a bridge behind an external port, and the rule that matched does not say "
     "'bridge': rejected"
@@ -313,6 +314,8 @@ class Policy:
             return Verdict(decision, rule, tuple(considered))
         if subject.bridge and subject.external:
             decision = Decision(Target.REJECT, f"{IMPLICIT}; but it {EXTERNAL_BRIDGE}", explicit=False)
+        elif subject.thunderbolt:
+            decision = Decision(Target.REJECT, IMPLICIT_THUNDERBOLT, explicit=False)
         else:
             decision = Decision(Target.QUARANTINE, IMPLICIT, explicit=False)
         return Verdict(decision, None, tuple(considered))
