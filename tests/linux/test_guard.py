@@ -326,7 +326,7 @@ def test_the_loop_judges_devices_as_the_kernel_announces_them(running: tuple[Gua
 
 
 def test_a_thunderbolt_device_is_authorised_as_it_arrives(running: tuple[Guard, Path, Uevents]) -> None:
-    g, path, events = running
+    g, _, events = running
     g.policy = parse_policy('allow thunderbolt vendor-name "Apple*"')
     for name, vendor in (("0-1", "Apple Inc."), ("0-3", "Unknown Corp")):
         folder = events.root / "sys/bus/thunderbolt/devices" / name
