@@ -296,7 +296,9 @@ def running(host: Path) -> Iterator[tuple[Guard, Path, Uevents]]:
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(g, path, "nogroup", events, stop.is_set, 0.02))
     thread.start()
-    while not path.exists():
+    for _ in range(1000):  # the socket appears once the loop listens
+        if path.exists():
+            break
         stop.wait(0.01)
     yield g, path, events
     stop.set()
@@ -335,7 +337,9 @@ def test_a_thunderbolt_device_is_authorised_as_it_arrives(running: tuple[Guard, 
             (folder / attribute).write_text(value + "\n")
         events.announce(Event("add", "thunderbolt", name, "thunderbolt_device"))
     events.announce(Event("add", "thunderbolt", "domain0", "thunderbolt_domain"))  # not judged
-    while len([d for d in g.decisions.values() if d.kind == "thunderbolt"]) < 2:
+    for _ in range(1000):  # the loop is in another thread: give it up to ten seconds
+        if len([d for d in g.decisions.values() if d.kind == "thunderbolt"]) == 2:
+            break
         threading.Event().wait(0.01)
     tb = events.root / "sys/bus/thunderbolt/devices"
     assert (tb / "0-1/authorized").read_text().strip() == "1"
@@ -409,7 +413,9 @@ def test_without_a_group_only_root_may_connect(host: Path) -> None:
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(g, path, None, None, stop.is_set, 0.02))
     thread.start()
-    while not path.exists():
+    for _ in range(1000):  # the socket appears once the loop listens
+        if path.exists():
+            break
         stop.wait(0.01)
     try:
         assert "PermissionError" in as_nobody(lambda: ask(path, {"op": "list"}))
