@@ -18,8 +18,10 @@ Thunderbolt devices wait for authorisation before any PCI function behind them e
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
+import pwd
 import selectors
 import socket
 import struct
@@ -112,7 +114,7 @@ class Guard:
         self.decisions: dict[str, GuardDecision] = {}
         self.listeners: list[Callable[[GuardDecision], None]] = []
         self.autoprobe_before: str | None = None
-        self.held: set[str] = set()  # assigned devices a VM process was seen holding
+        self.in_use: set[str] = set()  # assigned devices a VM process was seen holding open
         self.claiming = False  # vfio-pci's catch-all ID is in place
         self.holding: set[str] = set()  # devices given the HOLD override, to clear at stop
         self.translating = False  # an IOMMU translates DMA on this host
@@ -220,9 +222,9 @@ class Guard:
             group = self.fs.link_name(f"{PCI_DEVICES}/{name}/iommu_group")
             holders = holders_of(self.fs, f"dev/vfio/{group}") if group else []
             if holders:
-                self.held.add(name)
-            elif name in self.held:
-                self.held.discard(name)
+                self.in_use.add(name)
+            elif name in self.in_use:
+                self.in_use.discard(name)
                 received = time.monotonic()
                 try:
                     result = self.enforcer.release(Bdf.parse(name))
@@ -449,9 +451,6 @@ def peer_allowed(uid: int, gid: int, group: str | None) -> bool:
         return True
     if group is None:
         return False
-    import grp
-    import pwd
-
     try:
         wanted = grp.getgrnam(group).gr_gid
         name = pwd.getpwuid(uid).pw_name
@@ -516,8 +515,6 @@ def listen(path: Path, group: str | None) -> socket.socket:
     finally:
         os.umask(old_umask)
     if group is not None:
-        import grp
-
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, 0o660)
     server.listen(16)
