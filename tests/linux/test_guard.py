@@ -25,9 +25,10 @@ from typer.testing import CliRunner
 from conftest import as_nobody, bdf, example
 from fakekernel import CLAIM, driver_of, installed, plug, prepare, unplug
 from pciguard.cli.main import app
-from pciguard.platforms.linux.guard import Guard, PresentPolicy, handle, request, serve
+from pciguard.platforms.linux.guard import Guard, handle, request, serve
 from pciguard.platforms.linux.journal import Journal
 from pciguard.platforms.linux.sysfs import Fs, read_arrival, read_host
+from pciguard.policy import PresentPolicy
 from pciguard.policy.rules import Subject, parse_policy
 
 NIC, ENCLOSURE, FAKE_BRIDGE = "0000:03:00.0", "0000:05:00.0", "0000:06:00.0"

@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.text import Text
 
 from pciguard.cli.common import Exit, err, input_errors, out
-from pciguard.platforms.linux.guard import DEFAULT_SOCKET, PresentPolicy
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
+from pciguard.policy import PresentPolicy
 
+if TYPE_CHECKING:
+    from pciguard.platforms.linux.guard import GuardDecision
+
+# The guard's modules are imported by the commands that use them: every pciguard
+# command starts by importing this one, and start-up time counts.
+DEFAULT_SOCKET = Path("/run/pciguard/guard.sock")
 DEFAULT_POLICY = Path("/etc/pciguard/policy.rules")
 SOCKET = typer.Option(
     DEFAULT_SOCKET, "--socket", envvar="PCIGUARD_SOCKET", help="The guard's control socket."
@@ -119,7 +125,11 @@ def raise_missing_policy() -> None:
     )
 
 
-def _show(decision: Any) -> None:
+def _show(decision: GuardDecision | dict[str, Any]) -> None:
+    if isinstance(decision, dict):  # as the socket gives it
+        from pciguard.platforms.linux.guard import GuardDecision
+
+        decision = GuardDecision(**decision)
     out.print(
         Text.assemble(
             f"{decision.source:9} {decision.device:13} ",
@@ -174,16 +184,11 @@ def list_command(socket_path: Path = SOCKET, json_output: bool = typer.Option(Fa
         typer.echo(json.dumps(devices, indent=2))
         return
     for device in devices:
-        _show(_Shown(**device))
-
-
-class _Shown:
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
+        _show(device)
 
 
 def _control(target: str, device: str, socket_path: Path) -> None:
-    _show(_Shown(**_answer(socket_path, {"op": target, "device": device})["decision"]))
+    _show(_answer(socket_path, {"op": target, "device": device})["decision"])
 
 
 @app.command("allow")
@@ -209,7 +214,7 @@ def watch_command(socket_path: Path = SOCKET) -> None:
     """Print each decision as the guard makes it, until interrupted."""
     for answer in _ask(socket_path, {"op": "watch"}):
         if "event" in answer:
-            _show(_Shown(**answer["event"]))
+            _show(answer["event"])
         elif not answer.get("ok"):
             err.print(Text.assemble(("refused: ", "bold red"), str(answer.get("error"))))
             raise typer.Exit(Exit.REFUSED)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.text import Text
 
 from pciguard.cli.common import Exit, err, input_errors, linux_reading, out
 from pciguard.errors import InputError
-from pciguard.formats.policy_file import load_policy
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import ThunderboltDevice
-from pciguard.pciids import name_devices
-from pciguard.policy.rules import Subject, generate
+
+if TYPE_CHECKING:
+    from pciguard.policy.rules import Subject
+
+# The policy modules are imported by the commands that use them: every pciguard
+# command starts by importing this one, and start-up time counts.
 
 app = typer.Typer(help="Write, check and try hot-plug policies (the rules `pciguard guard` applies).")
 
@@ -28,6 +32,8 @@ TARGET_STYLE = {"allow": "bold green", "quarantine": "yellow", "reject": "bold r
 def _host(
     platform: Path | None, root: Path | None, snapshot: Path | None
 ) -> tuple[Host, tuple[ThunderboltDevice, ...]]:
+    from pciguard.pciids import name_devices
+
     if platform is not None:
         from pciguard.formats.platform_file import load_platform
 
@@ -45,6 +51,8 @@ def generate_command(
 ) -> None:
     """A policy that allows every device present now (like `usbguard generate-policy`);
     anything plugged in later falls to the implicit quarantine."""
+    from pciguard.policy.rules import generate
+
     with input_errors():
         text = generate(*_host(platform, root, snapshot))
     if output is None:
@@ -68,6 +76,8 @@ def example_command() -> None:
 @app.command("check")
 def check_command(file: Path = typer.Argument(..., help="The policy file.", dir_okay=False)) -> None:
     """Validate a policy; a malformed rule is named by file, line and column (exit 2)."""
+    from pciguard.formats.policy_file import load_policy
+
     with input_errors():
         policy = load_policy(file)
     out.print(f"{file}: {len(policy.rules)} rules, well formed")
@@ -83,6 +93,8 @@ def test_command(
     snapshot: Path | None = SNAPSHOT,
 ) -> None:
     """Which rule decides a device, and why each rule before it did not match."""
+    from pciguard.formats.policy_file import load_policy
+
     with input_errors():
         policy = load_policy(file)
         host, thunderbolt = _host(platform, root, snapshot)
@@ -104,6 +116,8 @@ def test_command(
 
 
 def _subject(host: Host, thunderbolt: tuple[ThunderboltDevice, ...], device: str, present: bool) -> Subject:
+    from pciguard.policy.rules import Subject
+
     for tb in thunderbolt:
         if tb.name == device:
             return Subject.of_thunderbolt(tb, present=present)

@@ -3,6 +3,6 @@
 Fail closed: anything no rule allows is quarantined.
 """
 
-from pciguard.policy.default import Decision, DefaultPolicy, HotplugPolicy, Target
+from pciguard.policy.default import Decision, DefaultPolicy, HotplugPolicy, PresentPolicy, Target
 
-__all__ = ["Decision", "DefaultPolicy", "HotplugPolicy", "Target"]
+__all__ = ["Decision", "DefaultPolicy", "HotplugPolicy", "PresentPolicy", "Target"]

@@ -47,3 +47,15 @@ class DefaultPolicy:
         if fn.kind.is_bridge or not self.allow_internal:
             return Decision(Target.QUARANTINE, "default: quarantine", explicit=False)
         return Decision(Target.ALLOW, "default: internal slot", explicit=True)
+
+
+class PresentPolicy(StrEnum):
+    """What the guard does with devices already there when it starts (USBGuard's
+    PresentDevicePolicy). ``keep`` is the default: they had host drivers before the
+    guard ran, and quarantining a disk or network controller the policy forgot would
+    cut the host off; run ``pciguard policy generate`` first, then ``apply-policy``."""
+
+    KEEP = "keep"
+    APPLY_POLICY = "apply-policy"
+    ALLOW = "allow"
+    QUARANTINE = "quarantine"

@@ -31,7 +31,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,7 +50,7 @@ from pciguard.platforms.linux.sysfs import (
     read_host,
     thunderbolt_devices,
 )
-from pciguard.policy import Target
+from pciguard.policy import PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
 
 AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
@@ -60,18 +59,6 @@ VFIO_DRIVER = f"sys/bus/pci/drivers/{VFIO_PCI}"
 CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # any vendor, device and subsystem
 CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
 HOLD = "pciguard-hold"  # a driver_override no driver has: matches nothing
-
-
-class PresentPolicy(StrEnum):
-    """What the guard does with devices already there when it starts (USBGuard's
-    PresentDevicePolicy). ``keep`` is the default: they had host drivers before the
-    guard ran, and quarantining a disk or network controller the policy forgot would
-    cut the host off; run ``pciguard policy generate`` first, then ``apply-policy``."""
-
-    KEEP = "keep"
-    APPLY_POLICY = "apply-policy"
-    ALLOW = "allow"
-    QUARANTINE = "quarantine"
 
 
 @dataclass(frozen=True)
@@ -460,7 +447,6 @@ def peer_allowed(uid: int, gid: int, group: str | None) -> bool:
 
 
 # -- the control socket ----------------------------------------------------------------
-DEFAULT_SOCKET = Path("/run/pciguard/guard.sock")
 MAX_REQUEST = 65536  # bytes in one request line
 OPERATIONS = ("list", "watch", *(str(t) for t in Target))
 
@@ -524,7 +510,7 @@ def listen(path: Path, group: str | None) -> socket.socket:
 
 def serve(
     guard: Guard,
-    path: Path = DEFAULT_SOCKET,
+    path: Path,
     group: str | None = None,
     events: Any = None,
     should_stop: Callable[[], bool] = lambda: False,
