@@ -215,6 +215,26 @@ def drivers_of(names: list[str]) -> dict[str, str | None]:
     return out
 
 
+def plug_without_guard(step: dict[str, Any], out: Path) -> dict[str, Any]:
+    """With drivers_autoprobe=0 and no guard, have the host plug a device in, and see
+    which driver it gets within five seconds."""
+    autoprobe = Path("/sys/bus/pci/drivers_autoprobe")
+    autoprobe.write_text("0")
+    try:
+        (out / f"{HOTPLUG_READY}-{step['round']}").write_text("ready\n")
+        deadline = time.monotonic() + 120
+        while (bdf := locate(step["expect"])) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        appeared = time.monotonic()
+        driver = None
+        while bdf and driver is None and time.monotonic() < appeared + 5:
+            driver = drivers_of([bdf])[bdf]
+            time.sleep(0.01)
+        return {"bdf": bdf, "autoprobe": autoprobe.read_text().strip(), "driver": driver}
+    finally:
+        autoprobe.write_text("1")
+
+
 def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
     """Start ``pciguard guard`` with the step's policy, tell the host to plug its devices
     in, wait for the guard's decisions, probe the edu's DMA, stop the guard."""
@@ -240,7 +260,7 @@ def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
         result["autoprobe-while-running"] = autoprobe.read_text().strip()
         watcher = Watcher()
         watcher.start()
-        (out / HOTPLUG_READY).write_text("ready\n")
+        (out / f"{HOTPLUG_READY}-{step['round']}").write_text("ready\n")
         expected: dict[str, str] = step["expect"]
         decided: dict[str, Any] = {}
         while time.monotonic() < deadline and guard.poll() is None:
@@ -268,7 +288,8 @@ def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
         result["guard-exit"] = guard.wait(60)
         result["autoprobe-after"] = autoprobe.read_text().strip()
         result["guard-log"] = log_path.read_text()
-        result["monitor"] = (out / HOTPLUG_DONE).read_text() if (out / HOTPLUG_DONE).exists() else None
+        done = out / f"{HOTPLUG_DONE}-{step['round']}"
+        result["monitor"] = done.read_text() if done.exists() else None
     result["journaled"] = [json.loads(d) for d in Journal(state).decisions()]
     return result
 
@@ -289,6 +310,7 @@ def run(plan_path: Path) -> dict[str, Any]:
         "nic-probe": lambda step: vars(nic_probe(devices[step["device"]] or "absent")),
         "unbind": lambda step: unbind(devices[step["device"]] or "absent"),
         "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),
+        "plug-without-guard": lambda step: plug_without_guard(step, out),
         "guard-hotplug": lambda step: guard_hotplug(step, out),
     }
     for step in plan["steps"]:

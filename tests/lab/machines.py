@@ -38,7 +38,9 @@ class Machine:
     locators: dict[str, str]  # device name -> where it sits (see inside.locate)
     steps: tuple[dict[str, Any], ...]  # what the guest does, in order
     cmdline: str = ""  # kernel arguments beyond BASE_CMDLINE
-    hotplug: tuple[str, ...] = ()  # device_add arguments the host sends when the guest is ready
+    # Rounds of device_add arguments: the host sends round N when the guest writes
+    # "hotplug-ready-N" into the results folder, and writes "hotplug-done-N" after.
+    hotplug: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass
@@ -119,22 +121,25 @@ def start(kit: Kit, machine: Machine, out: Path) -> Boot:
 
 
 def plug_when_ready(machine: Machine, out: Path) -> None:
-    """The host's side of a hot-plug: when the guest says it is ready (a file in the
-    shared results folder), plug each device in through the QEMU monitor, and say so."""
+    """The host's side of hot-plugs: each time the guest says it is ready for the next
+    round (a file in the shared results folder), plug that round's devices in through
+    the QEMU monitor, and say so."""
     deadline = time.monotonic() + BOOT_LIMIT
-    while not (out / HOTPLUG_READY).exists():
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.1)
-    answers = []
     with socket.socket(socket.AF_UNIX) as monitor:
-        monitor.connect(str(out / MONITOR))
-        monitor.settimeout(30)
-        answers.append(_until_prompt(monitor))
-        for device in machine.hotplug:
-            monitor.sendall(f"device_add {device}\n".encode())
-            answers.append(_until_prompt(monitor))
-    (out / HOTPLUG_DONE).write_text("\n".join(answers))
+        for number, devices in enumerate(machine.hotplug):
+            while not (out / f"{HOTPLUG_READY}-{number}").exists():
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.1)
+            if number == 0:
+                monitor.connect(str(out / MONITOR))
+                monitor.settimeout(30)
+                _until_prompt(monitor)
+            answers = []
+            for device in devices:
+                monitor.sendall(f"device_add {device}\n".encode())
+                answers.append(_until_prompt(monitor))
+            (out / f"{HOTPLUG_DONE}-{number}").write_text("\n".join(answers))
 
 
 def _until_prompt(monitor: socket.socket) -> str:
@@ -269,27 +274,33 @@ def one_edu(name: str, cmdline: str) -> Machine:
 PASSTHROUGH = one_edu("iommu-pt", "iommu=pt")
 NO_INTREMAP = one_edu("intremap-off", "intremap=off")
 
-# Three empty root ports. With the guard running, an edu (no Linux driver claims it)
-# and two e1000e NICs (whose driver is loaded) are plugged in; the policy allows the
-# NIC on 00:12.0 and quarantines the rest.
+# Empty root ports. First, without the guard and with drivers_autoprobe=0, an e1000e
+# is plugged in: the kernel binds e1000e all the same. Then, with the guard running, an
+# edu (no Linux driver claims it) and two more e1000e; the policy allows the NIC on
+# 00:12.0 and quarantines the rest.
 EDU_ID, E1000E_ID = "1234:11e8", "8086:10d3"
 HOTPLUG = Machine(
     name="hotplug",
     devices=tuple(
         f"pcie-root-port,id=hp{n},chassis={10 + n},slot={10 + n},bus=pcie.0,addr=0x{0x10 + n:x}"
-        for n in (1, 2, 3)
+        for n in (1, 2, 3, 4)
     ),
     locators={},
     steps=(
+        {"do": "plug-without-guard", "name": "without-guard", "round": 0, "expect": "00:14.0/00.0"},
         {
             "do": "guard-hotplug",
             "name": "guard",
+            "round": 1,
             "policy": f"allow id {E1000E_ID} class 02:00:* via-port 0000:00:12.0\n",
             "expect": {"edu": "00:11.0/00.0", "nic": "00:12.0/00.0", "nic2": "00:13.0/00.0"},
             "probe": {"edu": "edu", "nic2": "nic"},
         },
     ),
-    hotplug=(f"{EDU},id=hpedu,bus=hp1", "e1000e,id=hpnic,bus=hp2", "e1000e,id=hpnic2,bus=hp3"),
+    hotplug=(
+        ("e1000e,id=early,bus=hp4",),
+        (f"{EDU},id=hpedu,bus=hp1", "e1000e,id=hpnic,bus=hp2", "e1000e,id=hpnic2,bus=hp3"),
+    ),
 )
 
 MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP, HOTPLUG)

@@ -301,6 +301,14 @@ def guard_step(hotplug: Outcome) -> dict[str, Any]:
     return ran
 
 
+def test_drivers_autoprobe_0_does_not_keep_a_loaded_driver_from_a_new_device(hotplug: Outcome) -> None:
+    # Why the guard has vfio-pci claim new devices: the PCI core offers a new function
+    # to the loaded drivers as it enumerates it, whatever drivers_autoprobe says.
+    ran = hotplug.step("without-guard")
+    assert ran["bdf"] is not None and ran["autoprobe"] == "0"
+    assert ran["driver"] == "e1000e"
+
+
 def test_the_guard_turns_probing_off_while_it_runs_and_back_on(hotplug: Outcome) -> None:
     ran = guard_step(hotplug)
     assert (ran["autoprobe-before"], ran["autoprobe-while-running"], ran["autoprobe-after"]) == (
