@@ -5,8 +5,8 @@ How a new PCI function is kept from host drivers. Linux enumerates a hot-plugged
 function and, in the same call, offers it to every PCI driver already loaded, in the
 order they registered; ``drivers_autoprobe=0`` does not stop that (it only stops
 drivers loaded later, such as the module udev loads for the new device). The lab
-shows it on Linux 6.1: an e1000e NIC is bound to e1000e within milliseconds, long
-before any user-space reaction. So while the guard runs, vfio-pci carries a dynamic
+shows it on Linux 6.1: a hot-plugged e1000e NIC is bound to e1000e before any
+user-space reaction. So while the guard runs, vfio-pci carries a dynamic
 ID that matches every device: a driver registered before the host drivers (load it
 early, from the initramfs) then claims each new function at enumeration, its DMA
 blocked, until the policy says otherwise; an allowed device is then offered to the
