@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from typer.testing import CliRunner
 
-from conftest import CORPUS, EXAMPLES
+from conftest import CORPUS, EXAMPLES, as_nobody
 from pciguard.cli.main import app
 from pciguard.policy.rules import parse_policy
 
@@ -26,6 +28,10 @@ def test_generate_allows_what_is_present_and_nothing_plugged_later(tmp_path: Pat
     again = runner.invoke(app, ["policy", "generate", "-p", WORKSTATION, "-o", str(written)])
     assert again.exit_code == 2 and "does not overwrite" in again.output
     assert written.read_text() == result.stdout
+    nowhere = runner.invoke(
+        app, ["policy", "generate", "-p", WORKSTATION, "-o", str(tmp_path / "no/such.rules")]
+    )
+    assert nowhere.exit_code == 2 and "cannot write the policy" in nowhere.output
 
 
 def test_check_accepts_a_good_policy_and_names_the_place_of_a_bad_one() -> None:
@@ -64,3 +70,38 @@ def test_the_guard_refuses_to_start_without_a_policy_it_can_read(tmp_path: Path)
 def test_client_commands_say_when_no_guard_answers(tmp_path: Path) -> None:
     result = runner.invoke(app, ["guard", "list", "--socket", str(tmp_path / "guard.sock")])
     assert result.exit_code == 5 and "no guard answers" in result.output
+
+
+def test_the_guard_refuses_ordinary_users(tmp_path: Path) -> None:
+    readable = Path(tempfile.mkdtemp(prefix="pciguard-", dir="/tmp"))  # tmp_path is root's alone
+    readable.chmod(0o755)
+    rules = readable / "policy.rules"
+    rules.write_text("allow id 8086:*\n")
+    rules.chmod(0o644)
+
+    def start() -> str:
+        result = runner.invoke(app, ["guard", "--policy", str(rules), "--state-dir", str(tmp_path / "state")])
+        return f"{result.exit_code} {result.output} {result.exception!r}"
+
+    # Imported here first: an ordinary user cannot read the interpreter under /root.
+    runner.invoke(app, ["guard", "--policy", str(tmp_path / "none.rules")])
+    import pyudev  # noqa: F401
+
+    import pciguard.platforms.linux.guard  # noqa: F401
+
+    answer = as_nobody(start)
+    shutil.rmtree(readable)
+    assert answer.startswith("5 ") and "cannot start" in answer and "run this as root" in answer, answer
+
+
+def test_an_unreadable_policy_is_an_input_error_not_a_traceback(tmp_path: Path) -> None:
+    runner.invoke(app, ["guard", "--policy", str(tmp_path / "none.rules")])  # imports, as root
+    hidden = tmp_path / "policy.rules"  # tmp_path is closed to other users
+    hidden.write_text("allow\n")
+
+    def start() -> str:
+        result = runner.invoke(app, ["guard", "--policy", str(hidden)])
+        return f"{result.exit_code} {result.output}"
+
+    answer = as_nobody(start)
+    assert answer.startswith("2 ") and "cannot read the policy file" in answer, answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ import typer
 from rich.text import Text
 
 from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.errors import InputError
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 from pciguard.policy import PresentPolicy
 
@@ -65,9 +67,12 @@ def run(
     from pciguard.platforms.linux.journal import JournalError
 
     with input_errors():
-        if not policy_file.exists() and policy_file == DEFAULT_POLICY:
-            raise_missing_policy()
-        policy = load_policy(policy_file)
+        try:
+            policy = load_policy(policy_file)
+        except InputError:
+            if policy_file == DEFAULT_POLICY and not os.path.lexists(DEFAULT_POLICY):
+                raise_missing_policy()
+            raise
     stopping: list[int] = []
 
     def stop(signum: int, _: Any) -> None:
@@ -116,8 +121,6 @@ def run(
 
 
 def raise_missing_policy() -> None:
-    from pciguard.errors import InputError
-
     raise InputError(
         str(DEFAULT_POLICY),
         "no policy here; write one that allows what is present now with "

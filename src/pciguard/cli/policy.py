@@ -58,10 +58,15 @@ def generate_command(
     if output is None:
         typer.echo(text, nl=False)
         return
-    if output.exists():
+    try:
+        with open(output, "x", encoding="utf-8") as written:  # never over an existing policy
+            written.write(text)
+    except FileExistsError:
         err.print(f"[bold red]error:[/] {output} exists; pciguard does not overwrite a policy")
-        raise typer.Exit(Exit.BAD_INPUT)
-    output.write_text(text)
+        raise typer.Exit(Exit.BAD_INPUT) from None
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] {output}: cannot write the policy: {exc.strerror or exc}")
+        raise typer.Exit(Exit.BAD_INPUT) from None
     out.print(f"wrote {text.count(chr(10)) - 2} rules to {output}")
 
 
