@@ -235,6 +235,22 @@ def plug_without_guard(step: dict[str, Any], out: Path) -> dict[str, Any]:
         autoprobe.write_text("1")
 
 
+def control_a_present_nic(bdf: str, sock: Path) -> dict[str, Any]:
+    """Through the guard's socket, with its own CLI: quarantine a NIC the host was using
+    (then probe its DMA), and give it back."""
+    ran: dict[str, Any] = {"bdf": bdf}
+    for target in ("quarantine", "allow"):
+        done = subprocess.run(
+            [sys.executable, "-m", "pciguard", "guard", target, bdf, "--socket", str(sock)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        ran[target] = {"exit": done.returncode, "output": done.stdout + done.stderr}
+        ran[target]["driver"] = drivers_of([bdf])[bdf]
+        if target == "quarantine":
+            ran[target]["probe"] = vars(nic_probe(bdf))
+    return ran
+
+
 def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
     """Start ``pciguard guard`` with the step's policy, tell the host to plug its devices
     in, wait for the guard's decisions, probe the edu's DMA, stop the guard."""
@@ -261,28 +277,31 @@ def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
         watcher = Watcher()
         watcher.start()
         (out / f"{HOTPLUG_READY}-{step['round']}").write_text("ready\n")
-        expected: dict[str, str] = step["expect"]
+        expected: dict[str, str] = step["expect"]  # devices that stay, by locator
+        plugged = len(expected) + step.get("rejected", 0)  # and those the policy removes
         decided: dict[str, Any] = {}
         while time.monotonic() < deadline and guard.poll() is None:
             devices = {name: locate(where) for name, where in expected.items()}
-            if all(devices.values()):
-                listed = next(request(sock, {"op": "list"}))["devices"]
-                decided = {d["device"]: d for d in listed if d["source"] == "hotplug"}
-                if all(bdf in decided for bdf in devices.values()):
-                    break
+            listed = next(request(sock, {"op": "list"}))["devices"]
+            decided = {d["device"]: d for d in listed if d["source"] == "hotplug"}
+            if all(devices.values()) and len(decided) == plugged:
+                break
             time.sleep(0.2)
         time.sleep(0.5)  # let the watcher see the drivers settle
         watcher.stopping.set()
         watcher.join()
         result["devices"] = devices
         result["decisions"] = decided
-        result["watched"] = {bdf: watcher.seen.get(bdf or "") for bdf in devices.values()}
+        result["watched"] = {bdf: watcher.seen.get(bdf) for bdf in decided}
         result["drivers"] = drivers_of([b for b in devices.values() if b])
+        result["listed-after"] = sorted(os.listdir("/sys/bus/pci/devices"))
         for name, bdf in devices.items():
             if bdf and step.get("probe", {}).get(name) == "edu":
                 result[f"probe-{name}"] = vars(probe(bdf))
             elif bdf and step.get("probe", {}).get(name) == "nic":
                 result[f"probe-{name}"] = vars(nic_probe(bdf))
+        if (present := locate(step.get("control", ""))) is not None:
+            result["control"] = control_a_present_nic(present, sock)
     finally:
         guard.send_signal(signal.SIGTERM)
         result["guard-exit"] = guard.wait(60)

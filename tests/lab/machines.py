@@ -275,15 +275,16 @@ PASSTHROUGH = one_edu("iommu-pt", "iommu=pt")
 NO_INTREMAP = one_edu("intremap-off", "intremap=off")
 
 # Empty root ports. First, without the guard and with drivers_autoprobe=0, an e1000e
-# is plugged in: the kernel binds e1000e all the same. Then, with the guard running, an
-# edu (no Linux driver claims it) and two more e1000e; the policy allows the NIC on
-# 00:12.0 and quarantines the rest.
+# is plugged in: the kernel binds e1000e all the same. Then, with the guard running, two
+# edu (no Linux driver claims them) and two more e1000e; the policy rejects the edu on
+# 00:15.0, allows the NIC on 00:12.0 and quarantines the rest. Last, through the guard's
+# socket, the first NIC is quarantined and given back.
 EDU_ID, E1000E_ID = "1234:11e8", "8086:10d3"
 HOTPLUG = Machine(
     name="hotplug",
     devices=tuple(
         f"pcie-root-port,id=hp{n},chassis={10 + n},slot={10 + n},bus=pcie.0,addr=0x{0x10 + n:x}"
-        for n in (1, 2, 3, 4)
+        for n in (1, 2, 3, 4, 5)
     ),
     locators={},
     steps=(
@@ -292,14 +293,24 @@ HOTPLUG = Machine(
             "do": "guard-hotplug",
             "name": "guard",
             "round": 1,
-            "policy": f"allow id {E1000E_ID} class 02:00:* via-port 0000:00:12.0\n",
+            "policy": (
+                f"reject id {EDU_ID} via-port 0000:00:15.0\n"
+                f"allow id {E1000E_ID} class 02:00:* via-port 0000:00:12.0\n"
+            ),
             "expect": {"edu": "00:11.0/00.0", "nic": "00:12.0/00.0", "nic2": "00:13.0/00.0"},
+            "rejected": 1,
             "probe": {"edu": "edu", "nic2": "nic"},
+            "control": "00:14.0/00.0",
         },
     ),
     hotplug=(
         ("e1000e,id=early,bus=hp4",),
-        (f"{EDU},id=hpedu,bus=hp1", "e1000e,id=hpnic,bus=hp2", "e1000e,id=hpnic2,bus=hp3"),
+        (
+            f"{EDU},id=hpedu,bus=hp1",
+            "e1000e,id=hpnic,bus=hp2",
+            "e1000e,id=hpnic2,bus=hp3",
+            f"{EDU},id=hpedu2,bus=hp5",
+        ),
     ),
 )
 

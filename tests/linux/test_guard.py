@@ -239,6 +239,22 @@ def test_another_device_in_the_same_slot_is_judged_as_itself(host: Path) -> None
     g.stop()
 
 
+def test_a_rejected_device_stays_listed_after_it_is_gone(host: Path) -> None:
+    g = guard(host, "reject id 1987:*")
+    g.start()
+    plug(host, ENCLOSURE)
+    g.added("pci", ENCLOSURE)
+    g.removed(ENCLOSURE)  # the kernel's remove event, after the guard's own removal
+    assert g.decisions[ENCLOSURE].target == "reject"
+    g.policy = parse_policy("allow")
+    plug(host, ENCLOSURE)
+    g.added("pci", ENCLOSURE)
+    unplug(host, ENCLOSURE)
+    g.removed(ENCLOSURE)  # pulled out by hand: nothing left to list
+    assert ENCLOSURE not in g.decisions
+    g.stop()
+
+
 def test_a_device_presenting_itself_as_a_bridge_is_removed_with_what_is_below(host: Path) -> None:
     g = guard(host, "allow id 8086:*")
     g.start()

@@ -181,8 +181,10 @@ class Guard:
         return None
 
     def removed(self, name: str) -> None:
-        """A PCI function left the bus: its decision goes with it."""
-        self.decisions.pop(name, None)
+        """A PCI function left the bus: its decision goes with it, unless the guard
+        removed it (a rejection stays listed; the journal keeps every decision)."""
+        if name in self.decisions and self.decisions[name].target != Target.REJECT:
+            del self.decisions[name]
 
     def control(self, device: str, target: Target) -> GuardDecision:
         """An administrator's decision at run time (through the control socket)."""
