@@ -4,11 +4,12 @@
 Two measurements:
 - lab (real kernel, QEMU under TCG, one emulated CPU): the ``hotplug`` machine of
   tests/lab has ``pciguard guard`` running while an edu and two e1000e NICs are plugged
-  into empty root ports. Printed per device, from an independent watcher's first sight
-  of it in sysfs (it polls every 2 ms, on the one CPU the guard also needs): when
-  vfio-pci held it and when the guard's decision was applied (both on the guest's
-  CLOCK_MONOTONIC), with the guard's own time from the event, split into reading and
-  judging, and acting. Goal: under 100 ms from appearance to decision.
+  into empty root ports, and an edu the policy rejects. Printed per device, from an
+  independent watcher's first sight of it in sysfs (it polls every 2 ms, on the one
+  CPU the guard also needs): when vfio-pci held it and when the guard's decision was
+  applied (both on the guest's CLOCK_MONOTONIC), with the guard's own time from the
+  event, split into reading and judging, and acting. Goal: under 100 ms from
+  appearance to decision.
 - native: the same decision code on this machine against a fake sysfs tree (tests/
   fakekernel.py), a device plugged and unplugged ``--plugs`` times, per target.
 
@@ -86,8 +87,9 @@ def lab() -> None:
     print("milliseconds after a watcher first saw each device in sysfs:")
     columns = f"{'device':6} {'target':11} {'vfio-pci':>9} {'applied':>8}"
     print(f"  {columns}   guard: event to applied")
-    for name, bdf in ran["devices"].items():
-        decision, watched = ran["decisions"][bdf], ran["watched"][bdf]
+    names = {bdf: name for name, bdf in ran["devices"].items()}
+    for bdf, decision in sorted(ran["decisions"].items()):
+        name, watched = names.get(bdf, "edu2"), ran["watched"][bdf]  # edu2: rejected, gone
         held = next((t for t, driver in watched["drivers"] if driver == "vfio-pci"), None)
         held_text = "never" if held is None else "at once" if held == 0 else f"{held:.0f}"
         applied = (decision["monotonic"] - watched["appeared"]) * 1000
