@@ -344,6 +344,25 @@ def test_the_loop_judges_devices_as_the_kernel_announces_them(running: tuple[Gua
     assert listed[ENCLOSURE]["outcome"] == "bound to host driver nvme" and listed[NIC]["target"] == "keep"
 
 
+def test_a_quarantine_or_rejection_does_not_wait_behind_an_allow(
+    running: tuple[Guard, Path, Uevents],
+) -> None:
+    g, _, events = running
+    for device in (ENCLOSURE, FAKE_BRIDGE):
+        plug(events.root, device)
+    # Both announced at once, the allowed enclosure first: the loop judges both, then
+    # removes the fake bridge before it hands the enclosure to its host driver.
+    events.queue += [Event("add", "pci", ENCLOSURE, None), Event("add", "pci", FAKE_BRIDGE, None)]
+    os.write(events.write_end, b"xx")
+    for _ in range(1000):
+        if {ENCLOSURE, FAKE_BRIDGE} <= set(g.decisions):
+            break
+        threading.Event().wait(0.01)
+    order = [json.loads(d)["device"] for d in g.journal.decisions() if json.loads(d)["source"] == "hotplug"]
+    assert order == [FAKE_BRIDGE, ENCLOSURE]
+    assert g.decisions[ENCLOSURE].target == "allow" and g.decisions[FAKE_BRIDGE].target == "reject"
+
+
 def test_a_thunderbolt_device_is_authorised_as_it_arrives(running: tuple[Guard, Path, Uevents]) -> None:
     g, _, events = running
     g.policy = parse_policy('allow thunderbolt vendor-name "Apple*"')

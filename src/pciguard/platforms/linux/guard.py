@@ -50,7 +50,7 @@ from pciguard.platforms.linux.sysfs import (
     read_host,
     thunderbolt_devices,
 )
-from pciguard.policy import PresentPolicy, Target
+from pciguard.policy import Decision, PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
 
 AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
@@ -79,6 +79,16 @@ class GuardDecision:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A hot-plugged device the policy has decided, before the decision is applied."""
+
+    subject: Subject
+    decision: Decision
+    received: float  # when its event reached the guard
+    driver: str | None = None  # its driver when it was read
 
 
 class Guard:
@@ -152,8 +162,13 @@ class Guard:
 
     # -- events ----------------------------------------------------------------------
     def added(self, subsystem: str, name: str, received: float | None = None) -> GuardDecision | None:
-        """A device appeared (a udev ``add``); None for what the guard does not judge."""
-        received = time.monotonic() if received is None else received
+        """A device appeared (a udev ``add``): judged and the decision applied; None for
+        what the guard does not judge."""
+        judged = self.judge_added(subsystem, name, time.monotonic() if received is None else received)
+        return None if judged is None else self.apply(judged)
+
+    def judge_added(self, subsystem: str, name: str, received: float) -> Judged | None:
+        """The policy's decision for a device that appeared, not yet applied."""
         if subsystem == "pci":
             try:
                 arrival = read_arrival(self.fs, Bdf.parse(name))
@@ -172,13 +187,20 @@ class Guard:
                 iommu=self.translating and arrival.translated,
                 interrupt_remapping=self.interrupt_remapping,
             )
-            return self._decide(subject, "hotplug", received, arrival.driver)
+            return Judged(subject, self.policy.judge(subject).decision, received, arrival.driver)
         if subsystem == "thunderbolt":
             device = self._thunderbolt(name)
             if device is None or device.authorized:
                 return None
-            return self._decide(Subject.of_thunderbolt(device), "hotplug", received)
+            subject = Subject.of_thunderbolt(device)
+            return Judged(subject, self.policy.judge(subject).decision, received)
         return None
+
+    def apply(self, judged: Judged) -> GuardDecision:
+        decision = judged.decision
+        return self._apply(
+            judged.subject, decision.target, decision.rule, "hotplug", judged.received, judged.driver
+        )
 
     def removed(self, name: str) -> None:
         """A PCI function left the bus: its decision goes with it, unless the guard
@@ -539,16 +561,23 @@ def serve(
                 drop(peer)
 
     guard.listeners.append(push)
+    # Allows wait until nothing else is pending: handing a device to its host driver
+    # takes that driver's probe (a tenth of a second and more), and a quarantine or a
+    # rejection judged meanwhile should not wait behind it.
+    allows: list[Judged] = []
     try:
         while not should_stop():
-            for key, _ in selector.select(timeout=tick):
+            ready = selector.select(timeout=0 if allows else tick)
+            for key, _ in ready:
                 if key.fileobj is server:
                     _accept(server, selector, peers, group)
                 elif key.data is events:
                     while (event := events.poll(timeout=0)) is not None:
-                        _handle_event(guard, event, time.monotonic())
+                        allows += _handle_event(guard, event, time.monotonic())
                 elif isinstance(key.data, Peer):
                     _serve_peer(guard, key.data, drop)
+            if allows and not ready:
+                _apply_judged(guard, allows.pop(0))
             guard.release_abandoned()
     finally:
         guard.listeners.remove(push)
@@ -559,15 +588,33 @@ def serve(
         path.unlink(missing_ok=True)
 
 
-def _handle_event(guard: Guard, event: Event, received: float) -> None:
+def _handle_event(guard: Guard, event: Event, received: float) -> list[Judged]:
+    """Judge an event's device and apply the decision at once, unless it is an allow:
+    that is returned, to be applied when nothing else is pending."""
     try:
         if is_judged(event):
-            guard.added(event.subsystem or "", event.sys_name, received)
+            judged = guard.judge_added(event.subsystem or "", event.sys_name, received)
+            if judged is not None and judged.decision.target is Target.ALLOW:
+                return [judged]
+            if judged is not None:
+                guard.apply(judged)
         elif event.action == "remove" and event.subsystem == "pci":
             guard.removed(event.sys_name)
     except Exception:  # one device's failure must not stop the guard; vfio-pci still holds it
-        print(f"pciguard guard: judging {event.sys_name} failed:", file=sys.stderr)
-        traceback.print_exc()
+        _report_failure(event.sys_name)
+    return []
+
+
+def _apply_judged(guard: Guard, judged: Judged) -> None:
+    try:
+        guard.apply(judged)
+    except Exception:
+        _report_failure(judged.subject.address)
+
+
+def _report_failure(device: str) -> None:
+    print(f"pciguard guard: judging {device} failed:", file=sys.stderr)
+    traceback.print_exc()
 
 
 def _accept(
