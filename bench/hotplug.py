@@ -99,7 +99,7 @@ def lab() -> None:
             f"   {decision['latency_ms']:.0f} ms ({decision['decide_ms']:.0f} reading and judging,"
             f" {acting:.0f} acting)"
         )
-    print("  (the guard applies one decision at a time: a device plugged with others may wait its turn)")
+    print("  (quarantines and rejections first; an allow waits until nothing else is pending)")
 
 
 def main() -> None:
