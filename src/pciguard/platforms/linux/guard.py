@@ -40,7 +40,7 @@ from pciguard.model.kernel import ThunderboltDevice
 from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
-from pciguard.platforms.linux.platform import QUARANTINE_DRIVERS
+from pciguard.platforms.linux.platform import DRIVERS, GROUPS, QUARANTINE_DRIVERS, VFIO_PCI
 from pciguard.platforms.linux.sysfs import (
     PCI_DEVICES,
     THUNDERBOLT,
@@ -54,8 +54,7 @@ from pciguard.policy import Decision, PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
 
 AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
-VFIO_PCI = "vfio-pci"
-VFIO_DRIVER = f"sys/bus/pci/drivers/{VFIO_PCI}"
+VFIO_DRIVER = f"{DRIVERS}/{VFIO_PCI}"
 CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # any vendor, device and subsystem
 CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
 HOLD = "pciguard-hold"  # a driver_override no driver has: matches nothing
@@ -345,7 +344,7 @@ class Guard:
                 )
             if driver == VFIO_PCI:
                 group = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/iommu_group")
-                kind = self.fs.read_bytes(f"sys/kernel/iommu_groups/{group}/type") if group else None
+                kind = self.fs.read_bytes(f"{GROUPS}/{group}/type") if group else None
                 if kind is None or kind.strip() != b"identity":
                     return "quarantined: vfio-pci claimed it as the kernel found it"
                 # An identity group lets vfio-pci's device reach all RAM: let go of it, and
@@ -374,11 +373,11 @@ class Guard:
         driver whose ID table matches), so that vfio-pci's claim stays in place for
         every other device meanwhile; load the device's module first if none takes it."""
         for attempt in range(2):
-            for name in self.fs.listdir("sys/bus/pci/drivers"):
-                if name in QUARANTINE_DRIVERS or not self.fs.exists(f"sys/bus/pci/drivers/{name}/bind"):
+            for name in self.fs.listdir(DRIVERS):
+                if name in QUARANTINE_DRIVERS or not self.fs.exists(f"{DRIVERS}/{name}/bind"):
                     continue
                 with contextlib.suppress(OSError):  # ENODEV: its ID table does not match
-                    self.fs.write(f"sys/bus/pci/drivers/{name}/bind", str(bdf))
+                    self.fs.write(f"{DRIVERS}/{name}/bind", str(bdf))
                 if (bound := self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver")) is not None:
                     return bound
             modalias = self.fs.read_bytes(f"{PCI_DEVICES}/{bdf}/modalias")
@@ -565,6 +564,7 @@ def serve(
     # takes that driver's probe (a tenth of a second and more), and a quarantine or a
     # rejection judged meanwhile should not wait behind it.
     allows: list[Judged] = []
+    next_look = 0.0  # when to look for devices whose VM process has exited
     try:
         while not should_stop():
             ready = selector.select(timeout=0 if allows else tick)
@@ -578,7 +578,9 @@ def serve(
                     _serve_peer(guard, key.data, drop)
             if allows and not ready:
                 _apply_judged(guard, allows.pop(0))
-            guard.release_abandoned()
+            if time.monotonic() >= next_look:  # not after every event: it scans /proc
+                guard.release_abandoned()
+                next_look = time.monotonic() + tick
     finally:
         guard.listeners.remove(push)
         for peer in list(peers.values()):
