@@ -248,6 +248,8 @@ class _Reader:
     def __init__(self, fs: Fs) -> None:
         self.fs = fs
         self.notes = _Notes()
+        # Functions alike (the VFs of one PF) have the same config space: parsed once.
+        self._configs: dict[bytes, ConfigSpace] = {}
 
     # -- small helpers that turn OSErrors into notes -------------------------------
     def _text(self, rel: str, hides: str = "this value", directory: int | None = None) -> str | None:
@@ -385,7 +387,8 @@ class _Reader:
 
             data = self._bytes(f"{path}/config", "this function's capabilities", directory)
             if data is not None:
-                cfg = raw.config = parse_config(data)
+                cfg = self._configs.get(data) or self._configs.setdefault(data, parse_config(data))
+                raw.config = cfg
                 for message in cfg.problems:
                     self.notes.problem(f"{path}/config", message)
                 if cfg.vendor != 0xFFFF and len(data) >= 0x40:
