@@ -187,11 +187,24 @@ class Toolstack:
                 )
 
     # -- the ledger as one value (for the verifier) --------------------------------
-    def snapshot(self) -> frozenset[tuple[Bdf, tuple[object, ...]]]:
-        return frozenset((bdf, rec.freeze()) for bdf, rec in self.ledger.items())
+    def snapshot(self, only: frozenset[Bdf] | None = None) -> frozenset[tuple[Bdf, tuple[object, ...]]]:
+        """The ledger as one value; with ``only``, the records of those devices alone
+        (the verifier leaves out devices no operation it runs can touch)."""
+        ledger = self.ledger
+        if only is None:
+            return frozenset((bdf, rec.freeze()) for bdf, rec in ledger.items())
+        return frozenset((bdf, ledger[bdf].freeze()) for bdf in only if bdf in ledger)
 
-    def restore(self, frozen: frozenset[tuple[Bdf, tuple[Any, ...]]]) -> None:
-        self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in frozen}
+    def restore(
+        self, frozen: frozenset[tuple[Bdf, tuple[Any, ...]]], only: frozenset[Bdf] | None = None
+    ) -> None:
+        """Back to a ``snapshot`` taken with the same ``only``."""
+        if only is None:
+            self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in frozen}
+        else:
+            for bdf in only:
+                self.ledger.pop(bdf, None)
+            self.ledger.update((bdf, DeviceRecord.thaw(rec)) for bdf, rec in frozen)
         self.notes.clear()
 
     # -- reading ---------------------------------------------------------------

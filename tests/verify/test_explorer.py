@@ -92,6 +92,45 @@ def test_independence_reduces_interleavings_of_disjoint_operations() -> None:
     assert reduced.stats.states < full.stats.states
 
 
+SET_UP_ELSEWHERE = """
+name: set-up-elsewhere
+platform: ../symmetric.yaml
+vms: [{name: vm1}]
+steps: [{op: make-assignable, device: 0000:03:00.0}, {op: assign, device: 0000:03:00.0, vm: vm1}]
+explore: {devices: [0000:01:00.0], operations: [make-assignable, assign, release, destroy, crash],
+          faults: 1, concurrency: 1}
+"""
+
+
+class WholeLedger(Explorer):
+    """Every state holds every device's record."""
+
+    def _tracked(self, replay: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        *(load_scenario(p) for p in LEGACY),
+        load_scenario(VERIFY / "ref-aliases.yaml"),
+        load_scenario(VERIFY / "ref-symmetric.yaml"),
+        parse_scenario(SET_UP_ELSEWHERE, "set-up-elsewhere.yaml", VERIFY),
+    ],
+    ids=lambda s: s.name,
+)
+def test_states_leave_out_only_records_nothing_can_change(scenario: object) -> None:
+    """A device neither explored, nor in a group with one, nor moved by the set-up
+    (0000:03:00.0 above: the teardown of vm1 moves it) keeps its record: leaving it out
+    of the states changes no count and no verdict."""
+    slim, whole = Explorer(scenario).run(), WholeLedger(scenario).run()  # type: ignore[arg-type]
+    assert (slim.verdict, slim.stats.states, slim.stats.transitions) == (
+        whole.verdict,
+        whole.stats.states,
+        whole.stats.transitions,
+    )
+
+
 TINY = """
 name: tiny
 platform: ../symmetric.yaml

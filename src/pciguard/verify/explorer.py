@@ -32,6 +32,7 @@ from typing import Any
 from pciguard.errors import PlatformMisuse, RefusedError
 from pciguard.formats.scenario_file import PARTIAL_OPS, Exploration, Scenario
 from pciguard.model import Bdf
+from pciguard.model.ownership import State as DeviceState
 from pciguard.platforms.base import DomainState
 from pciguard.policy import Decision
 from pciguard.simulate import Replay, build
@@ -125,9 +126,10 @@ class Explorer:
         replay = Replay(self.platform, self.toolstack)
         for step in scenario.steps:  # the set-up the exploration starts from
             replay.apply(step)
+        self.tracked = self._tracked(replay)
         self.initial: State = (
             self.platform.snapshot(),
-            self.toolstack.snapshot(),
+            self.toolstack.snapshot(self.tracked),
             frozenset(replay.in_flight.values()),
             self.explore.faults,
         )
@@ -135,21 +137,41 @@ class Explorer:
         self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
         self.symmetry = Symmetry(scenario, self.explore.devices) if symmetry else None
         self._interned: dict[Any, Any] = {}
+        self._checked: dict[tuple[Any, Any], list[Violation]] = {}
+        self._startable: dict[tuple[Any, Any], list[tuple[str, Bdf | None, str | None, Plan]]] = {}
         self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
 
     # -- state handling ---------------------------------------------------------
+    def _tracked(self, replay: Replay) -> frozenset[Bdf] | None:
+        """The devices whose ledger records a state holds (None: every device).
+
+        An operation moves the records of the devices it names and of their group
+        mates (whole groups, shared requester IDs); a teardown those its VM holds. The
+        exploration names the devices it explores; the set-up may have given a VM others
+        or left operations in flight. No other record can change, so no state needs it.
+        """
+        ledger = self.toolstack.ledger
+        named = {
+            *self.explore.devices,
+            *(b for b, rec in ledger.items() if rec.state is not DeviceState.HOST or rec.vm is not None),
+            *(d for cursor in replay.in_flight.values() for d in cursor.plan.devices),
+        }
+        host = self.scenario.host
+        return frozenset(m for d in named if d in host.topology for m in host.group_of(d).members)
+
     def load(self, state: State) -> None:
         if self._loaded is state:
             return  # still exactly as loaded: nothing has run since
         self.platform.restore(state[0])
-        self.toolstack.restore(state[1])
+        self.toolstack.restore(state[1], self.tracked)
         self._loaded = state
 
     def capture(self, cursors: Iterable[Cursor], faults: int) -> State:
         intern = self._interned.setdefault
         sim = tuple(intern(part, part) for part in self.platform.snapshot())
-        return (sim, intern(ledger := self.toolstack.snapshot(), ledger), frozenset(cursors), faults)
+        ledger = self.toolstack.snapshot(self.tracked)
+        return (sim, intern(ledger, ledger), frozenset(cursors), faults)
 
     # -- transitions -----------------------------------------------------------
     def actions(self, state: State) -> list[Action]:
@@ -160,16 +182,11 @@ class Explorer:
         room = len(cursors) < self.explore.concurrency
         busy = [self._footprint(c.plan) for c in cursors]
         if room:
-            for op in BEGIN_OPS:
-                if op not in ops:
-                    continue
-                for device, vm in self._arguments(op):
-                    try:
-                        plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
-                    except (RefusedError, PlatformMisuse, KeyError):
-                        continue
-                    if self._may_start(plan, busy):
-                        out.append(Action("begin", op, device, vm))
+            out += [
+                Action("begin", op, device, vm)
+                for op, device, vm, plan in self._startable_plans(state)
+                if self._may_start(plan, busy)
+            ]
         for cursor in self._advancable(cursors):
             key = key_of(cursor)
             out.append(Action("advance", key=key))
@@ -188,6 +205,25 @@ class Explorer:
                 and self._may_start(Plan("hotplug", (d,), None, (), None), busy)
             ]
         return out
+
+    def _startable_plans(self, state: State) -> list[tuple[str, Bdf | None, str | None, Plan]]:
+        """The operations the toolstack would start in the loaded ``state``, with their
+        plans. Planning reads only the platform and the ledger: each pair is planned once."""
+        key = (state[0], state[1])
+        found = self._startable.get(key)
+        if found is None:
+            found = []
+            for op in BEGIN_OPS:
+                if op not in self.explore.operations:
+                    continue
+                for device, vm in self._arguments(op):
+                    try:
+                        plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
+                    except (RefusedError, PlatformMisuse, KeyError):
+                        continue
+                    found.append((op, device, vm, plan))
+            self._startable[key] = found
+        return found
 
     def _parent_present(self, device: Bdf) -> bool:
         parent = self.scenario.host.topology[device].parent
@@ -284,16 +320,16 @@ class Explorer:
             state, fingerprint, depth = frontier.popleft()
             self.load(state)
             for action in self.actions(state):
-                successor, broken = self.apply(state, action)
+                raw, broken = self.apply(state, action)
                 stats.transitions += 1
-                successor, renaming = self._canonical(successor)
+                successor, renaming = self._canonical(raw)
                 print_ = hash(successor)
                 if print_ in parents:
                     continue
                 parents[print_] = (fingerprint, action, renaming)
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
-                broken += check_all(self.toolstack, self.platform) if not broken else []
+                broken += self._check(raw) if not broken else []
                 if broken:
                     trace = self._trace(parents, print_)
                     return self._done("violation", stats, started, Counterexample(trace, broken))
@@ -333,6 +369,16 @@ class Explorer:
         stats.seconds = time.perf_counter() - started
         stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return Result(verdict, stats, counterexample, reason)
+
+    def _check(self, state: State) -> list[Violation]:
+        """The invariants over the loaded ``state``. They read only the platform and the
+        ledger, which many states share (differing in operations in flight or faults
+        left): each pair is checked once."""
+        key = (state[0], state[1])
+        found = self._checked.get(key)
+        if found is None:
+            found = self._checked[key] = check_all(self.toolstack, self.platform)
+        return list(found)
 
     def _canonical(self, state: State) -> tuple[State, Renaming]:
         if self.symmetry is None:
