@@ -493,24 +493,24 @@ class Symmetry:
         for devices in self.device_classes:
             by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming))
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
+        sim, ledger, cursors, faults = state
         if not renaming:
             return state, {}
-        sim, ledger, cursors, faults = state
-        renamed = (
-            tuple(self._renamed(part, renaming) for part in sim),
-            frozenset(self._renamed(entry, renaming) for entry in ledger),
-            frozenset(self._renamed(c, renaming) for c in cursors),
-            faults,
-        )
-        return renamed, renaming
-
-    def _renamed(self, value: Any, renaming: Renaming) -> Any:
-        """``rename``, remembered: the same parts recur in state after state."""
+        # ``rename``, remembered: the same parts recur in state after state.
         memo = self._memo.setdefault(frozenset(renaming.items()), {})
-        found = memo.get(value)
-        if found is None:
-            found = memo[value] = rename(value, renaming)
-        return found
+
+        def renamed(value: Any) -> Any:
+            found = memo.get(value)
+            if found is None:
+                found = memo[value] = rename(value, renaming)
+            return found
+
+        return (
+            tuple(renamed(part) for part in sim),
+            frozenset(renamed(entry) for entry in ledger),
+            frozenset(renamed(c) for c in cursors),
+            faults,
+        ), renaming
 
     def _device_signature(self, state: State, d: Bdf, names: Renaming) -> str:
         """Everything about ``d`` in ``state``, with device names erased ("self" for
