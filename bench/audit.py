@@ -3,8 +3,8 @@
 functions (SR-IOV virtual functions behind switches), side by side with
 `lspci -vvv` reading the same tree. Target: pciguard takes no longer than lspci.
 
-Both run as separate processes (start-up included), once to warm the page cache and
-then several times; the medians of wall, user and kernel time are reported.
+Each runs as its own process (start-up included), once to warm the page cache and
+then several times, taking turns; the medians of wall, user and kernel time are reported.
 Usage: python3 bench/audit.py [--functions N] [--runs N]
 """
 
@@ -98,25 +98,31 @@ class Timing:
     system: float  # median CPU seconds in the kernel on its behalf
 
 
-def timed(command: list[str], runs: int) -> Timing:
-    """Median over ``runs`` after one warm-up run (so both read a tree in the page cache)."""
-    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-    walls, users, systems = [], [], []
-    for _ in range(runs):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
+def timed(commands: dict[str, list[str]], runs: int) -> dict[str, Timing]:
+    """Medians over ``runs`` rounds after one warm-up round (so every command reads a
+    tree in the page cache). Each round runs every command once, in turn, so that a
+    slow spell of the machine falls on all of them alike."""
+    for command in commands.values():
         subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        walls.append(time.perf_counter() - start)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        users.append(after.ru_utime - before.ru_utime)
-        systems.append(after.ru_stime - before.ru_stime)
-    return Timing(statistics.median(walls), statistics.median(users), statistics.median(systems))
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in commands}
+    for _ in range(runs):
+        for name, command in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            samples[name].append((wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime))
+    return {
+        name: Timing(*(statistics.median(column) for column in zip(*rows, strict=True)))
+        for name, rows in samples.items()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--functions", type=int, default=10_000)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     lspci = shutil.which("lspci")
     if lspci is None:
@@ -127,13 +133,14 @@ def main() -> None:
         render(host, Path(tmp))
         built = time.perf_counter() - start
         pciguard = [sys.executable, "-m", "pciguard.cli.main", "audit", "--root", tmp]
-        runs = {
-            "pciguard audit --json": timed([*pciguard, "--json"], args.runs),
-            "pciguard audit (table)": timed(pciguard, args.runs),
-            "lspci -vvv": timed(
-                [lspci, "-vvv", "-A", "linux-sysfs", "-O", f"sysfs.path={tmp}/sys/bus/pci"], args.runs
-            ),
-        }
+        runs = timed(
+            {
+                "pciguard audit --json": [*pciguard, "--json"],
+                "pciguard audit (table)": pciguard,
+                "lspci -vvv": [lspci, "-vvv", "-A", "linux-sysfs", "-O", f"sysfs.path={tmp}/sys/bus/pci"],
+            },
+            args.runs,
+        )
     print(f"synthetic tree: {len(host.topology):,} PCI functions, {len(host.groups):,} IOMMU groups")
     print(f"  (tree written in {built:.1f} s; median of {args.runs} warm runs, start-up included)")
     print(f"  {'':24} {'wall':>7} {'user':>7} {'kernel':>7}")

@@ -534,12 +534,17 @@ class Symmetry:
         )
         return repr((local, record, flights))
 
-    def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> str:
-        """Everything that points at ``vm``, with VM names erased."""
+    def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> tuple[str, str, str]:
+        """Everything that points at ``vm``, with VM names erased. Each part is remembered
+        by the state parts it comes from: they recur in state after state."""
         sim, ledger, cursors, _ = state
-        domain = [e[1:] for e in sim[0] if e[0] == vm]
-        memo_key = (sim[3], sim[4], sim[5], sim[6], ledger, vm)  # parts are interned: cheap keys
-        pointers = self._vm_memo.get(memo_key)
+        memo = self._vm_memo
+        key: tuple[Any, ...] = (sim[0], vm)
+        domain = memo.get(key)
+        if domain is None:
+            domain = memo[key] = repr([e[1:] for e in sim[0] if e[0] == vm])
+        key = (sim[3], sim[4], sim[5], sim[6], ledger, vm)  # parts are interned: cheap keys
+        pointers = memo.get(key)
         if pointers is None:
             # context, stale IOTLB, interrupt and exposure entries: (BDF, domain or domains)
             entries = sorted(
@@ -549,13 +554,18 @@ class Symmetry:
                 if e[1] == vm or (isinstance(e[1], tuple) and vm in e[1])
             )
             records = sorted(repr((b, rename(rec, placeholder))) for b, rec in ledger if vm in rec[:6])
-            pointers = self._vm_memo[memo_key] = repr((entries, records))
-        flights = sorted(
-            repr((c.plan.operation, c.plan.devices, c.phase.value, c.index))
-            for c in cursors
-            if c.plan.vm == vm
-        )
-        return repr((domain, pointers, flights))
+            pointers = memo[key] = repr((entries, records))
+        key = (cursors, vm)
+        flights = memo.get(key)
+        if flights is None:
+            flights = memo[key] = repr(
+                sorted(
+                    repr((c.plan.operation, c.plan.devices, c.phase.value, c.index))
+                    for c in cursors
+                    if c.plan.vm == vm
+                )
+            )
+        return (domain, pointers, flights)
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
