@@ -173,6 +173,27 @@ def test_an_unreadable_dmar_table_is_a_limitation_not_a_crash(tree: Callable[...
     assert "sys/firmware/acpi/tables/DMAR" in data
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_an_unreadable_device_folder_keeps_the_device_and_its_group_unassignable(
+    tree: Callable[..., Path],
+) -> None:
+    root = tree("workstation")
+    for path in (root, *root.parents):
+        if str(path).startswith("/tmp/"):
+            os.chmod(path, 0o755)
+    gpu = next((root / "sys/devices").glob("pci*/*/0000:01:00.0"))
+    gpu.chmod(0)
+
+    def audit() -> str:
+        reading = read_host(str(root))
+        group = next(g for g in audit_reading(reading).groups if "0000:01:00.0" in [m.bdf for m in g.members])
+        return f"{[u.path for u in reading.facts.unreadable]} | {group.verdict.value} | {len(group.members)}"
+
+    unreadable, verdict, members = as_nobody(audit).split(" | ")
+    assert str(gpu.relative_to(root)) in unreadable
+    assert (verdict, members) == ("not-assignable", "2")  # the GPU and its audio function, as the kernel says
+
+
 # -- malformed trees --------------------------------------------------------------------
 
 ROOT_PORT = "sys/devices/pci0000:00/0000:00:01.0"

@@ -376,10 +376,16 @@ class _Reader:
         cannot tell (virtual functions read all ones there) or the host alone knows.
         None when its directory is missing."""
         fs = self.fs
-        directory = fs.open_dir(path)
+        raw = _Raw(bdf, path)
+        try:
+            directory = fs.open_dir(path)
+        except OSError as exc:
+            # Kept with nothing known (no config space, no reset method, no driver):
+            # left out, its IOMMU group would look smaller than it is.
+            self.notes.cannot_read(path, exc, "this function's config space, driver and reset methods")
+            return raw
         if directory is None:
             return None
-        raw = _Raw(bdf, path)
         try:
 
             def text(name: str) -> str | None:
