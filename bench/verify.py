@@ -4,8 +4,10 @@ time to verdict on the reference suite (every reduction on), the symmetry reduct
 on the symmetric scenario, and time to catch each legacy flaw.
 
 Each run is its own `pciguard verify --json` process, so peak memory is its own.
-Usage: python3 bench/verify.py [--quick] [--large]
-  --quick skips the per-reduction comparison; --large adds examples/verify/large/.
+Usage: python3 bench/verify.py [--quick] [--large] [--breakdown]
+  --quick skips the per-reduction comparison; --large adds examples/verify/large/;
+  --breakdown also shows where a transition's time goes (the workstation scenario
+  under cProfile, which slows every call alike).
 """
 
 from __future__ import annotations
@@ -100,6 +102,43 @@ def main() -> None:
     print(header)
     for path in sorted((VERIFY / "legacy").glob("*.yaml")):
         print(row(path.stem, verify(path)))
+
+    if "--breakdown" in sys.argv:
+        breakdown(VERIFY / "ref-workstation.yaml")
+
+
+# What a transition is made of, by the explorer's and toolstack's own functions.
+PARTS = {
+    "restore a state (platform and ledger)": "load",
+    "the toolstack's step (advance or begin)": ("advance", "begin"),
+    "snapshot the result": "capture",
+    "symmetry: canonical renaming": "_canonical",
+    "invariants (once per platform and ledger)": "_check",
+    "what may happen next": "actions",
+}
+
+
+def breakdown(path: Path) -> None:
+    import cProfile
+    import pstats
+
+    from pciguard.formats.scenario_file import load_scenario
+    from pciguard.verify.explorer import Explorer
+
+    explorer = Explorer(load_scenario(path))
+    profile = cProfile.Profile()
+    result = profile.runcall(explorer.run)
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    total = sum(t for (_, _, name), (_, _, _, t, _) in stats.items() if name == "run")
+    print(f"\nWhere the time goes ({path.stem}, {result.stats.transitions:,} transitions, under cProfile):")
+    for label, names in PARTS.items():
+        wanted = (names,) if isinstance(names, str) else names
+        spent = sum(
+            cumulative
+            for (filename, _, name), (_, _, _, cumulative, _) in stats.items()
+            if name in wanted and ("explorer" in filename or "toolstack" in filename)
+        )
+        print(f"  {label:<44} {spent / total:6.1%}")
 
 
 if __name__ == "__main__":
