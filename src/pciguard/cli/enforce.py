@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.text import Text
@@ -16,8 +17,10 @@ from pciguard.cli.common import Exit, err, input_errors, out
 from pciguard.errors import InputError, RefusedError, StepFailed
 from pciguard.formats.vmconfig import libvirt_hostdev, xl_pci
 from pciguard.model import Bdf
-from pciguard.platforms.linux.enforce import Enforcer, Result
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
+
+if TYPE_CHECKING:  # imported when a command runs: every pciguard start would pay for it
+    from pciguard.platforms.linux.enforce import Enforcer, Result
 
 ROOT = typer.Option(Path("/"), "--root", help="Act on the sysfs tree under this directory.")
 STATE_DIR = typer.Option(
@@ -36,6 +39,12 @@ def refusals() -> Iterator[None]:
         label = "refused: " if isinstance(exc, RefusedError) else "failed: "
         err.print(Text.assemble((label, "bold red"), str(exc)))
         raise typer.Exit(Exit.REFUSED) from None
+
+
+def _enforcer(root: Path, state_dir: Path) -> Enforcer:
+    from pciguard.platforms.linux.enforce import Enforcer
+
+    return Enforcer(str(root), state_dir)
 
 
 def _device(text: str) -> Bdf:
@@ -96,7 +105,7 @@ def quarantine(
     """Make a device assignable: release it, and every group sibling that must go with
     it, from host drivers and bind them to vfio-pci (their DMA is then blocked)."""
     with refusals():
-        _show(Enforcer(str(root), state_dir).quarantine(_device(device), dry_run, console_gpu))
+        _show(_enforcer(root, state_dir).quarantine(_device(device), dry_run, console_gpu))
 
 
 def unquarantine(
@@ -108,7 +117,7 @@ def unquarantine(
     """Give a quarantined device back to the host: reset it, then rebind the host driver
     it had before quarantine."""
     with refusals():
-        _show(Enforcer(str(root), state_dir).unquarantine(_device(device), dry_run))
+        _show(_enforcer(root, state_dir).unquarantine(_device(device), dry_run))
 
 
 def assign(
@@ -123,7 +132,7 @@ def assign(
     remapping, reset, identity domain): its VFIO group node becomes that user's, and
     the process attaches the group to its own IOMMU domain when it opens it."""
     with refusals():
-        _show(Enforcer(str(root), state_dir).assign(_device(device), to, _uid(user), dry_run))
+        _show(_enforcer(root, state_dir).assign(_device(device), to, _uid(user), dry_run))
 
 
 def release(
@@ -132,14 +141,14 @@ def release(
     """Take a device back from its VM into quarantine (never to a host driver), once the
     VM's process no longer holds its group open."""
     with refusals():
-        _show(Enforcer(str(root), state_dir).release(_device(device), dry_run))
+        _show(_enforcer(root, state_dir).release(_device(device), dry_run))
 
 
 def recover(root: Path = ROOT, state_dir: Path = STATE_DIR) -> None:
     """Bring the devices of any operation a killed pciguard left half-done back to
     quarantine (every quarantine and unquarantine does this first, too)."""
     with refusals():
-        notes = Enforcer(str(root), state_dir).recover_interrupted()
+        notes = _enforcer(root, state_dir).recover_interrupted()
     for note in notes:
         out.print(Text.assemble(("recovered ", "yellow"), note))
     if not notes:
