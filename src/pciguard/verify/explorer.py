@@ -154,7 +154,7 @@ class Explorer:
         ledger = self.toolstack.ledger
         named = {
             *self.explore.devices,
-            *(b for b, rec in ledger.items() if rec.state is not DeviceState.HOST or rec.vm is not None),
+            *(b for b, rec in ledger.items() if rec.state is not DeviceState.HOST),  # moved or given a VM
             *(d for cursor in replay.in_flight.values() for d in cursor.plan.devices),
         }
         host = self.scenario.host
