@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pciguard.legacy import Flaw
-from pciguard.model import Arch, Bdf, Feature, Host
+from pciguard.model import Arch, Bdf, DomainType, Feature, Host
 from pciguard.model.ownership import State
 
 
@@ -55,6 +55,8 @@ HOST_CRITICAL = "host-critical"
 GROUP_SIBLING = "group-sibling"
 SRIOV_PF = "sriov-pf"
 IDENTITY_DOMAIN = "identity-domain"
+UNKNOWN_DOMAIN = "unknown-domain"
+CONTRADICTED_GROUP = "contradicted-group"
 
 
 def iommu_reason(host: Host, bdf: Bdf) -> Reason | None:
@@ -68,6 +70,18 @@ def iommu_reason(host: Host, bdf: Bdf) -> Reason | None:
             "enable it (intel_iommu=on / amd_iommu=on, or the firmware setting)",
         )
     group = host.group_or_none(bdf)
+    if group is not None and group.doubt is not None:
+        return Reason(
+            CONTRADICTED_GROUP,
+            f"the kernel's sources disagree about {group} of {bdf} ({group.doubt}): "
+            "its true members are unknown, so it counts as not isolated",
+        )
+    if group is not None and group.domain is DomainType.UNKNOWN:
+        return Reason(
+            UNKNOWN_DOMAIN,
+            f"the default domain type of {group} of {bdf} could not be read: pciguard cannot "
+            "tell whether its DMA is translated, so it counts as not isolated",
+        )
     if group is not None and group.domain is not None and not group.domain.translates:
         remedy = (
             "`pciguard quarantine` switches this single-device group to DMA first"

@@ -61,9 +61,8 @@ def _tarball(path: Path, name: str, data: bytes = b"x", link: str | None = None)
     ("make", "message"),
     [
         (lambda p: p.write_text("not a tarball"), "not a readable snapshot"),
-        (lambda p: _tarball(p, "etc/shadow"), "not under sys/ or proc/"),
-        (lambda p: _tarball(p, "sys/../../evil"), "outside the destination"),
-        (lambda p: _tarball(p, "sys/escape", link="/etc/passwd"), "link to an absolute path"),
+        (lambda p: _tarball(p, "etc/shadow"), "not a plain path under sys/ or proc/"),
+        (lambda p: _tarball(p, "sys/../../evil"), "not a plain path under sys/ or proc/"),
     ],
 )
 def test_bad_snapshots_are_refused_by_name(

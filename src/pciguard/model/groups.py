@@ -32,7 +32,8 @@ class DomainType(StrEnum):
 
     @property
     def translates(self) -> bool:
-        return self is not DomainType.IDENTITY
+        """Whether the domain stops DMA that nothing was mapped for. Unknown does not."""
+        return self not in (DomainType.IDENTITY, DomainType.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class IommuGroup:
     number: int
     members: tuple[Bdf, ...]
     domain: DomainType | None = None  # None: not reported (simulated hosts translate)
+    # What the kernel's sources contradict each other about (the group is not assignable).
+    doubt: str | None = None
 
     def __contains__(self, bdf: object) -> bool:
         return bdf in self.members

@@ -96,7 +96,9 @@ class Host:
         if unit is None or unit.dma_remapping is not Feature.ENABLED:
             return False
         group = self.group_or_none(bdf)
-        return group is None or group.domain is None or group.domain.translates
+        if group is None:
+            return True
+        return group.doubt is None and (group.domain is None or group.domain.translates)
 
     def msi_isolated(self, bdf: Bdf) -> bool:
         """An MSI from ``bdf`` can reach only the vectors set up for it."""

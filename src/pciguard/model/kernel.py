@@ -12,6 +12,25 @@ from dataclasses import dataclass, field
 from pciguard.model.pci import Bdf
 
 
+def printable(text: str) -> str:
+    """``text`` as it can safely be shown or written to JSON: control characters, and
+    bytes that were not UTF-8 (kept by the file system as surrogates), as escapes."""
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's escape for a byte that is not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """Something the audit could not read, and what that hides from the report."""
@@ -20,6 +39,9 @@ class Unreadable:
     why: str
     hides: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", printable(self.path))
+
 
 @dataclass(frozen=True)
 class InputProblem:
@@ -27,6 +49,10 @@ class InputProblem:
 
     path: str
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", printable(self.path))
+        object.__setattr__(self, "message", printable(self.message))
 
 
 @dataclass(frozen=True)

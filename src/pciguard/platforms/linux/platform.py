@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pciguard.errors import PlatformMisuse, StepFailed
-from pciguard.model import Bdf, Host
+from pciguard.model import Bdf, DomainType, Host
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
 from pciguard.platforms.linux.sysfs import Fs
 
@@ -40,6 +40,7 @@ QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 DEVICES = "sys/bus/pci/devices"
 DRIVERS = "sys/bus/pci/drivers"
 GROUPS = "sys/kernel/iommu_groups"
+TRANSLATING = frozenset(t.value for t in DomainType if t.translates)
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,11 @@ class LinuxPlatform:
     def group_type(self, device: Bdf) -> str | None:
         """The type of the device's group's default domain, as the kernel says now."""
         group = self._group(device)
-        data = self.fs.read_bytes(f"{GROUPS}/{group}/type") if group else None
-        return data.decode().strip() if data else None
+        try:
+            data = self.fs.read_bytes(f"{GROUPS}/{group}/type") if group else None
+        except OSError:
+            return None
+        return data.decode("utf-8", "replace").strip() if data else None
 
     def _make_translating(self, device: Bdf) -> None:
         """A group of type ``identity`` does not translate, so vfio-pci alone would not
@@ -225,8 +229,15 @@ class LinuxPlatform:
         group of one device that no driver holds). ``group_types`` remembers the type to
         restore when the device goes back to the host."""
         group, kind = self._group(device), self.group_type(device)
-        if kind != "identity":
+        if kind in TRANSLATING:
             return
+        if kind != DomainType.IDENTITY:  # unreadable or unknown: fail closed
+            where = f"/{GROUPS}/{group}/type" if group else f"the iommu_group link of {device}"
+            raise StepFailed(
+                "attach",
+                f"cannot tell whether {device}'s DMA is translated ({where} says {kind or 'nothing'}); "
+                "vfio-pci would not be known to block it",
+            )
         if len(self.fs.listdir(f"{GROUPS}/{group}/devices")) != 1:
             raise StepFailed(
                 "attach",

@@ -8,19 +8,19 @@ table only what the audit uses is kept.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
 import tarfile
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pciguard.errors import InputError
+from pciguard.model.kernel import printable
 from pciguard.platforms.linux.config import EXT_DSN, parse_config
-from pciguard.platforms.linux.sysfs import IOMMU_SWITCHES, Fs, Reading, read_host
+from pciguard.platforms.linux.sysfs import IOMMU_SWITCHES, Fs, Reading, Tree, largest_file, read_host
 
 SNAPSHOT_HOSTNAME = b"snapshot\n"
 
@@ -90,32 +90,146 @@ def take_snapshot(root: str, out: Path) -> SnapshotSummary:
     return SnapshotSummary(out, files, links, len(reading.host.topology), scrubbed)
 
 
-_MEMBER = re.compile(r"^(sys|proc)/")
+# What a snapshot may hold. A real host of 10,000 functions packs into some 200,000
+# members and 60 MB; anything larger is refused before it is unpacked.
+MAX_MEMBERS = 500_000
+MAX_CONTENT = 256 << 20  # the files' bytes, added up
+MAX_STREAM = 1 << 30  # the uncompressed tar stream, headers included
+_MEMBER = re.compile(r"^(sys|proc)(/[^/\x00]+)*$")
 
 
-@contextmanager
-def unpacked(snapshot: Path) -> Iterator[str]:
-    """The snapshot unpacked into a temporary root (removed afterwards)."""
-    with tempfile.TemporaryDirectory(prefix="pciguard-snapshot-") as root:
-        try:
-            with tarfile.open(snapshot, "r:*") as tar:
-                members = tar.getmembers()
-                for member in members:
-                    if not _MEMBER.match(member.name):
-                        raise InputError(
-                            str(snapshot),
-                            f"member '{member.name}' is not under sys/ or proc/: not a pciguard snapshot",
+class SnapshotFs(Tree):
+    """A snapshot held in memory: nothing is written to disk, so no member can land
+    outside a folder, and links are resolved as in any other tree, inside it."""
+
+    def __init__(self, entries: dict[str, tuple[str, bytes | str | None]]) -> None:
+        super().__init__()
+        self.entries = entries
+        self.children: dict[str, set[str]] = {}
+        for rel in list(entries):
+            parent, _, name = rel.rpartition("/")
+            while True:  # every folder on the way exists, as tar's own unpacking makes them
+                self.children.setdefault(parent, set()).add(name)
+                if not parent or parent in entries:
+                    break
+                entries[parent] = ("dir", None)
+                parent, _, name = parent.rpartition("/")
+
+    def _kind(self, real: str) -> str | None:
+        if not real:
+            return "dir"
+        entry = self.entries.get(real)
+        return None if entry is None else entry[0]
+
+    def _target(self, real: str) -> str:
+        target = self.entries[real][1]
+        assert isinstance(target, str)
+        return target
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        path = self.real(rel)
+        if path is None:
+            return None
+        kind, content = self.entries.get(path, ("dir", None))
+        return content if kind == "file" and isinstance(content, bytes) else None
+
+    def listdir(self, rel: str) -> list[str]:
+        path = self.real(rel)
+        if path is None or self._kind(path) != "dir":
+            return []
+        return sorted(self.children.get(path, ()))
+
+
+class _Bounded(io.RawIOBase):
+    """A stream that refuses to give more than ``limit`` bytes (a decompression bomb
+    stops here, whatever tarfile asks for)."""
+
+    def __init__(self, inner: io.BufferedIOBase | gzip.GzipFile, limit: int, source: str) -> None:
+        self.inner, self.left, self.source = inner, limit, source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self.inner.read(min(len(buffer), self.left + 1))
+        if len(data) > self.left:
+            raise InputError(
+                self.source, f"unpacks to more than {MAX_STREAM >> 20} MiB: not a pciguard snapshot"
+            )
+        self.left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def load_snapshot(snapshot: Path) -> SnapshotFs:
+    """The snapshot's members, checked one by one: regular files, folders and symbolic
+    links under sys/ and proc/, each no larger than the kernel would make it; anything
+    else (hard links, devices, FIFOs, sparse files, names with ``..``) is refused."""
+    source = str(snapshot)
+    entries: dict[str, tuple[str, bytes | str | None]] = {}
+    content = 0
+    try:
+        with open(snapshot, "rb") as raw:
+            head = raw.read(2)
+            raw.seek(0)
+            inner: io.BufferedIOBase | gzip.GzipFile = (
+                gzip.GzipFile(fileobj=raw) if head == b"\x1f\x8b" else raw
+            )
+            stream = io.BufferedReader(_Bounded(inner, MAX_STREAM, source), 1 << 16)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    name = member.name.rstrip("/")
+                    where = f"member '{printable(name)[:200]}'"
+                    if len(entries) >= MAX_MEMBERS:
+                        raise InputError(source, f"more than {MAX_MEMBERS} members: not a pciguard snapshot")
+                    if not _MEMBER.match(name) or any(p in (".", "..") for p in name.split("/")):
+                        raise InputError(source, f"{where} is not a plain path under sys/ or proc/: refused")
+                    if name in entries and entries[name][0] != "dir":
+                        raise InputError(source, f"{where} appears twice: refused")
+                    if member.isdir():
+                        entries[name] = ("dir", None)
+                    elif member.issym():
+                        if "\x00" in member.linkname or len(member.linkname) > 4096:
+                            raise InputError(source, f"{where}: a malformed link target: refused")
+                        entries[name] = ("link", member.linkname)
+                    elif member.isreg() and not member.sparse:
+                        limit = largest_file(name)
+                        if member.size > limit:
+                            raise InputError(
+                                source,
+                                f"{where} holds {member.size} bytes; the kernel never writes more than "
+                                f"{limit} there: refused",
+                            )
+                        content += member.size
+                        if content > MAX_CONTENT:
+                            raise InputError(source, f"more than {MAX_CONTENT >> 20} MiB of files: refused")
+                        data = tar.extractfile(member)
+                        entries[name] = ("file", data.read() if data is not None else b"")
+                    else:
+                        kind = (
+                            "a hard link"
+                            if member.islnk()
+                            else "a sparse file"
+                            if member.sparse
+                            else ("a device, FIFO or other special file")
                         )
-                tar.extractall(root, members=members, filter="data")
-        except FileNotFoundError:
-            raise InputError(str(snapshot), "no such file") from None
-        except tarfile.TarError as exc:
-            raise InputError(str(snapshot), f"not a readable snapshot (.tar.gz): {exc}") from None
-        except OSError as exc:
-            raise InputError(str(snapshot), f"cannot unpack: {exc.strerror or exc}") from None
-        yield root
+                        raise InputError(
+                            source, f"{where} is {kind}; a snapshot holds only files, folders and links"
+                        )
+    except FileNotFoundError:
+        raise InputError(source, "no such file") from None
+    except IsADirectoryError:
+        raise InputError(source, "is a folder, not a snapshot file") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise InputError(
+            source, f"not a readable snapshot (.tar.gz), or cut short: {exc or type(exc).__name__}"
+        ) from None
+    except OSError as exc:
+        raise InputError(source, f"cannot read: {exc.strerror or exc}") from None
+    if not entries:
+        raise InputError(source, "holds nothing: not a pciguard snapshot")
+    return SnapshotFs(entries)
 
 
 def read_snapshot(snapshot: Path) -> Reading:
-    with unpacked(snapshot) as root:
-        return read_host(root)
+    return read_host(fs=load_snapshot(snapshot))

@@ -9,8 +9,10 @@ malformed ones ``InputProblem`` entries naming the path.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -75,6 +77,7 @@ IR_CHIP = re.compile(r"\bIR-[A-Z]|\b(?:INTEL|AMD)-IR\b|\bAMD-IR-")
 PLAIN_CHIP = re.compile(r"\b(?:IO-APIC|PCI-MSI|PCI-MSIX)")
 CONSOLE_GPU = "the console GPU (boot_vga)"
 _BDF_NAME = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_GROUP_NAME = re.compile(r"^[0-9]{1,9}$")
 _ROOT_BUS_NAME = re.compile(r"^pci[0-9a-f]{4,5}:[0-9a-f]{2}$")
 HIDES_CONFIG = (
     "PCIe port types, ACS, FLR, phantom functions and SR-IOV: pciguard's own group "
@@ -86,87 +89,84 @@ HIDES_DMAR = (
 )
 
 
-class Fs:
-    """File access under a root, never following a link out of it, optionally recorded
-    so that ``pciguard snapshot`` can pack exactly what an audit read."""
+class NotSafeToRead(OSError):
+    """A file the reader refuses: not a regular file, larger than the kernel ever makes
+    it, or a path whose links go round in circles. ``strerror`` says which."""
 
-    def __init__(self, root: str, record: bool = False) -> None:
-        self.root = os.path.abspath(root).rstrip(os.sep)  # "" for /
-        # rel path -> ("file", bytes) | ("link", target) | ("dir", None), when recording
-        self.recorded: dict[str, tuple[str, bytes | str | None]] | None = {} if record else None
 
-    def _note(self, rel: str, kind: str, content: bytes | str | None = None) -> None:
-        if self.recorded is not None:
-            self.recorded.setdefault(rel, (kind, content))
+# The most the kernel ever puts in a file pciguard reads. sysfs text attributes are a
+# page (64 KiB pages on some arm64 kernels); config space is 4 KiB; ACPI tables and
+# /proc files of very large machines are bigger.
+_LARGEST = {"config": 4096}
+_LARGEST_UNDER = (("sys/firmware/acpi/tables/", 1 << 20), ("proc/", 16 << 20))
+LARGEST_ATTRIBUTE = 64 << 10
+_MAX_LINK_HOPS = 40  # as the kernel's own path walk (ELOOP)
 
-    def abs(self, rel: str) -> str:
-        return f"{self.root}/{rel}"  # plain concatenation: audits read ~10 files a function
 
-    def read_bytes(self, rel: str) -> bytes | None:
-        """None when missing; PermissionError and other OSErrors propagate."""
-        return self._read(f"{self.root}/{rel}", None, rel)
+def largest_file(rel: str) -> int:
+    """The most bytes the kernel would ever put in the file ``rel``."""
+    if (limit := _LARGEST.get(rel.rpartition("/")[2])) is not None:
+        return limit
+    return next((size for prefix, size in _LARGEST_UNDER if rel.startswith(prefix)), LARGEST_ATTRIBUTE)
 
-    # Reading inside one directory through its descriptor spares the kernel a path walk
-    # per attribute: the audit reads some 60,000 of them on a host of 10,000 functions.
-    def open_dir(self, rel: str) -> int | None:
-        try:
-            return os.open(f"{self.root}/{rel}", os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
+
+class Tree:
+    """Paths under a root, resolved as if the root were ``/``: a link may point anywhere,
+    but ``..`` and absolute targets stop at the root, so nothing outside is ever read.
+    Subclasses say what one name is (``_kind``) and where a link points (``_target``).
+    ``Directory`` handles are opaque: ``open_dir`` gives them, ``close_dir`` ends them."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}  # rel folder -> its path with no link in it
+
+    # -- what a subclass provides ----------------------------------------------------
+    def _kind(self, real: str) -> str | None:
+        """ "dir", "file", "link", "other", or None when missing (``real`` has no links)."""
+        raise NotImplementedError
+
+    def _target(self, real: str) -> str:
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        self._folders.clear()
+
+    # -- resolution ------------------------------------------------------------------
+    def real(self, rel: str, follow: bool = True, hops: int = 0) -> str | None:
+        """``rel`` with every link in it resolved under the root ("" for the root itself);
+        the last component is left a link unless ``follow``. None when a part is missing
+        or a folder in the way is not one. Raises NotSafeToRead on a link loop."""
+        parent, _, name = rel.strip("/").rpartition("/")
+        base = self._folder(parent, hops)
+        if base is None:
             return None
+        if name in ("", "."):
+            return base
+        if name == "..":
+            return base.rpartition("/")[0]
+        path = f"{base}/{name}" if base else name
+        if follow and self._kind(path) == "link":
+            if hops >= _MAX_LINK_HOPS:
+                raise NotSafeToRead(errno.ELOOP, "too many levels of symbolic links", rel)
+            target = self._target(path)
+            return self.real(target if target.startswith("/") else f"{base}/{target}", True, hops + 1)
+        return path
 
-    def read_in(self, directory: int, rel: str, name: str) -> bytes | None:
-        """read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``."""
-        return self._read(name, directory, f"{rel}/{name}")
-
-    def _read(self, path: str, directory: int | None, rel: str) -> bytes | None:
-        try:
-            fd = os.open(path, os.O_RDONLY, dir_fd=directory)
-        except (FileNotFoundError, NotADirectoryError):
+    def _folder(self, rel: str, hops: int) -> str | None:
+        if not rel:
+            return ""
+        if (known := self._folders.get(rel)) is not None:
+            return known
+        path = self.real(rel, True, hops)
+        if path is None or self._kind(path) != "dir":
             return None
-        try:
-            data = os.read(fd, 65536)  # one read: sysfs attributes are a page at most
-            while len(data) % 65536 == 0 and data and (more := os.read(fd, 65536)):
-                data += more
-        except IsADirectoryError:
-            return None
-        finally:
-            os.close(fd)
-        if self.recorded is not None:
-            self._note(rel, "file", data)
-        return data
+        self._folders[rel] = path
+        return path
 
-    def _readlink(self, path: str, directory: int | None, rel: str) -> str | None:
-        try:
-            target = os.readlink(path, dir_fd=directory)
-        except OSError:
-            return None
-        if self.recorded is not None:
-            self._note(rel, "link", target)
-        return target
-
-    def listdir(self, rel: str) -> list[str]:
-        try:
-            names = sorted(os.listdir(f"{self.root}/{rel}"))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        if self.recorded is not None:  # a snapshot must list the same entries
-            self._note(rel, "dir")
-            for name in names:
-                if os.path.islink(self.abs(f"{rel}/{name}")):
-                    self.link(f"{rel}/{name}")
-        return names
-
-    def link_name(self, rel: str, directory: int | None = None) -> str | None:
-        """The last component of where a link points (a driver's name, a PF's address).
-        With ``directory`` (an open_dir of rel's folder) ``rel``'s last part is looked up in it."""
-        path = rel.rpartition("/")[2] if directory is not None else f"{self.root}/{rel}"
-        target = self._readlink(path, directory, rel)
-        return None if target is None else target.rstrip("/").rpartition("/")[2]
-
+    # -- what the reader uses --------------------------------------------------------
     def link(self, rel: str) -> str | None:
-        """Where a symbolic link points, as a path relative to the root; None if it is
-        not a link. Resolved as an absolute path under the root, so ".." cannot climb out."""
-        target = self._readlink(f"{self.root}/{rel}", None, rel)
+        """Where a symbolic link points, as a path relative to the root (not resolved
+        further); None if it is not a link. ``..`` cannot climb out of the root."""
+        target = self.readlink(rel)
         if target is None:
             return None
         if target.startswith("/"):
@@ -175,22 +175,203 @@ class Fs:
             resolved = os.path.normpath(f"/{rel.rpartition('/')[0]}/{target}")
         return resolved.lstrip("/") or None
 
+    def link_name(self, rel: str, directory: object = None) -> str | None:
+        """The last component of where a link points (a driver's name, a PF's address).
+        ``directory``: an open_dir of rel's folder (a hint; the path alone decides)."""
+        target = self.readlink(rel)
+        return None if target is None else target.rstrip("/").rpartition("/")[2]
+
+    def readlink(self, rel: str) -> str | None:
+        """A link's target as written; None when ``rel`` is not a readable link."""
+        try:
+            path = self.real(rel, follow=False)
+            if path is None or self._kind(path) != "link":
+                return None
+            target = self._target(path)
+        except OSError:
+            return None
+        self._note(rel, "link", target)
+        return target
+
     def exists(self, rel: str) -> bool:
-        return os.path.exists(self.abs(rel))
+        try:
+            path = self.real(rel)
+            return path is not None and self._kind(path) is not None
+        except OSError:
+            return False
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A file's bytes; None when missing. OSErrors (NotSafeToRead among them) propagate."""
+        raise NotImplementedError
+
+    def listdir(self, rel: str) -> list[str]:
+        """The names in a folder, sorted; [] when it is missing."""
+        raise NotImplementedError
+
+    def open_dir(self, rel: str) -> object | None:
+        """A handle to read several files of one folder with (None when missing)."""
+        return self.real(rel)
+
+    def read_in(self, directory: object, rel: str, name: str) -> bytes | None:
+        """read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``."""
+        return self.read_bytes(f"{rel}/{name}")
+
+    def close_dir(self, directory: object) -> None:
+        pass
+
+    def _note(self, rel: str, kind: str, content: bytes | str | None = None) -> None:
+        """Recording (for snapshots) is the disk's business; others keep nothing."""
+
+
+class Fs(Tree):
+    """Files under a root on disk ("/" on a live host; tests give a fake tree, the
+    CLI ``--root`` a mounted image), never following a link out of it, reading only
+    regular files and no more of each than the kernel would write. Optionally recorded,
+    so that ``pciguard snapshot`` can pack exactly what an audit read. The only writer
+    of a host (``write``, ``hand_over``)."""
+
+    def __init__(self, root: str, record: bool = False) -> None:
+        super().__init__()
+        self.root = os.path.abspath(root).rstrip(os.sep)  # "" for /
+        # rel path -> ("file", bytes) | ("link", target) | ("dir", None), when recording
+        self.recorded: dict[str, tuple[str, bytes | str | None]] | None = {} if record else None
+
+    def _note(self, rel: str, kind: str, content: bytes | str | None = None) -> None:
+        if self.recorded is not None:
+            self.recorded.setdefault(rel, (kind, content))
+
+    def abs(self, real: str) -> str:
+        return f"{self.root}/{real}"
+
+    def _kind(self, real: str) -> str | None:
+        try:
+            mode = os.lstat(f"{self.root}/{real}").st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:  # a folder above that cannot be searched
+            raise NotSafeToRead(exc.errno, exc.strerror, real) from None
+        if stat.S_ISDIR(mode):
+            return "dir"
+        if stat.S_ISLNK(mode):
+            return "link"
+        return "file" if stat.S_ISREG(mode) else "other"
+
+    def _target(self, real: str) -> str:
+        return os.readlink(f"{self.root}/{real}")
+
+    def link_name(self, rel: str, directory: object = None) -> str | None:
+        if not isinstance(directory, int):
+            return super().link_name(rel)
+        try:  # readlink never follows the link it reads: safe through the resolved folder
+            target = os.readlink(rel.rpartition("/")[2], dir_fd=directory)
+        except OSError:
+            return None
+        self._note(rel, "link", target)
+        return target.rstrip("/").rpartition("/")[2]
+
+    def _existing(self, rel: str, follow: bool = True) -> str | None:
+        """``real(rel)`` for a path that exists; OSErrors (a loop, a folder that cannot be
+        searched) propagate."""
+        path = self.real(rel, follow)
+        return path if path is not None and self._kind(path) is not None else None
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """None when missing; NotSafeToRead, PermissionError and other OSErrors propagate."""
+        path = self._existing(rel)
+        return None if path is None else self._read(f"{self.root}/{path}", None, rel)
+
+    # Reading inside one directory through its descriptor spares the kernel a path walk
+    # per attribute: the audit reads some 60,000 of them on a host of 10,000 functions.
+    def open_dir(self, rel: str) -> int | None:
+        path = self._existing(rel)
+        if path is None:
+            return None
+        try:
+            return os.open(f"{self.root}/{path}", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def close_dir(self, directory: object) -> None:
+        assert isinstance(directory, int)
+        os.close(directory)
+
+    def read_in(self, directory: object, rel: str, name: str) -> bytes | None:
+        """read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``."""
+        assert isinstance(directory, int)
+        return self._read(name, directory, f"{rel}/{name}")
+
+    def _read(self, path: str, directory: int | None, rel: str) -> bytes | None:
+        # O_NOFOLLOW: the folder is resolved, so a link here is one the kernel never makes;
+        # O_NONBLOCK: a FIFO must not hold the reader at open.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags, dir_fd=directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotSafeToRead(exc.errno, "a symbolic link where a file should be", rel) from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                return None
+            if not stat.S_ISREG(info.st_mode):
+                raise NotSafeToRead(errno.EINVAL, "not a regular file", rel)
+            limit = largest_file(rel)
+            if info.st_size > max(limit, 4096) and not rel.startswith("proc/"):
+                raise NotSafeToRead(errno.EFBIG, f"{info.st_size} bytes, more than the kernel writes", rel)
+            chunks = []
+            size = 0
+            while chunk := os.read(fd, min(65536, limit + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise NotSafeToRead(errno.EFBIG, f"more than the kernel writes ({limit} bytes)", rel)
+            data = b"".join(chunks)
+        finally:
+            os.close(fd)
+        self._note(rel, "file", data)
+        return data
+
+    def listdir(self, rel: str) -> list[str]:
+        """The names in a folder, sorted; [] when it is missing. OSErrors (a loop, no
+        permission) propagate."""
+        path = self._existing(rel)
+        if path is None:
+            return []
+        try:
+            names = sorted(os.listdir(f"{self.root}/{path}"))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        if self.recorded is not None:  # a snapshot must list the same entries
+            self._note(rel, "dir")
+            for name in names:
+                if self._kind(f"{path}/{name}") == "link":
+                    self.readlink(f"{rel}/{name}")
+        return names
 
     def hand_over(self, rel: str, uid: int) -> None:
         """Give a device node (``dev/vfio/N``) to ``uid`` alone (mode 0600)."""
-        os.chown(self.abs(rel), uid, -1)
-        os.chmod(self.abs(rel), 0o600)
+        path = self._writable(rel)  # resolved: its last part is not a link
+        os.chown(path, uid, -1)
+        os.chmod(path, 0o600)
 
     def write(self, rel: str, text: str) -> None:
         """Write one sysfs attribute (the only way pciguard changes a host). OSErrors
         propagate: the caller knows which step failed."""
-        fd = os.open(self.abs(rel), os.O_WRONLY | os.O_TRUNC)
+        fd = os.open(self._writable(rel), os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         try:
             os.write(fd, text.encode())
         finally:
             os.close(fd)
+            self._forget()  # the kernel may move links in answer
+
+    def _writable(self, rel: str) -> str:
+        path = self.real(rel)
+        if path is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", f"/{rel}")
+        return f"{self.root}/{path}"
 
 
 @dataclass
@@ -210,6 +391,7 @@ class _Raw:
     physfn: Bdf | None = None
     boot_vga: bool = False
     kind: Kind = Kind.ENDPOINT
+    group_link: str | None = None  # the group its iommu_group link names
 
 
 @dataclass(frozen=True)
@@ -230,22 +412,28 @@ class _Notes:
         self.problems.append(InputProblem(path, message))
 
 
-def holders_of(fs: Fs, node: str) -> list[int]:
+def holders_of(fs: Tree, node: str) -> list[int]:
     """The processes that hold ``/node`` (a device node such as ``dev/vfio/7``) open."""
-    return [
-        int(pid)
-        for pid in fs.listdir("proc")
-        if pid.isdigit()
-        and any(fs.link(f"proc/{pid}/fd/{fd}") == node for fd in fs.listdir(f"proc/{pid}/fd"))
-    ]
+    holders = []
+    for pid in fs.listdir("proc"):
+        if not (pid.isascii() and pid.isdigit()):
+            continue
+        try:
+            descriptors = fs.listdir(f"proc/{pid}/fd")
+        except OSError:
+            holders.append(int(pid))  # cannot look: it may hold the node (fail closed)
+            continue
+        if any(fs.link(f"proc/{pid}/fd/{fd}") == node for fd in descriptors):
+            holders.append(int(pid))
+    return holders
 
 
-def read_host(root: str = "/", fs: Fs | None = None, name: str | None = None) -> Reading:
+def read_host(root: str = "/", fs: Tree | None = None, name: str | None = None) -> Reading:
     return _Reader(fs or Fs(root)).read(name)
 
 
 class _Reader:
-    def __init__(self, fs: Fs) -> None:
+    def __init__(self, fs: Tree) -> None:
         self.fs = fs
         self.notes = _Notes()
         # Functions alike (the VFs of one PF) have the same config space: parsed once.
@@ -325,7 +513,7 @@ class _Reader:
     def _pci_functions(self) -> dict[Bdf, _Raw]:
         raws: dict[Bdf, _Raw] = {}
         found: list[tuple[Bdf, str]] = []
-        names = self.fs.listdir(PCI_DEVICES)
+        names = self._list(PCI_DEVICES, "every PCI device")
         if not names and not self.fs.exists(PCI_DEVICES):
             self.notes.unreadable.append(
                 Unreadable(PCI_DEVICES, "missing", "every PCI device: is sysfs mounted, and is this Linux?")
@@ -400,6 +588,7 @@ class _Reader:
                 if cfg.vendor != 0xFFFF and len(data) >= 0x40:
                     raw.ids, raw.class_code = f"{cfg.vendor:04x}:{cfg.device:04x}", cfg.class_code
             raw.driver = fs.link_name(f"{path}/driver", directory)
+            raw.group_link = fs.link_name(f"{path}/iommu_group", directory)
             override = text("driver_override")
             raw.driver_override = None if override in (None, "(null)", "") else override
             methods = text("reset_method")
@@ -408,7 +597,7 @@ class _Reader:
             if raw.class_code >> 16 == 0x03:  # display controllers: is it the console?
                 raw.boot_vga = text("boot_vga") == "1"
         finally:
-            os.close(directory)
+            fs.close_dir(directory)
         return raw
 
     def _identify(self, raws: dict[Bdf, _Raw]) -> None:
@@ -497,17 +686,22 @@ class _Reader:
 
     # -- IOMMU groups and units ----------------------------------------------------
     def _kernel_groups(self, raws: dict[Bdf, _Raw], topology: Topology) -> tuple[IommuGroup, ...] | None:
-        names = self.fs.listdir(IOMMU_GROUPS)
-        groups = []
+        """The kernel's groups. A group the sources contradict each other about (a device
+        listed in one group while its ``iommu_group`` link names another, or listed twice)
+        is kept with the contradiction, which makes it not assignable."""
+        names = self._list(IOMMU_GROUPS, "the kernel's IOMMU groups")
+        listed: dict[int, list[Bdf]] = {}
+        doubts: dict[int, list[str]] = {}
         seen: dict[Bdf, int] = {}
         by_name = {str(b): b for b in topology.functions}
         for entry in names:
             rel = f"{IOMMU_GROUPS}/{entry}"
-            if not entry.isdigit():
+            if not _GROUP_NAME.match(entry):
                 self.notes.problem(rel, f"'{entry}' is not a group number; skipped")
                 continue
-            members = []
-            for member in self.fs.listdir(f"{rel}/devices"):
+            number = int(entry)
+            members = listed.setdefault(number, [])
+            for member in self._list(f"{rel}/devices", f"the members of IOMMU group {entry}"):
                 bdf = by_name.get(member)
                 if bdf is None and not _BDF_NAME.match(member):
                     continue  # non-PCI members (platform devices on ARM)
@@ -517,21 +711,66 @@ class _Reader:
                     )
                     continue
                 if bdf in seen:
-                    self.notes.problem(f"{rel}/devices/{member}", f"the device is also in group {seen[bdf]}")
+                    why = f"{bdf} is listed in both group {seen[bdf]} and group {number}"
+                    self.notes.problem(f"{rel}/devices/{member}", why)
+                    doubts.setdefault(seen[bdf], []).append(why)
+                    doubts.setdefault(number, []).append(why)
                     continue
-                seen[bdf] = int(entry)
+                seen[bdf] = number
                 members.append(bdf)
-            type_text = self._text(f"{rel}/type")
-            domain = None
-            if type_text is not None:
+        for bdf, raw in raws.items():
+            if bdf not in topology or raw.group_link is None:
+                continue
+            link = f"{raw.path}/iommu_group"
+            said = int(raw.group_link) if _GROUP_NAME.match(raw.group_link) else None
+            if said is None:
+                self.notes.problem(link, f"names '{raw.group_link}', not a group number")
+                why = f"the iommu_group link of {bdf} names no group number"
+            elif bdf not in seen:
+                if said not in listed:
+                    why = f"the iommu_group link of {bdf} names group {said}, which the kernel does not list"
+                    self.notes.problem(link, why)
+                    listed[said] = []
+                else:
+                    why = f"the iommu_group link of {bdf} names group {said}, which does not list it"
+                    self.notes.problem(link, why)
+                listed[said].append(bdf)
+                seen[bdf] = said
+            elif said != seen[bdf]:
+                why = f"{bdf} is listed in group {seen[bdf]} while its iommu_group link names group {said}"
+                self.notes.problem(link, why)
+                doubts.setdefault(said, []).append(why)
+                if said not in listed:
+                    listed[said] = []
+            else:
+                continue
+            doubts.setdefault(seen.get(bdf, -1), []).append(why)
+        groups = []
+        for number, members in sorted(listed.items()):
+            if not members and number not in doubts:
+                continue
+            rel = f"{IOMMU_GROUPS}/{number}/type"
+            type_text = self._text(rel, f"whether the DMA of group {number} is translated")
+            if type_text is None:
+                if not any(u.path == rel for u in self.notes.unreadable):
+                    self.notes.problem(rel, "missing: the group's domain is unknown, so counted untranslated")
+                domain = DomainType.UNKNOWN
+            else:
                 try:
                     domain = DomainType(type_text)
                 except ValueError:
-                    self.notes.problem(f"{rel}/type", f"unknown domain type {type_text!r}")
+                    self.notes.problem(rel, f"unknown domain type {type_text[:40]!r}: counted untranslated")
                     domain = DomainType.UNKNOWN
-            if members:
-                groups.append(IommuGroup(int(entry), tuple(sorted(members)), domain))
-        return tuple(sorted(groups, key=lambda g: g.number)) or None
+            doubt = "; ".join(dict.fromkeys(doubts.get(number, ()))) or None
+            groups.append(IommuGroup(number, tuple(sorted(members)), domain, doubt))
+        return tuple(groups) or None
+
+    def _list(self, rel: str, hides: str) -> list[str]:
+        try:
+            return self.fs.listdir(rel)
+        except OSError as exc:
+            self.notes.cannot_read(rel, exc, hides)
+            return []
 
     def _units(
         self,
@@ -547,7 +786,7 @@ class _Reader:
         msi = None
         if arch is Arch.ARM:
             msi = MsiController.ITS if interrupts and "ITS" in interrupts else MsiController.GICV2M
-        for entry in self.fs.listdir(IOMMU_CLASS):
+        for entry in self._list(IOMMU_CLASS, "the IOMMU units the kernel uses"):
             path = self.fs.link(f"{IOMMU_CLASS}/{entry}") or f"{IOMMU_CLASS}/{entry}"
             ecap = self._hex(f"{path}/intel-iommu/ecap")
             # VT-d: ecap bit 3. AMD IOMMUs and SMMUs: capable; /proc/interrupts says if in use.
@@ -558,7 +797,7 @@ class _Reader:
                 ir = Feature.DISABLED  # fail closed: unseen is not enabled
             else:
                 ir = Feature.ENABLED if ir_in_use else Feature.DISABLED
-            linked = self.fs.listdir(f"{path}/devices")
+            linked = self._list(f"{path}/devices", f"the devices IOMMU {entry} covers")
             scope = tuple(sorted(b for b in map(Bdf.parse, filter(_BDF_NAME.match, linked)) if b in topology))
             units.append(IommuUnit(entry, Feature.ENABLED, ir, msi, scope))
         if units:
@@ -694,11 +933,17 @@ class _Reader:
 
     def _root_filesystem_devices(self) -> list[tuple[str, str]]:
         out = []
-        for line in (self._text("proc/self/mountinfo") or "").splitlines():
+        for number, line in enumerate((self._text("proc/self/mountinfo") or "").splitlines(), 1):
             fields = line.split()
             if len(fields) > 9 and fields[4] == "/" and ":" in fields[2]:
-                source = fields[fields.index("-") + 2] if "-" in fields else fields[2]
-                out.append((fields[2], source))
+                # After the optional fields, "-" then the file system type and its source.
+                separator = fields.index("-", 6) if "-" in fields[6:] else None
+                if separator is None:
+                    out.append((fields[2], fields[2]))
+                elif separator + 2 < len(fields):
+                    out.append((fields[2], fields[separator + 2]))
+                else:
+                    self.notes.problem(f"proc/self/mountinfo:{number}", "no mount source after '-'")
         return out[-1:]
 
     def _kernel_unsafe(self, switches: tuple[str, ...]) -> tuple[str, ...]:
@@ -715,7 +960,7 @@ class _Reader:
         return tuple(dict.fromkeys(unsafe))
 
     def _thunderbolt_domains(self) -> Iterable[ThunderboltDomain]:
-        for entry in self.fs.listdir(THUNDERBOLT):
+        for entry in self._list(THUNDERBOLT, "Thunderbolt domains and devices"):
             if entry.startswith("domain"):
                 base = self.fs.link(f"{THUNDERBOLT}/{entry}") or f"{THUNDERBOLT}/{entry}"
                 protection = self._text(f"{base}/iommu_dma_protection")
@@ -724,7 +969,7 @@ class _Reader:
                 )
 
     def _thunderbolt_devices(self) -> Iterable[ThunderboltDevice]:
-        for entry in self.fs.listdir(THUNDERBOLT):
+        for entry in self._list(THUNDERBOLT, "Thunderbolt domains and devices"):
             if entry.startswith("domain") or ":" in entry:
                 continue  # domains, and services (X-Y:Z.W) that are not devices
             base = self.fs.link(f"{THUNDERBOLT}/{entry}") or f"{THUNDERBOLT}/{entry}"
