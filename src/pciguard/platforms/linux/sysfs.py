@@ -440,11 +440,11 @@ class _Reader:
         self._configs: dict[bytes, ConfigSpace] = {}
 
     # -- small helpers that turn OSErrors into notes -------------------------------
-    def _text(self, rel: str, hides: str = "this value", directory: int | None = None) -> str | None:
+    def _text(self, rel: str, hides: str = "this value", directory: object = None) -> str | None:
         data = self._bytes(rel, hides, directory)
         return None if data is None else data.decode("utf-8", "replace").strip()
 
-    def _bytes(self, rel: str, hides: str, directory: int | None = None) -> bytes | None:
+    def _bytes(self, rel: str, hides: str, directory: object = None) -> bytes | None:
         """``directory``: an Fs.open_dir of rel's folder, to read through."""
         try:
             if directory is None:
