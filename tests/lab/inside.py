@@ -309,7 +309,7 @@ def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
         result["guard-log"] = log_path.read_text()
         done = out / f"{HOTPLUG_DONE}-{step['round']}"
         result["monitor"] = done.read_text() if done.exists() else None
-    result["journaled"] = [json.loads(d) for d in Journal(state).decisions()]
+    result["journaled"] = [json.loads(d) for _, d in Journal(state).decisions()]
     return result
 
 

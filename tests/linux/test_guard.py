@@ -214,7 +214,7 @@ def test_a_plugged_device_gets_its_target(host: Path, rules: str, target: str, d
     assert driver_of(host, ENCLOSURE) == driver
     listed = (host / "sys/bus/pci/devices" / ENCLOSURE).is_symlink()
     assert listed is (target != "reject")
-    journaled = [json.loads(d) for d in Journal(host / "state").decisions()]
+    journaled = [json.loads(d) for _, d in Journal(host / "state").decisions()]
     shown = CliRunner().invoke(app, ["journal", "--state-dir", str(host / "state")])
     assert f"hotplug {ENCLOSURE}: {target}" in shown.output
     assert journaled[-1]["device"] == ENCLOSURE and journaled[-1]["target"] == target
@@ -358,7 +358,9 @@ def test_a_quarantine_or_rejection_does_not_wait_behind_an_allow(
         if {ENCLOSURE, FAKE_BRIDGE} <= set(g.decisions):
             break
         threading.Event().wait(0.01)
-    order = [json.loads(d)["device"] for d in g.journal.decisions() if json.loads(d)["source"] == "hotplug"]
+    order = [
+        json.loads(d)["device"] for _, d in g.journal.decisions() if json.loads(d)["source"] == "hotplug"
+    ]
     assert order == [FAKE_BRIDGE, ENCLOSURE]
     assert g.decisions[ENCLOSURE].target == "allow" and g.decisions[FAKE_BRIDGE].target == "reject"
 

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pciguard.checks import Options, RmrrPolicy
-from pciguard.cli.common import Exit, emit_json, err, input_errors, linux_reading, out
+from pciguard.cli.common import Exit, emit_json, err, error, input_errors, linux_reading, out
 from pciguard.pciids import name_devices
 from pciguard.report import (
     AuditReport,
@@ -83,7 +83,7 @@ def command(
         if v
     ]
     if len(chosen) > 1:
-        err.print(f"[bold red]error:[/] choose one source to audit, not {' and '.join(chosen)}")
+        error(f"choose one source to audit, not {' and '.join(chosen)}")
         raise typer.Exit(Exit.BAD_INPUT)
     options = Options(allow_unsafe_interrupts=allow_unsafe_interrupts, rmrr=rmrr)
     # One short pass that allocates an object or more per attribute read and frees

@@ -11,14 +11,22 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from pciguard.errors import InputError, TopologyError
 
 if TYPE_CHECKING:
     from pciguard.platforms.linux import Reading
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Data (device names, VM names, policy rules, paths) is never read as Rich markup or
+# emoji codes: styles come only from Text objects built in the CLI.
+out = Console(highlight=False, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, markup=False, emoji=False)
+
+
+def error(message: str) -> None:
+    """One error line on stderr."""
+    err.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
 
 
 def emit_json(text: str) -> None:
@@ -44,7 +52,7 @@ def input_errors() -> Iterator[None]:
     try:
         yield
     except (InputError, TopologyError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        error(str(exc))
         raise typer.Exit(Exit.BAD_INPUT) from None
 
 

@@ -17,6 +17,7 @@ from pciguard.cli.common import Exit, err, input_errors, out
 from pciguard.errors import InputError, RefusedError, StepFailed
 from pciguard.formats.vmconfig import libvirt_hostdev, xl_pci
 from pciguard.model import Bdf
+from pciguard.model.kernel import printable
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
 
 if TYPE_CHECKING:  # imported when a command runs: every pciguard start would pay for it
@@ -48,19 +49,30 @@ def _enforcer(root: Path, state_dir: Path) -> Enforcer:
 
 
 def _device(text: str) -> Bdf:
-    with input_errors():
+    try:
         return Bdf.parse(text)
+    except ValueError as exc:
+        with input_errors():
+            raise InputError("DEVICE", str(exc)) from None
+        raise
+
+
+# uid_t is 32 bits and chown(2) reads its all-ones value as "leave the owner alone".
+NO_UID = 0xFFFFFFFF
 
 
 def _uid(user: str) -> int:
-    if user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        with input_errors():
-            raise InputError("--user", f"there is no user named {user!r}") from None
-        raise
+    """The uid a VM's process runs as, checked before anything begins."""
+    with input_errors():
+        if user.isascii() and user.isdigit():
+            if len(user) > 10 or not 0 <= int(user) < NO_UID:
+                raise InputError("--user", f"{user[:20]} is not a uid (0 to {NO_UID - 1})")
+            return int(user)
+        try:
+            return pwd.getpwnam(user).pw_uid
+        except (KeyError, ValueError):
+            raise InputError("--user", f"there is no user named {printable(user)!r}") from None
+    raise AssertionError("unreachable")
 
 
 DONE = {
@@ -86,11 +98,11 @@ def _show(result: Result) -> None:
     if result.operation == "assign" and not result.dry_run:
         out.print("libvirt (the domain's <devices>):")
         for device in result.devices:
-            out.print(libvirt_hostdev(device), markup=False)
+            out.print(libvirt_hostdev(device))
         out.print(
             "xl.cfg (Xen binds its devices to xen-pciback, not vfio-pci: `xl pci-assignable-add` them):"
         )
-        out.print(xl_pci(result.devices), markup=False)
+        out.print(xl_pci(result.devices))
 
 
 def quarantine(
@@ -155,11 +167,24 @@ def recover(root: Path = ROOT, state_dir: Path = STATE_DIR) -> None:
         out.print("nothing to recover: every operation in the journal ended")
 
 
+def _decision_line(number: int, text: str) -> str:
+    """One decision of the guard, or what is wrong with its record."""
+    try:
+        record = json.loads(text)
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record["at"])))
+        return (
+            f"guard {when} {record['source']} {record['device']}: {record['target']}, "
+            f"{record['outcome']} [{record['rule']}]"
+        )
+    except (ValueError, TypeError, KeyError, OverflowError, OSError, RecursionError):
+        return f"guard decision #{number}: the record is damaged ({printable(str(text)[:80])!r})"
+
+
 def journal(state_dir: Path = STATE_DIR) -> None:
     """Show what pciguard did to this host: devices it holds, every operation with its
     steps, and the hot-plug guard's latest decisions."""
     with refusals():
-        book = Journal(state_dir)
+        book = Journal(state_dir, readonly=True)
         try:
             for bdf, row in sorted(book.devices().items()):
                 driver = f" (host driver {row.host_driver})" if row.host_driver else ""
@@ -170,12 +195,7 @@ def journal(state_dir: Path = STATE_DIR) -> None:
                 out.print(f"#{op.id} {when} {op.name} {' '.join(op.devices)}: {op.outcome or 'IN FLIGHT'}")
                 for description, status in op.steps:
                     out.print(f"    {status:8} {description}")
-            for record in map(json.loads, book.decisions()):
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["at"]))
-                out.print(
-                    f"guard {when} {record['source']} {record['device']}: {record['target']}, "
-                    f"{record['outcome']} [{record['rule']}]",
-                    soft_wrap=True,
-                )
+            for number, text in book.decisions():
+                out.print(_decision_line(number, text), soft_wrap=True)
         finally:
             book.close()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import Exit, err, input_errors, linux_reading, out
+from pciguard.cli.common import Exit, error, input_errors, linux_reading, out
 from pciguard.errors import InputError
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import ThunderboltDevice
@@ -62,10 +62,10 @@ def generate_command(
         with open(output, "x", encoding="utf-8") as written:  # never over an existing policy
             written.write(text)
     except FileExistsError:
-        err.print(f"[bold red]error:[/] {output} exists; pciguard does not overwrite a policy")
+        error(f"{output} exists; pciguard does not overwrite a policy")
         raise typer.Exit(Exit.BAD_INPUT) from None
     except OSError as exc:
-        err.print(f"[bold red]error:[/] {output}: cannot write the policy: {exc.strerror or exc}")
+        error(f"{output}: cannot write the policy: {exc.strerror or exc}")
         raise typer.Exit(Exit.BAD_INPUT) from None
     out.print(f"wrote {text.count(chr(10)) - 2} rules to {output}")
 

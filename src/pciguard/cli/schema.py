@@ -32,4 +32,4 @@ def schema_text(document: Document) -> str:
 
 def command(document: Document = typer.Argument(..., help="Which schema to print.")) -> None:
     """Print the JSON Schema of the audit report or of a file format."""
-    out.print(schema_text(document), end="", markup=False, highlight=False, soft_wrap=True)
+    out.print(schema_text(document), end="", soft_wrap=True)

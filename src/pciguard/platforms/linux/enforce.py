@@ -83,11 +83,17 @@ class Enforcer:
     ) -> Result:
         if dry_run and os.geteuid() != 0:  # anyone may look at a plan; the journal is root's
             return self._dry_run(operation, bdf, {}, vm, console_gpu, [NOT_ROOT])
+        if dry_run:  # a plan only reads: it never creates a journal nor takes the lock
+            if not (self.state_dir / "journal.sqlite").exists():
+                return self._dry_run(operation, bdf, {}, vm, console_gpu, [])
+            journal = Journal(self.state_dir, readonly=True)
+            try:
+                return self._dry_run(operation, bdf, journal.devices(), vm, console_gpu, [])
+            finally:
+                journal.close()
         journal = Journal(self.state_dir)
         try:
             with journal.locked():
-                if dry_run:
-                    return self._dry_run(operation, bdf, journal.devices(), vm, console_gpu, [])
                 recovered = self.recover(journal)
                 toolstack, warnings = self._toolstack(journal.devices(), False, console_gpu)
                 plan = self._plan(toolstack, operation, bdf, vm)
