@@ -488,3 +488,93 @@ def test_handle_answers_without_a_socket(host: Path) -> None:
     g.start()
     assert handle(g, b'{"op": "list"}')["ok"] is True
     g.stop()
+
+
+# -- abusive clients: the guard answers or sheds them and keeps enforcing ---------------------
+def _still_enforcing(path: Path, events: Uevents) -> None:
+    """The loop still judges a hot-plugged device and still answers a fresh client."""
+    events.plug(ENCLOSURE)
+    for _ in range(500):
+        listed = ask(path, {"op": "list"})
+        if any(d["device"] == ENCLOSURE for d in listed["devices"]):
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the hot-plugged device was never judged")
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b"[" * 100_000, "nested deeper"),
+        (b'{"op": "list", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),
+        (b'{"op": ' + b"9" * 5000 + b"}", "not JSON"),
+        (b"", "an empty request"),
+        (b"   ", "an empty request"),
+        (b'{"op": {"a": 1}}', "'op' must be one of"),
+        (b'{"op": "reject", "device": "' + b"0" * 1000 + b'"}', "needs 'device'"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_a_hostile_request_is_answered_and_the_guard_goes_on(
+    running: tuple[Guard, Path, Uevents], line: bytes, error: str
+) -> None:
+    g, path, events = running
+    before = dict(g.decisions)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(path))
+        conn.sendall(line + b"\n")
+        answer = json.loads(conn.makefile("rb").readline())
+    assert answer["ok"] is False and error in answer["error"], answer
+    assert g.decisions == before
+    _still_enforcing(path, events)
+
+
+def test_a_thousand_idle_connections_do_not_stop_the_guard(
+    running: tuple[Guard, Path, Uevents], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    from pciguard.platforms.linux import guard as guard_module
+
+    _, path, events = running
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    monkeypatch.setattr(guard_module, "IDLE_TIMEOUT", 0.5)
+    idle = []
+    try:
+        for _ in range(1000):
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(str(path))
+            idle.append(conn)
+        threading.Event().wait(1.5)  # idle peers are shed; the rest were told the guard is busy
+        _still_enforcing(path, events)
+    finally:
+        for conn in idle:
+            conn.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_watcher_that_never_reads_is_dropped(running: tuple[Guard, Path, Uevents]) -> None:
+    _, path, events = running
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.connect(str(path))
+        conn.sendall(b'{"op": "watch"}\n')
+        conn.setblocking(False)
+        dropped = False
+        for _ in range(20_000):  # requests whose answers it never reads
+            try:
+                conn.send(b'{"op": "list"}\n' * 50)
+            except BlockingIOError:
+                threading.Event().wait(0.001)
+            except (BrokenPipeError, ConnectionResetError):
+                dropped = True
+                break
+        assert dropped
+    _still_enforcing(path, events)
+
+
+def test_a_refused_peer_always_reads_its_refusal(running: tuple[Guard, Path, Uevents]) -> None:
+    _, path, _ = running
+    path.chmod(0o666)
+    answers = as_nobody(lambda: [ask(path, {"op": "list"})["error"] for _ in range(50)], uid=1234)
+    assert answers.count("refused: uid 1234") == 50, answers

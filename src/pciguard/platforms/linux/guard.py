@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from pciguard.errors import RefusedError, StepFailed
 from pciguard.model import Bdf, Host
-from pciguard.model.kernel import ThunderboltDevice
+from pciguard.model.kernel import ThunderboltDevice, printable
 from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
@@ -471,45 +471,90 @@ def peer_allowed(uid: int, gid: int, group: str | None) -> bool:
 
 # -- the control socket ----------------------------------------------------------------
 MAX_REQUEST = 65536  # bytes in one request line
+MAX_DEPTH = 16  # nesting of JSON arrays and objects in a request (the protocol needs 1)
+MAX_PEERS = 64  # connections at once; more are answered "busy" and closed
+MAX_OUTBOX = 8 << 20  # bytes of answers waiting for a peer that does not read
+IDLE_TIMEOUT = 60.0  # seconds a connection that is not watching may stay silent
 OPERATIONS = ("list", "watch", *(str(t) for t in Target))
 
 
 def handle(guard: Guard, line: bytes) -> dict[str, Any]:
     """One request of the control protocol (docs/guard.md) and its answer. A malformed
     request gets an error and changes nothing."""
+    if not line.strip():
+        return {"ok": False, "error": 'an empty request; send a JSON object such as {"op": "list"}'}
+    if _nesting(line) > MAX_DEPTH:
+        return {"ok": False, "error": f"a request nested deeper than {MAX_DEPTH} levels"}
     try:
         request = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return {"ok": False, "error": f"not JSON: {exc}"}
+    except UnicodeDecodeError:
+        return {"ok": False, "error": "not JSON: a request is UTF-8 text"}
+    except (ValueError, RecursionError) as exc:  # also integers longer than Python converts
+        return {"ok": False, "error": f"not JSON: {str(exc)[:200]}"}
     if not isinstance(request, dict):
         return {"ok": False, "error": 'a request is a JSON object such as {"op": "list"}'}
     op = request.get("op")
-    if op not in OPERATIONS:
-        return {"ok": False, "error": f"'op' must be one of {', '.join(OPERATIONS)}, not {op!r}"}
+    if not isinstance(op, str) or op not in OPERATIONS:
+        shown = printable(repr(op))[:60]
+        return {"ok": False, "error": f"'op' must be one of {', '.join(OPERATIONS)}, not {shown}"}
     if op == "list":
         return {"ok": True, "devices": [d.to_json() for d in guard.decisions.values()]}
     if op == "watch":
         return {"ok": True, "watching": True}
     device = request.get("device")
-    if not isinstance(device, str):
+    if not isinstance(device, str) or len(device) > 64:
         return {"ok": False, "error": f"'{op}' needs 'device': a PCI address or a Thunderbolt device name"}
     try:
         decision = guard.control(device, Target(op))
     except (ValueError, LookupError) as exc:
-        return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": printable(str(exc))}
     return {"ok": True, "decision": decision.to_json()}
 
 
+def _nesting(line: bytes) -> int:
+    """How deep JSON brackets nest in ``line``, brackets inside strings included (an
+    upper bound, found without recursion)."""
+    depth = deepest = 0
+    for byte in line.translate(None, _NOT_BRACKETS):
+        depth += 1 if byte in b"[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 class Peer:
-    def __init__(self, conn: socket.socket, uid: int) -> None:
+    """One connection to the control socket. Answers wait in ``outbox`` while the peer
+    is slow to read; a peer that lets more than MAX_OUTBOX pile up is dropped."""
+
+    def __init__(self, conn: socket.socket, uid: int, selector: selectors.BaseSelector | None = None) -> None:
         self.conn, self.uid, self.buffer, self.watching = conn, uid, b"", False
+        self.selector = selector
+        self.outbox = b""
+        self.heard = time.monotonic()
+        self.closed = False
 
     def send(self, answer: dict[str, Any]) -> bool:
+        """Queue an answer and send what the socket takes now; False: drop this peer."""
+        if self.closed:
+            return False
+        self.outbox += json.dumps(answer).encode() + b"\n"
+        return len(self.outbox) <= MAX_OUTBOX and self.flush()
+
+    def flush(self) -> bool:
         try:
-            self.conn.sendall(json.dumps(answer).encode() + b"\n")
-            return True
+            sent = self.conn.send(self.outbox) if self.outbox else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
             return False
+        self.outbox = self.outbox[sent:]
+        if self.selector is not None:
+            wanted = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.outbox else 0)
+            if self.selector.get_key(self.conn).events != wanted:
+                self.selector.modify(self.conn, wanted, self)
+        return True
 
 
 def listen(path: Path, group: str | None) -> socket.socket:
@@ -541,7 +586,8 @@ def serve(
 ) -> None:
     """The guard's loop: kernel events, control requests, and every ``tick`` seconds
     a look for assigned devices whose VM process has exited. Single-threaded: one
-    decision at a time, in the order things happened."""
+    decision at a time, in the order things happened. No client can stop it: malformed
+    requests are answered, and clients that flood, hang or stop reading are dropped."""
     server = listen(path, group)
     selector = selectors.DefaultSelector()
     selector.register(server, selectors.EVENT_READ, None)
@@ -550,8 +596,12 @@ def serve(
     peers: dict[int, Peer] = {}
 
     def drop(peer: Peer) -> None:
-        selector.unregister(peer.conn)
-        peers.pop(peer.conn.fileno(), None)
+        if peer.closed:
+            return
+        peer.closed = True
+        peers.pop(id(peer), None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(peer.conn)
         peer.conn.close()
 
     def push(decision: GuardDecision) -> None:
@@ -568,19 +618,25 @@ def serve(
     try:
         while not should_stop():
             ready = selector.select(timeout=0 if allows else tick)
-            for key, _ in ready:
+            for key, mask in ready:
                 if key.fileobj is server:
                     _accept(server, selector, peers, group)
                 elif key.data is events:
                     while (event := events.poll(timeout=0)) is not None:
                         allows += _handle_event(guard, event, time.monotonic())
                 elif isinstance(key.data, Peer):
-                    _serve_peer(guard, key.data, drop)
+                    if mask & selectors.EVENT_WRITE and not key.data.flush():
+                        drop(key.data)
+                    if mask & selectors.EVENT_READ and not key.data.closed:
+                        _serve_peer(guard, key.data, drop)
             if allows and not ready:
                 _apply_judged(guard, allows.pop(0))
             if time.monotonic() >= next_look:  # not after every event: it scans /proc
                 guard.release_abandoned()
-                next_look = time.monotonic() + tick
+                now = time.monotonic()
+                for peer in [p for p in peers.values() if not p.watching and now - p.heard > IDLE_TIMEOUT]:
+                    drop(peer)
+                next_look = now + tick
     finally:
         guard.listeners.remove(push)
         for peer in list(peers.values()):
@@ -615,7 +671,7 @@ def _apply_judged(guard: Guard, judged: Judged) -> None:
 
 
 def _report_failure(device: str) -> None:
-    print(f"pciguard guard: judging {device} failed:", file=sys.stderr)
+    print(f"pciguard guard: judging {printable(device)} failed:", file=sys.stderr)
     traceback.print_exc()
 
 
@@ -626,9 +682,18 @@ def _accept(
         conn, _ = server.accept()
     except BlockingIOError:
         return
-    pid, uid, gid = struct.unpack(
-        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    )
+    except OSError as exc:  # out of descriptors, or the peer gave up: keep enforcing
+        print(f"pciguard guard: cannot accept a connection: {exc.strerror or exc}", file=sys.stderr)
+        time.sleep(0.05)
+        return
+    try:
+        pid, uid, gid = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        )
+    except OSError:
+        conn.close()
+        return
+    conn.setblocking(False)
     peer = Peer(conn, uid)
     if not peer_allowed(uid, gid, group):
         who = f"uid {uid} (process {pid})"
@@ -636,9 +701,13 @@ def _accept(
         peer.send({"ok": False, "error": f"refused: {who} may not control the guard; only {allowed} may"})
         conn.close()
         return
-    conn.setblocking(False)
-    peers[conn.fileno()] = peer
+    if len(peers) >= MAX_PEERS:
+        peer.send({"ok": False, "error": f"busy: {MAX_PEERS} connections already; try again"})
+        conn.close()
+        return
+    peers[id(peer)] = peer
     selector.register(conn, selectors.EVENT_READ, peer)
+    peer.selector = selector
 
 
 def _serve_peer(guard: Guard, peer: Peer, drop: Callable[[Peer], None]) -> None:
@@ -651,11 +720,10 @@ def _serve_peer(guard: Guard, peer: Peer, drop: Callable[[Peer], None]) -> None:
     if not data:
         drop(peer)
         return
+    peer.heard = time.monotonic()
     peer.buffer += data
-    while b"\n" in peer.buffer:
+    while b"\n" in peer.buffer and not peer.closed:
         line, peer.buffer = peer.buffer.split(b"\n", 1)
-        if not line.strip():
-            continue
         answer = handle(guard, line)
         peer.watching = peer.watching or bool(answer.get("watching"))
         if not peer.send(answer):
@@ -672,7 +740,10 @@ def request(path: Path, message: dict[str, Any], timeout: float = 30.0) -> Itera
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(str(path))
-        conn.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            conn.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a refused peer is answered and closed at once: its answer waits to be read
         if message.get("op") == "watch":
             conn.settimeout(None)
         with conn.makefile("rb") as answers:
