@@ -219,3 +219,26 @@ def test_fuzzing_tried_enough_inputs(capsys: pytest.CaptureFixture[str]) -> None
 @given(rules())
 def test_every_rule_prints_as_text_that_parses_back_to_it(rule: Rule) -> None:
     assert same(parse_rule(str(rule)), rule)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", "b", "*", "[", "]", "ab"]), max_size=8).map("".join),
+    st.text(alphabet="ab[]", max_size=12),
+)
+def test_name_patterns_match_as_a_glob_would(pattern: str, name: str) -> None:
+    """Against fnmatch-like semantics with only ``*`` special (an independent oracle)."""
+    oracle = re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), name, re.DOTALL) is not None
+    assert ATTRIBUTES["name"].match(pattern, name) is oracle
+
+
+def test_a_name_pattern_cannot_be_made_to_backtrack() -> None:
+    """A device chooses its name: ``*a*a*a*a*a*b`` against a long run of ``a`` once took
+    22 s and blocked every other decision."""
+    import time
+
+    subject_name = "a" * 100_000
+    started = time.process_time()
+    for stars in range(2, 40):
+        assert not ATTRIBUTES["name"].match("*a" * stars + "*b", subject_name)
+    assert time.process_time() - started < 2
