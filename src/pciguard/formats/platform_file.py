@@ -42,8 +42,8 @@ class AcsSpec(_Strict):
 
 class RegionSpec(_Strict):
     name: str
-    start: int = Field(ge=0)
-    end: int = Field(ge=0)
+    start: int = Field(ge=0, lt=1 << 64)
+    end: int = Field(ge=0, lt=1 << 64)
 
 
 class SriovSpec(_Strict):

@@ -78,6 +78,7 @@ PLAIN_CHIP = re.compile(r"\b(?:IO-APIC|PCI-MSI|PCI-MSIX)")
 CONSOLE_GPU = "the console GPU (boot_vga)"
 _BDF_NAME = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _GROUP_NAME = re.compile(r"^[0-9]{1,9}$")
+_HEX_ADDRESS = re.compile(r"^(?:0x)?[0-9a-fA-F]{1,16}$")  # a 64-bit address
 _ROOT_BUS_NAME = re.compile(r"^pci[0-9a-f]{4,5}:[0-9a-f]{2}$")
 HIDES_CONFIG = (
     "PCIe port types, ACS, FLR, phantom functions and SR-IOV: pciguard's own group "
@@ -906,9 +907,14 @@ class _Reader:
         for number, line in enumerate((self._text(rel) or "").splitlines(), 1):
             words = line.split()
             try:
+                if not all(_HEX_ADDRESS.match(w) for w in words[:2]):
+                    raise ValueError
                 start, end, kind = int(words[0], 16), int(words[1], 16), words[2]
             except (IndexError, ValueError):
                 self.notes.problem(f"{rel}:{number}", f"expected 'START END TYPE', found {line[:60]!r}")
+                continue
+            if end < start:
+                self.notes.problem(f"{rel}:{number}", f"the region ends ({end:#x}) before it starts ({start:#x})")
                 continue
             if kind in ("direct", "direct-relaxable"):
                 out.append((start, end, kind))
