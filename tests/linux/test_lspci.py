@@ -113,3 +113,41 @@ def test_bad_dumps_name_the_line(text: str, message: str, line: int) -> None:
     with pytest.raises(InputError, match=message) as info:
         parse_lspci(text, "dump.txt")
     assert info.value.line == line and "dump.txt" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "line"),
+    [
+        ("00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n\tIOMMU group: x\n", "names no group", 2),
+        ("00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n\tIOMMU group: ²\n", "names no group", 2),
+        ("123456789:00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n", "expected a device line", 1),
+    ],
+)
+def test_malformed_dumps_name_the_line(text: str, message: str, line: int) -> None:
+    with pytest.raises(InputError, match=message) as info:
+        parse_lspci(text, "dump.txt")
+    assert info.value.line == line
+
+
+def test_domains_beyond_four_hex_digits_are_kept_whole() -> None:
+    """Linux numbers VMD domains from 10000: truncating them made 0000:e0:17.0 out of 10000:e0:17.0."""
+    reading = parse_lspci("10000:e0:17.0 SATA controller [0106]: Intel Corporation Device [8086:a0d3]\n")
+    assert [str(b) for b in reading.host.topology] == ["10000:e0:17.0"]
+
+
+def test_control_characters_in_a_dump_never_reach_the_terminal() -> None:
+    reading = parse_lspci("00:02.0 VGA compatible controller [0300]: Evil \x1b[2J Inc [8086:3e92]\n")
+    name = reading.host.topology[bdf("0000:00:02.0")].name
+    assert "\x1b" not in name and "\\x1b" in name
+
+
+def test_a_dump_on_stdin_that_is_not_utf8_is_a_clear_error() -> None:
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "pciguard", "audit", "--lspci", "-", "--json"],
+        input=b"00:02.0 VGA compatible controller [0300]: Intel \xff\xfe [8086:3e92]\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and b"not UTF-8" in run.stderr and b"Traceback" not in run.stderr

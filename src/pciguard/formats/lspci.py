@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pciguard.errors import InputError, TopologyError
-from pciguard.formats.yamlpos import read_input
+from pciguard.formats.yamlpos import MAX_INPUT, read_input
 from pciguard.model import (
     Acs,
     AcsCapability,
@@ -28,7 +28,7 @@ from pciguard.model import (
     Kind,
     Topology,
 )
-from pciguard.model.kernel import KernelFacts, Unreadable
+from pciguard.model.kernel import KernelFacts, Unreadable, printable
 from pciguard.model.pci import ancestors
 from pciguard.platforms.linux.sysfs import Reading
 
@@ -164,7 +164,7 @@ def _entries(text: str, source: str) -> list[_Entry]:
             continue
         if current is None:
             raise InputError(source, "an indented line outside any device entry", line=number, column=1)
-        _body_line(current, line.strip(), capability)
+        _body_line(current, line.strip(), capability, source, number)
         if line.strip().startswith("Capabilities:"):
             capability = line.strip()
     if not entries:
@@ -177,7 +177,7 @@ def _header(match: re.Match[str], number: int, source: str) -> _Entry:
     if bdf_text.count(":") == 1:
         bdf_text = "0000:" + bdf_text
     try:
-        bdf = Bdf.parse(bdf_text[-12:])
+        bdf = Bdf.parse(bdf_text)
     except ValueError as exc:
         raise InputError(source, str(exc), line=number, column=1) from None
     entry = _Entry(bdf, number)
@@ -192,11 +192,11 @@ def _header(match: re.Match[str], number: int, source: str) -> _Entry:
     if ids:
         entry.ids = f"{ids['v'].lower()}:{ids['d'].lower()}"
         rest = rest[: ids.start()]
-    entry.name = re.sub(r"\s*\(rev [0-9a-f]+\).*$", "", rest).strip()
+    entry.name = printable(re.sub(r"\s*\(rev [0-9a-f]+\).*$", "", rest).strip())
     return entry
 
 
-def _body_line(entry: _Entry, line: str, capability: str) -> None:
+def _body_line(entry: _Entry, line: str, capability: str, source: str, line_number: int) -> None:
     if line.startswith("Capabilities: <access denied>"):
         entry.access_denied = True
     elif line.startswith("Capabilities:"):
@@ -208,7 +208,15 @@ def _body_line(entry: _Entry, line: str, capability: str) -> None:
         elif "Address Translation Service" in line:
             entry.ats = True
     elif line.startswith("IOMMU group:"):
-        entry.group = int(line.split(":", 1)[1].strip() or -1)
+        number = line.split(":", 1)[1].strip()
+        if not (number.isascii() and number.isdigit() and len(number) <= 9):
+            raise InputError(
+                source,
+                f"'IOMMU group: {printable(number[:20])}' names no group number",
+                line=line_number,
+                column=1,
+            )
+        entry.group = int(number)
     elif line.startswith("Kernel driver in use:"):
         entry.driver = line.split(":", 1)[1].strip() or None
     elif (bus := _BUS.search(line)) is not None:
@@ -289,5 +297,11 @@ def _functions(entries: list[_Entry], source: str) -> dict[Bdf, Function]:
 
 def load_lspci(path: Path) -> Reading:
     if str(path) == "-":
-        return parse_lspci(sys.stdin.read(), "<stdin>")
+        data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        if len(data) > MAX_INPUT:
+            raise InputError("<stdin>", f"the lspci dump is larger than {MAX_INPUT >> 20} MiB")
+        try:
+            return parse_lspci(data.decode("utf-8"), "<stdin>")
+        except UnicodeDecodeError as exc:
+            raise InputError("<stdin>", f"the lspci dump is not UTF-8 text (byte {exc.start})") from None
     return parse_lspci(read_input(path, "lspci dump"), str(path))

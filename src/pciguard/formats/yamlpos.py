@@ -26,10 +26,13 @@ class _Loader(yaml.SafeLoader):
     depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise yaml.composer.ComposerError(
-                None, None, "anchors and aliases (& and *) are not accepted in pciguard files", event.start_mark
+                None,
+                None,
+                "anchors and aliases (& and *) are not accepted in pciguard files",
+                event.start_mark,
             )
         self.depth += 1
         try:
@@ -37,7 +40,7 @@ class _Loader(yaml.SafeLoader):
                 raise yaml.composer.ComposerError(
                     None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark
                 )
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            return super().compose_node(parent, index)  # type: ignore[arg-type]
         finally:
             self.depth -= 1
 
@@ -61,7 +64,10 @@ def load(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]:
     except yaml.reader.ReaderError as exc:
         line, col = _place(text, exc.position)
         raise InputError(
-            source, f"not valid YAML: character U+{ord(exc.character) if isinstance(exc.character, str) else exc.character:04X} is not allowed", line=line, column=col
+            source,
+            f"not valid YAML: character U+{_code(exc.character):04X} is not allowed",
+            line=line,
+            column=col,
         ) from None
     except yaml.YAMLError as exc:
         raise InputError(source, f"not valid YAML: {exc}") from None
@@ -113,6 +119,10 @@ def load(text: str, source: str) -> tuple[Any, dict[Path, tuple[int, int]]]:
         return scalar(n, path)
 
     return convert(node, ()), positions
+
+
+def _code(character: str | int) -> int:
+    return ord(character) if isinstance(character, str) else character
 
 
 def _place(text: str, offset: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from functools import cached_property
 from pciguard.errors import TopologyError
 
 _BDF_RE = re.compile(
-    r"^(?:(?P<seg>[0-9a-fA-F]{4}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-9a-fA-F]{2})\.(?P<fn>[0-7])$"
+    r"^(?:(?P<seg>[0-9a-fA-F]{4,8}):)?(?P<bus>[0-9a-fA-F]{2}):(?P<dev>[0-9a-fA-F]{2})\.(?P<fn>[0-7])$"
 )
 
 
@@ -31,7 +31,9 @@ class Bdf(int):
     __slots__ = ()
 
     def __new__(cls, segment: int, bus: int, device: int, function: int) -> Bdf:
-        if not (0 <= segment <= 0xFFFF and 0 <= bus <= 0xFF and 0 <= device <= 0x1F and 0 <= function <= 7):
+        if not (
+            0 <= segment <= 0xFFFFFFFF and 0 <= bus <= 0xFF and 0 <= device <= 0x1F and 0 <= function <= 7
+        ):
             raise ValueError(f"out of range: Bdf({segment}, {bus}, {device}, {function})")
         value = segment << 16 | bus << 8 | device << 3 | function
         found = _ADDRESSES.get(value)

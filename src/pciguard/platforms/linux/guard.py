@@ -740,10 +740,9 @@ def request(path: Path, message: dict[str, Any], timeout: float = 30.0) -> Itera
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(str(path))
-        try:
+        # A refused peer is answered and closed at once: its answer waits to be read.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             conn.sendall(json.dumps(message).encode() + b"\n")
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # a refused peer is answered and closed at once: its answer waits to be read
         if message.get("op") == "watch":
             conn.settimeout(None)
         with conn.makefile("rb") as answers:

@@ -76,10 +76,10 @@ IOMMU_SWITCHES = re.compile(
 IR_CHIP = re.compile(r"\bIR-[A-Z]|\b(?:INTEL|AMD)-IR\b|\bAMD-IR-")
 PLAIN_CHIP = re.compile(r"\b(?:IO-APIC|PCI-MSI|PCI-MSIX)")
 CONSOLE_GPU = "the console GPU (boot_vga)"
-_BDF_NAME = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_BDF_NAME = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _GROUP_NAME = re.compile(r"^[0-9]{1,9}$")
 _HEX_ADDRESS = re.compile(r"^(?:0x)?[0-9a-fA-F]{1,16}$")  # a 64-bit address
-_ROOT_BUS_NAME = re.compile(r"^pci[0-9a-f]{4,5}:[0-9a-f]{2}$")
+_ROOT_BUS_NAME = re.compile(r"^pci[0-9a-f]{4,8}:[0-9a-f]{2}$")
 HIDES_CONFIG = (
     "PCIe port types, ACS, FLR, phantom functions and SR-IOV: pciguard's own group "
     "derivation is a guess (the kernel's groups still hold); run as root"
@@ -914,7 +914,9 @@ class _Reader:
                 self.notes.problem(f"{rel}:{number}", f"expected 'START END TYPE', found {line[:60]!r}")
                 continue
             if end < start:
-                self.notes.problem(f"{rel}:{number}", f"the region ends ({end:#x}) before it starts ({start:#x})")
+                self.notes.problem(
+                    f"{rel}:{number}", f"the region ends ({end:#x}) before it starts ({start:#x})"
+                )
                 continue
             if kind in ("direct", "direct-relaxable"):
                 out.append((start, end, kind))
