@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.formats.scenario_file import Scenario, ScenarioStep
+from pciguard.model import Bdf
 from pciguard.platforms.base import HOST
 from pciguard.platforms.sim import Blocked, CallRecord, Delivered, Landed, SimPlatform
 from pciguard.toolstack import Cursor, Outcome, Toolstack
@@ -173,6 +174,16 @@ class Replay:
         self.platform.plug(step.device)
         self.toolstack.device_appeared(step.device)
 
+    def _held_by(self, vm: str) -> list[Bdf]:
+        return sorted(b for b, record in self.toolstack.ledger.items() if record.vm == vm)
+
+    def _returned(self, held: list[Bdf]) -> str:
+        """Where the devices a VM held went when it went."""
+        if not held:
+            return ""
+        places = ", ".join(f"{b} {self.toolstack.ledger[b].state.value}" for b in held)
+        return f"; its devices: {places}"
+
     def _operate(self, step: ScenarioStep) -> str:
         platform, toolstack = self.platform, self.toolstack
         device, vm = step.device, step.vm
@@ -186,15 +197,17 @@ class Replay:
                 return f"{vm} running"
             case "destroy":
                 assert vm is not None
+                held = self._held_by(vm)
                 toolstack.destroy_vm(vm)
-                return toolstack.notes[-1]
+                return f"destroyed {vm}" + self._returned(held)
             case "crash":
                 assert vm is not None
                 platform.crash_domain(vm)
                 if not step.cleanup:
                     return f"{vm} crashed"
+                held = self._held_by(vm)
                 toolstack.vm_crashed(vm)
-                return toolstack.notes[-1]
+                return f"{vm} crashed and cleaned up" + self._returned(held)
         assert device is not None
         match step.op:
             case "make-assignable":

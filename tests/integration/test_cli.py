@@ -168,3 +168,69 @@ def test_verify_json_and_exit_codes(tmp_path: Path) -> None:
 def test_verify_needs_an_explore_section() -> None:
     result = runner.invoke(app, ["verify", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
     assert result.exit_code == 2 and "no 'explore' section" in result.output
+
+
+def _commands(group: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [prefix]
+    if hasattr(group, "commands"):  # a group (typer's own click or the real one)
+        for name, sub in group.commands.items():
+            found += _commands(sub, (*prefix, name))
+    return found
+
+
+def test_every_help_is_plain_text_with_the_exit_codes() -> None:
+    import typer.main
+
+    for command in _commands(typer.main.get_command(app)):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        text = result.output
+        assert "Exit codes" in text and "70 " in text, command
+        assert "<bool>" not in text and "🚌" not in text, (command, text)
+        assert not any(ord(c) > 0x2000 and c not in "─│" for c in text), (command, text)
+
+
+def test_an_address_in_help_is_not_an_emoji() -> None:
+    result = runner.invoke(app, ["quarantine", "--help"])
+    assert "DOMAIN:BUS:DEVICE.FUNCTION" in result.output
+
+
+def test_an_internal_error_is_one_line_and_exit_70(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    program = (
+        "import pciguard.cli.main as m\ndef broken(): raise KeyError('a bug')\nm.app = broken\nm.main()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 70
+    assert "Traceback" not in run.stderr and "internal error: KeyError" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_address_is_exit_2_not_a_traceback() -> None:
+    result = runner.invoke(app, ["quarantine", "00:03", "--dry-run"])
+    assert result.exit_code == 2 and "is not a PCI address" in result.output
+
+
+def test_policy_generate_makes_the_folder_it_writes_into(tmp_path: Path) -> None:
+    target = tmp_path / "etc" / "pciguard" / "policy.rules"
+    result = runner.invoke(
+        app, ["policy", "generate", "-p", str(EXAMPLES / "workstation.yaml"), "-o", str(target)]
+    )
+    assert result.exit_code == 0, result.output
+    assert target.read_text().count("allow") > 0
+
+
+def test_the_unit_runs_this_interpreter() -> None:
+    import sys
+
+    result = runner.invoke(app, ["guard", "unit"])
+    assert f"ExecStart={sys.executable} -m pciguard guard" in result.output
+    assert "/usr/bin/env" not in result.output and "ProtectHome=read-only" in result.output
+
+
+def test_simulate_says_what_destroy_did() -> None:
+    result = runner.invoke(app, ["simulate", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
+    assert "destroy vm1  OK  destroyed vm1; its devices: 0000:03:00.0 quarantined" in result.output
+    assert "destroy_domain(" not in result.output

@@ -29,7 +29,7 @@ def test_generate_allows_what_is_present_and_nothing_plugged_later(tmp_path: Pat
     assert again.exit_code == 2 and "does not overwrite" in again.output
     assert written.read_text() == result.stdout
     nowhere = runner.invoke(
-        app, ["policy", "generate", "-p", WORKSTATION, "-o", str(tmp_path / "no/such.rules")]
+        app, ["policy", "generate", "-p", WORKSTATION, "-o", str(written / "under-a-file.rules")]
     )
     assert nowhere.exit_code == 2 and "cannot write the policy" in nowhere.output
 
@@ -59,7 +59,7 @@ def test_the_shipped_example_policy_and_unit_are_well_formed() -> None:
     example = runner.invoke(app, ["policy", "example"])
     assert example.exit_code == 0 and len(parse_policy(example.stdout).rules) >= 5
     unit = runner.invoke(app, ["guard", "unit"])
-    assert unit.exit_code == 0 and "ExecStart=/usr/bin/env pciguard guard" in unit.stdout
+    assert unit.exit_code == 0 and " -m pciguard guard --policy" in unit.stdout
 
 
 def test_the_guard_refuses_to_start_without_a_policy_it_can_read(tmp_path: Path) -> None:

@@ -118,9 +118,21 @@ def test_bad_dumps_name_the_line(text: str, message: str, line: int) -> None:
 @pytest.mark.parametrize(
     ("text", "message", "line"),
     [
-        ("00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n\tIOMMU group: x\n", "names no group", 2),
-        ("00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n\tIOMMU group: ²\n", "names no group", 2),
-        ("123456789:00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n", "expected a device line", 1),
+        (
+            "00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n\tIOMMU group: x\n",
+            "names no group",
+            2,
+        ),
+        (
+            "00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n\tIOMMU group: ²\n",
+            "names no group",
+            2,
+        ),
+        (
+            "123456789:00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n",
+            "expected a device line",
+            1,
+        ),
     ],
 )
 def test_malformed_dumps_name_the_line(text: str, message: str, line: int) -> None:

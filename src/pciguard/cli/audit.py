@@ -40,6 +40,7 @@ def command(
         "-p",
         help="Audit a platform description file (YAML) instead of this host.",
         dir_okay=False,
+        metavar="FILE",
     ),
     root: Path | None = typer.Option(
         None,
@@ -47,16 +48,25 @@ def command(
         help="Audit the sysfs and /proc tree under this directory instead of /.",
         file_okay=False,
         exists=True,
+        metavar="DIR",
     ),
     snapshot: Path | None = typer.Option(
-        None, "--snapshot", help="Audit a snapshot taken by `pciguard snapshot` (.tar.gz).", dir_okay=False
+        None,
+        "--snapshot",
+        help="Audit a snapshot taken by `pciguard snapshot` (.tar.gz).",
+        dir_okay=False,
+        metavar="FILE",
     ),
     lspci: Path | None = typer.Option(
-        None, "--lspci", help="Audit the text of `lspci -vvv` (- for standard input).", dir_okay=False
+        None,
+        "--lspci",
+        help="Audit the text of `lspci -vvv` (- for standard input).",
+        dir_okay=False,
+        metavar="FILE",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     svg: Path | None = typer.Option(
-        None, "--svg", help="Also draw the topology, groups coloured by verdict."
+        None, "--svg", help="Also draw the topology, groups coloured by verdict.", metavar="FILE"
     ),
     show_all: bool = typer.Option(False, "--all", help="Also list groups of bridges only."),
     allow_unsafe_interrupts: bool = typer.Option(
@@ -64,13 +74,12 @@ def command(
         "--allow-unsafe-interrupts",
         help="UNSAFE: judge as if assignment without interrupt isolation were allowed.",
     ),
-    rmrr: RmrrPolicy = typer.Option(RmrrPolicy.STRICT, "--rmrr", help="Policy for firmware 1:1 regions."),
+    rmrr: RmrrPolicy = typer.Option(
+        RmrrPolicy.STRICT, "--rmrr", help="Policy for firmware 1:1 regions.", metavar="POLICY"
+    ),
 ) -> None:
     """Audit this host (or a file describing one): IOMMU findings, then every IOMMU
     group with its verdict and the reasons for it.
-
-    Exit codes: 0 the host can isolate devices; 1 critical findings (no IOMMU, no
-    interrupt isolation, an unsafe override in force); 2 malformed input.
     """
     chosen = [
         name

@@ -44,6 +44,33 @@ class Exit(IntEnum):
     UNMET = 3  # a step's expectation, or an expected violation, did not come true
     INCOMPLETE = 4  # verify: a limit stopped the search before it was exhaustive
     REFUSED = 5  # quarantine/unquarantine: refused, or a step failed and was unwound
+    INTERNAL = 70  # a bug in pciguard (EX_SOFTWARE): said in one line, never a traceback
+
+
+# Shown under every command's --help (click keeps a paragraph that starts with \b as it is).
+EXIT_CODES = """\b
+Exit codes (the same for every command):
+  0  done; audit: the host can isolate devices; simulate/verify: as the scenario expects
+  1  audit: critical findings (no IOMMU, no interrupt isolation, an unsafe override);
+     simulate/verify: an invariant broke that the scenario did not expect
+  2  malformed input or arguments
+  3  simulate/verify: an expectation, or an expected violation, did not come true
+  4  verify: a limit stopped the search before it was exhaustive
+  5  refused, or a step failed and was unwound (nothing half-done)
+  70 an internal error in pciguard (a bug: please report it)"""
+
+
+def typer_app(**settings: object) -> typer.Typer:
+    """A command group with plain help: no Rich markup or emoji codes read from help
+    texts (``:bus:`` in DOMAIN:BUS:DEVICE would become an emoji), text wrapped to the
+    terminal."""
+    return typer.Typer(
+        rich_markup_mode=None,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"max_content_width": 100},
+        **settings,  # type: ignore[arg-type]
+    )
 
 
 @contextmanager

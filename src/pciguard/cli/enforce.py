@@ -23,11 +23,17 @@ from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, Journal
 if TYPE_CHECKING:  # imported when a command runs: every pciguard start would pay for it
     from pciguard.platforms.linux.enforce import Enforcer, Result
 
-ROOT = typer.Option(Path("/"), "--root", help="Act on the sysfs tree under this directory.")
+ROOT = typer.Option(Path("/"), "--root", help="Act on the sysfs tree under this directory.", metavar="DIR")
 STATE_DIR = typer.Option(
-    DEFAULT_STATE_DIR, "--state-dir", envvar="PCIGUARD_STATE_DIR", help="Where the journal lives."
+    DEFAULT_STATE_DIR,
+    "--state-dir",
+    envvar="PCIGUARD_STATE_DIR",
+    help="Where the journal lives.",
+    metavar="DIR",
 )
-DEVICE = typer.Argument(..., help="The device: DOMAIN:BUS:DEVICE.FUNCTION or BUS:DEVICE.FUNCTION.")
+DEVICE = typer.Argument(
+    ..., help="The device: DOMAIN:BUS:DEVICE.FUNCTION or BUS:DEVICE.FUNCTION.", metavar="DEVICE"
+)
 DRY_RUN = typer.Option(False, "--dry-run", help="Print each sysfs write, in order, without making it.")
 
 
@@ -134,8 +140,10 @@ def unquarantine(
 
 def assign(
     device: str = DEVICE,
-    to: str = typer.Option(..., "--to", help="The VM's name."),
-    user: str = typer.Option(..., "--user", help="The user (name or uid) the VM's process runs as."),
+    to: str = typer.Option(..., "--to", help="The VM's name.", metavar="VM"),
+    user: str = typer.Option(
+        ..., "--user", help="The user (name or uid) the VM's process runs as.", metavar="USER"
+    ),
     dry_run: bool = DRY_RUN,
     root: Path = ROOT,
     state_dir: Path = STATE_DIR,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.cli.common import EXIT_CODES, Exit, err, input_errors, out, typer_app
 from pciguard.errors import InputError
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 from pciguard.policy import PresentPolicy
@@ -24,16 +26,19 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET = Path("/run/pciguard/guard.sock")
 DEFAULT_POLICY = Path("/etc/pciguard/policy.rules")
 SOCKET = typer.Option(
-    DEFAULT_SOCKET, "--socket", envvar="PCIGUARD_SOCKET", help="The guard's control socket."
+    DEFAULT_SOCKET, "--socket", envvar="PCIGUARD_SOCKET", help="The guard's control socket.", metavar="PATH"
 )
-DEVICE = typer.Argument(..., help="A PCI address, or a Thunderbolt device's name (such as 0-1).")
+DEVICE = typer.Argument(
+    ..., help="A PCI address, or a Thunderbolt device's name (such as 0-1).", metavar="DEVICE"
+)
 HELD_AFTER_FAILURE = (
     "the guard stopped without undoing its claim: vfio-pci keeps claiming new devices "
     "and automatic probing stays off until it runs again"
 )
 TARGET_STYLE = {"allow": "bold green", "quarantine": "yellow", "reject": "bold red", "keep": "dim"}
 
-app = typer.Typer(
+app = typer_app(
+    epilog=EXIT_CODES,
     help="The hot-plug guard: run it (no subcommand), or list and change its decisions.",
     invoke_without_command=True,
 )
@@ -43,16 +48,27 @@ app = typer.Typer(
 def run(
     ctx: typer.Context,
     policy_file: Path = typer.Option(
-        DEFAULT_POLICY, "--policy", help="The rules (docs/policy.md).", dir_okay=False
+        DEFAULT_POLICY, "--policy", help="The rules (docs/policy.md).", dir_okay=False, metavar="FILE"
     ),
     present: PresentPolicy = typer.Option(
-        PresentPolicy.KEEP, "--present", help="What to do with devices already there at start."
+        PresentPolicy.KEEP,
+        "--present",
+        help="What to do with devices already there at start.",
+        metavar="WHAT",
     ),
     socket_path: Path = SOCKET,
-    group: str | None = typer.Option(None, "--group", help="Members of this group may use the socket too."),
-    root: Path = typer.Option(Path("/"), "--root", help="Act on the sysfs tree under this directory."),
+    group: str | None = typer.Option(
+        None, "--group", help="Members of this group may use the socket too.", metavar="GROUP"
+    ),
+    root: Path = typer.Option(
+        Path("/"), "--root", help="Act on the sysfs tree under this directory.", metavar="DIR"
+    ),
     state_dir: Path = typer.Option(
-        DEFAULT_STATE_DIR, "--state-dir", envvar="PCIGUARD_STATE_DIR", help="Where the journal lives."
+        DEFAULT_STATE_DIR,
+        "--state-dir",
+        envvar="PCIGUARD_STATE_DIR",
+        help="Where the journal lives.",
+        metavar="DIR",
     ),
 ) -> None:
     """Run the guard: vfio-pci claims every new PCI function, which the policy then
@@ -166,10 +182,17 @@ def _answer(socket_path: Path, message: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
-@app.command("unit")
+@app.command("unit", epilog=EXIT_CODES)
 def unit_command() -> None:
-    """Print the systemd unit that ships with pciguard (to /etc/systemd/system/pciguard-guard.service)."""
-    typer.echo(shipped("pciguard-guard.service"), nl=False)
+    """Print the systemd unit for this installation (to /etc/systemd/system/pciguard-guard.service)."""
+    typer.echo(unit_text(), nl=False)
+
+
+def unit_text() -> str:
+    """The shipped unit, running this very pciguard: the interpreter it was installed in,
+    by absolute path (a venv's ``pciguard`` is not on systemd's PATH)."""
+    command = f"{shlex.quote(sys.executable)} -m pciguard"
+    return shipped("pciguard-guard.service").replace("/usr/bin/env pciguard", command)
 
 
 def shipped(name: str) -> str:
@@ -179,7 +202,7 @@ def shipped(name: str) -> str:
     return (files("pciguard") / "data" / name).read_text()
 
 
-@app.command("list")
+@app.command("list", epilog=EXIT_CODES)
 def list_command(socket_path: Path = SOCKET, json_output: bool = typer.Option(False, "--json")) -> None:
     """Every device the guard has judged, with its latest decision."""
     devices = _answer(socket_path, {"op": "list"})["devices"]
@@ -194,25 +217,25 @@ def _control(target: str, device: str, socket_path: Path) -> None:
     _show(_answer(socket_path, {"op": target, "device": device})["decision"])
 
 
-@app.command("allow")
+@app.command("allow", epilog=EXIT_CODES)
 def allow_command(device: str = DEVICE, socket_path: Path = SOCKET) -> None:
     """Let a host driver have the device (unquarantining it first if need be)."""
     _control("allow", device, socket_path)
 
 
-@app.command("quarantine")
+@app.command("quarantine", epilog=EXIT_CODES)
 def quarantine_command(device: str = DEVICE, socket_path: Path = SOCKET) -> None:
     """Bind the device to vfio-pci, its DMA blocked."""
     _control("quarantine", device, socket_path)
 
 
-@app.command("reject")
+@app.command("reject", epilog=EXIT_CODES)
 def reject_command(device: str = DEVICE, socket_path: Path = SOCKET) -> None:
     """Remove the device from the bus (or leave a Thunderbolt device unauthorised)."""
     _control("reject", device, socket_path)
 
 
-@app.command("watch")
+@app.command("watch", epilog=EXIT_CODES)
 def watch_command(socket_path: Path = SOCKET) -> None:
     """Print each decision as the guard makes it, until interrupted."""
     for answer in _ask(socket_path, {"op": "watch"}):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import Exit, error, input_errors, linux_reading, out
+from pciguard.cli.common import EXIT_CODES, Exit, error, input_errors, linux_reading, out, typer_app
 from pciguard.errors import InputError
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import ThunderboltDevice
@@ -19,13 +19,24 @@ if TYPE_CHECKING:
 # The policy modules are imported by the commands that use them: every pciguard
 # command starts by importing this one, and start-up time counts.
 
-app = typer.Typer(help="Write, check and try hot-plug policies (the rules `pciguard guard` applies).")
+app = typer_app(
+    epilog=EXIT_CODES, help="Write, check and try hot-plug policies (the rules `pciguard guard` applies)."
+)
 
 PLATFORM = typer.Option(
-    None, "--platform", "-p", help="A platform description file (YAML) instead of this host.", dir_okay=False
+    None,
+    "--platform",
+    "-p",
+    help="A platform description file (YAML) instead of this host.",
+    dir_okay=False,
+    metavar="FILE",
 )
-ROOT = typer.Option(None, "--root", help="The sysfs tree under this directory instead of /.", file_okay=False)
-SNAPSHOT = typer.Option(None, "--snapshot", help="A snapshot taken by `pciguard snapshot`.", dir_okay=False)
+ROOT = typer.Option(
+    None, "--root", help="The sysfs tree under this directory instead of /.", file_okay=False, metavar="DIR"
+)
+SNAPSHOT = typer.Option(
+    None, "--snapshot", help="A snapshot taken by `pciguard snapshot`.", dir_okay=False, metavar="FILE"
+)
 TARGET_STYLE = {"allow": "bold green", "quarantine": "yellow", "reject": "bold red"}
 
 
@@ -42,9 +53,11 @@ def _host(
     return name_devices(reading.host), reading.facts.thunderbolt_devices
 
 
-@app.command("generate")
+@app.command("generate", epilog=EXIT_CODES)
 def generate_command(
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of standard output."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write here instead of standard output.", metavar="FILE"
+    ),
     platform: Path | None = PLATFORM,
     root: Path | None = ROOT,
     snapshot: Path | None = SNAPSHOT,
@@ -59,6 +72,11 @@ def generate_command(
         typer.echo(text, nl=False)
         return
     try:
+        output.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # /etc/pciguard on a new host
+    except OSError as exc:
+        error(f"{output}: cannot write the policy: {exc.strerror or exc}")
+        raise typer.Exit(Exit.BAD_INPUT) from None
+    try:
         with open(output, "x", encoding="utf-8") as written:  # never over an existing policy
             written.write(text)
     except FileExistsError:
@@ -70,7 +88,7 @@ def generate_command(
     out.print(f"wrote {text.count(chr(10)) - 2} rules to {output}")
 
 
-@app.command("example")
+@app.command("example", epilog=EXIT_CODES)
 def example_command() -> None:
     """Print the example policy that ships with pciguard, every construct explained."""
     from pciguard.cli.guard import shipped
@@ -78,8 +96,10 @@ def example_command() -> None:
     typer.echo(shipped("example.rules"), nl=False)
 
 
-@app.command("check")
-def check_command(file: Path = typer.Argument(..., help="The policy file.", dir_okay=False)) -> None:
+@app.command("check", epilog=EXIT_CODES)
+def check_command(
+    file: Path = typer.Argument(..., help="The policy file.", dir_okay=False, metavar="FILE"),
+) -> None:
     """Validate a policy; a malformed rule is named by file, line and column (exit 2)."""
     from pciguard.formats.policy_file import load_policy
 
@@ -88,11 +108,15 @@ def check_command(file: Path = typer.Argument(..., help="The policy file.", dir_
     out.print(f"{file}: {len(policy.rules)} rules, well formed")
 
 
-@app.command("test")
+@app.command("test", epilog=EXIT_CODES)
 def test_command(
-    file: Path = typer.Argument(..., help="The policy file.", dir_okay=False),
-    device: str = typer.Argument(..., help="A PCI address, or a Thunderbolt device's name (0-1)."),
-    present: bool = typer.Option(False, "--present", help="Judge it as present when the guard starts."),
+    file: Path = typer.Argument(..., help="The policy file.", dir_okay=False, metavar="FILE"),
+    device: str = typer.Argument(
+        ..., help="A PCI address, or a Thunderbolt device's name (0-1).", metavar="DEVICE"
+    ),
+    present: bool = typer.Option(
+        False, "--present", help="Judge it as present when the guard starts.", metavar="WHAT"
+    ),
     platform: Path | None = PLATFORM,
     root: Path | None = ROOT,
     snapshot: Path | None = SNAPSHOT,

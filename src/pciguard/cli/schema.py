@@ -30,6 +30,8 @@ def schema_text(document: Document) -> str:
     return json.dumps(models[document].model_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
-def command(document: Document = typer.Argument(..., help="Which schema to print.")) -> None:
+def command(
+    document: Document = typer.Argument(..., help="Which schema to print.", metavar="DOCUMENT"),
+) -> None:
     """Print the JSON Schema of the audit report or of a file format."""
     out.print(schema_text(document), end="", soft_wrap=True)

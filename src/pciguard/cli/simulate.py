@@ -26,17 +26,12 @@ STATUS_STYLE = {
 
 
 def command(
-    scenario: Path = typer.Argument(..., help="A scenario file (YAML).", dir_okay=False),
+    scenario: Path = typer.Argument(..., help="A scenario file (YAML).", dir_okay=False, metavar="SCENARIO"),
     json_output: bool = typer.Option(False, "--json", help="Print the timeline as JSON."),
     show_calls: bool = typer.Option(False, "--calls", help="Show every platform call."),
 ) -> None:
     """Replay a scenario on the simulated platform, checking every invariant after
     every platform call.
-
-    Exit codes: 0 everything as the scenario expects (no invariant broken, or exactly
-    those listed in expect_violations); 1 an invariant broken that the scenario did not
-    expect (or the platform caught the toolstack misusing it); 2 malformed input;
-    3 a step's expectation, or an expected violation, was not met.
     """
     from pciguard.formats.scenario_file import load_scenario
     from pciguard.simulate import run

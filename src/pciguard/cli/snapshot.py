@@ -11,9 +11,11 @@ from pciguard.platforms.linux.snapshot import take_snapshot
 
 
 def command(
-    output: Path = typer.Argument(..., help="Where to write the snapshot (.tar.gz).", dir_okay=False),
+    output: Path = typer.Argument(
+        ..., help="Where to write the snapshot (.tar.gz).", dir_okay=False, metavar="OUTPUT"
+    ),
     root: Path = typer.Option(
-        Path("/"), "--root", help="Read the sysfs and /proc tree under this directory."
+        Path("/"), "--root", help="Read the sysfs and /proc tree under this directory.", metavar="DIR"
     ),
 ) -> None:
     """Capture the sysfs, /proc and ACPI files the audit reads, without serial numbers,

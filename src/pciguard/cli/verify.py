@@ -18,7 +18,9 @@ if TYPE_CHECKING:  # imported when the command runs: every pciguard start would 
 
 
 def command(
-    scenario: Path = typer.Argument(..., help="A scenario file with an 'explore' section.", dir_okay=False),
+    scenario: Path = typer.Argument(
+        ..., help="A scenario file with an 'explore' section.", dir_okay=False, metavar="SCENARIO"
+    ),
     symmetry: bool = typer.Option(
         True,
         "--symmetry/--no-symmetry",
@@ -29,21 +31,21 @@ def command(
         "--independence/--no-independence",
         help="Advance only one of several operations that touch disjoint devices and VMs.",
     ),
-    max_states: int | None = typer.Option(None, "--max-states", min=1, help="Stop after this many states."),
+    max_states: int | None = typer.Option(
+        None, "--max-states", min=1, help="Stop after this many states.", metavar="N"
+    ),
     time_limit: float | None = typer.Option(
-        None, "--time-limit", min=0.1, help="Stop after this many seconds."
+        None, "--time-limit", min=0.1, help="Stop after this many seconds.", metavar="SECONDS"
     ),
     out_file: Path | None = typer.Option(
-        None, "--out", help="Where to write a counterexample (default: NAME-counterexample.yaml here)."
+        None,
+        "--out",
+        help="Where to write a counterexample (default: NAME-counterexample.yaml here).",
+        metavar="FILE",
     ),
     json_output: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
-    """Explore every interleaving of operations, failures, crashes and hot-plugs.
-
-    Exit codes: 0 as the scenario expects (no violation, or one of those listed in
-    expect_violations); 1 a violation it did not expect; 2 malformed input; 3 it
-    expected a violation and none was found; 4 a limit stopped the search first.
-    """
+    """Explore every interleaving of operations, failures, crashes and hot-plugs."""
     from pciguard.formats.scenario_file import load_scenario
     from pciguard.verify.counterexample import dump, scenario_document
     from pciguard.verify.explorer import Explorer

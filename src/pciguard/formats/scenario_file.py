@@ -284,7 +284,11 @@ def parse_scenario(text: str, source: str = "<scenario>", base_dir: FsPath | Non
                 raise at(source, f"'{step.id}' names another operation already", (*where, "id"), positions)
             ids.add(step.id or "")
 
-        if step.op == "hotplug" and step.device and Bdf.parse(step.device) not in host.hotplug_later:
+        if (
+            step.op == "hotplug"
+            and step.device
+            and bdf("device", step.device, where) not in host.hotplug_later
+        ):
             raise at(
                 source,
                 f"{step.device} is present from boot; mark it 'hotplug: true' in the platform",
