@@ -88,6 +88,10 @@ def _group_named_superscript(root: Path, outside: Path) -> None:
 def _undecodable_names(root: Path, outside: Path) -> None:
     os.mkdir(os.path.join(os.fsencode(root / "sys/bus/pci/devices"), b"0000:\xff\xfe:00.0"))
     os.mkdir(os.path.join(os.fsencode(root / "sys/kernel/iommu_groups"), b"\x1b[31m\xff"))
+    driver = _device(root) / "driver"
+    if driver.is_symlink():
+        driver.unlink()
+    os.symlink(b"../../../../bus/pci/drivers/\x1b]0;owned\x07\xff", os.fsencode(driver))
 
 
 def _mountinfo_ending_in_dash(root: Path, outside: Path) -> None:

@@ -209,3 +209,17 @@ def test_tens_of_thousands_of_members_are_read_quickly(tmp_path: Path) -> None:
     with deadline(60):
         read_snapshot(path)
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("json_output", [True, False])
+def test_undecodable_names_print_as_escapes(tree: Callable[..., Path], outside: Path, json_output: bool) -> None:
+    root = tree("workstation")
+    hostile.TREES_BY_NAME["undecodable-names"].damage(root, outside)
+    run = subprocess.run(
+        [sys.executable, "-m", "pciguard", "audit", "--root", str(root), *(["--json"] if json_output else [])],
+        capture_output=True,
+        timeout=60,
+    )
+    assert run.returncode in (0, 1), run.stderr
+    assert b"Traceback" not in run.stderr and b"\x1b" not in run.stdout
+    assert b"\\x1b" in run.stdout or b"\\\\x1b" in run.stdout

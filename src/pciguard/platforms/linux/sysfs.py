@@ -37,6 +37,7 @@ from pciguard.model.kernel import (
     ThunderboltDevice,
     ThunderboltDomain,
     Unreadable,
+    printable,
 )
 from pciguard.model.pci import ancestors
 from pciguard.platforms.linux.acpi import (
@@ -180,7 +181,7 @@ class Tree:
         """The last component of where a link points (a driver's name, a PF's address).
         ``directory``: an open_dir of rel's folder (a hint; the path alone decides)."""
         target = self.readlink(rel)
-        return None if target is None else target.rstrip("/").rpartition("/")[2]
+        return None if target is None else printable(target.rstrip("/").rpartition("/")[2])
 
     def readlink(self, rel: str) -> str | None:
         """A link's target as written; None when ``rel`` is not a readable link."""
@@ -268,7 +269,7 @@ class Fs(Tree):
         except OSError:
             return None
         self._note(rel, "link", target)
-        return target.rstrip("/").rpartition("/")[2]
+        return printable(target.rstrip("/").rpartition("/")[2])
 
     def _existing(self, rel: str, follow: bool = True) -> str | None:
         """``real(rel)`` for a path that exists; OSErrors (a loop, a folder that cannot be
