@@ -34,7 +34,10 @@ from lab.vfio_user import HALF, IOVA, UNMAPPED_IOVA
 SYS_DEVICES = Path("/sys/devices/pci0000:00")
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
 DMAR = Path("/sys/firmware/acpi/tables/DMAR")
+# Where run.sh mounts the interpreter's installation and, in a venv, the venv itself:
+# either may sit under a folder only root may enter (pyenv and venvs under /root).
 USER_PYTHON_PREFIX = Path("/run/python")
+USER_VENV = Path("/run/venv")
 DMAR_FLAGS_OFFSET = 37  # after the 36-byte ACPI header and the host address width
 
 
@@ -91,21 +94,29 @@ def dmesg() -> list[str]:
 
 
 def python_as(user: int | None) -> tuple[list[str], Callable[[], None]]:
-    """The interpreter and a pre-exec function that run Python as root or as ``user``. An
-    ordinary user cannot reach an interpreter under /root, so run.sh also mounts the
-    interpreter's prefix at ``USER_PYTHON_PREFIX``."""
+    """The command and a pre-exec function that run Python as root or as ``user``. An
+    ordinary user cannot reach an interpreter under /root (pyenv), nor a venv's link to
+    one, so run.sh mounts the installation at ``USER_PYTHON_PREFIX`` (and a venv at
+    ``USER_VENV``), and the user runs the real binary from there with its own shared
+    library and the venv's packages on the path."""
     if user is None:
         return [sys.executable], lambda: None
-    # Seen in the lab: run by an ordinary user from the bound prefix, the interpreter's
-    # frozen ``site`` module looked for dist-packages and missed site-packages.
-    bound = USER_PYTHON_PREFIX / Path(sys.executable).relative_to(sys.prefix)
+    binary = Path(os.path.realpath(sys.executable)).relative_to(os.path.realpath(sys.base_prefix))
+    paths = [os.environ.get("PYTHONPATH", "")]
+    if sys.prefix != sys.base_prefix:
+        import site
+
+        paths += [str(USER_VENV / Path(p).relative_to(sys.prefix)) for p in site.getsitepackages()]
+    env = [f"LD_LIBRARY_PATH={USER_PYTHON_PREFIX / 'lib'}", f"PYTHONPATH={':'.join(p for p in paths if p)}"]
 
     def drop() -> None:
         os.setgroups([])
         os.setgid(user)
         os.setuid(user)
 
-    return [str(bound), "-X", "frozen_modules=off"], drop
+    # Seen in the lab: run from the bound prefix, the frozen ``site`` module looked for
+    # dist-packages and missed site-packages.
+    return ["/usr/bin/env", *env, str(USER_PYTHON_PREFIX / binary), "-X", "frozen_modules=off"], drop
 
 
 def pciguard(args: list[str], user: int | None = None) -> dict[str, Any]:

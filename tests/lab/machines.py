@@ -9,6 +9,7 @@ carries ``plan.json`` in and ``result.json`` (and snapshots) out.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -95,13 +96,17 @@ def guest_script(out: Path) -> str:
     py = shlex.quote(sys.executable)
     paths = shlex.quote(f"{CHECKOUT / 'src'}:{CHECKOUT / 'tests'}")
     target = shlex.quote(f"/host{out}")
+    venv = ""
+    if sys.prefix != sys.base_prefix:  # a venv: its packages, for the ordinary user's runs
+        venv = f"mkdir /host/run/venv && mount -o bind /host{shlex.quote(os.path.realpath(sys.prefix))} /host/run/venv"
     return f"""set -u
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || exit 1
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
 mount -t tmpfs tmpfs /host/run
-mkdir /host/run/python && mount -o bind /host{shlex.quote(sys.prefix)} /host/run/python
+mkdir /host/run/python && mount -o bind /host{shlex.quote(os.path.realpath(sys.base_prefix))} /host/run/python
+{venv}
 mount -o bind /out {target}
 chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/run TMPDIR=/run PYTHONDONTWRITEBYTECODE=1 \\
     PYTHONPATH={paths} {py} -m lab.inside {shlex.quote(str(out / "plan.json"))}

@@ -212,11 +212,21 @@ def test_tens_of_thousands_of_members_are_read_quickly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("json_output", [True, False])
-def test_undecodable_names_print_as_escapes(tree: Callable[..., Path], outside: Path, json_output: bool) -> None:
+def test_undecodable_names_print_as_escapes(
+    tree: Callable[..., Path], outside: Path, json_output: bool
+) -> None:
     root = tree("workstation")
     hostile.TREES_BY_NAME["undecodable-names"].damage(root, outside)
     run = subprocess.run(
-        [sys.executable, "-m", "pciguard", "audit", "--root", str(root), *(["--json"] if json_output else [])],
+        [
+            sys.executable,
+            "-m",
+            "pciguard",
+            "audit",
+            "--root",
+            str(root),
+            *(["--json"] if json_output else []),
+        ],
         capture_output=True,
         timeout=60,
     )
