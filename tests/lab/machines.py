@@ -98,7 +98,8 @@ def guest_script(out: Path) -> str:
     target = shlex.quote(f"/host{out}")
     venv = ""
     if sys.prefix != sys.base_prefix:  # a venv: its packages, for the ordinary user's runs
-        venv = f"mkdir /host/run/venv && mount -o bind /host{shlex.quote(os.path.realpath(sys.prefix))} /host/run/venv"
+        prefix = shlex.quote(os.path.realpath(sys.prefix))
+        venv = f"mkdir /host/run/venv && mount -o bind /host{prefix} /host/run/venv"
     return f"""set -u
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || exit 1
 mount -t proc proc /host/proc
