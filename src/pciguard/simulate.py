@@ -182,7 +182,7 @@ class Replay:
         if not held:
             return ""
         places = ", ".join(f"{b} {self.toolstack.ledger[b].state.value}" for b in held)
-        return f"; its devices: {places}"
+        return f"; ledger: {places}"
 
     def _operate(self, step: ScenarioStep) -> str:
         platform, toolstack = self.platform, self.toolstack

@@ -232,5 +232,5 @@ def test_the_unit_runs_this_interpreter() -> None:
 
 def test_simulate_says_what_destroy_did() -> None:
     result = runner.invoke(app, ["simulate", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
-    assert "destroy vm1  OK  destroyed vm1; its devices: 0000:03:00.0 quarantined" in result.output
+    assert "destroy vm1  OK  destroyed vm1; ledger: 0000:03:00.0 quarantined" in result.output
     assert "destroy_domain(" not in result.output
