@@ -561,18 +561,22 @@ def listen(path: Path, group: str | None) -> socket.socket:
     """The control socket: root's, and the group's when one is configured (SO_PEERCRED
     is checked on every connection all the same)."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
+    # Made under another name and moved into place once it listens: a client that sees
+    # the path can connect (and never a socket with the wrong mode).
+    fresh = path.with_name(f".{path.name}.{os.getpid()}")
+    fresh.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        server.bind(str(path))
+        server.bind(str(fresh))
     finally:
         os.umask(old_umask)
     if group is not None:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        os.chmod(path, 0o660)
-    server.listen(16)
+        os.chown(fresh, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(fresh, 0o660)
+    server.listen(64)
     server.setblocking(False)
+    os.replace(fresh, path)
     return server
 
 
