@@ -75,6 +75,10 @@ def _link_loop(root: Path, outside: Path) -> None:
     (root / "sys/bus/pci/devices/0000:09:00.1").symlink_to("0000:09:00.0")
 
 
+def _deep_link(root: Path, outside: Path) -> None:
+    (root / "sys/bus/pci/devices/0000:09:00.0").symlink_to("a/" * 2000)
+
+
 def _folder_loop(root: Path, outside: Path) -> None:
     groups = root / "sys/kernel/iommu_groups"
     groups.rename(root / "sys/kernel/groups-moved")
@@ -138,6 +142,7 @@ TREES = [
     HostileTree("large-interrupts", "a 70 MB /proc/interrupts: quadratic reading", _large_interrupts),
     HostileTree("config-outside", "config is a link to a file outside the root", _config_outside),
     HostileTree("device-outside", "a device link to a folder outside the root", _device_link_outside),
+    HostileTree("deep-link", "a device link of 2,000 parts: deep recursion", _deep_link),
     HostileTree("link-loop", "two device links pointing at each other (ELOOP)", _link_loop),
     HostileTree("folder-loop", "the groups folder is a link to itself (ELOOP)", _folder_loop),
     HostileTree(

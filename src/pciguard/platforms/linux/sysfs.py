@@ -103,6 +103,7 @@ _LARGEST = {"config": 4096}
 _LARGEST_UNDER = (("sys/firmware/acpi/tables/", 1 << 20), ("proc/", 16 << 20))
 LARGEST_ATTRIBUTE = 64 << 10
 _MAX_LINK_HOPS = 40  # as the kernel's own path walk (ELOOP)
+_MAX_DEPTH = 128  # parts of a path; sysfs paths of the deepest PCI trees have some 30
 
 
 def largest_file(rel: str) -> int:
@@ -137,6 +138,8 @@ class Tree:
         """``rel`` with every link in it resolved under the root ("" for the root itself);
         the last component is left a link unless ``follow``. None when a part is missing
         or a folder in the way is not one. Raises NotSafeToRead on a link loop."""
+        if rel.count("/") > _MAX_DEPTH:  # a link may carry thousands of "a/": not sysfs
+            raise NotSafeToRead(errno.ENAMETOOLONG, f"a path of more than {_MAX_DEPTH} parts", rel[:200])
         parent, _, name = rel.strip("/").rpartition("/")
         base = self._folder(parent, hops)
         if base is None:
