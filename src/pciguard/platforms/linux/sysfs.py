@@ -99,18 +99,20 @@ class NotSafeToRead(OSError):
 # The most the kernel ever puts in a file pciguard reads. sysfs text attributes are a
 # page (64 KiB pages on some arm64 kernels); config space is 4 KiB; ACPI tables and
 # /proc files of very large machines are bigger.
-_LARGEST = {"config": 4096}
-_LARGEST_UNDER = (("sys/firmware/acpi/tables/", 1 << 20), ("proc/", 16 << 20))
 LARGEST_ATTRIBUTE = 64 << 10
+# O_NONBLOCK: a FIFO must not hold the reader at open (it is refused after).
+_READ = os.O_RDONLY | os.O_NONBLOCK
 _MAX_LINK_HOPS = 40  # as the kernel's own path walk (ELOOP)
 _MAX_DEPTH = 128  # parts of a path; sysfs paths of the deepest PCI trees have some 30
 
 
 def largest_file(rel: str) -> int:
     """The most bytes the kernel would ever put in the file ``rel``."""
-    if (limit := _LARGEST.get(rel.rpartition("/")[2])) is not None:
-        return limit
-    return next((size for prefix, size in _LARGEST_UNDER if rel.startswith(prefix)), LARGEST_ATTRIBUTE)
+    if rel.endswith("/config"):
+        return 4096
+    if rel.startswith("proc/"):
+        return 16 << 20
+    return 1 << 20 if rel.startswith(ACPI_TABLES) else LARGEST_ATTRIBUTE
 
 
 class Tree:
@@ -274,49 +276,63 @@ class Fs(Tree):
         self._note(rel, "link", target)
         return printable(target.rstrip("/").rpartition("/")[2])
 
-    def _existing(self, rel: str, follow: bool = True) -> str | None:
-        """``real(rel)`` for a path that exists; OSErrors (a loop, a folder that cannot be
-        searched) propagate."""
-        path = self.real(rel, follow)
-        return path if path is not None and self._kind(path) is not None else None
+    def _open(self, rel: str, flags: int) -> int | None:
+        """Open ``rel`` without leaving the root: its folder resolved (and remembered),
+        its last part opened with O_NOFOLLOW, and only if that part is a link, resolved
+        too. None when missing; other OSErrors propagate."""
+        parent, _, name = rel.rpartition("/")
+        base = self._folder(parent, 0)
+        if base is None:
+            return None
+        flags |= os.O_NOFOLLOW
+        try:
+            return os.open(f"{self.root}/{base}/{name}" if base else f"{self.root}/{name}", flags)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+        path = self.real(rel)  # the last part is a link: resolved under the root
+        if path is None:
+            return None
+        try:
+            return os.open(f"{self.root}/{path}", flags)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def read_bytes(self, rel: str) -> bytes | None:
         """None when missing; NotSafeToRead, PermissionError and other OSErrors propagate."""
-        path = self._existing(rel)
-        return None if path is None else self._read(f"{self.root}/{path}", None, rel)
+        fd = self._open(rel, _READ)
+        return None if fd is None else self._read_fd(fd, rel)
 
     # Reading inside one directory through its descriptor spares the kernel a path walk
     # per attribute: the audit reads some 60,000 of them on a host of 10,000 functions.
     def open_dir(self, rel: str) -> int | None:
-        path = self._existing(rel)
-        if path is None:
-            return None
-        try:
-            return os.open(f"{self.root}/{path}", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        return self._open(rel, os.O_RDONLY | os.O_DIRECTORY)
 
     def close_dir(self, directory: object) -> None:
         assert isinstance(directory, int)
         os.close(directory)
 
     def read_in(self, directory: object, rel: str, name: str) -> bytes | None:
-        """read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``."""
+        """read_bytes(f"{rel}/{name}"), with ``directory`` an open_dir of ``rel``: the
+        folder is resolved, so a link here is one the kernel never makes (O_NOFOLLOW)."""
         assert isinstance(directory, int)
-        return self._read(name, directory, f"{rel}/{name}")
-
-    def _read(self, path: str, directory: int | None, rel: str) -> bytes | None:
-        # O_NOFOLLOW: the folder is resolved, so a link here is one the kernel never makes;
-        # O_NONBLOCK: a FIFO must not hold the reader at open.
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            fd = os.open(path, flags, dir_fd=directory)
+            fd = os.open(name, _READ | os.O_NOFOLLOW, dir_fd=directory)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise NotSafeToRead(exc.errno, "a symbolic link where a file should be", rel) from None
+                raise NotSafeToRead(
+                    exc.errno, "a symbolic link where a file should be", f"{rel}/{name}"
+                ) from None
             raise
+        return self._read_fd(fd, f"{rel}/{name}")
+
+    def _read_fd(self, fd: int, rel: str) -> bytes | None:
+        """The bytes of an opened file, if it is a regular one no larger than the kernel
+        writes there (the descriptor is closed)."""
         try:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
@@ -324,25 +340,40 @@ class Fs(Tree):
             if not stat.S_ISREG(info.st_mode):
                 raise NotSafeToRead(errno.EINVAL, "not a regular file", rel)
             limit = largest_file(rel)
-            if info.st_size > max(limit, 4096) and not rel.startswith("proc/"):
+            if info.st_size > limit and info.st_size > 4096:  # sysfs says 4096 for any attribute
                 raise NotSafeToRead(errno.EFBIG, f"{info.st_size} bytes, more than the kernel writes", rel)
-            chunks = []
-            size = 0
-            while chunk := os.read(fd, min(65536, limit + 1 - size)):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    raise NotSafeToRead(errno.EFBIG, f"more than the kernel writes ({limit} bytes)", rel)
-            data = b"".join(chunks)
+            data = os.read(fd, limit + 1)
+            # sysfs hands over an attribute in one read; /proc and larger files may take more.
+            if data and len(data) <= limit and not (len(data) < 4096 and rel.startswith("sys/")):
+                chunks = [data]
+                size = len(data)
+                while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                data = b"".join(chunks) if len(chunks) > 1 else data
+            if len(data) > limit:
+                raise NotSafeToRead(errno.EFBIG, f"more than the kernel writes ({limit} bytes)", rel)
         finally:
             os.close(fd)
         self._note(rel, "file", data)
         return data
 
+    def readlink(self, rel: str) -> str | None:
+        parent, _, name = rel.rpartition("/")
+        try:
+            base = self._folder(parent, 0)
+            if base is None:
+                return None
+            target = os.readlink(f"{self.root}/{base}/{name}" if base else f"{self.root}/{name}")
+        except OSError:
+            return None
+        self._note(rel, "link", target)
+        return target
+
     def listdir(self, rel: str) -> list[str]:
         """The names in a folder, sorted; [] when it is missing. OSErrors (a loop, no
         permission) propagate."""
-        path = self._existing(rel)
+        path = self._folder(rel.strip("/"), 0)
         if path is None:
             return []
         try:
