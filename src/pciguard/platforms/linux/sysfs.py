@@ -136,35 +136,40 @@ class Tree:
         self._folders.clear()
 
     # -- resolution ------------------------------------------------------------------
-    def real(self, rel: str, follow: bool = True, hops: int = 0) -> str | None:
+    def real(self, rel: str, follow: bool = True) -> str | None:
         """``rel`` with every link in it resolved under the root ("" for the root itself);
         the last component is left a link unless ``follow``. None when a part is missing
         or a folder in the way is not one. Raises NotSafeToRead on a link loop."""
+        return self._resolve(rel, follow, 0)[0]
+
+    def _resolve(self, rel: str, follow: bool, hops: int) -> tuple[str | None, str | None]:
+        """(real path, what is there: see ``_kind``)."""
         if rel.count("/") > _MAX_DEPTH:  # a link may carry thousands of "a/": not sysfs
             raise NotSafeToRead(errno.ENAMETOOLONG, f"a path of more than {_MAX_DEPTH} parts", rel[:200])
         parent, _, name = rel.strip("/").rpartition("/")
         base = self._folder(parent, hops)
         if base is None:
-            return None
+            return None, None
         if name in ("", "."):
-            return base
+            return base, "dir"
         if name == "..":
-            return base.rpartition("/")[0]
+            return base.rpartition("/")[0], "dir"
         path = f"{base}/{name}" if base else name
-        if follow and self._kind(path) == "link":
+        kind = self._kind(path)
+        if follow and kind == "link":
             if hops >= _MAX_LINK_HOPS:
                 raise NotSafeToRead(errno.ELOOP, "too many levels of symbolic links", rel)
             target = self._target(path)
-            return self.real(target if target.startswith("/") else f"{base}/{target}", True, hops + 1)
-        return path
+            return self._resolve(target if target.startswith("/") else f"{base}/{target}", True, hops + 1)
+        return (path, kind) if kind is not None else (None, None)
 
     def _folder(self, rel: str, hops: int) -> str | None:
         if not rel:
             return ""
         if (known := self._folders.get(rel)) is not None:
             return known
-        path = self.real(rel, True, hops)
-        if path is None or self._kind(path) != "dir":
+        path, kind = self._resolve(rel, True, hops)
+        if path is None or kind != "dir":
             return None
         self._folders[rel] = path
         return path
@@ -202,8 +207,7 @@ class Tree:
 
     def exists(self, rel: str) -> bool:
         try:
-            path = self.real(rel)
-            return path is not None and self._kind(path) is not None
+            return self.real(rel) is not None
         except OSError:
             return False
 
