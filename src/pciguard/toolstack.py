@@ -55,6 +55,17 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Unsafe:
+    """An unsafe override one device relies on while it is assigned."""
+
+    device: Bdf
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.device} {self.why}"
+
+
+@dataclass(frozen=True)
 class Plan:
     operation: str
     devices: tuple[Bdf, ...]  # whose ledger records move
@@ -63,7 +74,7 @@ class Plan:
     claim: Event | None  # the event that claims the devices (None: no in-flight state)
     finish: Event = Event.COMMIT
     forward_only: bool = False  # release: on failure push on to quarantine, never back
-    unsafe: tuple[str, ...] = ()  # overrides this plan relies on, for every report
+    unsafe: tuple[Unsafe, ...] = ()  # overrides this plan relies on, for every report
     prepared: bool = True  # False: XSA-306's path that assigns without preparing
 
     def describe(self) -> Iterator[str]:
@@ -89,7 +100,7 @@ class DeviceRecord:
     guest_touched: bool = False  # a guest had it since the host last took it back
     prepared: bool = True  # went through make_assignable (XSA-306 tracks the other path)
     decision: Decision | None = None  # the hot-plug decision, if it was hot-plugged
-    unsafe: tuple[str, ...] = ()
+    unsafe: tuple[Unsafe, ...] = ()  # what its current assignment relies on; () once it is back
 
     def holder(self) -> Holder:
         return Holder(self.state, self.vm)
@@ -229,8 +240,8 @@ class Toolstack:
 
     def unsafe_in_force(self) -> list[str]:
         out = self.options.unsafe_overrides()
-        for bdf, rec in sorted(self.ledger.items()):
-            out.extend(f"{bdf}: {u}" for u in rec.unsafe)
+        for _, rec in sorted(self.ledger.items()):
+            out.extend(map(str, rec.unsafe))
         return out
 
     # -- VMs -------------------------------------------------------------------
@@ -433,9 +444,11 @@ class Toolstack:
         for d in devices:
             fn = self.host.topology[d]
             if msi_reason(self.host, d) is not None and Flaw.NO_MSI_CHECK not in self.flaws:
-                unsafe.append(f"{d} assigned to {vm} without interrupt isolation (allow_unsafe_interrupts)")
+                unsafe.append(
+                    Unsafe(d, f"assigned to {vm} without interrupt isolation (allow_unsafe_interrupts)")
+                )
             if fn.reserved_regions:
-                unsafe.append(f"{d}: firmware regions mapped into {vm} (rmrr=relaxed)")
+                unsafe.append(Unsafe(d, f"has firmware regions mapped into {vm} (rmrr=relaxed)"))
             steps += [*self._reset(d), Step("attach", d, vm), *self._flush(d)]
             if fn.reserved_regions:
                 steps.append(Step("map_reserved", d, vm))
@@ -599,7 +612,9 @@ class Toolstack:
             return self._give_up(cursor, "; ".join(cursor.stuck))
         for bdf in plan.devices:
             rec = self.ledger[bdf]
-            rec.unsafe = (*rec.unsafe, *plan.unsafe)
+            # Only this device's overrides, and only while this assignment lasts: appended
+            # at every assign, the record grew without end and the verifier never finished.
+            rec.unsafe = tuple(u for u in plan.unsafe if u.device == bdf)
             if plan.operation == "make-assignable":
                 rec.prepared = plan.prepared
             if plan.operation == "assign":  # the guest may have reprogrammed it
@@ -726,5 +741,6 @@ class Toolstack:
             rec.vm = vm
         elif rec.state in (State.QUARANTINED, State.HOST, State.REMOVED):
             rec.vm = None
+            rec.unsafe = ()
         for observer in self.observers:
             observer()

@@ -143,3 +143,19 @@ def test_hotplug_without_iommu_is_rejected_off_the_bus() -> None:
     plan = w.toolstack.hotplug(external)
     assert plan.operation == "reject" and not w.platform.present(external)
     assert w.toolstack.ledger[external].state is State.REMOVED
+
+
+def test_an_unsafe_override_is_reported_once_per_device_while_it_is_assigned() -> None:
+    """Regression: every assign appended the plan's overrides to each device's record, so
+    a device named itself twice ("0000:00:14.0: 0000:00:14.0: ...") and the record grew
+    with every assign/release cycle (the verifier never finished)."""
+    w = world("rmrr-usb", rmrr=RmrrPolicy.RELAXED)
+    dev = bdf("00:14.0")
+    w.toolstack.make_assignable(dev)
+    for _ in range(3):
+        w.toolstack.assign(dev, "vm1")
+        per_device = [u for u in w.toolstack.unsafe_in_force() if "rmrr=relaxed)" in u]
+        assert per_device == [f"{dev} has firmware regions mapped into vm1 (rmrr=relaxed)"]
+        w.toolstack.release(dev)
+        assert not any(str(dev) in u for u in w.toolstack.unsafe_in_force())
+    assert w.violations == []

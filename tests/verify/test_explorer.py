@@ -169,3 +169,10 @@ def test_limits_stop_the_search() -> None:
     scenario = load_scenario(VERIFY / "ref-workstation.yaml")
     result = Explorer(scenario, max_states=50).run()
     assert result.verdict == "incomplete" and "--max-states" in result.reason
+
+
+def test_a_scenario_with_an_unsafe_override_finishes() -> None:
+    """Regression: under rmrr: relaxed each assignment grew the device's record, so every
+    assign/release cycle was a new state and the search never ended."""
+    result = Explorer(load_scenario(VERIFY / "ref-rmrr-relaxed.yaml"), max_states=20_000).run()
+    assert result.verdict == "pass", result.reason
