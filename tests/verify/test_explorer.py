@@ -176,3 +176,25 @@ def test_a_scenario_with_an_unsafe_override_finishes() -> None:
     assign/release cycle was a new state and the search never ended."""
     result = Explorer(load_scenario(VERIFY / "ref-rmrr-relaxed.yaml"), max_states=20_000).run()
     assert result.verdict == "pass", result.reason
+
+
+def test_a_platform_misuse_into_a_known_state_is_still_a_violation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a platform-contract violation counted only when the state it led to
+    was new."""
+    from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation
+
+    real_apply = Explorer.apply
+    calls = {"n": 0}
+
+    def misuse_on_the_third(self: Explorer, state: object, action: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:  # back to the state it came from, with a misuse caught
+            return state, [Violation(PLATFORM_CONTRACT, None, "released what it does not own")]
+        return real_apply(self, state, action)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Explorer, "apply", misuse_on_the_third)
+    monkeypatch.setattr(
+        Explorer, "replay", lambda self, trace: ([], [Violation(PLATFORM_CONTRACT, None, "x")])
+    )
+    result = Explorer(load_scenario(VERIFY / "ref-symmetric.yaml")).run()
+    assert result.verdict == "violation"

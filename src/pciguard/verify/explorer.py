@@ -322,6 +322,8 @@ class Explorer:
             for action in self.actions(state):
                 raw, broken = self.apply(state, action)
                 stats.transitions += 1
+                if broken:  # the platform caught a misuse: a violation, new state or not
+                    return self._violation(stats, started, self._trace(parents, fingerprint, action))
                 successor, renaming = self._canonical(raw)
                 print_ = hash(successor)
                 if print_ in parents:
@@ -329,10 +331,8 @@ class Explorer:
                 parents[print_] = (fingerprint, action, renaming)
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
-                broken += self._check(raw) if not broken else []
-                if broken:
-                    trace = self._trace(parents, print_)
-                    return self._done("violation", stats, started, Counterexample(trace, broken))
+                if self._check(raw):
+                    return self._violation(stats, started, self._trace(parents, print_))
                 frontier.append((successor, print_, depth + 1))
             now = time.perf_counter()
             if self.max_states is not None and stats.states >= self.max_states:
@@ -357,6 +357,13 @@ class Explorer:
                 (started,) = {key_of(c) for c in state[2]} - before
                 keys.append(started)
         return keys, broken or check_all(self.toolstack, self.platform)
+
+    def _violation(self, stats: Stats, started: float, trace: list[Action]) -> Result:
+        """The counterexample with what its last state breaks, found again by replaying
+        the trace on concrete names: the search's own messages name the canonical
+        devices and VMs of the symmetry reduction, not those the replay acts on."""
+        _, broken = self.replay(trace)
+        return self._done("violation", stats, started, Counterexample(trace, broken))
 
     def _done(
         self,
@@ -385,8 +392,11 @@ class Explorer:
             return state, {}
         return self.symmetry.canonical(state)
 
-    def _trace(self, parents: dict[int, tuple[int, Action, Renaming] | None], last: int) -> list[Action]:
-        """The actions from the initial state, renamed back into concrete names."""
+    def _trace(
+        self, parents: dict[int, tuple[int, Action, Renaming] | None], last: int, then: Action | None = None
+    ) -> list[Action]:
+        """The actions from the initial state to ``last`` (and ``then``, taken from it),
+        renamed back into concrete names."""
         path: list[tuple[Action, Renaming]] = []
         entry = parents[last]
         while entry is not None:
@@ -401,6 +411,8 @@ class Explorer:
         for action, renaming in path:
             concrete.append(rename(action, to_concrete))
             to_concrete = _then_undo(to_concrete, renaming)
+        if then is not None:
+            concrete.append(rename(then, to_concrete))
         return concrete
 
 
