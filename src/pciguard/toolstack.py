@@ -34,7 +34,7 @@ from pciguard.errors import (
 )
 from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
-from pciguard.model.ownership import Event, State, next_state
+from pciguard.model.ownership import TRANSITIONS, Event, State, next_state
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState, Platform
 from pciguard.policy import Decision, DefaultPolicy, HotplugPolicy, Target
 
@@ -510,7 +510,15 @@ class Toolstack:
             decision = Decision(Target.ALLOW, "legacy: hand new devices to the host", False)
         self.ledger[bdf].decision = decision
         if decision.target is Target.REJECT:
-            return Plan("reject", (bdf,), None, (Step("remove", bdf),), None, Event.REJECT)
+            # The bus takes what hangs below a removed bridge with it: so does the ledger.
+            below = tuple(
+                b
+                for b in self.host.topology.subtree(bdf)[1:]
+                if self.platform.present(b) and (self.ledger[b].state, Event.REJECT) in TRANSITIONS
+            )
+            for b in below:
+                self.ledger[b].decision = Decision(Target.REJECT, f"below {bdf}, which was rejected", False)
+            return Plan("reject", (bdf, *below), None, (Step("remove", bdf),), None, Event.REJECT)
         if decision.target is Target.QUARANTINE:
             steps = (Step("attach", bdf, QUARANTINE), *self._flush(bdf))
             return Plan("hotplug-quarantine", (bdf,), None, steps, None, Event.QUARANTINE)

@@ -95,6 +95,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.BROKEN, E.RELEASE): S.RELEASING,
     **{(s, E.ROLLBACK_FAILED): S.BROKEN for s in _IN_FLIGHT},
     **{(s, E.UNPLUG): S.REMOVED for s in (S.PENDING, S.HOST, S.QUARANTINED, S.BROKEN)},
+    # Removing a rejected bridge removes everything below it, whatever policy said of it.
+    **{(s, E.REJECT): S.REMOVED for s in (S.HOST, S.QUARANTINED, S.BROKEN)},
 }
 
 

@@ -437,8 +437,11 @@ class SimPlatform:
         self._done("unexpose", device, domain)
 
     def remove(self, device: Bdf) -> None:
+        """As Linux's ``remove``: the device and everything below it leave the bus."""
         self._step("remove", device, None)
-        self._forget(device)
+        for gone in self._host.topology.subtree(device):
+            if gone in self._present:
+                self._forget(gone)
         self._done("remove", device, None)
 
     def _forget(self, device: Bdf) -> None:
