@@ -402,7 +402,10 @@ class Toolstack:
             reasons.append(Reason("no-vm", f"there is no VM named {vm}"))
         else:
             if domain.state is not DomainState.RUNNING:
-                reasons.append(Reason("vm-not-running", f"{vm} is {domain.state.value}"))
+                why = (
+                    f"{vm} is {domain.state.value}: a VM that crashed or is being torn down accepts no device"
+                )
+                reasons.append(Reason("vm-not-running", why))
             if not domain.iommu_context and Flaw.LATE_IOMMU_CONTEXT not in self.flaws:
                 reasons.append(
                     Reason(
@@ -480,10 +483,26 @@ class Toolstack:
                 f"cannot tear {vm} down while operations are in flight: "
                 f"{'; '.join(busy)}; try again when they finish"
             )
-        return self._releasing("teardown", tuple(self.devices_of(vm)), vm, [Step("destroy_domain", None, vm)])
+        # Stopped first, as Xen marks a domain dying before anything else: a VM being torn
+        # down runs no more, so no assignment started meanwhile can pass its checks.
+        stop = (
+            [Step("crash_domain", None, vm)]
+            if self.platform.domains()[vm].state is DomainState.RUNNING
+            else []
+        )
+        return self._releasing(
+            "teardown", tuple(self.devices_of(vm)), vm, [Step("destroy_domain", None, vm)], stop
+        )
 
-    def _releasing(self, operation: str, devices: tuple[Bdf, ...], vm: str | None, then: list[Step]) -> Plan:
-        steps: list[Step] = []
+    def _releasing(
+        self,
+        operation: str,
+        devices: tuple[Bdf, ...],
+        vm: str | None,
+        then: list[Step],
+        first: list[Step] | None = None,
+    ) -> Plan:
+        steps: list[Step] = list(first or ())
         for d in devices:
             rec = self.ledger[d]
             next_state(str(d), rec.state, Event.RELEASE)
@@ -685,6 +704,11 @@ class Toolstack:
             reasons = self.preconditions(step.device, step.domain, claimed=True)
             if reasons:
                 raise StepFailed("late check", "; ".join(r.message for r in reasons))
+            return []
+        if step.call == "crash_domain":  # a teardown stopping its VM (it may have crashed since)
+            assert step.domain is not None
+            if self.platform.domains()[step.domain].state is DomainState.RUNNING:
+                self.platform.crash_domain(step.domain)
             return []
         if step.call == "destroy_domain":
             assert step.domain is not None
