@@ -128,10 +128,15 @@ def device_reasons(host: Host, bdf: Bdf, options: Options) -> list[Reason]:
     ):
         reasons.append(r)
     if fn.reserved_regions:
+        # Shared when it overlaps another device's region at all, not only when they are
+        # equal (XSA-378/386/400: overlapping RMRRs handed one guest another's memory).
         shared = [
             region
             for region in fn.reserved_regions
-            if any(other.bdf != bdf and region in other.reserved_regions for other in host.topology.values())
+            if any(
+                other.bdf != bdf and any(region.overlaps(r) for r in other.reserved_regions)
+                for other in host.topology.values()
+            )
         ]
         if options.rmrr is RmrrPolicy.STRICT or shared:
             regions = ", ".join(map(str, shared or fn.reserved_regions))

@@ -159,3 +159,39 @@ def test_an_unsafe_override_is_reported_once_per_device_while_it_is_assigned() -
         w.toolstack.release(dev)
         assert not any(str(dev) in u for u in w.toolstack.unsafe_in_force())
     assert w.violations == []
+
+
+OVERLAPPING_RMRRS = """
+name: overlapping-rmrrs
+iommus: [{name: dmar0, scope: all}]
+devices:
+  - bdf: 0000:00:14.0
+    kind: rc-endpoint
+    reserved_regions: [{name: usb, start: 0xdd000000, end: 0xdd01ffff}]
+  - bdf: 0000:00:1a.0
+    kind: rc-endpoint
+    reserved_regions: [{name: ehci, start: 0xdd010000, end: 0xdd02ffff}]
+"""
+
+
+def test_overlapping_firmware_regions_are_shared_not_private() -> None:
+    """Regression (XSA-378/386/400 class): regions were shared only when equal, so two
+    devices whose RMRRs overlap counted as private under rmrr: relaxed."""
+    w = world(parse_platform(OVERLAPPING_RMRRS), rmrr=RmrrPolicy.RELAXED)
+    dev = bdf("00:14.0")
+    w.toolstack.make_assignable(dev)
+    with pytest.raises(PreconditionFailed, match="shared with another device"):
+        w.toolstack.assign(dev, "vm1")
+
+
+def test_the_invariant_judges_apart_from_the_toolstacks_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariants are an independent oracle: with the toolstack's own device checks
+    broken, a device with a shared firmware region still reaching a guest is caught."""
+    import pciguard.toolstack
+
+    monkeypatch.setattr(pciguard.toolstack, "device_reasons", lambda *args: [])
+    w = world(parse_platform(OVERLAPPING_RMRRS), rmrr=RmrrPolicy.RELAXED)
+    dev = bdf("00:14.0")
+    w.toolstack.make_assignable(dev)
+    w.toolstack.assign(dev, "vm1")
+    assert any(v.invariant == "check-before-expose" and "overlaps" in v.message for v in w.violations)

@@ -164,6 +164,10 @@ class ReservedRegion:
     def __contains__(self, address: object) -> bool:
         return isinstance(address, int) and self.start <= address <= self.end
 
+    def overlaps(self, other: ReservedRegion) -> bool:
+        """Whether the two share any byte: a guest given either can reach the other's."""
+        return self.start <= other.end and other.start <= self.end
+
     def __str__(self) -> str:
         return f"{self.name} [{self.start:#x}-{self.end:#x}]"
 
