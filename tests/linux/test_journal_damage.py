@@ -219,3 +219,27 @@ def test_a_vm_named_like_markup_is_shown_as_written(host: Path) -> None:
     shown = runner.invoke(app, ["journal", "--state-dir", str(state)])
     assert shown.exit_code == 0, shown.output
     assert f"{NIC}: assigned to [/] (uid 1000)" in shown.output
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+def test_an_ordinary_user_is_not_stopped_by_roots_files(tmp_path: Path) -> None:
+    """Regression: click checked that the state folder and the guard's policy were
+    readable before any command ran, so an ordinary user's dry run, or `guard list`,
+    failed with a usage error (exit 2) once root's journal existed."""
+    from conftest import as_nobody
+
+    state = tmp_path / "state"
+    Journal(state).close()  # root's, mode 0700
+    policy = state / "policy.rules"
+    policy.write_text("allow id 8086:*\n")
+    policy.chmod(0o600)
+    tmp_path.chmod(0o755)
+    dry = ["quarantine", NIC, "--dry-run", "--state-dir", str(state), "--root", "/nonexistent"]
+    listing = ["guard", "--policy", str(policy), "list", "--socket", str(tmp_path / "no.sock")]
+    runner.invoke(app, dry)  # the same code imported before the child drops root
+    runner.invoke(app, listing)
+
+    def run() -> str:
+        return " ".join(str(runner.invoke(app, argv).exit_code) for argv in (dry, listing))
+
+    assert as_nobody(run) == "5 5"  # refused (no such device here; no guard answers), not usage errors

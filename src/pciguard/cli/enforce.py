@@ -30,6 +30,7 @@ STATE_DIR = typer.Option(
     envvar="PCIGUARD_STATE_DIR",
     help="Where the journal lives.",
     metavar="DIR",
+    readable=False,  # root's alone: an ordinary user's dry run plans without it
 )
 DEVICE = typer.Argument(
     ..., help="The device: DOMAIN:BUS:DEVICE.FUNCTION or BUS:DEVICE.FUNCTION.", metavar="DEVICE"

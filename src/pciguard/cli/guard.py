@@ -26,7 +26,12 @@ if TYPE_CHECKING:
 DEFAULT_SOCKET = Path("/run/pciguard/guard.sock")
 DEFAULT_POLICY = Path("/etc/pciguard/policy.rules")
 SOCKET = typer.Option(
-    DEFAULT_SOCKET, "--socket", envvar="PCIGUARD_SOCKET", help="The guard's control socket.", metavar="PATH"
+    DEFAULT_SOCKET,
+    "--socket",
+    envvar="PCIGUARD_SOCKET",
+    help="The guard's control socket.",
+    metavar="PATH",
+    readable=False,
 )
 DEVICE = typer.Argument(
     ..., help="A PCI address, or a Thunderbolt device's name (such as 0-1).", metavar="DEVICE"
@@ -48,7 +53,12 @@ app = typer_app(
 def run(
     ctx: typer.Context,
     policy_file: Path = typer.Option(
-        DEFAULT_POLICY, "--policy", help="The rules (docs/policy.md).", dir_okay=False, metavar="FILE"
+        DEFAULT_POLICY,
+        "--policy",
+        help="The rules (docs/policy.md).",
+        dir_okay=False,
+        metavar="FILE",
+        readable=False,  # checked when the guard starts: `guard list` as a user must not need it
     ),
     present: PresentPolicy = typer.Option(
         PresentPolicy.KEEP,
@@ -69,6 +79,7 @@ def run(
         envvar="PCIGUARD_STATE_DIR",
         help="Where the journal lives.",
         metavar="DIR",
+        readable=False,  # root's alone: the guard's subcommands run as ordinary users too
     ),
 ) -> None:
     """Run the guard: vfio-pci claims every new PCI function, which the policy then
