@@ -100,6 +100,7 @@ class NotSafeToRead(OSError):
 # page (64 KiB pages on some arm64 kernels); config space is 4 KiB; ACPI tables and
 # /proc files of very large machines are bigger.
 LARGEST_ATTRIBUTE = 64 << 10
+_CHUNK = 64 << 10
 # O_NONBLOCK: a FIFO must not hold the reader at open (it is refused after).
 _READ = os.O_RDONLY | os.O_NONBLOCK
 _MAX_LINK_HOPS = 40  # as the kernel's own path walk (ELOOP)
@@ -346,12 +347,14 @@ class Fs(Tree):
             limit = largest_file(rel)
             if info.st_size > limit and info.st_size > 4096:  # sysfs says 4096 for any attribute
                 raise NotSafeToRead(errno.EFBIG, f"{info.st_size} bytes, more than the kernel writes", rel)
-            data = os.read(fd, limit + 1)
+            # At most 64 KiB a read: a sysctl file answers a larger request with ENOMEM (the
+            # kernel allocates what is asked for; seen in the lab on /proc/sys/kernel).
+            data = os.read(fd, min(limit + 1, _CHUNK))
             # sysfs hands over an attribute in one read; /proc and larger files may take more.
             if data and len(data) <= limit and not (len(data) < 4096 and rel.startswith("sys/")):
                 chunks = [data]
                 size = len(data)
-                while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+                while size <= limit and (chunk := os.read(fd, min(limit + 1 - size, _CHUNK))):
                     chunks.append(chunk)
                     size += len(chunk)
                 data = b"".join(chunks) if len(chunks) > 1 else data
