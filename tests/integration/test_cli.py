@@ -234,3 +234,16 @@ def test_simulate_says_what_destroy_did() -> None:
     result = runner.invoke(app, ["simulate", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
     assert "destroy vm1  OK  destroyed vm1; ledger: 0000:03:00.0 quarantined" in result.output
     assert "destroy_domain(" not in result.output
+
+
+def test_bracketed_names_print_as_written(tmp_path: Path) -> None:
+    """Regression: names were read as Rich markup, so pci.ids' "... Port [ext gfx]" lost
+    its bracketed text, and "[/]" raised MarkupError."""
+    platform = tmp_path / "brackets.yaml"
+    platform.write_text(
+        "name: brackets\niommus: [{name: dmar0, scope: all}]\ndevices:\n"
+        "  - {bdf: 0000:00:01.0, kind: rc-endpoint, name: 'PCIe Port [ext gfx] [/] :bus:'}\n"
+    )
+    result = runner.invoke(app, ["audit", "-p", str(platform)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert "PCIe Port [ext gfx] [/] :bus:" in result.output
