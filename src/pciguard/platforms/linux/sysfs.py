@@ -252,9 +252,6 @@ class Fs(Tree):
         if self.recorded is not None:
             self.recorded.setdefault(rel, (kind, content))
 
-    def abs(self, real: str) -> str:
-        return f"{self.root}/{real}"
-
     def _kind(self, real: str) -> str | None:
         try:
             mode = os.lstat(f"{self.root}/{real}").st_mode
