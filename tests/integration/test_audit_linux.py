@@ -77,12 +77,21 @@ def test_lspci_from_standard_input() -> None:
     assert result.exit_code == 1  # interrupt isolation cannot be seen, so it is not assumed
 
 
-def test_a_bad_lspci_dump_exits_two_with_the_line(tmp_path: Path) -> None:
+def test_a_line_of_a_dump_that_is_not_lspci_is_named_and_the_rest_audited(tmp_path: Path) -> None:
+    dump = tmp_path / "dump.txt"
+    dump.write_text("00:01.0 Ethernet controller: X\n\tIOMMU group: 1\nnonsense here\n")
+    result = runner.invoke(app, ["audit", "--lspci", str(dump), "--json"])
+    report = json.loads(result.stdout)
+    assert any(f"{dump}:3" in f["message"] for f in report["findings"] if f["code"] == "malformed-input")
+    assert [m["bdf"] for g in report["groups"] for m in g["members"]] == ["0000:00:01.0"]
+
+
+def test_a_dump_with_no_device_exits_two_with_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "dump.txt"
-    bad.write_text("00:01.0 Ethernet controller: X\n\tIOMMU group: 1\nnonsense here\n")
+    bad.write_text("\nnonsense here\n")
     result = runner.invoke(app, ["audit", "--lspci", str(bad)])
     assert result.exit_code == 2
-    assert f"{bad}:3:1" in result.output
+    assert f"{bad}:2:1" in result.output
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed (.ci/run installs it)")

@@ -96,7 +96,7 @@ def test_a_forum_paste_by_an_ordinary_user() -> None:
     ("text", "message", "line"),
     [
         ("", "no device entries", 1),
-        ("hello world\n", "expected a device line", 1),
+        ("hello world\n", "not a device line", 1),
         ("\tIOMMU group: 3\n", "outside any device entry", 1),
         ("00:01.0 Ethernet controller: X\n\n00:01.0 Ethernet controller: Y\n", "appears twice", 3),
         (
@@ -130,7 +130,7 @@ def test_bad_dumps_name_the_line(text: str, message: str, line: int) -> None:
         ),
         (
             "123456789:00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n",
-            "expected a device line",
+            "not a device line",
             1,
         ),
     ],
@@ -163,3 +163,57 @@ def test_a_dump_on_stdin_that_is_not_utf8_is_a_clear_error() -> None:
         timeout=60,
     )
     assert run.returncode == 2 and b"not UTF-8" in run.stderr and b"Traceback" not in run.stderr
+
+
+PLAIN = (
+    "00:1c.4 PCI bridge [0604]: Intel Corporation Root Port [8086:a33c]\n"
+    "\tBus: primary=00, secondary=07, subordinate=08, sec-latency=0\n"
+    "\tIOMMU group: 9\n"
+    "\n"
+    "07:00.0 USB controller [0c03]: ASMedia Technology Inc. USB 3.1 [1b21:2142]\n"
+    "\tIOMMU group: 10\n"
+)
+
+
+def _same_devices(text: str) -> None:
+    reading = parse_lspci(text, "pasted.txt")
+    assert [str(b) for b in reading.host.topology] == ["0000:00:1c.4", "0000:07:00.0"]
+    assert [g.members for g in reading.host.kernel_groups or ()] == [
+        (bdf("0000:00:1c.4"),),
+        (bdf("0000:07:00.0"),),
+    ]
+
+
+@pytest.mark.parametrize(
+    "dialect",
+    [
+        pytest.param(lambda t: t.replace("\n", "\r\n"), id="crlf"),
+        pytest.param(lambda t: "".join(f"> {line}\n" for line in t.splitlines()), id="mail-quoted"),
+        pytest.param(lambda t: "".join(f">> {line}\n" for line in t.splitlines()), id="quoted-twice"),
+        pytest.param(lambda t: "$ sudo lspci -nnvvv\n" + t + "\nuser@host:~$\n", id="shell-prompt"),
+        pytest.param(
+            lambda t: t.replace(
+                "\n\n07:00.0",
+                "\n00: 86 80 3c a3 07 04 10 00 f0 00 04 06 10 00 81 00\n"
+                "pcilib: sysfs_read_vpd: read failed: Input/output error\n\n07:00.0",
+            ),
+            id="hex-dump-and-pcilib-warning",
+        ),
+        pytest.param(lambda t: t.replace("07:00.0 USB", "00:1c.4/07:00.0 USB"), id="lspci-PP-path"),
+        pytest.param(
+            lambda t: t.replace("00:1c.4 PCI", "0000:00:1c.4 PCI").replace(
+                "07:00.0 USB", "0000:00:1c.4/07:00.0 USB"
+            ),
+            id="lspci-PP-D",
+        ),
+    ],
+)
+def test_every_pasted_dialect_reads_the_same_devices(dialect: Any) -> None:
+    _same_devices(dialect(PLAIN))
+
+
+def test_text_around_a_dump_is_named_and_the_rest_audited() -> None:
+    reading = parse_lspci("Here is my lspci:\n" + PLAIN + "\nthanks!\n", "mail.txt")
+    named = [f"{p.path} {p.message}" for p in reading.facts.problems]
+    assert any(n.startswith("mail.txt:1 'Here is my lspci:'") for n in named), named
+    assert any("thanks!" in n for n in named) and len(reading.host.topology) == 2

@@ -28,12 +28,14 @@ from pciguard.model import (
     Kind,
     Topology,
 )
-from pciguard.model.kernel import KernelFacts, Unreadable, printable
+from pciguard.model.kernel import InputProblem, KernelFacts, Unreadable, printable
 from pciguard.model.pci import ancestors
 from pciguard.platforms.linux.sysfs import Reading
 
+_ADDRESS = r"(?:[0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]"
+# `lspci -PP` writes each device as the path to it: 0000:00:1c.4/07:00.0/08:00.0.
 _HEADER = re.compile(
-    r"^(?P<bdf>(?:[0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]) (?P<class>[^:\[]+?)"
+    rf"^(?P<path>(?:{_ADDRESS}/)*)(?P<bdf>{_ADDRESS}) (?P<class>[^:\[]+?)"
     r"(?: \[(?P<cc>[0-9a-fA-F]{4})\])?: (?P<rest>.*)$"
 )
 _IDS = re.compile(r"\[(?P<v>[0-9a-fA-F]{4}):(?P<d>[0-9a-fA-F]{4})\]")
@@ -96,7 +98,8 @@ class _Entry:
 
 
 def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
-    entries = _entries(text, source)
+    problems: list[InputProblem] = []
+    entries = _entries(text, source, problems)
     functions = _functions(entries, source)
     try:
         topology = Topology(functions)
@@ -134,28 +137,42 @@ def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
     host = Host(Path(source).name, topology=topology, arch=Arch.X86, iommus=units, kernel_groups=groups)
     complete = not any(e.access_denied or e.kind is None for e in entries)
     return Reading(
-        host, KernelFacts(source_kind="lspci", unreadable=tuple(unreadable), topology_complete=complete)
+        host,
+        KernelFacts(
+            source_kind="lspci",
+            unreadable=tuple(unreadable),
+            problems=tuple(problems),
+            topology_complete=complete,
+        ),
     )
 
 
-def _entries(text: str, source: str) -> list[_Entry]:
+_MAIL_QUOTE = re.compile(r"^(?:>[ ]?)+")  # "> " or ">> " before each line of a reply
+_HEX_DUMP = re.compile(r"^[0-9a-f]{2,3}: (?:[0-9a-f]{2} ?){1,16}$")  # lspci -x, -xxx, -xxxx
+_NOT_A_DEVICE = "not a device line such as '0000:00:1f.3 Audio device [0403]: Intel ...'; skipped"
+
+
+def _entries(text: str, source: str, problems: list[InputProblem]) -> list[_Entry]:
+    """The device entries of a dump as people paste it: CRLF line ends, mail quoting,
+    `pcilib:` warnings and hex dumps between entries, a shell prompt or other text
+    around them (each such line named in ``problems``, the rest still read)."""
     entries: list[_Entry] = []
+    skipped: list[tuple[int, str]] = []  # (line, why)
     current: _Entry | None = None
     capability = ""
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.rstrip()
+        line = _MAIL_QUOTE.sub("", raw.rstrip()) if raw.startswith(">") else raw.rstrip()
         if not line.strip():
             current = None
+            continue
+        if line.startswith("pcilib:") or _HEX_DUMP.match(line):
             continue
         if not line[0].isspace():
             match = _HEADER.match(line)
             if match is None:
-                raise InputError(
-                    source,
-                    "expected a device line such as '0000:00:1f.3 Audio device [0403]: Intel ...'",
-                    line=number,
-                    column=1,
-                )
+                skipped.append((number, f"{printable(line[:60])!r} is {_NOT_A_DEVICE}"))
+                current = None
+                continue
             current = _header(match, number, source)
             if any(e.bdf == current.bdf for e in entries):
                 raise InputError(source, f"{current.bdf} appears twice", line=number, column=1)
@@ -163,19 +180,23 @@ def _entries(text: str, source: str) -> list[_Entry]:
             capability = ""
             continue
         if current is None:
-            raise InputError(source, "an indented line outside any device entry", line=number, column=1)
+            skipped.append((number, "an indented line outside any device entry; skipped"))
+            continue
         _body_line(current, line.strip(), capability, source, number)
         if line.strip().startswith("Capabilities:"):
             capability = line.strip()
     if not entries:
-        raise InputError(source, "no device entries: is this the output of `lspci -vvv`?", line=1, column=1)
+        first, why = skipped[0] if skipped else (1, "no device entries")
+        raise InputError(source, f"{why}: is this the output of `lspci -vvv`?", line=first, column=1)
+    problems.extend(InputProblem(f"{source}:{number}", why) for number, why in skipped)
     return entries
 
 
 def _header(match: re.Match[str], number: int, source: str) -> _Entry:
     bdf_text = match["bdf"]
-    if bdf_text.count(":") == 1:
-        bdf_text = "0000:" + bdf_text
+    if bdf_text.count(":") == 1:  # the domain, if any, is the path's (-PP -D) or 0000
+        first = match["path"].split("/")[0]
+        bdf_text = (first.rsplit(":", 2)[0] if first.count(":") == 2 else "0000") + ":" + bdf_text
     try:
         bdf = Bdf.parse(bdf_text)
     except ValueError as exc:
