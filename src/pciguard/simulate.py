@@ -174,9 +174,6 @@ class Replay:
         self.platform.plug(step.device)
         self.toolstack.device_appeared(step.device)
 
-    def _held_by(self, vm: str) -> list[Bdf]:
-        return sorted(b for b, record in self.toolstack.ledger.items() if record.vm == vm)
-
     def _returned(self, held: list[Bdf]) -> str:
         """Where the devices a VM held went when it went."""
         if not held:
@@ -197,7 +194,7 @@ class Replay:
                 return f"{vm} running"
             case "destroy":
                 assert vm is not None
-                held = self._held_by(vm)
+                held = toolstack.devices_of(vm)
                 toolstack.destroy_vm(vm)
                 return f"destroyed {vm}" + self._returned(held)
             case "crash":
@@ -205,7 +202,7 @@ class Replay:
                 platform.crash_domain(vm)
                 if not step.cleanup:
                     return f"{vm} crashed"
-                held = self._held_by(vm)
+                held = toolstack.devices_of(vm)
                 toolstack.vm_crashed(vm)
                 return f"{vm} crashed and cleaned up" + self._returned(held)
         assert device is not None

@@ -59,8 +59,6 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("pciguard: interrupted\n")
         raise SystemExit(130) from None
-    except SystemExit:
-        raise
     except Exception as exc:  # the last net: a bug must still not print a traceback
         where = traceback.extract_tb(exc.__traceback__)[-1]
         sys.stderr.write(

@@ -114,9 +114,7 @@ def test_command(
     device: str = typer.Argument(
         ..., help="A PCI address, or a Thunderbolt device's name (0-1).", metavar="DEVICE"
     ),
-    present: bool = typer.Option(
-        False, "--present", help="Judge it as present when the guard starts.", metavar="WHAT"
-    ),
+    present: bool = typer.Option(False, "--present", help="Judge it as present when the guard starts."),
     platform: Path | None = PLATFORM,
     root: Path | None = ROOT,
     snapshot: Path | None = SNAPSHOT,

@@ -36,6 +36,10 @@ class DomainType(StrEnum):
         return self not in (DomainType.IDENTITY, DomainType.UNKNOWN)
 
 
+# What sysfs's ``type`` says of a group whose domain translates.
+TRANSLATING_TYPES = frozenset(t.value for t in DomainType if t.translates)
+
+
 @dataclass(frozen=True)
 class IommuGroup:
     number: int

@@ -177,9 +177,7 @@ def _unfit_for_a_guest(sim: SimPlatform, bdf: Bdf, unsafe_interrupts: bool, rmrr
         if rmrr is RmrrPolicy.STRICT:
             return f"it needs the firmware region {region} (strict)"
         for other in host.topology.values():
-            if other.bdf != bdf and any(
-                region.start <= theirs.end and theirs.start <= region.end for theirs in other.reserved_regions
-            ):
+            if other.bdf != bdf and any(region.overlaps(theirs) for theirs in other.reserved_regions):
                 return f"its firmware region {region} overlaps one of {other.bdf}"
     if host.topology.virtual_functions(bdf):
         return "it is an SR-IOV physical function with virtual functions"

@@ -528,9 +528,9 @@ class Peer:
     """One connection to the control socket. Answers wait in ``outbox`` while the peer
     is slow to read; a peer that lets more than MAX_OUTBOX pile up is dropped."""
 
-    def __init__(self, conn: socket.socket, uid: int, selector: selectors.BaseSelector | None = None) -> None:
+    def __init__(self, conn: socket.socket, uid: int) -> None:
         self.conn, self.uid, self.buffer, self.watching = conn, uid, b"", False
-        self.selector = selector
+        self.selector: selectors.BaseSelector | None = None  # set once it is registered
         self.outbox = b""
         self.heard = time.monotonic()
         self.closed = False

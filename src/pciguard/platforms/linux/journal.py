@@ -176,7 +176,6 @@ class Journal:
             db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             try:
                 if new:
-                    db.execute("PRAGMA journal_mode=WAL")
                     db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version={JOURNAL_VERSION}; COMMIT;")
                 damage = _content_damage(db)
                 if damage is None and not readonly:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from pciguard.errors import PlatformMisuse, StepFailed
 from pciguard.model import Bdf, DomainType, Host
+from pciguard.model.groups import TRANSLATING_TYPES
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
 from pciguard.platforms.linux.sysfs import Fs
 
@@ -40,7 +41,6 @@ QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 DEVICES = "sys/bus/pci/devices"
 DRIVERS = "sys/bus/pci/drivers"
 GROUPS = "sys/kernel/iommu_groups"
-TRANSLATING = frozenset(t.value for t in DomainType if t.translates)
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ class LinuxPlatform:
         group of one device that no driver holds). ``group_types`` remembers the type to
         restore when the device goes back to the host."""
         group, kind = self._group(device), self.group_type(device)
-        if kind in TRANSLATING:
+        if kind in TRANSLATING_TYPES:
             return
         if kind != DomainType.IDENTITY:  # unreadable or unknown: fail closed
             where = f"/{GROUPS}/{group}/type" if group else f"the iommu_group link of {device}"

@@ -134,10 +134,8 @@ class SnapshotFs(Tree):
         return content if kind == "file" and isinstance(content, bytes) else None
 
     def listdir(self, rel: str) -> list[str]:
-        path = self.real(rel)
-        if path is None or self._kind(path) != "dir":
-            return []
-        return sorted(self.children.get(path, ()))
+        path = self._folder(rel.strip("/"), 0)
+        return [] if path is None else sorted(self.children.get(path, ()))
 
 
 class _Bounded(io.RawIOBase):
@@ -159,6 +157,11 @@ class _Bounded(io.RawIOBase):
         self.left -= len(data)
         buffer[: len(data)] = data
         return len(data)
+
+
+def _sparse(member: tarfile.TarInfo) -> bool:
+    """GNU or PAX sparse, whether or not tarfile found any holes in its header."""
+    return member.type == tarfile.GNUTYPE_SPARSE or member.sparse is not None
 
 
 def load_snapshot(snapshot: Path) -> SnapshotFs:
@@ -192,7 +195,7 @@ def load_snapshot(snapshot: Path) -> SnapshotFs:
                         if "\x00" in member.linkname or len(member.linkname) > 4096:
                             raise InputError(source, f"{where}: a malformed link target: refused")
                         entries[name] = ("link", member.linkname)
-                    elif member.isreg() and not member.sparse:
+                    elif member.isreg() and not _sparse(member):
                         limit = largest_file(name)
                         if member.size > limit:
                             raise InputError(
@@ -210,7 +213,7 @@ def load_snapshot(snapshot: Path) -> SnapshotFs:
                             "a hard link"
                             if member.islnk()
                             else "a sparse file"
-                            if member.sparse
+                            if _sparse(member)
                             else ("a device, FIFO or other special file")
                         )
                         raise InputError(

@@ -31,6 +31,7 @@ from pciguard.model import (
     ReservedRegion,
     Topology,
 )
+from pciguard.model.groups import TRANSLATING_TYPES
 from pciguard.model.kernel import (
     InputProblem,
     KernelFacts,
@@ -116,6 +117,11 @@ def largest_file(rel: str) -> int:
     return 1 << 20 if rel.startswith(ACPI_TABLES) else LARGEST_ATTRIBUTE
 
 
+def _last_part(target: str) -> str:
+    """A link target's last part, as it may be shown (a driver's or a group's name)."""
+    return printable(target.rstrip("/").rpartition("/")[2])
+
+
 class Tree:
     """Paths under a root, resolved as if the root were ``/``: a link may point anywhere,
     but ``..`` and absolute targets stop at the root, so nothing outside is ever read.
@@ -192,7 +198,7 @@ class Tree:
         """The last component of where a link points (a driver's name, a PF's address).
         ``directory``: an open_dir of rel's folder (a hint; the path alone decides)."""
         target = self.readlink(rel)
-        return None if target is None else printable(target.rstrip("/").rpartition("/")[2])
+        return None if target is None else _last_part(target)
 
     def readlink(self, rel: str) -> str | None:
         """A link's target as written; None when ``rel`` is not a readable link."""
@@ -276,7 +282,7 @@ class Fs(Tree):
         except OSError:
             return None
         self._note(rel, "link", target)
-        return printable(target.rstrip("/").rpartition("/")[2])
+        return _last_part(target)
 
     def _open(self, rel: str, flags: int) -> int | None:
         """Open ``rel`` without leaving the root: its folder resolved (and remembered),
@@ -761,30 +767,26 @@ class _Reader:
         for bdf, raw in raws.items():
             if bdf not in topology or raw.group_link is None:
                 continue
-            link = f"{raw.path}/iommu_group"
             said = int(raw.group_link) if _GROUP_NAME.match(raw.group_link) else None
-            if said is None:
-                self.notes.problem(link, f"names '{raw.group_link}', not a group number")
-                why = f"the iommu_group link of {bdf} names no group number"
-            elif bdf not in seen:
-                if said not in listed:
-                    why = f"the iommu_group link of {bdf} names group {said}, which the kernel does not list"
-                    self.notes.problem(link, why)
-                    listed[said] = []
-                else:
-                    why = f"the iommu_group link of {bdf} names group {said}, which does not list it"
-                    self.notes.problem(link, why)
-                listed[said].append(bdf)
-                seen[bdf] = said
-            elif said != seen[bdf]:
-                why = f"{bdf} is listed in group {seen[bdf]} while its iommu_group link names group {said}"
-                self.notes.problem(link, why)
-                doubts.setdefault(said, []).append(why)
-                if said not in listed:
-                    listed[said] = []
-            else:
+            listed_in = seen.get(bdf)
+            if said is not None and said == listed_in:
                 continue
-            doubts.setdefault(seen.get(bdf, -1), []).append(why)
+            link = f"the iommu_group link of {bdf}"
+            if said is None:
+                why = f"{link} names '{raw.group_link}', not a group number"
+            elif listed_in is not None:
+                why = f"{bdf} is listed in group {listed_in} while {link} names group {said}"
+            elif said in listed:
+                why = f"{link} names group {said}, which does not list it"
+            else:
+                why = f"{link} names group {said}, which the kernel does not list"
+            self.notes.problem(f"{raw.path}/iommu_group", why)
+            if listed_in is None and said is not None:  # the link is all there is: it joins that group
+                listed.setdefault(said, []).append(bdf)
+                seen[bdf] = said
+            for doubted in (n for n in (listed_in, said) if n is not None):
+                listed.setdefault(doubted, [])
+                doubts.setdefault(doubted, []).append(why)
         groups = []
         for number, members in sorted(listed.items()):
             if not members and number not in doubts:
@@ -1064,7 +1066,7 @@ def read_arrival(fs: Fs, bdf: Bdf) -> Arrival | None:
         ports=tuple(Bdf.parse(p) for p in path.split("/")[:-1] if _BDF_NAME.match(p)),
         external=raw.removable == "removable",
         driver=raw.driver,
-        translated=group is not None and kind in {t.value for t in DomainType if t.translates},
+        translated=group is not None and kind in TRANSLATING_TYPES,
     )
 
 
