@@ -1,7 +1,8 @@
 """Hypothesis strategies shared by the property tests: random platform descriptions
 (root ports, switches, PCIe-to-PCI bridges, multi-function devices, phantom
-functions, SR-IOV, firmware regions, external ports, IOMMUs on and off), and
-hot-plug policies in the rule language."""
+functions, SR-IOV, firmware regions and IVMD ranges, ATS, BARs that may share a page,
+shared legacy interrupt lines, resets that may fail, external ports, IOMMUs on and
+off), and hot-plug policies in the rule language."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def endpoint(draw: st.DrawFn, bus: int, kind: str = "endpoint") -> list[dict[str
             ]
         if kind == "endpoint" and functions == 1 and draw(st.integers(0, 3)) == 0:
             dev["sriov"] = {"vfs": draw(st.integers(1, 2)), "offset": 8}
+        dev["ats"] = draw(st.booleans())
+        dev["reset_may_fail"] = draw(st.integers(0, 3)) == 0
+        dev["intx"] = draw(st.sampled_from([None, None, 16, 17]))
+        slot = bus * 8 + fn
+        if draw(st.booleans()):  # packed: a 256-byte BAR; neighbours' share 4 KiB pages
+            dev["bars"] = [{"start": 0xFE00_0000 + slot * 0x800, "end": 0xFE00_00FF + slot * 0x800}]
+        else:
+            dev["bars"] = [{"start": 0xF000_0000 + slot * 0x10000, "end": 0xF000_3FFF + slot * 0x10000}]
         out.append(dev)
     return out
 
@@ -100,7 +109,18 @@ def platform_file(draw: st.DrawFn) -> dict[str, Any]:
     ]
     if draw(st.integers(0, 5)) == 0:
         iommus = []
-    return {"name": "random", "iommus": iommus, "devices": devices}
+    unity_maps = []
+    if draw(st.integers(0, 3)) == 0:  # an IVMD entry for a range of requester IDs
+        first, last = sorted(draw(st.lists(st.integers(1, bus - 1), min_size=2, max_size=2)))
+        unity_maps.append(
+            {
+                "name": "ivmd",
+                "start": 0x2000_0000,
+                "end": 0x2000_FFFF,
+                "devices": {"first": f"0000:{first:02x}:00.0", "last": f"0000:{last:02x}:1f.7"},
+            }
+        )
+    return {"name": "random", "iommus": iommus, "devices": devices, "unity_maps": unity_maps}
 
 
 # -- hot-plug policies (the rule language) ----------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pciguard.legacy import Flaw
-from pciguard.model import Arch, Bdf, DomainType, Feature, Host
+from pciguard.model import Arch, Bdf, DomainType, Feature, Host, ReservedRegion
 from pciguard.model.ownership import State
 
 
@@ -57,6 +57,7 @@ SRIOV_PF = "sriov-pf"
 IDENTITY_DOMAIN = "identity-domain"
 UNKNOWN_DOMAIN = "unknown-domain"
 CONTRADICTED_GROUP = "contradicted-group"
+SHARED_RESOURCE = "shared-resource"
 
 
 def iommu_reason(host: Host, bdf: Bdf) -> Reason | None:
@@ -130,11 +131,16 @@ def device_reasons(host: Host, bdf: Bdf, options: Options) -> list[Reason]:
     if fn.reserved_regions:
         # Shared when it overlaps another device's region at all, not only when they are
         # equal (XSA-378/386/400: overlapping RMRRs handed one guest another's memory).
+        def shares(region: ReservedRegion, theirs: ReservedRegion) -> bool:
+            if Flaw.RMRR_EQUAL_ONLY in options.flaws:
+                return (region.start, region.end) == (theirs.start, theirs.end)
+            return region.overlaps(theirs)
+
         shared = [
             region
             for region in fn.reserved_regions
             if any(
-                other.bdf != bdf and any(region.overlaps(r) for r in other.reserved_regions)
+                other.bdf != bdf and any(shares(region, r) for r in other.reserved_regions)
                 for other in host.topology.values()
             )
         ]
@@ -172,20 +178,50 @@ def group_reasons(host: Host, bdf: Bdf, vm: str, holder_of: Callable[[Bdf], Hold
     for member in group.members:
         fn = host.topology[member]
         holder = holder_of(member)
-        if member == bdf or fn.kind.is_bridge or holder is None:
+        if member == bdf or fn.kind.is_bridge or not _in_the_way(holder, vm):
             continue  # absent devices and bridges do not DMA on a guest's behalf
-        if holder.state is State.QUARANTINED:
-            continue
-        if holder.state in (State.ASSIGNED, State.ASSIGNING) and holder.vm == vm:
-            continue
-        if holder.state is State.HOST:
-            owner = f"the host driver {fn.driver}" if fn.driver else "the host"
-            todo = "quarantine it too"
-        elif holder.vm:
-            owner, todo = holder.vm, f"release it from {holder.vm} first"
-        else:
-            owner, todo = f"nobody ({holder.state.value})", "wait for it to settle"
+        assert holder is not None
+        owner, todo = _owner_and_remedy(host, member, holder)
         reasons.append(
             Reason(GROUP_SIBLING, f"{group} also holds {member}, which {owner} still owns; {todo}")
+        )
+    return reasons
+
+
+def _in_the_way(holder: Holder | None, vm: str | None) -> bool:
+    """Whether a device held so stops another from going to ``vm``: it is present, and
+    neither quarantined nor (being) assigned to ``vm``."""
+    if holder is None or holder.state is State.QUARANTINED:
+        return False
+    return not (vm is not None and holder.state in (State.ASSIGNED, State.ASSIGNING) and holder.vm == vm)
+
+
+def _owner_and_remedy(host: Host, member: Bdf, holder: Holder) -> tuple[str, str]:
+    """Who holds ``member`` (not quarantined, not with the guest) and what frees it."""
+    fn = host.topology[member]
+    if holder.state is State.HOST:
+        return (f"the host driver {fn.driver}" if fn.driver else "the host"), "quarantine it too"
+    if holder.vm:
+        return holder.vm, f"release it from {holder.vm} first"
+    return f"nobody ({holder.state.value})", "wait for it to settle"
+
+
+def shared_resource_reasons(
+    host: Host, bdf: Bdf, vm: str | None, holder_of: Callable[[Bdf], Holder | None]
+) -> list[Reason]:
+    """A device sharing a BAR page or an INTx line with ``bdf`` must be quarantined or
+    with ``vm`` as well: whoever gets one reaches the other (XSA-461)."""
+    reasons = []
+    for shared in host.shared_resources(bdf):
+        holder = holder_of(shared.other)
+        if not _in_the_way(holder, vm):
+            continue
+        assert holder is not None
+        owner, todo = _owner_and_remedy(host, shared.other, holder)
+        reasons.append(
+            Reason(
+                SHARED_RESOURCE,
+                f"{bdf} shares {shared.what} with {shared.other}, which {owner} still owns; {todo}",
+            )
         )
     return reasons

@@ -190,6 +190,22 @@ def host_findings(host: Host, options: Options) -> list[Finding]:
                 ),
             )
         )
+    untrusted_ats = [
+        b for b, f in host.topology.items() if f.ats and host.topology.is_behind_external_port(b)
+    ]
+    if untrusted_ats:
+        out.append(
+            Finding(
+                code="ats-external",
+                severity=Severity.WARNING,
+                message=(
+                    f"ATS on device(s) behind external ports ({', '.join(map(str, untrusted_ats))}): "
+                    "ATS must stay off for them, since the IOMMU does not check a request the "
+                    "device marks translated (Linux keeps it off for such devices; Xen uses ATS "
+                    "only with ats=1)"
+                ),
+            )
+        )
     for text in options.unsafe_overrides():
         out.append(
             Finding(

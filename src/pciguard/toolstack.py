@@ -26,6 +26,7 @@ from pciguard.checks import (
     group_reasons,
     iommu_reason,
     msi_reason,
+    shared_resource_reasons,
 )
 from pciguard.errors import (
     PreconditionFailed,
@@ -39,6 +40,7 @@ from pciguard.platforms.base import HOST, QUARANTINE, DomainState, Platform
 from pciguard.policy import Decision, DefaultPolicy, HotplugPolicy, Target
 
 CHECK_PRECONDITIONS = "check_preconditions"  # a step of the toolstack itself, not the platform
+TORN_DOWN = "torn-down"
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,9 @@ class Toolstack:
         self.policy = policy or DefaultPolicy()
         self.flaws = self.options.flaws
         self.notes: list[str] = []
-        self.observers: list[Callable[[], None]] = []  # called after every ledger move
+        self.observers: list[Callable[[], None]] = []  # called after every ledger change
         self.ledger: dict[Bdf, DeviceRecord] = {}
+        self.torn_down: frozenset[str] = frozenset()  # VMs whose teardown has finished
         for bdf in platform.host.topology:
             if platform.present(bdf):
                 context = platform.context_of(bdf)
@@ -198,24 +201,28 @@ class Toolstack:
                 )
 
     # -- the ledger as one value (for the verifier) --------------------------------
-    def snapshot(self, only: frozenset[Bdf] | None = None) -> frozenset[tuple[Bdf, tuple[object, ...]]]:
+    def snapshot(self, only: frozenset[Bdf] | None = None) -> frozenset[tuple[Any, tuple[object, ...]]]:
         """The ledger as one value; with ``only``, the records of those devices alone
-        (the verifier leaves out devices no operation it runs can touch)."""
+        (the verifier leaves out devices no operation it runs can touch). The VMs torn
+        down are one more entry, keyed ``None``."""
         ledger = self.ledger
+        vms = (None, (TORN_DOWN, self.torn_down))
         if only is None:
-            return frozenset((bdf, rec.freeze()) for bdf, rec in ledger.items())
-        return frozenset((bdf, ledger[bdf].freeze()) for bdf in only if bdf in ledger)
+            return frozenset([vms, *((bdf, rec.freeze()) for bdf, rec in ledger.items())])
+        return frozenset([vms, *((bdf, ledger[bdf].freeze()) for bdf in only if bdf in ledger)])
 
     def restore(
         self, frozen: frozenset[tuple[Bdf, tuple[Any, ...]]], only: frozenset[Bdf] | None = None
     ) -> None:
         """Back to a ``snapshot`` taken with the same ``only``."""
+        records = [(bdf, rec) for bdf, rec in frozen if bdf is not None]
+        self.torn_down = next(rec[1] for bdf, rec in frozen if bdf is None)
         if only is None:
-            self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in frozen}
+            self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in records}
         else:
             for bdf in only:
                 self.ledger.pop(bdf, None)
-            self.ledger.update((bdf, DeviceRecord.thaw(rec)) for bdf, rec in frozen)
+            self.ledger.update((bdf, DeviceRecord.thaw(rec)) for bdf, rec in records)
         self.notes.clear()
 
     # -- reading ---------------------------------------------------------------
@@ -324,7 +331,7 @@ class Toolstack:
         if fn.kind.is_bridge:
             raise RefusedError(f"{bdf} is a {fn.kind.value}; bridges stay with the host", device=str(bdf))
         # Devices sharing a requester ID always go together; the rest of the group on request.
-        candidates = self.host.group_of(bdf).members if with_group else self.moves_with(bdf)
+        candidates = self.isolation_unit(bdf) if with_group else self.moves_with(bdf)
         members = [bdf] + [
             m
             for m in candidates
@@ -358,11 +365,21 @@ class Toolstack:
             steps += self._reset(m)
         return Plan("make-assignable", tuple(members), None, tuple(steps), Event.MAKE_ASSIGNABLE)
 
+    def isolation_unit(self, bdf: Bdf) -> list[Bdf]:
+        """``bdf``'s IOMMU group and the devices sharing a BAR page or an INTx line with
+        it: none of them can have another owner than it has."""
+        members = self.host.group_of(bdf).members
+        if Flaw.XSA_461 in self.flaws:  # Xen knew groups (at best), never shared pages or lines
+            return list(members)
+        shared = (s.other for s in self.host.shared_resources(bdf))
+        return list(dict.fromkeys([*members, *shared]))
+
     def guests_in_group(self, bdf: Bdf) -> list[str]:
-        """The guests holding another member of ``bdf``'s group: the host must not get it."""
+        """The guests holding another device of ``bdf``'s isolation unit: the host must not
+        get it."""
         return [
             f"{m} is with {rec.vm}"
-            for m in self.host.group_of(bdf).members
+            for m in self.isolation_unit(bdf)
             if m != bdf and (rec := self.ledger.get(m)) is not None and rec.vm is not None
         ]
 
@@ -373,8 +390,9 @@ class Toolstack:
             next_state(str(d), self.record(d).state, Event.MAKE_UNASSIGNABLE)
         if blockers := self.guests_in_group(bdf):
             raise RefusedError(
-                f"cannot give {bdf} back to the host while its {self.host.group_of(bdf)} is "
-                f"with a guest ({'; '.join(blockers)}); release those first",
+                f"cannot give {bdf} back to the host while devices of its {self.host.group_of(bdf)}, "
+                f"or sharing a BAR page or interrupt line with it, are with a guest "
+                f"({'; '.join(blockers)}); release those first",
                 device=str(bdf),
             )
         steps: list[Step] = []
@@ -416,6 +434,8 @@ class Toolstack:
         reasons += device_reasons(self.host, bdf, self.options)
         if Flaw.NO_GROUP_CHECK not in self.flaws:
             reasons += group_reasons(self.host, bdf, vm, self.holder_of)
+        if Flaw.XSA_461 not in self.flaws:
+            reasons += shared_resource_reasons(self.host, bdf, vm, self.holder_of)
         return reasons
 
     def moves_with(self, bdf: Bdf) -> tuple[Bdf, ...]:
@@ -485,11 +505,8 @@ class Toolstack:
             )
         # Stopped first, as Xen marks a domain dying before anything else: a VM being torn
         # down runs no more, so no assignment started meanwhile can pass its checks.
-        stop = (
-            [Step("crash_domain", None, vm)]
-            if self.platform.domains()[vm].state is DomainState.RUNNING
-            else []
-        )
+        running = self.platform.domains()[vm].state is DomainState.RUNNING
+        stop = [Step("crash_domain", None, vm)] if running and Flaw.TEARDOWN_RUNNING not in self.flaws else []
         return self._releasing(
             "teardown", tuple(self.devices_of(vm)), vm, [Step("destroy_domain", None, vm)], stop
         )
@@ -564,12 +581,15 @@ class Toolstack:
             steps.append(Step("unbind_host_driver", bdf))
         if rec.msi != QUARANTINE:
             steps.append(Step("route_msi", bdf, QUARANTINE))
+        if Flaw.XSA_378 not in self.flaws:
+            # While the device still translates through the guest: a guest's firmware
+            # mappings are only ever those of devices it holds.
+            steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
         if Flaw.XSA_400 in self.flaws and rec.context not in (HOST, QUARANTINE):
             steps.append(Step("attach", bdf, HOST))
         if rec.context != QUARANTINE or Flaw.XSA_400 in self.flaws:
             steps.append(Step("attach", bdf, QUARANTINE))
         steps += self._flush(bdf)
-        steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
         return steps + self._reset(bdf)
 
     def _to_host_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
@@ -652,6 +672,9 @@ class Toolstack:
                 # Giving a hot-plugged device to the host is the operator's explicit call.
                 rec.decision = Decision(Target.ALLOW, "operator: make-unassignable", True)
             self._move(bdf, plan.finish, plan.vm)
+        if plan.operation == "teardown" and plan.vm is not None:
+            self.torn_down |= {plan.vm}
+            self._notify()
         self.notes.extend(plan.describe())
         self.notes.extend(f"UNSAFE: {u}" for u in plan.unsafe)
         if cursor.phase is Phase.FORWARD:
@@ -704,6 +727,13 @@ class Toolstack:
             reasons = self.preconditions(step.device, step.domain, claimed=True)
             if reasons:
                 raise StepFailed("late check", "; ".join(r.message for r in reasons))
+            return []
+        if step.call == "reset" and Flaw.RESET_IGNORED in self.flaws:
+            assert step.device is not None
+            try:
+                self.platform.reset(step.device)
+            except StepFailed as exc:  # libxl logs a failed reset and carries on
+                self.notes.append(f"reset of {step.device} failed, ignored: {exc}")
             return []
         if step.call == "crash_domain":  # a teardown stopping its VM (it may have crashed since)
             assert step.domain is not None
@@ -774,5 +804,8 @@ class Toolstack:
         elif rec.state in (State.QUARANTINED, State.HOST, State.REMOVED):
             rec.vm = None
             rec.unsafe = ()
+        self._notify()
+
+    def _notify(self) -> None:
         for observer in self.observers:
             observer()

@@ -12,7 +12,7 @@ from pciguard.legacy import Flaw
 from pciguard.model.ownership import State
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState
 from pciguard.platforms.sim import Blocked, Delivered, Landed
-from pciguard.toolstack import OperationFailed
+from pciguard.toolstack import OperationFailed, Outcome
 
 NIC = bdf("0000:03:00.0")  # workstation: an Ethernet controller alone in its group
 GPU, AUDIO = bdf("0000:01:00.0"), bdf("0000:01:00.1")
@@ -319,4 +319,172 @@ def test_phantom_function_follows_its_device() -> None:
     assert w.platform.dma(RAID, 0x1000, requester=PHANTOM).domain == "vm1"  # type: ignore[union-attr]
     w.toolstack.release(RAID)
     assert isinstance(w.platform.dma(RAID, 0x1000, requester=PHANTOM), Blocked)
+    assert w.violations == []
+
+
+# clean-handover: device state survives a failed reset ---------------------------------------
+GPU_ATS, THUNDERBOLT_NIC = bdf("0000:01:00.0"), bdf("0000:05:00.0")  # gpu-ats
+
+
+def test_reset_ignored_hands_the_next_guest_what_the_last_one_programmed() -> None:
+    w = world("gpu-ats", Flaw.RESET_IGNORED, vms=("vm1", "vm2"))
+    w.toolstack.make_assignable(GPU_ATS)
+    w.toolstack.assign(GPU_ATS, "vm1")
+    w.platform.inject("reset", GPU_ATS, times=2)
+    w.toolstack.release(GPU_ATS)
+    w.toolstack.assign(GPU_ATS, "vm2")
+    assert w.platform.carried_state(GPU_ATS) == {"vm1", "vm2"}
+    assert w.broken == {"clean-handover"}
+
+
+def test_a_device_whose_reset_fails_stays_broken_until_a_reset_succeeds() -> None:
+    w = world("gpu-ats", vms=("vm1", "vm2"))
+    w.toolstack.make_assignable(GPU_ATS)
+    w.toolstack.assign(GPU_ATS, "vm1")
+    w.platform.inject("reset", GPU_ATS, times=2)
+    with pytest.raises(OperationFailed):
+        w.toolstack.release(GPU_ATS)
+    assert w.toolstack.ledger[GPU_ATS].state is State.BROKEN
+    assert w.platform.carried_state(GPU_ATS) == {"vm1"}  # held away from everyone
+    with pytest.raises(PreconditionFailed):
+        w.toolstack.assign(GPU_ATS, "vm2")
+    w.toolstack.recover(GPU_ATS)
+    w.toolstack.assign(GPU_ATS, "vm2")
+    assert w.platform.carried_state(GPU_ATS) == {"vm2"}
+    assert w.violations == []
+
+
+# sink-isolation: the scratch page (XSA-445) ---------------------------------------------------
+def test_xsa_445_a_scratch_page_not_cleared_shows_the_last_owners_data() -> None:
+    w = assigned_nic(Flaw.XSA_445, quarantine="scratch")
+    w.toolstack.release(NIC)
+    assert "host" in w.platform.scratch_pages_read(NIC)[NIC]  # written while it was quarantined
+    assert w.broken == {"sink-isolation"}
+
+
+def test_each_device_enters_quarantine_on_a_clean_scratch_page_of_its_own() -> None:
+    w = assigned_nic(quarantine="scratch")
+    w.toolstack.release(NIC)
+    assert w.platform.scratch_pages_read(NIC) == {NIC: {"vm1"}}  # only what vm1 had it write
+    assert w.platform.scratch_page(NIC) != w.platform.scratch_page(GPU)
+    assert w.violations == []
+
+
+# atc-flush and ats-untrusted ---------------------------------------------------------------
+def test_no_devtlb_flush_leaves_the_gpu_writing_into_host_memory() -> None:
+    w = world("gpu-ats", Flaw.NO_DEVTLB_FLUSH)
+    w.toolstack.make_assignable(GPU_ATS)
+    outcome = w.platform.dma(GPU_ATS, 0x1000)
+    assert outcome == Landed(HOST, "memory 0x1000", f"stale device-TLB (ATS) entry of {GPU_ATS}")
+    assert w.broken == {"atc-flush", "dma-containment"}
+
+
+def test_the_device_tlb_is_invalidated_with_the_iotlb_and_untrusted_devices_get_no_ats() -> None:
+    w = world("gpu-ats")
+    assert w.platform.ats_enabled(GPU_ATS)
+    w.toolstack.make_assignable(GPU_ATS)
+    assert w.platform.stale_device_tlb(GPU_ATS) == {}
+    w.platform.plug(THUNDERBOLT_NIC)
+    w.toolstack.hotplug(THUNDERBOLT_NIC)
+    w.toolstack.assign(THUNDERBOLT_NIC, "vm1")
+    assert not w.platform.ats_enabled(THUNDERBOLT_NIC)
+    assert w.violations == []
+
+
+def test_ats_on_an_untrusted_device_reaches_any_physical_address() -> None:
+    w = world("gpu-ats", Flaw.ATS_UNTRUSTED)
+    w.platform.plug(THUNDERBOLT_NIC)
+    w.toolstack.hotplug(THUNDERBOLT_NIC)
+    w.toolstack.assign(THUNDERBOLT_NIC, "vm1")
+    assert w.platform.dma(THUNDERBOLT_NIC, 0x1000).domain == HOST  # type: ignore[union-attr]
+    assert w.broken == {"ats-untrusted", "dma-containment"}
+
+
+# reserved-exact: firmware regions belong to devices (XSA-378) ----------------------------------
+XHCI, SATA = bdf("0000:00:14.0"), bdf("0000:00:11.0")
+
+
+def test_xsa_378_leaves_the_region_mapped_in_the_guest_the_device_left() -> None:
+    w = world("rmrr-usb", Flaw.XSA_378, rmrr=RmrrPolicy.RELAXED)
+    w.toolstack.make_assignable(XHCI)
+    w.toolstack.assign(XHCI, "vm1")
+    w.toolstack.release(XHCI)
+    assert {d for d, _ in w.platform.reserved_mappings("vm1")} == {XHCI}
+    assert {"reserved-exact", "fail-closed-assign"} == w.broken
+
+
+def test_release_unmaps_the_region_before_the_device_leaves() -> None:
+    w = world("rmrr-usb", rmrr=RmrrPolicy.RELAXED)
+    w.toolstack.make_assignable(XHCI)
+    w.toolstack.assign(XHCI, "vm1")
+    w.toolstack.release(XHCI)
+    release = [str(r) for r in w.platform.log][-8:]
+    assert release.index(f"unmap_reserved({XHCI}, vm1)") < release.index(f"attach({XHCI}, quarantine)")
+    assert w.violations == []
+
+
+def test_overlapping_firmware_regions_are_shared_and_equal_only_comparison_misses_them() -> None:
+    secure = world("ivmd-ranges", rmrr=RmrrPolicy.RELAXED)
+    secure.toolstack.make_assignable(SATA)
+    with pytest.raises(PreconditionFailed, match="shared with another device"):
+        secure.toolstack.assign(SATA, "vm1")
+    legacy = world("ivmd-ranges", Flaw.RMRR_EQUAL_ONLY, rmrr=RmrrPolicy.RELAXED)
+    legacy.toolstack.make_assignable(SATA)
+    legacy.toolstack.assign(SATA, "vm1")
+    assert legacy.broken == {"check-before-expose", "reserved-exact"}
+
+
+def test_an_ivmd_range_gives_every_device_in_it_the_region() -> None:
+    host = world("ivmd-ranges").host
+    named = [b for b, f in host.topology.items() if any(r.name == "ivmd-usb" for r in f.reserved_regions)]
+    assert named == [XHCI, bdf("0000:00:14.3")]
+
+
+# shared-resources: BAR pages and INTx lines (XSA-461) -------------------------------------------
+USB_CARD, SERIAL_CARD, SHARED_IRQ_NIC = bdf("0000:01:00.0"), bdf("0000:02:00.0"), bdf("0000:03:00.0")
+
+
+def test_xsa_461_a_guest_reaches_the_host_device_in_the_same_page() -> None:
+    w = world("shared-bars", Flaw.XSA_461)
+    w.toolstack.make_assignable(USB_CARD)
+    w.toolstack.assign(USB_CARD, "vm1")
+    assert w.platform.host_driver_bound(SERIAL_CARD)
+    assert "vm1" in w.platform.carried_state(SERIAL_CARD)  # vm1 programs it through the page
+    assert w.broken == {"shared-resources", "clean-handover"}
+
+
+def test_devices_sharing_a_page_or_a_line_go_to_one_owner() -> None:
+    w = world("shared-bars")
+    plan = w.toolstack.make_assignable(USB_CARD)
+    assert plan.devices == (USB_CARD, SERIAL_CARD)  # quarantined together
+    w.toolstack.make_assignable(SHARED_IRQ_NIC, with_group=False)
+    with pytest.raises(PreconditionFailed, match="legacy interrupt line 17"):
+        w.toolstack.assign(SHARED_IRQ_NIC, "vm1")
+    w.toolstack.assign(USB_CARD, "vm1")
+    w.toolstack.assign(SERIAL_CARD, "vm1")
+    assert w.violations == []
+
+
+# vm-lifecycle: a VM being torn down accepts no device --------------------------------------------
+def test_teardown_running_lets_an_assignment_land_in_a_vm_reported_destroyed() -> None:
+    w = world("workstation", Flaw.TEARDOWN_RUNNING)
+    w.toolstack.make_assignable(NIC)
+    w.toolstack.make_assignable(GPU)
+    down = w.toolstack.begin(w.toolstack.plan_teardown("vm1"))
+    w.toolstack.assign(GPU, "vm1")
+    while not isinstance(down, Outcome):
+        down = w.toolstack.advance(down)
+    assert w.platform.domains()["vm1"].state is DomainState.RUNNING
+    assert w.broken == {"vm-lifecycle"}
+
+
+def test_teardown_stops_the_vm_first_so_no_assignment_reaches_it() -> None:
+    w = world("workstation")
+    w.toolstack.make_assignable(GPU)
+    down = w.toolstack.advance(w.toolstack.begin(w.toolstack.plan_teardown("vm1")))
+    with pytest.raises(PreconditionFailed, match="accepts no device"):
+        w.toolstack.assign(GPU, "vm1")
+    while not isinstance(down, Outcome):
+        down = w.toolstack.advance(down)
+    assert w.platform.domains()["vm1"].state is DomainState.DESTROYED
     assert w.violations == []

@@ -6,6 +6,8 @@ with examples. ``parse_platform(text, source)`` is pure; ``load_platform(path)``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path as FsPath
 from typing import Any, Literal
 
@@ -17,6 +19,7 @@ from pciguard.model import (
     Acs,
     AcsCapability,
     Arch,
+    Bar,
     Bdf,
     Feature,
     Function,
@@ -40,10 +43,29 @@ class AcsSpec(_Strict):
     control: list[AcsBit]
 
 
-class RegionSpec(_Strict):
+class BarSpec(_Strict):
+    start: int = Field(ge=0, lt=1 << 64)
+    end: int = Field(ge=0, lt=1 << 64)
+
+
+class RegionSpec(BarSpec):
+    name: str
+
+
+class DeviceRange(_Strict):
+    first: str
+    last: str
+
+
+class UnityMapSpec(_Strict):
+    """A firmware 1:1 region that names its devices apart from them, as AMD's IVMD
+    entries do (every device, a list, or a range of requester IDs) and an RMRR's device
+    scope does: every device named gets the region, so devices named together share it."""
+
     name: str
     start: int = Field(ge=0, lt=1 << 64)
     end: int = Field(ge=0, lt=1 << 64)
+    devices: Literal["all"] | list[str] | DeviceRange
 
 
 class SriovSpec(_Strict):
@@ -65,7 +87,10 @@ class DeviceSpec(_Strict):
     external: bool = False
     phantom_functions: int = Field(0, ge=0, le=3)
     reset: list[Literal["flr", "pm", "bus"]] = ["flr"]
+    reset_may_fail: bool = Field(False, description="a reset can fail and leave the device as it was")
     reserved_regions: list[RegionSpec] = []
+    bars: list[BarSpec] = Field([], description="memory BARs, end inclusive")
+    intx: int | None = Field(None, ge=0, le=0xFFFF, description="the legacy interrupt line it raises")
     host_critical: bool = False
     hotplug: bool = Field(False, description="absent at boot; a scenario plugs it in")
     sriov: SriovSpec | None = None
@@ -92,6 +117,7 @@ class PlatformFile(_Strict):
     description: str = ""
     iommus: list[IommuSpec] = []
     devices: list[DeviceSpec]
+    unity_maps: list[UnityMapSpec] = []
 
 
 def _acs(spec: Literal["full", "none"] | AcsSpec) -> AcsCapability | None:
@@ -132,11 +158,14 @@ def _flatten(
         bdf = Bdf.parse(dev.bdf)
         plugged_later = hotplug or dev.hotplug
         regions = tuple(ReservedRegion(r.name, r.start, r.end) for r in dev.reserved_regions)
-        for i, r in enumerate(dev.reserved_regions):
-            if r.end < r.start:
-                raise at(
-                    source, "a region's end comes before its start", (*path, "reserved_regions", i), positions
-                )
+        spans: list[tuple[str, Sequence[BarSpec]]] = [
+            ("reserved_regions", dev.reserved_regions),
+            ("bars", dev.bars),
+        ]
+        for key, ranges in spans:
+            for i, r in enumerate(ranges):
+                if r.end < r.start:
+                    raise at(source, "a range's end comes before its start", (*path, key, i), positions)
         add(
             Function(
                 bdf=bdf,
@@ -151,7 +180,10 @@ def _flatten(
                 external=dev.external,
                 phantom_functions=dev.phantom_functions,
                 reset_methods=tuple(dev.reset),
+                reset_may_fail=dev.reset_may_fail,
                 reserved_regions=regions,
+                bars=tuple(Bar(b.start, b.end) for b in dev.bars),
+                intx=dev.intx,
                 host_critical=dev.host_critical,
             ),
             path,
@@ -194,6 +226,40 @@ def _flatten(
     return functions, later, where
 
 
+def _named(
+    devices: Literal["all"] | list[str] | DeviceRange,
+    functions: dict[Bdf, Function],
+    source: str,
+    path: Path,
+    positions: dict[Path, tuple[int, int]],
+) -> list[Bdf]:
+    """The devices a unity map names, each of which must be described."""
+
+    def parse(text: str, where: Path) -> Bdf:
+        try:
+            return Bdf.parse(text)
+        except ValueError as exc:
+            raise at(source, str(exc), where, positions) from None
+
+    if devices == "all":
+        return sorted(functions)
+    if isinstance(devices, DeviceRange):
+        first, last = parse(devices.first, (*path, "first")), parse(devices.last, (*path, "last"))
+        if last < first:
+            raise at(source, f"the range ends ({last}) before it starts ({first})", path, positions)
+        named = [b for b in sorted(functions) if first <= b <= last]
+        if not named:
+            raise at(source, f"no device described lies in {first}..{last}", path, positions)
+        return named
+    named = []
+    for i, text in enumerate(devices):
+        bdf = parse(text, (*path, i))
+        if bdf not in functions:
+            raise at(source, f"{bdf} is not a device of this platform", (*path, i), positions)
+        named.append(bdf)
+    return named
+
+
 def parse_platform(text: str, source: str = "<platform>") -> Host:
     data, positions = load(text, source)
     return build_host(data, positions, source)
@@ -204,6 +270,14 @@ def build_host(data: Any, positions: dict[Path, tuple[int, int]], source: str, p
     key path ``prefix``)."""
     spec = validate(PlatformFile, data, positions, source, prefix)
     functions, later, where = _flatten(spec, source, positions, prefix)
+    for i, unity in enumerate(spec.unity_maps):
+        path = (*prefix, "unity_maps", i)
+        if unity.end < unity.start:
+            raise at(source, "a range's end comes before its start", path, positions)
+        region = ReservedRegion(unity.name, unity.start, unity.end)
+        for bdf in _named(unity.devices, functions, source, (*path, "devices"), positions):
+            fn = functions[bdf]
+            functions[bdf] = replace(fn, reserved_regions=(*fn.reserved_regions, region))
     try:
         topology = Topology(functions)
     except TopologyError as exc:

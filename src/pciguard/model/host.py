@@ -8,7 +8,7 @@ from functools import cached_property
 
 from pciguard.errors import TopologyError
 from pciguard.model.groups import IommuGroup, derive_groups, requester_ids
-from pciguard.model.pci import Bdf, Topology
+from pciguard.model.pci import Bdf, SharedResource, Topology
 
 
 class Arch(StrEnum):
@@ -154,3 +154,7 @@ class Host:
     def owner_of_rid(self, rid: Bdf) -> list[Bdf]:
         """The devices whose DMA can carry requester ID ``rid``."""
         return sorted(b for b, rids in self._rids.items() if rid in rids)
+
+    def shared_resources(self, bdf: Bdf) -> tuple[SharedResource, ...]:
+        """The devices sharing a BAR page or a legacy interrupt line with ``bdf``."""
+        return self.topology.shared_resources(bdf)

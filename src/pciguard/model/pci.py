@@ -172,6 +172,41 @@ class ReservedRegion:
         return f"{self.name} [{self.start:#x}-{self.end:#x}]"
 
 
+#: The smallest unit a CPU maps into a guest: BARs in one page are exposed together.
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Bar:
+    """A memory BAR: the MMIO range a device decodes."""
+
+    start: int
+    end: int  # inclusive
+
+    @property
+    def pages(self) -> tuple[int, int]:
+        """The first and last page the BAR touches."""
+        return self.start // PAGE_SIZE, self.end // PAGE_SIZE
+
+    def __str__(self) -> str:
+        return f"[{self.start:#x}-{self.end:#x}]"
+
+
+class Resource(StrEnum):
+    BAR_PAGE = "bar-page"  # a guest mapping the page reaches every BAR in it
+    INTX = "intx"  # a guest can mask the line, or see the other device's interrupts
+
+
+@dataclass(frozen=True)
+class SharedResource:
+    """Something one device shares with another, so that whoever gets one reaches the
+    other (XSA-461)."""
+
+    other: Bdf
+    kind: Resource
+    what: str
+
+
 @dataclass(frozen=True)
 class Function:
     """One PCI function as the toolstack sees it."""
@@ -188,7 +223,10 @@ class Function:
     external: bool = False  # an external-facing port (Thunderbolt, hot-plug slot)
     phantom_functions: int = 0  # the Phantom Functions field in use, 0..3
     reset_methods: tuple[str, ...] = ()
+    reset_may_fail: bool = False  # a reset can leave it as it was (quirky GPUs, some NICs)
     reserved_regions: tuple[ReservedRegion, ...] = ()
+    bars: tuple[Bar, ...] = ()  # memory BARs
+    intx: int | None = None  # the legacy interrupt line it raises, if it has one
     physfn: Bdf | None = None  # set on SR-IOV virtual functions
     host_critical: bool = False  # the host needs it (boot disk, console)
 
@@ -350,3 +388,49 @@ class Topology(Mapping[Bdf, Function]):
 
     def is_behind_external_port(self, bdf: Bdf) -> bool:
         return bdf in self._external
+
+    @cached_property
+    def _shared(self) -> dict[Bdf, tuple[SharedResource, ...]]:
+        """Pairs that share a BAR page or an INTx line, found by one sweep over the BARs
+        sorted by page (a host has thousands; only neighbours can share a page)."""
+        found: dict[Bdf, dict[Bdf, tuple[Resource, str]]] = {}
+
+        def note(a: Bdf, b: Bdf, kind: Resource, what: str) -> None:
+            found.setdefault(a, {}).setdefault(b, (kind, what))
+            found.setdefault(b, {}).setdefault(a, (kind, what))
+
+        bars = sorted(
+            ((bar, f.bdf) for f in self.functions.values() for bar in f.bars), key=lambda x: x[0].pages
+        )
+        open_bars: list[tuple[Bar, Bdf]] = []
+        for bar, owner in bars:
+            open_bars = [(o, b) for o, b in open_bars if o.pages[1] >= bar.pages[0]]
+            for other, other_owner in open_bars:
+                if other_owner != owner:
+                    page = max(bar.pages[0], other.pages[0]) * PAGE_SIZE
+                    note(
+                        owner,
+                        other_owner,
+                        Resource.BAR_PAGE,
+                        f"the 4 KiB page at {page:#x} (BARs {other} and {bar})",
+                    )
+            open_bars.append((bar, owner))
+        lines: dict[int, list[Bdf]] = {}
+        for f in self.functions.values():
+            # A bridge's own INTx (PME, AER, hot-plug) is host infrastructure every device
+            # below relies on anyway; sharing a line with it ties no two owners together.
+            if f.intx is not None and not f.kind.is_bridge:
+                lines.setdefault(f.intx, []).append(f.bdf)
+        for line, devices in lines.items():
+            for a in devices:
+                for b in devices:
+                    if a != b:
+                        note(a, b, Resource.INTX, f"the legacy interrupt line {line}")
+        return {
+            d: tuple(SharedResource(o, kind, what) for o, (kind, what) in sorted(others.items()))
+            for d, others in found.items()
+        }
+
+    def shared_resources(self, bdf: Bdf) -> tuple[SharedResource, ...]:
+        """The other devices that share a BAR page or an INTx line with ``bdf``."""
+        return self._shared.get(bdf, ())

@@ -55,11 +55,14 @@ class Action:
     device: Bdf | None = None
     vm: str | None = None
     key: tuple[Any, ...] = ()  # the operation in flight (advance, fail)
+    free: bool = False  # fail: a reset of a device whose resets may fail (no fault spent)
 
     def __str__(self) -> str:
         if self.kind in ("advance", "fail"):
             what = describe_key(self.key)
-            return f"{what}: next call" + (" FAILS (injected)" if self.kind == "fail" else "")
+            if self.kind == "advance":
+                return f"{what}: next call"
+            return f"{what}: next call FAILS " + ("(a reset that may fail)" if self.free else "(injected)")
         if self.kind == "crash":
             return f"{self.vm} crashes"
         if self.kind == "hotplug":
@@ -158,7 +161,13 @@ class Explorer:
             *(d for cursor in replay.in_flight.values() for d in cursor.plan.devices),
         }
         host = self.scenario.host
-        return frozenset(m for d in named if d in host.topology for m in host.group_of(d).members)
+        units = {u for d in named if d in host.topology for u in self._unit(d)}
+        return frozenset(m for u in units for m in host.group_of(u).members)
+
+    def _unit(self, device: Bdf) -> list[Bdf]:
+        """``device`` and the devices it shares a BAR page or an INTx line with: an
+        operation on one may move, or be stopped by, the others."""
+        return [device, *(s.other for s in self.scenario.host.shared_resources(device))]
 
     def load(self, state: State) -> None:
         if self._loaded is state:
@@ -191,7 +200,11 @@ class Explorer:
             key = key_of(cursor)
             out.append(Action("advance", key=key))
             step = cursor.next_step
-            if faults and step is not None and step.call != CHECK_PRECONDITIONS:
+            if step is None or step.call == CHECK_PRECONDITIONS:
+                continue
+            if self._may_fail_by_itself(step):
+                out.append(Action("fail", key=key, free=True))
+            elif faults:
                 out.append(Action("fail", key=key))
         domains = self.platform.domains()
         if "crash" in ops:
@@ -224,6 +237,14 @@ class Explorer:
                     found.append((op, device, vm, plan))
             self._startable[key] = found
         return found
+
+    def _may_fail_by_itself(self, step: Step) -> bool:
+        """A reset of a device whose resets may fail fails as often as it likes."""
+        return (
+            step.call == "reset"
+            and step.device is not None
+            and self.scenario.host.topology[step.device].reset_may_fail
+        )
 
     def _parent_present(self, device: Bdf) -> bool:
         parent = self.scenario.host.topology[device].parent
@@ -261,8 +282,16 @@ class Explorer:
         return [c for c in ordered if id(c) not in independent or id(c) == independent[0]]
 
     def _footprint(self, plan: Plan) -> frozenset[Any]:
-        groups = {self.scenario.host.group_of(d).number for d in plan.devices}
-        return frozenset({*groups, *([plan.vm] if plan.vm else [])})
+        """What an operation touches: its devices' IOMMU groups, its VM, and in scratch
+        mode the sink pages its devices reach (the platform may share one page)."""
+        host = self.scenario.host
+        groups = {host.group_of(u).number for d in plan.devices for u in self._unit(d)}
+        pages = (
+            {self.platform.scratch_page(r) for d in plan.devices for r in host.requester_ids(d)}
+            if self.scenario.quarantine_mode == "scratch"
+            else set()
+        )
+        return frozenset({*groups, *pages, *([plan.vm] if plan.vm else [])})
 
     def apply(self, state: State, action: Action) -> tuple[State, list[Violation]]:
         """Take ``action`` from ``state``; return the new state and what it breaks."""
@@ -293,7 +322,7 @@ class Explorer:
                     step = cursor.next_step
                     assert step is not None
                     self.platform.inject(step.call, step.device)
-                    faults -= 1
+                    faults -= 0 if action.free else 1
                 result = self.toolstack.advance(cursor)
                 if isinstance(result, Cursor):
                     in_flight[key_of(result)] = result
@@ -451,6 +480,7 @@ class Symmetry:
     vm_classes: list[list[str]] = field(default_factory=list)
     _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
     _vm_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _part_memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -481,6 +511,8 @@ class Symmetry:
             fn.ids,
             fn.driver is not None,
             fn.reset_methods,
+            fn.reset_may_fail,
+            fn.ats,
             fn.reserved_regions,
             fn.host_critical,
             d in host.hotplug_later,
@@ -529,7 +561,7 @@ class Symmetry:
         ``d``, "other" for the rest of its class) and VM names mapped by ``names``."""
         sim, ledger, cursors, _ = state
         erase: Renaming = names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
-        local = [sorted(repr(rename(e, erase)) for e in part if _mentions(e, d)) for part in sim]
+        local = [sorted(repr(rename(e, erase)) for e in self._mentioning(part, d)) for part in sim]
         record = [rename(rec, erase) for bdf, rec in ledger if bdf == d]
         flights = sorted(
             repr(
@@ -546,6 +578,14 @@ class Symmetry:
         )
         return repr((local, record, flights))
 
+    def _mentioning(self, part: frozenset[Any], d: Bdf) -> tuple[Any, ...]:
+        """The entries of a state part that name ``d`` (parts recur: remembered)."""
+        key = (part, d)
+        found = self._part_memo.get(key)
+        if found is None:
+            found = self._part_memo[key] = tuple(e for e in part if _mentions(e, d))
+        return found
+
     def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> tuple[str, str, str]:
         """Everything that points at ``vm``, with VM names erased. Each part is remembered
         by the state parts it comes from: they recur in state after state."""
@@ -555,15 +595,16 @@ class Symmetry:
         domain = memo.get(key)
         if domain is None:
             domain = memo[key] = repr([e[1:] for e in sim[0] if e[0] == vm])
-        key = (sim[3], sim[4], sim[5], sim[6], ledger, vm)  # parts are interned: cheap keys
+        parts = (3, 4, 5, 6, 7, 8, 9)  # context, stale IOTLB, interrupt, exposure, carried, sink, ATC
+        key = (*(sim[i] for i in parts), ledger, vm)  # parts are interned: cheap keys
         pointers = memo.get(key)
         if pointers is None:
-            # context, stale IOTLB, interrupt and exposure entries: (BDF, domain or domains)
+            # entries (BDF or page, domain or domains) that name the VM
             entries = sorted(
                 repr((i, rename(e, placeholder)))
-                for i in (3, 4, 5, 6)
+                for i in parts
                 for e in sim[i]
-                if e[1] == vm or (isinstance(e[1], tuple) and vm in e[1])
+                if e[1] == vm or (isinstance(e[1], (tuple, frozenset)) and vm in e[1])
             )
             records = sorted(repr((b, rename(rec, placeholder))) for b, rec in ledger if vm in rec[:6])
             pointers = memo[key] = repr((entries, records))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pciguard.checks import RmrrPolicy
-from pciguard.model import Bdf
+from pciguard.model import Bar, Bdf
 from pciguard.model.ownership import State
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState
 from pciguard.platforms.sim import SimPlatform
@@ -303,6 +303,168 @@ def all_requester_ids(view: View) -> list[Violation]:
     return out
 
 
+def clean_handover(view: View) -> list[Violation]:
+    """A device reaches a new owner only once a reset wiped what the last one left in it."""
+    sim = view.sim
+    out = []
+    for bdf in sim.present_devices():
+        owners = [o for o in (sim.exposed_to(bdf), HOST if sim.host_driver_bound(bdf) else None) if o]
+        for owner in owners:
+            left = sim.carried_state(bdf) - {owner}
+            if left:
+                out.append(
+                    Violation(
+                        "clean-handover",
+                        bdf,
+                        f"{bdf} reached {owner} still carrying the state of {', '.join(sorted(left))} "
+                        "(programmed DMA, queues, buffers): no reset wiped it",
+                    )
+                )
+    return out
+
+
+def sink_isolation(view: View) -> list[Violation]:
+    """A device in the scratch sink reads back only what it, for its own owners, wrote."""
+    sim = view.sim
+    out = []
+    for bdf in sim.present_devices():
+        programmed_by = sim.carried_state(bdf)
+        if not programmed_by:
+            continue  # nobody has programmed it since its reset: it reads nothing
+        for rid, written_for in sorted(sim.scratch_pages_read(bdf).items()):
+            foreign = written_for - programmed_by
+            if foreign:
+                out.append(
+                    Violation(
+                        "sink-isolation",
+                        bdf,
+                        f"{bdf} (programmed by {', '.join(sorted(programmed_by))}) can read through "
+                        f"{rid} a scratch page holding data of {', '.join(sorted(foreign))}",
+                    )
+                )
+    return out
+
+
+def atc_flush(view: View) -> list[Violation]:
+    """No device-TLB (ATS) entry outlives an ownership change, like the IOTLB's."""
+    sim = view.sim
+    out = []
+    for bdf, rec in view.checked:
+        if rec.state.in_flight:
+            continue
+        for rid, domains in sorted(sim.stale_device_tlb(bdf).items()):
+            out.append(
+                Violation(
+                    "atc-flush",
+                    bdf,
+                    f"the device-TLB (ATS) of {bdf} ({rec.state.value}) still caches translations "
+                    f"of {rid} through {', '.join(sorted(domains))}",
+                )
+            )
+    return out
+
+
+def ats_untrusted(view: View) -> list[Violation]:
+    """Untrusted devices (behind an external port) never have ATS on: a translated
+    request is not translated again, so it could reach any physical address."""
+    sim = view.sim
+    return [
+        Violation(
+            "ats-untrusted",
+            bdf,
+            f"{bdf}, behind an external port, has ATS enabled: its translated requests bypass the IOMMU",
+        )
+        for bdf in sim.present_devices()
+        if sim.ats_enabled(bdf) and sim.host.topology.is_behind_external_port(bdf)
+    ]
+
+
+def reserved_exact(view: View) -> list[Violation]:
+    """A running guest's firmware 1:1 mappings are regions of devices that translate
+    through it, and overlap no region of a device that does not."""
+    sim = view.sim
+    out = []
+    domains = sim.domains()
+    for vm in sorted(view.holdings):
+        if domains[vm].state is not DomainState.RUNNING:
+            continue
+        held = {b for b in sim.present_devices() if vm in sim.contexts(b).values()}
+        for bdf, region in sorted(sim.reserved_mappings(vm), key=lambda m: (m[0], m[1].start)):
+            if bdf not in held or region not in sim.host.topology[bdf].reserved_regions:
+                out.append(
+                    Violation(
+                        "reserved-exact",
+                        bdf,
+                        f"the firmware region {region} of {bdf} is mapped in {vm}, which does not hold {bdf}",
+                    )
+                )
+                continue
+            for other in sim.present_devices():
+                if other in held:
+                    continue
+                if any(region.overlaps(r) for r in sim.host.topology[other].reserved_regions):
+                    out.append(
+                        Violation(
+                            "reserved-exact",
+                            bdf,
+                            f"the firmware region {region} mapped in {vm} for {bdf} overlaps a region "
+                            f"of {other}, which {vm} does not hold",
+                        )
+                    )
+    return out
+
+
+def _pages(bars: tuple[Bar, ...]) -> list[tuple[int, int]]:
+    """The 4 KiB pages (the smallest a CPU maps into a guest) each BAR spans."""
+    return [(bar.start >> 12, bar.end >> 12) for bar in bars]
+
+
+def shared_resources(view: View) -> list[Violation]:
+    """A device exposed to a guest shares no BAR page and no INTx line with a device of
+    another owner. Judged from the BARs and lines themselves, not the host model's pairs."""
+    sim = view.sim
+    topology = sim.host.topology
+    out = []
+    for bdf in sim.present_devices():
+        guest = sim.exposed_to(bdf)
+        if guest is None:
+            continue
+        fn = topology[bdf]
+        for other in sim.present_devices():
+            owner = sim.hardware_owner(other)
+            if other == bdf or owner in (None, QUARANTINE, guest):
+                continue
+            theirs = topology[other]
+            same_page = any(
+                first <= their_last and their_first <= last
+                for first, last in _pages(fn.bars)
+                for their_first, their_last in _pages(theirs.bars)
+            )
+            same_line = fn.intx is not None and fn.intx == theirs.intx
+            if same_page or same_line:
+                what = "a BAR page" if same_page else f"the legacy interrupt line {fn.intx}"
+                out.append(
+                    Violation(
+                        "shared-resources",
+                        bdf,
+                        f"{bdf} is exposed to {guest} but shares {what} with {other}, held by {owner}",
+                    )
+                )
+    return out
+
+
+def vm_lifecycle(view: View) -> list[Violation]:
+    """A VM whose teardown has finished runs no more."""
+    ts, sim = view.ts, view.sim
+    domains = sim.domains()
+    out = []
+    for vm in sorted(ts.torn_down):
+        if domains[vm].state is DomainState.RUNNING:
+            held = ", ".join(map(str, sorted(view.holdings.get(vm, ())))) or "nothing"
+            out.append(Violation("vm-lifecycle", None, f"{vm} was torn down but still runs, holding {held}"))
+    return out
+
+
 INVARIANTS: dict[str, Check] = {
     "dma-containment": dma_containment,
     "no-host-return": no_host_return,
@@ -314,6 +476,13 @@ INVARIANTS: dict[str, Check] = {
     "context-up-front": context_up_front,
     "flush-on-change": flush_on_change,
     "all-requester-ids": all_requester_ids,
+    "clean-handover": clean_handover,
+    "sink-isolation": sink_isolation,
+    "atc-flush": atc_flush,
+    "ats-untrusted": ats_untrusted,
+    "reserved-exact": reserved_exact,
+    "shared-resources": shared_resources,
+    "vm-lifecycle": vm_lifecycle,
 }
 
 

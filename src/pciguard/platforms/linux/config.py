@@ -69,6 +69,7 @@ class ConfigSpace:
     header_type: int = 0
     multifunction: bool = False
     secondary_bus: int | None = None
+    interrupt_pin: int = 0  # INTA..INTD as 1..4; 0: the function raises no INTx
     capabilities: dict[int, int] = field(default_factory=dict)  # id -> offset
     extended: dict[int, int] = field(default_factory=dict)
     port_type: int | None = None
@@ -124,6 +125,7 @@ def parse_config(data: bytes) -> ConfigSpace:
     cfg.multifunction = bool(_u8(data, 0x0E) & 0x80)
     if cfg.is_bridge_header:
         cfg.secondary_bus = _u8(data, 0x19)
+    cfg.interrupt_pin = _u8(data, 0x3D)
     if _u16(data, 6) & 0x10:  # Status: Capabilities List
         _walk_standard(data, cfg)
     if len(data) > EXTENDED_START and cfg.port_type is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pciguard.errors import TopologyError
 from pciguard.model import (
     Arch,
+    Bar,
     Bdf,
     DomainType,
     Feature,
@@ -101,6 +102,8 @@ class NotSafeToRead(OSError):
 # page (64 KiB pages on some arm64 kernels); config space is 4 KiB; ACPI tables and
 # /proc files of very large machines are bigger.
 LARGEST_ATTRIBUTE = 64 << 10
+STANDARD_BARS = 6  # the first lines of a function's ``resource`` file
+IORESOURCE_MEM = 0x200  # include/linux/ioport.h
 _CHUNK = 64 << 10
 # O_NONBLOCK: a FIFO must not hold the reader at open (it is refused after).
 _READ = os.O_RDONLY | os.O_NONBLOCK
@@ -438,6 +441,8 @@ class _Raw:
     boot_vga: bool = False
     kind: Kind = Kind.ENDPOINT
     group_link: str | None = None  # the group its iommu_group link names
+    bars: tuple[Bar, ...] = ()
+    irq: int | None = None  # the ``irq`` attribute: its INTx line, when it has a pin
 
 
 @dataclass(frozen=True)
@@ -640,11 +645,41 @@ class _Reader:
             methods = text("reset_method")
             raw.reset_methods = None if methods is None else tuple(methods.split())
             raw.removable = text("removable")
+            raw.bars = self._memory_bars(f"{path}/resource", text("resource"))
+            irq = text("irq")
+            if irq is not None and raw.config is not None and raw.config.interrupt_pin:
+                raw.irq = self._irq(f"{path}/irq", irq)
             if raw.class_code >> 16 == 0x03:  # display controllers: is it the console?
                 raw.boot_vga = text("boot_vga") == "1"
         finally:
             fs.close_dir(directory)
         return raw
+
+    def _memory_bars(self, rel: str, text: str | None) -> tuple[Bar, ...]:
+        """The assigned memory BARs in a ``resource`` file: one line per resource,
+        ``start end flags`` in hex, the first six the standard BARs."""
+        if text is None:
+            return ()
+        bars = []
+        for number, line in enumerate(text.splitlines()[:STANDARD_BARS]):
+            try:
+                start, end, flags = (int(word, 16) for word in line.split())
+            except ValueError:
+                self.notes.problem(
+                    rel, f"line {number + 1}: expected three hexadecimal numbers, found {line[:60]!r}"
+                )
+                return ()
+            if flags & IORESOURCE_MEM and start and end >= start:
+                bars.append(Bar(start, end))
+        return tuple(bars)
+
+    def _irq(self, rel: str, text: str) -> int | None:
+        try:
+            line = int(text)
+        except ValueError:
+            self.notes.problem(rel, f"expected a decimal number, found {text[:40]!r}")
+            return None
+        return line if line > 0 else None
 
     def _identify(self, raws: dict[Bdf, _Raw]) -> None:
         """IDs of functions whose config space does not carry them. A VF's vendor is its
@@ -714,6 +749,8 @@ class _Reader:
                 and any(c.removable == "removable" for c in children.get(raw.bdf, [])),
                 phantom_functions=cfg.phantom_functions if cfg else 0,
                 reset_methods=resets,
+                bars=raw.bars,
+                intx=raw.irq,
                 physfn=physfn,
                 host_critical=raw.bdf in critical,
             )

@@ -1,11 +1,14 @@
 """A simulated hypervisor: context entries per requester ID, an IOTLB that keeps stale
-translations until flushed, interrupt remapping entries, domains with memory, a
-quarantine sink, and a DMA/MSI engine that answers where a malicious device's write
-lands.
+translations until flushed, device-TLBs (ATS), interrupt remapping entries, domains
+with memory, a quarantine sink whose pages remember who wrote them, devices that carry
+their owners' state until a reset succeeds, and a DMA/MSI engine that answers where a
+malicious device's write lands.
 
-The IOTLB is modelled adversarially: a device may have used any translation it was
-ever given, so re-pointing a context entry leaves the old domain cached for that
-requester ID until ``flush_iotlb``.
+Caches and devices are modelled adversarially, and eagerly: a device may have used any
+translation it was ever given, so re-pointing a context entry leaves the old domain
+cached for that requester ID until ``flush_iotlb``; a device with ATS caches every
+translation it uses in its own ATC; a device programmed by an owner holds that
+owner's state and writes it into any scratch page it reaches.
 
 Like iommufd's selftests, the platform checks its caller: contract violations raise
 ``PlatformMisuse`` at once. Faults can be injected into any step.
@@ -19,7 +22,7 @@ from typing import Any
 
 from pciguard.errors import InjectedFault, PlatformMisuse, StepFailed
 from pciguard.legacy import Flaw
-from pciguard.model import Bdf, Host, ReservedRegion
+from pciguard.model import Bdf, Host, ReservedRegion, Resource
 from pciguard.platforms.base import (
     HOST,
     QUARANTINE,
@@ -31,6 +34,7 @@ from pciguard.platforms.base import (
 SimState = tuple[frozenset[Any], ...]
 GUEST_RAM = 0x4000_0000  # each guest owns IOVAs [0, GUEST_RAM)
 QUARANTINE_MODES = ("block", "scratch")
+SHARED_PAGE = "shared"  # the one scratch page of the shared-scratch-page flaw
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,19 @@ class SimPlatform:
         self._stale: dict[Bdf, list[str]] = {}  # requester ID -> domains still cached, oldest first
         self._irte: dict[Bdf, str] = {}  # requester ID -> domain its MSIs reach
         self._exposed: dict[Bdf, str] = {}
+        self._carries: dict[Bdf, frozenset[str]] = {}  # device -> owners whose state it holds
+        self._sink: dict[Bdf | str, frozenset[str]] = {}  # scratch page -> whose data it holds
+        self._atc: dict[Bdf, frozenset[str]] = {}  # requester ID -> domains its device-TLB caches
+        self._ats: set[Bdf] = set()  # devices with ATS enabled
         for bdf in self._present:
             if host.topology[bdf].driver:
                 self._driver.add(bdf)
+                self._carries[bdf] = frozenset({HOST})
                 for rid in host.requester_ids(bdf):
                     self._context[rid] = HOST
                     self._irte[rid] = HOST
+                self._enable_ats(bdf)
+                self._settle(bdf)
 
     # -- the whole state as one value (for the verifier) ---------------------------
     def snapshot(self) -> SimState:
@@ -149,10 +160,14 @@ class SimPlatform:
             frozenset((rid, tuple(domains)) for rid, domains in self._stale.items() if domains),
             frozenset(self._irte.items()),
             frozenset(self._exposed.items()),
+            frozenset(self._carries.items()),
+            frozenset(self._sink.items()),
+            frozenset(self._atc.items()),
+            frozenset(self._ats),
         )
 
     def restore(self, state: SimState) -> None:
-        domains, present, driver, context, stale, irte, exposed = state
+        domains, present, driver, context, stale, irte, exposed, carries, sink, atc, ats = state
         self._domains = {n: _Domain(st, ctx, up, set(res)) for n, st, ctx, up, res in domains}
         self._present = set(present)
         self._driver = set(driver)
@@ -160,6 +175,10 @@ class SimPlatform:
         self._stale = {rid: list(domains) for rid, domains in stale}
         self._irte = dict(irte)
         self._exposed = dict(exposed)
+        self._carries = dict(carries)
+        self._sink = dict(sink)
+        self._atc = dict(atc)
+        self._ats = set(ats)
         self.faults = []
 
     # -- faults and observation ------------------------------------------------
@@ -236,6 +255,33 @@ class SimPlatform:
     def exposed_to(self, device: Bdf) -> str | None:
         return self._exposed.get(device)
 
+    def carried_state(self, device: Bdf) -> frozenset[str]:
+        """The owners whose state (programmed DMA, queues, buffers) the device still holds."""
+        return self._carries.get(device, frozenset())
+
+    def ats_enabled(self, device: Bdf) -> bool:
+        return device in self._ats
+
+    def stale_device_tlb(self, device: Bdf) -> dict[Bdf, set[str]]:
+        """Translations the device's own ATC caches that differ from the context."""
+        out = {}
+        for rid in self._host.requester_ids(device):
+            stale = set(self._atc.get(rid, ())) - {self._context.get(rid) or ""}
+            if stale:
+                out[rid] = stale
+        return out
+
+    def scratch_pages_read(self, device: Bdf) -> dict[Bdf, frozenset[str]]:
+        """For each requester ID of the device that reaches the scratch sink, whose data
+        the page it reaches holds (empty in block mode)."""
+        if self.quarantine_mode != "scratch":
+            return {}
+        return {
+            rid: self._sink.get(self.scratch_page(rid), frozenset())
+            for rid in sorted(self._host.requester_ids(device))
+            if QUARANTINE in self._translations(rid)
+        }
+
     def msi_route(self, device: Bdf) -> set[str]:
         return {self._irte[r] for r in self._host.requester_ids(device) if r in self._irte}
 
@@ -276,6 +322,43 @@ class SimPlatform:
             return self._domains[name]
         except KeyError:
             raise self._misuse(f"no domain named {name!r}") from None
+
+    def _translations(self, rid: Bdf) -> set[str]:
+        """Every domain the IOTLB may translate ``rid`` through: its context and stale entries."""
+        found = set(self._stale.get(rid, ()))
+        if rid in self._context:
+            found.add(self._context[rid])
+        return found
+
+    def scratch_page(self, rid: Bdf) -> Bdf | str:
+        """The scratch page ``rid`` reaches in quarantine: its own, as Xen gives each device."""
+        return SHARED_PAGE if Flaw.SHARED_SCRATCH_PAGE in self.flaws else rid
+
+    def _enable_ats(self, device: Bdf) -> None:
+        """As Linux does on attach: ATS on for devices that have it, unless untrusted
+        (behind an external port), since their translated requests go unchecked."""
+        fn = self._host.topology[device]
+        trusted = not self._host.topology.is_behind_external_port(device)
+        if fn.ats and (trusted or Flaw.ATS_UNTRUSTED in self.flaws):
+            self._ats.add(device)
+
+    def _settle(self, device: Bdf) -> None:
+        """What devices may do by themselves at any moment, done at once after a step on
+        ``device``: it caches in its ATC every translation it uses, and every programmed
+        device writes the state it carries into any scratch page it reaches (a page may
+        be shared, so every device is looked at, not only this one)."""
+        if device in self._ats:
+            for rid in self._host.requester_ids(device):
+                context = self._context.get(rid)
+                if context not in (None, QUARANTINE):
+                    self._atc[rid] = self._atc.get(rid, frozenset()) | {context}
+        if self.quarantine_mode != "scratch":
+            return
+        for writer, carried in self._carries.items():
+            for rid in self._host.requester_ids(writer):
+                if QUARANTINE in self._translations(rid):
+                    page = self.scratch_page(rid)
+                    self._sink[page] = self._sink.get(page, frozenset()) | carried
 
     # -- domains -------------------------------------------------------------------
     def create_domain(self, name: str, *, iommu_context: bool) -> None:
@@ -337,6 +420,8 @@ class SimPlatform:
             )
         self._step("bind_host_driver", device, None)
         self._driver.add(device)
+        self._carries[device] = self.carried_state(device) | {HOST}
+        self._settle(device)
         self._done("bind_host_driver", device, None)
 
     def reset(self, device: Bdf) -> None:
@@ -344,6 +429,7 @@ class SimPlatform:
         if not self._host.topology[device].reset_methods:
             self._record(CallRecord("reset", device, None, "no reset method"))
             raise StepFailed(f"reset({device})", "the device has no reset method")
+        self._carries.pop(device, None)
         self._done("reset", device, None)
 
     def attach(self, device: Bdf, domain: str) -> None:
@@ -371,7 +457,12 @@ class SimPlatform:
                 if old in cached:
                     cached.remove(old)
                 cached.append(old)
+            if domain == QUARANTINE and old != QUARANTINE and Flaw.XSA_445 not in self.flaws:
+                self._sink.pop(self.scratch_page(rid), None)  # a device enters quarantine on a clean page
             self._context[rid] = domain
+        if domain != QUARANTINE:
+            self._enable_ats(device)
+        self._settle(device)
         self._done("attach", device, domain)
 
     def _check_group(self, device: Bdf, domain: str) -> None:
@@ -389,6 +480,9 @@ class SimPlatform:
         self._step("flush_iotlb", device, None)
         for rid in self._host.requester_ids(device):
             self._stale.pop(rid, None)
+            if Flaw.NO_DEVTLB_FLUSH not in self.flaws:
+                self._atc.pop(rid, None)  # the ATS invalidation that goes with it
+        self._settle(device)
         self._done("flush_iotlb", device, None)
 
     def map_reserved(self, device: Bdf, domain: str) -> None:
@@ -427,6 +521,11 @@ class SimPlatform:
             self._record(CallRecord("expose", device, domain, f"{domain} is not running"))
             raise StepFailed(f"expose({device}, {domain})", f"{domain} is not running")
         self._exposed[device] = domain
+        # The guest programs it, and every device with a BAR in a page it now maps.
+        reached = [s.other for s in self._host.shared_resources(device) if s.kind is Resource.BAR_PAGE]
+        for programmed in [device, *(d for d in reached if d in self._present)]:
+            self._carries[programmed] = self.carried_state(programmed) | {domain}
+        self._settle(device)
         self._done("expose", device, domain)
 
     def unexpose(self, device: Bdf, domain: str) -> None:
@@ -448,9 +547,11 @@ class SimPlatform:
         self._present.discard(device)
         self._driver.discard(device)
         self._exposed.pop(device, None)
+        self._carries.pop(device, None)
+        self._ats.discard(device)
         still_used = {r for d in self._present for r in self._host.requester_ids(d)}
         for rid in self._host.requester_ids(device) - still_used:
-            for table in (self._context, self._stale, self._irte):
+            for table in (self._context, self._stale, self._irte, self._atc, self._sink):
                 table.pop(rid, None)
         for dom in self._domains.values():
             dom.reserved = {(d, r) for d, r in dom.reserved if d != device}
@@ -504,9 +605,14 @@ class SimPlatform:
             return Landed(owner, f"BAR of {peer}", "peer-to-peer inside the IOMMU group")
         if not self._host.dma_translated(device):
             return Landed(HOST, f"physical memory {address:#x}", "no DMA remapping")
+        if self._untrusted_ats(device):
+            return Landed(HOST, f"physical memory {address:#x}", "an ATS translated request, unchecked")
         stale = [d for d in self._stale.get(rid, ()) if d != self._context.get(rid)]
         if stale:  # the most recently replaced translation is the one still cached
             return self._translate(stale[-1], address, f"stale IOTLB entry for {rid}")
+        cached = sorted(set(self._atc.get(rid, ())) - {self._context.get(rid) or ""})
+        if cached:
+            return self._translate(cached[0], address, f"stale device-TLB (ATS) entry of {rid}")
         return self._translate(self._context.get(rid), address, f"context entry for {rid}")
 
     def _translate(self, domain: str | None, address: int, via: str) -> Landed | Blocked:
@@ -541,13 +647,17 @@ class SimPlatform:
         if not self._host.dma_translated(device):
             out.add((HOST, "all physical memory"))
             return out
+        if self._untrusted_ats(device):
+            out.add((HOST, "all physical memory (ATS translated requests)"))
         for rid in self._host.requester_ids(device):
-            domains = set(self._stale.get(rid, ()))
-            if rid in self._context:
-                domains.add(self._context[rid])
-            for domain in domains:
+            for domain in self._translations(rid) | set(self._atc.get(rid, ())):
                 out.update(self._memory_of(domain))
         return out
+
+    def _untrusted_ats(self, device: Bdf) -> bool:
+        """An untrusted device with ATS on may send requests marked translated, which the
+        IOMMU passes to any physical address."""
+        return device in self._ats and self._host.topology.is_behind_external_port(device)
 
     def _memory_of(self, domain: str) -> set[tuple[str, str]]:
         if domain == HOST:
