@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pciguard.model import Arch, Bdf, Feature, Host, Topology
 from pciguard.platforms.linux.config import PORT_TYPE_OF
+from pciguard.platforms.linux.sysfs import IORESOURCE_MEM
 
 DSN_SERIAL = 0x1122334455667788  # a serial number that snapshots must not carry
 
@@ -64,6 +65,7 @@ def config_space(host: Host, bdf: Bdf) -> bytes:
         data[0x19] = topo.secondary_bus(bdf) or 0
         data[0x1A] = max((c.bus for c in topo.subtree(bdf)), default=0)
     data[0x34] = 0x40
+    data[0x3D] = 1 if fn.intx is not None else 0  # INTA
     pm_no_soft_reset = 0 if "pm" in fn.reset_methods else 0x8
     data[0x40:0x48] = bytes([0x01, 0x50 if pcie else 0, 0x03, 0x00]) + _u16(pm_no_soft_reset) + bytes(2)
     if pcie:
@@ -141,10 +143,10 @@ def render(host: Host, root: Path, kernel: Kernel | None = None) -> Path:
         _write(path / "device", f"0x{device}")
         _write(path / "class", f"0x{fn.class_code:06x}")
         _write(path / "driver_override", "(null)")
-        _write(path / "irq", "0")  # lspci needs irq and resource to list a device
-        _write(
-            path / "resource", "\n".join(["0x0000000000000000 0x0000000000000000 0x0000000000000000"] * 13)
-        )
+        _write(path / "irq", str(fn.intx or 0))  # lspci needs irq and resource to list a device
+        unused = "0x0000000000000000 0x0000000000000000 0x0000000000000000"
+        bars = [f"0x{b.start:016x} 0x{b.end:016x} 0x{IORESOURCE_MEM:016x}" for b in fn.bars]
+        _write(path / "resource", "\n".join([*bars, *[unused] * (13 - len(bars))]))
         _write(path / "removable", "removable" if bdf in external else "fixed")
         if fn.reset_methods:
             _write(path / "reset_method", " ".join(fn.reset_methods))

@@ -110,14 +110,14 @@ def platform_file(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.integers(0, 5)) == 0:
         iommus = []
     unity_maps = []
-    if draw(st.integers(0, 3)) == 0:  # an IVMD entry for a range of requester IDs
-        first, last = sorted(draw(st.lists(st.integers(1, bus - 1), min_size=2, max_size=2)))
+    integrated = [d["bdf"] for d in devices if d["kind"] == "rc-endpoint"]
+    if integrated and draw(st.booleans()):  # an IVMD entry for a range of requester IDs
         unity_maps.append(
             {
                 "name": "ivmd",
                 "start": 0x2000_0000,
                 "end": 0x2000_FFFF,
-                "devices": {"first": f"0000:{first:02x}:00.0", "last": f"0000:{last:02x}:1f.7"},
+                "devices": {"first": "0000:00:1f.0", "last": draw(st.sampled_from(integrated))},
             }
         )
     return {"name": "random", "iommus": iommus, "devices": devices, "unity_maps": unity_maps}

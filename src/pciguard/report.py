@@ -340,7 +340,18 @@ def _group_entry(
             reasons.append(Reason(HOST_CRITICAL, f"{bdf} is host-critical: {why}"))
         per_device[bdf] = reasons
     blockers = [r for b in endpoints for r in per_device[b]]
-    to_quarantine = [str(b) for b in endpoints if holders[b].state is State.HOST]  # type: ignore[union-attr]
+    # Devices in other groups sharing a BAR page or an INTx line go with these ones.
+    sharers = [
+        s.other
+        for b in endpoints
+        for s in host.shared_resources(b)
+        if s.other not in group.members and (h := holder_of(s.other)) is not None and h.state is State.HOST
+    ]
+    to_quarantine = [
+        str(b)
+        for b in dict.fromkeys([*endpoints, *sharers])
+        if b in sharers or holders[b].state is State.HOST  # type: ignore[union-attr]
+    ]
     if not endpoints:
         verdict = Verdict.BRIDGES_ONLY
     elif blockers:
@@ -382,6 +393,16 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
                 slot = f"{f.bdf.segment:04x}:{f.bdf.bus:02x}:{f.bdf.device:02x}"
                 leaky[slot] = "a multi-function device without ACS: its functions reach each other directly"
         notes += [ReasonEntry(code="no-acs", message=f"{where} is {why}") for where, why in leaky.items()]
+    for b in endpoints:
+        for shared in host.shared_resources(b):
+            if shared.other not in group.members:
+                notes.append(
+                    ReasonEntry(
+                        code="shared-resource",
+                        message=f"{b} shares {shared.what} with {shared.other} of another group: "
+                        "they go to one owner only (XSA-461)",
+                    )
+                )
     external = [b for b in endpoints if topo.is_behind_external_port(b)]
     if external:
         notes.append(

@@ -32,6 +32,8 @@ def carried_by_sysfs(host: Host, kernel_groups: bool) -> dict[str, Any]:
             f.external,
             f.phantom_functions,
             f.reset_methods,
+            f.bars,
+            f.intx,
             frozenset((r.start, r.end) for r in f.reserved_regions) if with_tables else None,
             f.physfn,
         )

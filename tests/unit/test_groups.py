@@ -3,9 +3,12 @@ groups the QEMU lab's real kernel showed."""
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from conftest import bdf, example
 from pciguard.formats.platform_file import parse_platform
-from pciguard.model import Acs, AcsCapability, Bdf
+from pciguard.model import Acs, AcsCapability, Bar, Bdf, Function, Kind, Topology
 
 
 def groups_of(host) -> list[list[str]]:
@@ -132,3 +135,39 @@ def test_bdf_parsing_and_requester_id_roundtrip() -> None:
             assert "PCI address" in str(exc) or "above 0x1f" in str(exc)
         else:
             raise AssertionError(f"{bad!r} parsed")
+
+
+@settings(deadline=None)
+@given(
+    bars=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 0x8000), st.integers(0, 0x3000)), min_size=1, max_size=12
+    ),
+    lines=st.lists(st.sampled_from([None, 16, 17]), min_size=6, max_size=6),
+)
+def test_shared_pages_and_lines_are_exactly_the_pairs_a_plain_comparison_finds(
+    bars: list[tuple[int, int, int]], lines: list[int | None]
+) -> None:
+    """The sweep over sorted BARs finds every pair of devices with a BAR in one 4 KiB
+    page, and every pair on one INTx line, and nothing else."""
+    by_device: dict[int, list[Bar]] = {}
+    for device, start, size in bars:
+        by_device.setdefault(device, []).append(Bar(start, start + size))
+    functions = {
+        Bdf(0, 0, d, 0): Function(
+            Bdf(0, 0, d, 0), Kind.RC_ENDPOINT, bars=tuple(by_device.get(d, ())), intx=lines[d]
+        )
+        for d in range(6)
+    }
+    topology = Topology(functions)
+    expected = set()
+    for a, fa in functions.items():
+        for b, fb in functions.items():
+            same_page = any(
+                x.start >> 12 <= y.end >> 12 and y.start >> 12 <= x.end >> 12
+                for x in fa.bars
+                for y in fb.bars
+            )
+            if a != b and (same_page or (fa.intx is not None and fa.intx == fb.intx)):
+                expected.add((a, b))
+    found = {(a, s.other) for a in functions for s in topology.shared_resources(a)}
+    assert found == expected

@@ -12,8 +12,9 @@ Reductions, each switchable:
 - **symmetry**: interchangeable devices (same shape, alone in their IOMMU group, behind
   identical ports) and interchangeable VMs (same IOMMU context) are renamed into a
   canonical order, so states that differ only by such a renaming are explored once;
-- **independence**: operations whose footprints (IOMMU groups and VM) are disjoint
-  commute, and every invariant looks at one group, one device or one VM at a time; so
+- **independence**: operations whose footprints (IOMMU groups, VM, and what their
+  devices share across groups: BAR pages, INTx lines, firmware memory, scratch pages)
+  are disjoint commute, and every invariant looks at one such footprint at a time; so
   a state that mixes the progress of disjoint operations breaks nothing that the same
   progress of each alone would not. An operation therefore starts while others are in
   flight only if it overlaps one of them, and of several mutually disjoint operations
@@ -126,6 +127,7 @@ class Explorer:
         self.time_limit = time_limit
         self.on_progress = on_progress
         self.platform, self.toolstack = build(scenario)
+        self._units: dict[Bdf, list[Bdf]] = {}
         replay = Replay(self.platform, self.toolstack)
         for step in scenario.steps:  # the set-up the exploration starts from
             replay.apply(step)
@@ -165,9 +167,24 @@ class Explorer:
         return frozenset(m for u in units for m in host.group_of(u).members)
 
     def _unit(self, device: Bdf) -> list[Bdf]:
-        """``device`` and the devices it shares a BAR page or an INTx line with: an
-        operation on one may move, or be stopped by, the others."""
-        return [device, *(s.other for s in self.scenario.host.shared_resources(device))]
+        """``device`` and the devices it shares a BAR page, an INTx line or firmware
+        memory with: an operation on one may move, be stopped by, or (through an
+        invariant that compares the two) matter to the others."""
+        found = self._units.get(device)
+        if found is None:
+            host = self.scenario.host
+            regions = host.topology[device].reserved_regions
+            overlapping = [
+                other
+                for other, fn in host.topology.items()
+                if other != device and any(r.overlaps(t) for r in regions for t in fn.reserved_regions)
+            ]
+            found = self._units[device] = [
+                device,
+                *(s.other for s in host.shared_resources(device)),
+                *overlapping,
+            ]
+        return found
 
     def load(self, state: State) -> None:
         if self._loaded is state:
