@@ -13,6 +13,7 @@ import pytest
 from conftest import Audit, as_nobody, audit_reading, bdf, example
 from pciguard.model import Feature
 from pciguard.platforms.linux import read_host
+from pciguard.platforms.linux.config import parse_config
 
 
 def codes(report, group_bdf: str) -> set[str]:  # type: ignore[no-untyped-def]
@@ -138,6 +139,36 @@ def test_host_critical_devices_from_boot_vga_and_the_root_disk(audit_tree: Audit
 def test_firmware_regions_come_from_the_dmar_table(audit_tree: Audit) -> None:
     report = audit_tree("workstation")
     assert "reserved-region" in codes(report, "0000:00:14.0")
+
+
+def test_shared_bar_pages_and_interrupt_lines_come_from_resource_and_irq(
+    tree: Callable[..., Path], audit_tree: Audit
+) -> None:
+    host = read_host(str(tree("shared-bars"))).host
+    assert [s.other for s in host.shared_resources(bdf("0000:01:00.0"))] == [bdf("0000:02:00.0")]
+    assert [s.other for s in host.shared_resources(bdf("0000:03:00.0"))] == [bdf("0000:04:00.0")]
+    assert host.shared_resources(bdf("0000:05:00.0")) == ()
+    assert "shared-resource" in codes(audit_tree("shared-bars"), "0000:01:00.0")
+
+
+def test_only_a_function_that_signals_nothing_but_intx_is_tied_to_its_line() -> None:
+    def config(*capabilities: int) -> bytes:
+        data = bytearray(256)
+        data[0:4] = struct.pack("<HH", 0x8086, 0x10D3)
+        data[6] = 0x10  # capability list present
+        data[0x3D] = 1  # INTA
+        pointer = 0x40
+        data[0x34] = pointer
+        for i, cap in enumerate(capabilities):
+            data[pointer] = cap
+            data[pointer + 1] = pointer + 0x10 if i + 1 < len(capabilities) else 0
+            pointer += 0x10
+        return bytes(data)
+
+    assert parse_config(config(0x01)).intx_only  # power management only
+    assert not parse_config(config(0x01, 0x11)).intx_only  # MSI-X
+    assert not parse_config(config(0x05)).intx_only  # MSI
+    assert parse_config(config(0x01)[:64]).intx_only  # an ordinary user sees no capability: tied
 
 
 def test_thunderbolt_without_security_is_a_warning(audit_tree: Audit) -> None:

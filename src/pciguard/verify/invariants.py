@@ -264,17 +264,28 @@ def context_up_front(view: View) -> list[Violation]:
 
 
 def flush_on_change(view: View) -> list[Violation]:
-    sim = view.sim
+    return _stale_caches(view, "flush-on-change", view.sim.stale_entries, "the IOTLB")
+
+
+def atc_flush(view: View) -> list[Violation]:
+    """No device-TLB (ATS) entry outlives an ownership change, like the IOTLB's."""
+    return _stale_caches(view, "atc-flush", view.sim.stale_device_tlb, "the device-TLB (ATS)")
+
+
+def _stale_caches(
+    view: View, invariant: str, stale_of: Callable[[Bdf], dict[Bdf, set[str]]], cache: str
+) -> list[Violation]:
+    """Devices at rest whose ``cache`` still translates through a previous owner."""
     out = []
     for bdf, rec in view.checked:
         if rec.state.in_flight:
             continue
-        for rid, domains in sorted(sim.stale_entries(bdf).items()):
+        for rid, domains in sorted(stale_of(bdf).items()):
             out.append(
                 Violation(
-                    "flush-on-change",
+                    invariant,
                     bdf,
-                    f"a stale IOTLB entry lets requester ID {rid} of {bdf} ({rec.state.value}) "
+                    f"a stale entry of {cache} lets requester ID {rid} of {bdf} ({rec.state.value}) "
                     f"still translate through {', '.join(sorted(domains))}",
                 )
             )
@@ -342,25 +353,6 @@ def sink_isolation(view: View) -> list[Violation]:
                         f"{rid} a scratch page holding data of {', '.join(sorted(foreign))}",
                     )
                 )
-    return out
-
-
-def atc_flush(view: View) -> list[Violation]:
-    """No device-TLB (ATS) entry outlives an ownership change, like the IOTLB's."""
-    sim = view.sim
-    out = []
-    for bdf, rec in view.checked:
-        if rec.state.in_flight:
-            continue
-        for rid, domains in sorted(sim.stale_device_tlb(bdf).items()):
-            out.append(
-                Violation(
-                    "atc-flush",
-                    bdf,
-                    f"the device-TLB (ATS) of {bdf} ({rec.state.value}) still caches translations "
-                    f"of {rid} through {', '.join(sorted(domains))}",
-                )
-            )
     return out
 
 

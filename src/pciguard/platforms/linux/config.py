@@ -16,6 +16,8 @@ CONVENTIONAL_SIZE = 0x100
 EXTENDED_START = 0x100
 
 CAP_PM = 0x01
+CAP_MSI = 0x05
+CAP_MSIX = 0x11
 CAP_EXP = 0x10
 CAP_AF = 0x13
 EXT_DSN = 0x0003
@@ -86,6 +88,12 @@ class ConfigSpace:
     def header_only(self) -> bool:
         """Only the first 64 bytes: sysfs gives no more to ordinary users."""
         return self.size <= HEADER_SIZE
+
+    @property
+    def intx_only(self) -> bool:
+        """It raises INTx and nothing else: a pin, and no MSI or MSI-X capability seen
+        (beyond the header, which ordinary users cannot read, none is seen)."""
+        return bool(self.interrupt_pin) and not (self.capabilities.keys() & {CAP_MSI, CAP_MSIX})
 
     @property
     def is_bridge_header(self) -> bool:

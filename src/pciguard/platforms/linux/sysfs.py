@@ -442,7 +442,7 @@ class _Raw:
     kind: Kind = Kind.ENDPOINT
     group_link: str | None = None  # the group its iommu_group link names
     bars: tuple[Bar, ...] = ()
-    irq: int | None = None  # the ``irq`` attribute: its INTx line, when it has a pin
+    irq: int | None = None  # the ``irq`` attribute: its INTx line, when it signals no other way
 
 
 @dataclass(frozen=True)
@@ -647,7 +647,10 @@ class _Reader:
             raw.removable = text("removable")
             raw.bars = self._memory_bars(f"{path}/resource", text("resource"))
             irq = text("irq")
-            if irq is not None and raw.config is not None and raw.config.interrupt_pin:
+            # Only functions that can signal nothing but INTx are tied to their line: VFIO
+            # gives a guest a line only exclusively or masked at the device (DisINTx), and
+            # the `irq` of a function using MSI-X still names a line it does not use.
+            if irq is not None and raw.config is not None and raw.config.intx_only:
                 raw.irq = self._irq(f"{path}/irq", irq)
             if raw.class_code >> 16 == 0x03:  # display controllers: is it the console?
                 raw.boot_vga = text("boot_vga") == "1"

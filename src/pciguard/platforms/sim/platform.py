@@ -244,10 +244,18 @@ class SimPlatform:
         return {rid: self._context.get(rid) for rid in sorted(self._host.requester_ids(device))}
 
     def stale_entries(self, device: Bdf) -> dict[Bdf, set[str]]:
-        """Cached translations of the device's requester IDs that differ from the context."""
+        """Translations the IOTLB caches for the device's requester IDs that differ from
+        the context."""
+        return self._differing(device, self._stale)
+
+    def stale_device_tlb(self, device: Bdf) -> dict[Bdf, set[str]]:
+        """Translations the device's own ATC caches that differ from the context."""
+        return self._differing(device, self._atc)
+
+    def _differing(self, device: Bdf, cache: Mapping[Bdf, Iterable[str]]) -> dict[Bdf, set[str]]:
         out = {}
         for rid in self._host.requester_ids(device):
-            stale = set(self._stale.get(rid, ())) - {self._context.get(rid) or ""}
+            stale = set(cache.get(rid, ())) - {self._context.get(rid) or ""}
             if stale:
                 out[rid] = stale
         return out
@@ -261,15 +269,6 @@ class SimPlatform:
 
     def ats_enabled(self, device: Bdf) -> bool:
         return device in self._ats
-
-    def stale_device_tlb(self, device: Bdf) -> dict[Bdf, set[str]]:
-        """Translations the device's own ATC caches that differ from the context."""
-        out = {}
-        for rid in self._host.requester_ids(device):
-            stale = set(self._atc.get(rid, ())) - {self._context.get(rid) or ""}
-            if stale:
-                out[rid] = stale
-        return out
 
     def scratch_pages_read(self, device: Bdf) -> dict[Bdf, frozenset[str]]:
         """For each requester ID of the device that reaches the scratch sink, whose data
