@@ -13,6 +13,7 @@ from conftest import CORPUS, EXAMPLES
 from pciguard.cli.main import app
 from pciguard.formats.scenario_file import load_scenario
 from pciguard.legacy import Flaw
+from pciguard.verify.invariants import INVARIANTS
 
 runner = CliRunner(env={"COLUMNS": "200"})
 SCENARIOS = sorted((EXAMPLES / "scenarios").glob("*.yaml"))
@@ -131,12 +132,18 @@ def test_the_flaw_table_in_the_docs_matches_the_scenarios() -> None:
     rows = re.findall(r"^\| `([a-z0-9-]+)` \| .+? \| `([a-z0-9-]+\.yaml)` \| (.+?) \|$", table, re.M)
     assert sorted(flaw for flaw, _, _ in rows) == sorted(f.value for f in Flaw)
     previous: set[str] = set()
+    caught_by: dict[str, set[str]] = {name: set() for name in INVARIANTS}
     for flaw, scenario_file, broken in rows:
         scenario = load_scenario(EXAMPLES / "scenarios" / scenario_file)
         assert {f.value for f in scenario.options.flaws} == {flaw}
         claimed = previous if broken == "the same five" else {b.strip() for b in broken.split(",")}
         assert claimed == scenario.expect_violations, flaw
         previous = claimed
+        for invariant in claimed:
+            caught_by[invariant].add(flaw)
+    # The invariants table says which flaws each one catches: the same facts, read the other way.
+    listed = re.findall(r"^\| `([a-z-]+)` \| .+ \| ((?:`[a-z0-9-]+`(?:, )?)+|—) \|$", table, re.M)
+    assert {name: set(re.findall(r"`([a-z0-9-]+)`", flaws)) for name, flaws in listed} == caught_by
 
 
 def test_verify_writes_a_counterexample_that_simulate_replays(tmp_path: Path) -> None:

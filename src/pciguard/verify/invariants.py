@@ -60,6 +60,7 @@ class View:
     sim: SimPlatform
     checked: list[tuple[Bdf, DeviceRecord]] = field(default_factory=list)
     holdings: dict[str, set[Bdf]] = field(default_factory=dict)
+    present: list[Bdf] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Devices the toolstack has taken from the host: their DMA is not trusted.
@@ -75,6 +76,7 @@ class View:
             and sim.host.dma_translated(bdf)
         ]
         self.holdings = sim.guest_holdings()
+        self.present = sim.present_devices()
 
 
 def dma_containment(view: View) -> list[Violation]:
@@ -318,7 +320,7 @@ def clean_handover(view: View) -> list[Violation]:
     """A device reaches a new owner only once a reset wiped what the last one left in it."""
     sim = view.sim
     out = []
-    for bdf in sim.present_devices():
+    for bdf in view.present:
         owners = [o for o in (sim.exposed_to(bdf), HOST if sim.host_driver_bound(bdf) else None) if o]
         for owner in owners:
             left = sim.carried_state(bdf) - {owner}
@@ -338,7 +340,7 @@ def sink_isolation(view: View) -> list[Violation]:
     """A device in the scratch sink reads back only what it, for its own owners, wrote."""
     sim = view.sim
     out = []
-    for bdf in sim.present_devices():
+    for bdf in view.present:
         programmed_by = sim.carried_state(bdf)
         if not programmed_by:
             continue  # nobody has programmed it since its reset: it reads nothing
@@ -366,7 +368,7 @@ def ats_untrusted(view: View) -> list[Violation]:
             bdf,
             f"{bdf}, behind an external port, has ATS enabled: its translated requests bypass the IOMMU",
         )
-        for bdf in sim.present_devices()
+        for bdf in view.present
         if sim.ats_enabled(bdf) and sim.host.topology.is_behind_external_port(bdf)
     ]
 
@@ -380,8 +382,11 @@ def reserved_exact(view: View) -> list[Violation]:
     for vm in sorted(view.holdings):
         if domains[vm].state is not DomainState.RUNNING:
             continue
-        held = {b for b in sim.present_devices() if vm in sim.contexts(b).values()}
-        for bdf, region in sorted(sim.reserved_mappings(vm), key=lambda m: (m[0], m[1].start)):
+        mappings = sim.reserved_mappings(vm)
+        if not mappings:
+            continue
+        held = {b for b in view.present if vm in sim.contexts(b).values()}
+        for bdf, region in sorted(mappings, key=lambda m: (m[0], m[1].start)):
             if bdf not in held or region not in sim.host.topology[bdf].reserved_regions:
                 out.append(
                     Violation(
@@ -391,7 +396,7 @@ def reserved_exact(view: View) -> list[Violation]:
                     )
                 )
                 continue
-            for other in sim.present_devices():
+            for other in view.present:
                 if other in held:
                     continue
                 if any(region.overlaps(r) for r in sim.host.topology[other].reserved_regions):
@@ -417,12 +422,12 @@ def shared_resources(view: View) -> list[Violation]:
     sim = view.sim
     topology = sim.host.topology
     out = []
-    for bdf in sim.present_devices():
+    for bdf in view.present:
         guest = sim.exposed_to(bdf)
         if guest is None:
             continue
         fn = topology[bdf]
-        for other in sim.present_devices():
+        for other in view.present:
             owner = sim.hardware_owner(other)
             if other == bdf or owner in (None, QUARANTINE, guest):
                 continue
