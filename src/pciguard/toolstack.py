@@ -189,7 +189,7 @@ class Toolstack:
         self.notes: list[str] = []
         self.observers: list[Callable[[], None]] = []  # called after every ledger change
         self.ledger: dict[Bdf, DeviceRecord] = {}
-        self.torn_down: frozenset[str] = frozenset()  # VMs whose teardown has finished
+        self.torn_down: frozenset[str] = frozenset()  # VMs still running when their teardown finished
         for bdf in platform.host.topology:
             if platform.present(bdf):
                 context = platform.context_of(bdf)
@@ -672,8 +672,11 @@ class Toolstack:
                 # Giving a hot-plugged device to the host is the operator's explicit call.
                 rec.decision = Decision(Target.ALLOW, "operator: make-unassignable", True)
             self._move(bdf, plan.finish, plan.vm)
-        if plan.operation == "teardown" and plan.vm is not None:
-            self.torn_down |= {plan.vm}
+        # Kept only for a VM still running: a stopped one never runs again, so the record
+        # could change nothing and would only split states that are one.
+        vm = plan.vm
+        if plan.operation == "teardown" and vm and self.platform.domains()[vm].state is DomainState.RUNNING:
+            self.torn_down |= {vm}
             self._notify()
         self.notes.extend(plan.describe())
         self.notes.extend(f"UNSAFE: {u}" for u in plan.unsafe)
