@@ -646,11 +646,10 @@ class _Reader:
             raw.reset_methods = None if methods is None else tuple(methods.split())
             raw.removable = text("removable")
             raw.bars = self._memory_bars(f"{path}/resource", text("resource"))
-            irq = text("irq")
             # Only functions that can signal nothing but INTx are tied to their line: VFIO
             # gives a guest a line only exclusively or masked at the device (DisINTx), and
             # the `irq` of a function using MSI-X still names a line it does not use.
-            if irq is not None and raw.config is not None and raw.config.intx_only:
+            if raw.config is not None and raw.config.intx_only and (irq := text("irq")) is not None:
                 raw.irq = self._irq(f"{path}/irq", irq)
             if raw.class_code >> 16 == 0x03:  # display controllers: is it the console?
                 raw.boot_vga = text("boot_vga") == "1"
