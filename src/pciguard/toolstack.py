@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import NamedTuple
 
 from pciguard.checks import (
     Holder,
@@ -40,7 +40,6 @@ from pciguard.platforms.base import HOST, QUARANTINE, DomainState, Platform
 from pciguard.policy import Decision, DefaultPolicy, HotplugPolicy, Target
 
 CHECK_PRECONDITIONS = "check_preconditions"  # a step of the toolstack itself, not the platform
-TORN_DOWN = "torn-down"
 
 
 @dataclass(frozen=True)
@@ -87,6 +86,31 @@ class Plan:
             yield f"  {i}. {step}"
 
 
+class FrozenRecord(NamedTuple):
+    """A ``DeviceRecord`` as a hashable value (the verifier's states hold these)."""
+
+    state: State
+    vm: str | None
+    driver: bool
+    context: str | None
+    msi: str | None
+    exposed: str | None
+    reserved: frozenset[str]
+    stale: frozenset[str]
+    guest_touched: bool
+    prepared: bool
+    decision: Decision | None
+    unsafe: tuple[Unsafe, ...]
+
+
+class LedgerSnapshot(NamedTuple):
+    """The ledger as one value: each device's record, and the VMs still running when
+    their teardown finished."""
+
+    records: frozenset[tuple[Bdf, FrozenRecord]]
+    torn_down: frozenset[str]
+
+
 @dataclass
 class DeviceRecord:
     """What the toolstack knows of one device: its state and what it has set up."""
@@ -107,26 +131,39 @@ class DeviceRecord:
     def holder(self) -> Holder:
         return Holder(self.state, self.vm)
 
-    def freeze(self) -> tuple[object, ...]:
-        return (
-            self.state,
-            self.vm,
-            self.driver,
-            self.context,
-            self.msi,
-            self.exposed,
-            frozenset(self.reserved),
-            frozenset(self.stale),
-            self.guest_touched,
-            self.prepared,
-            self.decision,
-            self.unsafe,
+    def freeze(self) -> FrozenRecord:
+        return FrozenRecord(
+            state=self.state,
+            vm=self.vm,
+            driver=self.driver,
+            context=self.context,
+            msi=self.msi,
+            exposed=self.exposed,
+            reserved=frozenset(self.reserved),
+            stale=frozenset(self.stale),
+            guest_touched=self.guest_touched,
+            prepared=self.prepared,
+            decision=self.decision,
+            unsafe=self.unsafe,
         )
 
     @classmethod
-    def thaw(cls, frozen: tuple[Any, ...]) -> DeviceRecord:
-        state, vm, driver, context, msi, exposed, reserved, stale, *rest = frozen
-        return cls(state, vm, driver, context, msi, exposed, set(reserved), set(stale), *rest)
+    def thaw(cls, frozen: FrozenRecord) -> DeviceRecord:
+        f = frozen
+        return cls(
+            state=f.state,
+            vm=f.vm,
+            driver=f.driver,
+            context=f.context,
+            msi=f.msi,
+            exposed=f.exposed,
+            reserved=set(f.reserved),
+            stale=set(f.stale),
+            guest_touched=f.guest_touched,
+            prepared=f.prepared,
+            decision=f.decision,
+            unsafe=f.unsafe,
+        )
 
 
 class Phase(StrEnum):
@@ -201,28 +238,25 @@ class Toolstack:
                 )
 
     # -- the ledger as one value (for the verifier) --------------------------------
-    def snapshot(self, only: frozenset[Bdf] | None = None) -> frozenset[tuple[Any, tuple[object, ...]]]:
+    def snapshot(self, only: frozenset[Bdf] | None = None) -> LedgerSnapshot:
         """The ledger as one value; with ``only``, the records of those devices alone
-        (the verifier leaves out devices no operation it runs can touch). The VMs torn
-        down are one more entry, keyed ``None``."""
+        (the verifier leaves out devices no operation it runs can touch)."""
         ledger = self.ledger
-        vms = (None, (TORN_DOWN, self.torn_down))
         if only is None:
-            return frozenset([vms, *((bdf, rec.freeze()) for bdf, rec in ledger.items())])
-        return frozenset([vms, *((bdf, ledger[bdf].freeze()) for bdf in only if bdf in ledger)])
+            records = frozenset((bdf, rec.freeze()) for bdf, rec in ledger.items())
+        else:
+            records = frozenset((bdf, ledger[bdf].freeze()) for bdf in only if bdf in ledger)
+        return LedgerSnapshot(records, self.torn_down)
 
-    def restore(
-        self, frozen: frozenset[tuple[Bdf, tuple[Any, ...]]], only: frozenset[Bdf] | None = None
-    ) -> None:
+    def restore(self, frozen: LedgerSnapshot, only: frozenset[Bdf] | None = None) -> None:
         """Back to a ``snapshot`` taken with the same ``only``."""
-        records = [(bdf, rec) for bdf, rec in frozen if bdf is not None]
-        self.torn_down = next(rec[1] for bdf, rec in frozen if bdf is None)
+        self.torn_down = frozen.torn_down
         if only is None:
-            self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in records}
+            self.ledger = {bdf: DeviceRecord.thaw(rec) for bdf, rec in frozen.records}
         else:
             for bdf in only:
                 self.ledger.pop(bdf, None)
-            self.ledger.update((bdf, DeviceRecord.thaw(rec)) for bdf, rec in records)
+            self.ledger.update((bdf, DeviceRecord.thaw(rec)) for bdf, rec in frozen.records)
         self.notes.clear()
 
     # -- reading ---------------------------------------------------------------

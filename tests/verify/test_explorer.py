@@ -198,3 +198,12 @@ def test_a_platform_misuse_into_a_known_state_is_still_a_violation(monkeypatch: 
     )
     result = Explorer(load_scenario(VERIFY / "ref-symmetric.yaml")).run()
     assert result.verdict == "violation"
+
+
+def test_every_field_of_a_platform_state_is_placed_for_the_vm_symmetry() -> None:
+    """A VM's signature reads the fields whose entries may name it; a field added to the
+    platform's state must be placed on one side or the other."""
+    from pciguard.platforms.sim import POINTER_FIELDS, SimSnapshot
+
+    names_no_vm = {"domains", "present", "driver", "ats"}  # domains: read on their own
+    assert set(SimSnapshot._fields) == {*POINTER_FIELDS, *names_no_vm}

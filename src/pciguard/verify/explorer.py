@@ -28,22 +28,31 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from pciguard.errors import PlatformMisuse, RefusedError
 from pciguard.formats.scenario_file import PARTIAL_OPS, Exploration, Scenario
 from pciguard.model import Bdf
 from pciguard.model.ownership import State as DeviceState
 from pciguard.platforms.base import DomainState
+from pciguard.platforms.sim import POINTER_FIELDS, SimSnapshot
 from pciguard.policy import Decision
 from pciguard.simulate import Replay, build
-from pciguard.toolstack import CHECK_PRECONDITIONS, Cursor, Plan, Step
+from pciguard.toolstack import CHECK_PRECONDITIONS, Cursor, LedgerSnapshot, Plan, Step
 from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 
-State = tuple[Any, Any, frozenset[Cursor], int]
 Renaming = dict[Any, Any]
+
+
+class State(NamedTuple):
+    """One state of the search."""
+
+    platform: SimSnapshot
+    ledger: LedgerSnapshot
+    in_flight: frozenset[Cursor]
+    faults: int  # failures left to inject
 
 
 @dataclass(frozen=True)
@@ -132,7 +141,7 @@ class Explorer:
         for step in scenario.steps:  # the set-up the exploration starts from
             replay.apply(step)
         self.tracked = self._tracked(replay)
-        self.initial: State = (
+        self.initial = State(
             self.platform.snapshot(),
             self.toolstack.snapshot(self.tracked),
             frozenset(replay.in_flight.values()),
@@ -151,10 +160,11 @@ class Explorer:
     def _tracked(self, replay: Replay) -> frozenset[Bdf] | None:
         """The devices whose ledger records a state holds (None: every device).
 
-        An operation moves the records of the devices it names and of their group
-        mates (whole groups, shared requester IDs); a teardown those its VM holds. The
-        exploration names the devices it explores; the set-up may have given a VM others
-        or left operations in flight. No other record can change, so no state needs it.
+        An operation moves the records of the devices it names, of their group mates
+        (whole groups, shared requester IDs) and of the devices they share resources
+        with; a teardown those its VM holds. The exploration names the devices it
+        explores; the set-up may have given a VM others or left operations in flight. No
+        other record can change, so no state needs it.
         """
         ledger = self.toolstack.ledger
         named = {
@@ -189,20 +199,20 @@ class Explorer:
     def load(self, state: State) -> None:
         if self._loaded is state:
             return  # still exactly as loaded: nothing has run since
-        self.platform.restore(state[0])
-        self.toolstack.restore(state[1], self.tracked)
+        self.platform.restore(state.platform)
+        self.toolstack.restore(state.ledger, self.tracked)
         self._loaded = state
 
     def capture(self, cursors: Iterable[Cursor], faults: int) -> State:
         intern = self._interned.setdefault
-        sim = tuple(intern(part, part) for part in self.platform.snapshot())
+        sim = SimSnapshot._make(intern(part, part) for part in self.platform.snapshot())
         ledger = self.toolstack.snapshot(self.tracked)
-        return (sim, intern(ledger, ledger), frozenset(cursors), faults)
+        return State(sim, intern(ledger, ledger), frozenset(cursors), faults)
 
     # -- transitions -----------------------------------------------------------
     def actions(self, state: State) -> list[Action]:
         """What may happen next (the state must be loaded)."""
-        _, _, cursors, faults = state
+        cursors, faults = state.in_flight, state.faults
         out: list[Action] = []
         ops = self.explore.operations
         room = len(cursors) < self.explore.concurrency
@@ -239,7 +249,7 @@ class Explorer:
     def _startable_plans(self, state: State) -> list[tuple[str, Bdf | None, str | None, Plan]]:
         """The operations the toolstack would start in the loaded ``state``, with their
         plans. Planning reads only the platform and the ledger: each pair is planned once."""
-        key = (state[0], state[1])
+        key = (state.platform, state.ledger)
         found = self._startable.get(key)
         if found is None:
             found = []
@@ -314,7 +324,7 @@ class Explorer:
         """Take ``action`` from ``state``; return the new state and what it breaks."""
         self.load(state)
         self._loaded = None  # the action changes what is loaded
-        _, _, cursors, faults = state
+        cursors, faults = state.in_flight, state.faults
         in_flight = {key_of(c): c for c in cursors}
         broken: list[Violation] = []
         try:
@@ -397,10 +407,10 @@ class Explorer:
         state, keys = self.initial, []
         broken: list[Violation] = []
         for action in trace:
-            before = {key_of(c) for c in state[2]}
+            before = {key_of(c) for c in state.in_flight}
             state, broken = self.apply(state, action)
             if action.kind in ("begin", "hotplug"):  # begin claims; no call is taken yet
-                (started,) = {key_of(c) for c in state[2]} - before
+                (started,) = {key_of(c) for c in state.in_flight} - before
                 keys.append(started)
         return keys, broken or check_all(self.toolstack, self.platform)
 
@@ -427,7 +437,7 @@ class Explorer:
         """The invariants over the loaded ``state``. They read only the platform and the
         ledger, which many states share (differing in operations in flight or faults
         left): each pair is checked once."""
-        key = (state[0], state[1])
+        key = (state.platform, state.ledger)
         found = self._checked.get(key)
         if found is None:
             found = self._checked[key] = check_all(self.toolstack, self.platform)
@@ -478,7 +488,8 @@ def rename(value: Any, mapping: Renaming) -> Any:
     if isinstance(value, (Bdf, str)):
         return mapping.get(value, value)
     if isinstance(value, tuple):
-        return tuple(rename(v, mapping) for v in value)
+        items = tuple(rename(v, mapping) for v in value)
+        return value._make(items) if hasattr(value, "_make") else items  # named tuples stay named
     if isinstance(value, frozenset):
         return frozenset(rename(v, mapping) for v in value)
     if isinstance(value, (Cursor, Plan, Step, Action, Decision)) and is_dataclass(value):
@@ -554,7 +565,6 @@ class Symmetry:
         for devices in self.device_classes:
             by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming))
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
-        sim, ledger, cursors, faults = state
         if not renaming:
             return state, {}
         # ``rename``, remembered: the same parts recur in state after state.
@@ -566,20 +576,20 @@ class Symmetry:
                 found = memo[value] = rename(value, renaming)
             return found
 
-        return (
-            tuple(renamed(part) for part in sim),
-            frozenset(renamed(entry) for entry in ledger),
-            frozenset(renamed(c) for c in cursors),
-            faults,
+        ledger = state.ledger
+        return State(
+            SimSnapshot._make(renamed(part) for part in state.platform),
+            LedgerSnapshot(frozenset(renamed(entry) for entry in ledger.records), renamed(ledger.torn_down)),
+            frozenset(renamed(c) for c in state.in_flight),
+            state.faults,
         ), renaming
 
     def _device_signature(self, state: State, d: Bdf, names: Renaming) -> str:
         """Everything about ``d`` in ``state``, with device names erased ("self" for
         ``d``, "other" for the rest of its class) and VM names mapped by ``names``."""
-        sim, ledger, cursors, _ = state
         erase: Renaming = names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
-        local = [sorted(repr(rename(e, erase)) for e in self._mentioning(part, d)) for part in sim]
-        record = [rename(rec, erase) for bdf, rec in ledger if bdf == d]
+        local = [sorted(repr(rename(e, erase)) for e in self._mentioning(part, d)) for part in state.platform]
+        record = [rename(rec, erase) for bdf, rec in state.ledger.records if bdf == d]
         flights = sorted(
             repr(
                 (
@@ -590,7 +600,7 @@ class Symmetry:
                     c.plan.devices.index(d),
                 )
             )
-            for c in cursors
+            for c in state.in_flight
             if d in c.plan.devices
         )
         return repr((local, record, flights))
@@ -606,25 +616,29 @@ class Symmetry:
     def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> tuple[str, str, str]:
         """Everything that points at ``vm``, with VM names erased. Each part is remembered
         by the state parts it comes from: they recur in state after state."""
-        sim, ledger, cursors, _ = state
+        sim, ledger, cursors = state.platform, state.ledger, state.in_flight
         memo = self._vm_memo
-        key: tuple[Any, ...] = (sim[0], vm)
+        key: tuple[Any, ...] = (sim.domains, vm)
         domain = memo.get(key)
         if domain is None:
-            domain = memo[key] = repr([e[1:] for e in sim[0] if e[0] == vm])
-        parts = (3, 4, 5, 6, 7, 8, 9)  # context, stale IOTLB, interrupt, exposure, carried, sink, ATC
-        key = (*(sim[i] for i in parts), ledger, vm)  # parts are interned: cheap keys
+            domain = memo[key] = repr([d[1:] for d in sim.domains if d.name == vm])
+        parts = [getattr(sim, name) for name in POINTER_FIELDS]
+        key = (*parts, ledger, vm)  # parts are interned: cheap keys
         pointers = memo.get(key)
         if pointers is None:
             # entries (BDF or page, domain or domains) that name the VM
             entries = sorted(
                 repr((i, rename(e, placeholder)))
-                for i in parts
-                for e in sim[i]
+                for i, part in enumerate(parts)
+                for e in part
                 if e[1] == vm or (isinstance(e[1], (tuple, frozenset)) and vm in e[1])
             )
-            records = sorted(repr((b, rename(rec, placeholder))) for b, rec in ledger if vm in rec[:6])
-            pointers = memo[key] = repr((entries, records))
+            records = sorted(
+                repr((b, rename(rec, placeholder)))
+                for b, rec in ledger.records
+                if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
+            )
+            pointers = memo[key] = repr((entries, records, vm in ledger.torn_down))
         key = (cursors, vm)
         flights = memo.get(key)
         if flights is None:

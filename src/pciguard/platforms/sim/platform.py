@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 from pciguard.errors import InjectedFault, PlatformMisuse, StepFailed
 from pciguard.legacy import Flaw
@@ -31,7 +31,6 @@ from pciguard.platforms.base import (
     DomainState,
 )
 
-SimState = tuple[frozenset[Any], ...]
 GUEST_RAM = 0x4000_0000  # each guest owns IOVAs [0, GUEST_RAM)
 QUARANTINE_MODES = ("block", "scratch")
 SHARED_PAGE = "shared"  # the one scratch page of the shared-scratch-page flaw
@@ -95,6 +94,35 @@ class FaultRule:
         return (self.call in (None, call)) and (self.device in (None, device))
 
 
+class DomainSnapshot(NamedTuple):
+    name: str
+    state: DomainState
+    iommu_context: bool
+    declared_up_front: bool
+    reserved: frozenset[tuple[Bdf, ReservedRegion]]
+
+
+class SimSnapshot(NamedTuple):
+    """The platform's whole state as one hashable value (what ``snapshot`` returns).
+    Each field is a frozenset; table entries are (key, value) pairs."""
+
+    domains: frozenset[DomainSnapshot]
+    present: frozenset[Bdf]
+    driver: frozenset[Bdf]
+    context: frozenset[tuple[Bdf, str]]  # requester ID, domain
+    stale: frozenset[tuple[Bdf, tuple[str, ...]]]  # requester ID, domains cached (oldest first)
+    irte: frozenset[tuple[Bdf, str]]  # requester ID, domain its MSIs reach
+    exposed: frozenset[tuple[Bdf, str]]
+    carries: frozenset[tuple[Bdf, frozenset[str]]]  # device, owners whose state it holds
+    sink: frozenset[tuple[Bdf | str, frozenset[str]]]  # scratch page, whose data it holds
+    atc: frozenset[tuple[Bdf, frozenset[str]]]  # requester ID, domains its device-TLB caches
+    ats: frozenset[Bdf]
+
+
+#: The fields of a ``SimSnapshot`` whose entries may name a VM, as (key, domain or domains).
+POINTER_FIELDS = ("context", "stale", "irte", "exposed", "carries", "sink", "atc")
+
+
 @dataclass
 class _Domain:
     state: DomainState
@@ -146,12 +174,12 @@ class SimPlatform:
                 self._settle(bdf)
 
     # -- the whole state as one value (for the verifier) ---------------------------
-    def snapshot(self) -> SimState:
+    def snapshot(self) -> SimSnapshot:
         """Everything that decides what happens next, as one hashable value.
         Fault rules, the call log and observers are not part of it."""
-        return (
+        return SimSnapshot(
             frozenset(
-                (n, d.state, d.iommu_context, d.declared_up_front, frozenset(d.reserved))
+                DomainSnapshot(n, d.state, d.iommu_context, d.declared_up_front, frozenset(d.reserved))
                 for n, d in self._domains.items()
             ),
             frozenset(self._present),
@@ -166,19 +194,21 @@ class SimPlatform:
             frozenset(self._ats),
         )
 
-    def restore(self, state: SimState) -> None:
-        domains, present, driver, context, stale, irte, exposed, carries, sink, atc, ats = state
-        self._domains = {n: _Domain(st, ctx, up, set(res)) for n, st, ctx, up, res in domains}
-        self._present = set(present)
-        self._driver = set(driver)
-        self._context = dict(context)
-        self._stale = {rid: list(domains) for rid, domains in stale}
-        self._irte = dict(irte)
-        self._exposed = dict(exposed)
-        self._carries = dict(carries)
-        self._sink = dict(sink)
-        self._atc = dict(atc)
-        self._ats = set(ats)
+    def restore(self, state: SimSnapshot) -> None:
+        self._domains = {
+            d.name: _Domain(d.state, d.iommu_context, d.declared_up_front, set(d.reserved))
+            for d in state.domains
+        }
+        self._present = set(state.present)
+        self._driver = set(state.driver)
+        self._context = dict(state.context)
+        self._stale = {rid: list(domains) for rid, domains in state.stale}
+        self._irte = dict(state.irte)
+        self._exposed = dict(state.exposed)
+        self._carries = dict(state.carries)
+        self._sink = dict(state.sink)
+        self._atc = dict(state.atc)
+        self._ats = set(state.ats)
         self.faults = []
 
     # -- faults and observation ------------------------------------------------
