@@ -166,6 +166,71 @@ class DeviceRecord:
         )
 
 
+class Before(NamedTuple):
+    """What a step's undo needs of the device's record as it was before the step."""
+
+    context: str | None
+    msi: str | None
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a device step does to the ledger record of its device once the platform
+    carried it out (``apply``), and the steps that undo it (``undo``)."""
+
+    apply: Callable[[DeviceRecord, Step, Before], None]
+    undo: Callable[[Step, Before], list[Step]]
+
+
+def _attached(rec: DeviceRecord, step: Step, before: Before) -> None:
+    rec.context = step.domain
+    if before.context not in (None, step.domain):
+        rec.stale.add(before.context)  # until a flush, the IOTLB may still translate there
+
+
+def _removed(rec: DeviceRecord, step: Step, before: Before) -> None:
+    rec.context = rec.msi = rec.exposed = None
+
+
+def _setting(field_name: str, value: object) -> Callable[[DeviceRecord, Step, Before], None]:
+    return lambda rec, step, before: setattr(rec, field_name, step.domain if value is DOMAIN else value)
+
+
+def _undone_by(call: str, domain: object = None) -> Callable[[Step, Before], list[Step]]:
+    """The undo of a step: one call on the same device (``DOMAIN``: the step's domain)."""
+    return lambda step, before: [Step(call, step.device, step.domain if domain is DOMAIN else None)]
+
+
+DOMAIN = object()  # stands for "the step's own domain" in the table below
+NOTHING: Callable[[Step, Before], list[Step]] = lambda step, before: []  # noqa: E731
+
+#: Every device step of the Platform protocol: its mark on the ledger, and its undo.
+EFFECTS: dict[str, Effect] = {
+    "unbind_host_driver": Effect(_setting("driver", False), _undone_by("bind_host_driver")),
+    "bind_host_driver": Effect(_setting("driver", True), _undone_by("unbind_host_driver")),
+    "reset": Effect(lambda rec, step, before: None, NOTHING),
+    "attach": Effect(
+        _attached,
+        lambda step, before: [
+            Step("attach", step.device, before.context or QUARANTINE),
+            Step("flush_iotlb", step.device),
+        ],
+    ),
+    "flush_iotlb": Effect(lambda rec, step, before: rec.stale.clear(), NOTHING),
+    "map_reserved": Effect(
+        lambda rec, step, before: rec.reserved.add(step.domain or ""), _undone_by("unmap_reserved", DOMAIN)
+    ),
+    "unmap_reserved": Effect(lambda rec, step, before: rec.reserved.discard(step.domain or ""), NOTHING),
+    "route_msi": Effect(
+        _setting("msi", DOMAIN),
+        lambda step, before: [Step("route_msi", step.device, before.msi or QUARANTINE)],
+    ),
+    "expose": Effect(_setting("exposed", DOMAIN), _undone_by("unexpose", DOMAIN)),
+    "unexpose": Effect(_setting("exposed", None), NOTHING),
+    "remove": Effect(_removed, NOTHING),
+}
+
+
 class Phase(StrEnum):
     RUN = "run"  # the plan's own steps
     UNWIND = "unwind"  # undoing what ran, most recent first
@@ -793,37 +858,14 @@ class Toolstack:
             call(step.domain)
             return []
         rec = self.ledger[step.device]
-        old_context, old_msi = rec.context, rec.msi
+        before = Before(rec.context, rec.msi)
         call(step.device, step.domain) if step.domain is not None else call(step.device)
-        if step.call == "flush_iotlb":
+        effect = EFFECTS[step.call]
+        effect.apply(rec, step, before)
+        if Flaw.XSA_442 in self.flaws:  # that toolstack neither tracked nor flushed the IOTLB
             rec.stale.clear()
-        if step.call == "attach":
-            rec.context = step.domain
-            if old_context not in (None, step.domain) and Flaw.XSA_442 not in self.flaws:
-                rec.stale.add(old_context)  # (the XSA-442 toolstack never knew to care)
-            return [Step("attach", step.device, old_context or QUARANTINE), *self._flush(step.device)]
-        if step.call == "route_msi":
-            rec.msi = step.domain
-            return [Step("route_msi", step.device, old_msi or QUARANTINE)]
-        if step.call == "expose":
-            rec.exposed = step.domain
-            return [Step("unexpose", step.device, step.domain)]
-        if step.call == "unexpose":
-            rec.exposed = None
-        elif step.call == "map_reserved":
-            rec.reserved.add(step.domain or "")
-            return [Step("unmap_reserved", step.device, step.domain)]
-        elif step.call == "unmap_reserved":
-            rec.reserved.discard(step.domain or "")
-        elif step.call == "unbind_host_driver":
-            rec.driver = False
-            return [Step("bind_host_driver", step.device)]
-        elif step.call == "bind_host_driver":
-            rec.driver = True
-            return [Step("unbind_host_driver", step.device)]
-        elif step.call == "remove":
-            rec.context = rec.msi = rec.exposed = None
-        return []
+            return [u for u in effect.undo(step, before) if u.call != "flush_iotlb"]
+        return effect.undo(step, before)
 
     def _holders_of(self, vm: str) -> list[Bdf]:
         """Devices something of which still points at ``vm`` (its memory must stay held)."""

@@ -14,24 +14,13 @@ from pciguard.checks import Options, RmrrPolicy
 from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.formats.platform_file import build_host
 from pciguard.model import Bdf, Host
-from pciguard.platforms.base import DomainState
+from pciguard.platforms.base import DEVICE_STEPS, DomainState
 from pciguard.platforms.sim import SimPlatform
 from pciguard.toolstack import Toolstack
 from pciguard.verify.invariants import check_all
 from strategies import platform_file, policies
 
-FAULTABLE = [
-    "reset",
-    "attach",
-    "flush_iotlb",
-    "route_msi",
-    "expose",
-    "unexpose",
-    "map_reserved",
-    "unmap_reserved",
-    "unbind_host_driver",
-    "bind_host_driver",
-]
+FAULTABLE = [call for call in DEVICE_STEPS if call != "remove"]  # remove: the toolstack's last resort
 
 
 def random_host(data: dict[str, Any]) -> Host:

@@ -195,3 +195,24 @@ def test_the_invariant_judges_apart_from_the_toolstacks_checks(monkeypatch: pyte
     w.toolstack.make_assignable(dev)
     w.toolstack.assign(dev, "vm1")
     assert any(v.invariant == "check-before-expose" and "overlaps" in v.message for v in w.violations)
+
+
+def test_one_table_names_every_step_of_the_protocol_and_what_each_does_to_the_ledger() -> None:
+    """The protocol's step names, the toolstack's table of their effects and undos, and
+    the methods of both platforms are the same set."""
+    from pciguard.platforms.base import DEVICE_STEPS, STEPS, Platform
+    from pciguard.platforms.linux.platform import LinuxPlatform
+    from pciguard.platforms.sim import SimPlatform
+    from pciguard.toolstack import EFFECTS
+
+    assert set(EFFECTS) == set(DEVICE_STEPS)
+    for step in STEPS:
+        assert callable(getattr(Platform, step)), step
+        assert callable(getattr(SimPlatform, step)), step
+        assert callable(getattr(LinuxPlatform, step)), step
+
+
+def test_fault_injection_refuses_a_step_the_protocol_does_not_have() -> None:
+    w = world("workstation")
+    with pytest.raises(ValueError, match="no platform step named 'atach'"):
+        w.platform.inject("atach")

@@ -20,6 +20,7 @@ from pciguard.formats.policy_file import load_policy
 from pciguard.formats.yamlpos import Path, at, load, read_input, validate
 from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
+from pciguard.platforms.base import STEPS
 from pciguard.policy.rules import Policy, parse_rule
 
 #: What the verifier may do, besides advancing operations in flight.
@@ -52,22 +53,7 @@ EXPECTATIONS: dict[str, tuple[str, ...]] = {
     "msi": ("delivered", "blocked"),
 }
 OPERATION_OUTCOMES = ("ok", "refused", "failed")
-PLATFORM_CALLS = (
-    "create_domain",
-    "destroy_domain",
-    "enable_iommu_context",
-    "unbind_host_driver",
-    "bind_host_driver",
-    "reset",
-    "attach",
-    "flush_iotlb",
-    "map_reserved",
-    "unmap_reserved",
-    "route_msi",
-    "expose",
-    "unexpose",
-    "remove",
-)
+PLATFORM_CALLS = STEPS  # what a fault step may name
 
 
 class _Strict(BaseModel):

@@ -20,6 +20,23 @@ HOST = "host"
 QUARANTINE = "quarantine"
 RESERVED_NAMES = frozenset({HOST, QUARANTINE, "firmware", "*"})
 
+#: The steps of the protocol by name, as plans, scenarios and fault injection name them.
+DEVICE_STEPS = (
+    "unbind_host_driver",
+    "bind_host_driver",
+    "reset",
+    "attach",
+    "flush_iotlb",
+    "map_reserved",
+    "unmap_reserved",
+    "route_msi",
+    "expose",
+    "unexpose",
+    "remove",
+)
+DOMAIN_STEPS = ("create_domain", "crash_domain", "destroy_domain", "enable_iommu_context")
+STEPS = DEVICE_STEPS + DOMAIN_STEPS
+
 
 class DomainState(StrEnum):
     RUNNING = "running"

@@ -27,6 +27,7 @@ from pciguard.platforms.base import (
     HOST,
     QUARANTINE,
     RESERVED_NAMES,
+    STEPS,
     DomainInfo,
     DomainState,
 )
@@ -221,6 +222,8 @@ class SimPlatform:
         times: int | None = 1,
     ) -> None:
         """Make the matching platform calls fail (``times=None``: every one)."""
+        if call is not None and call not in STEPS:
+            raise ValueError(f"no platform step named {call!r}; the steps are {', '.join(STEPS)}")
         self.faults.append(FaultRule(call, device, skip, times))
 
     def _step(self, call: str, device: Bdf | None, domain: str | None) -> None:
