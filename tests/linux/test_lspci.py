@@ -147,6 +147,32 @@ def test_domains_beyond_four_hex_digits_are_kept_whole() -> None:
     assert [str(b) for b in reading.host.topology] == ["10000:e0:17.0"]
 
 
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        (
+            "00:17.0 SATA controller: Intel Corporation Comet Lake SATA AHCI Controller"
+            " (prog-if 01 [AHCI 1.0])",
+            "Intel Corporation Comet Lake SATA AHCI Controller",
+        ),
+        (
+            "00:14.0 USB controller [0c03]: Intel Corporation Device [8086:a3af] (prog-if 30 [XHCI])",
+            "Intel Corporation Device 8086:a3af",
+        ),
+        (
+            "01:00.0 VGA compatible controller [0300]: NVIDIA Corporation TU116 [10de:2182] (rev a1)"
+            " (prog-if 00 [VGA controller])",
+            "NVIDIA Corporation TU116",
+        ),
+    ],
+)
+def test_names_lose_the_programming_interface_and_keep_ids_where_pci_ids_had_no_name(
+    header: str, name: str
+) -> None:
+    (fn,) = parse_lspci(header + "\n").host.topology.values()
+    assert fn.name == name
+
+
 def test_control_characters_in_a_dump_never_reach_the_terminal() -> None:
     reading = parse_lspci("00:02.0 VGA compatible controller [0300]: Evil \x1b[2J Inc [8086:3e92]\n")
     name = reading.host.topology[bdf("0000:00:02.0")].name

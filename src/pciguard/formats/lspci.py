@@ -40,6 +40,7 @@ _HEADER = re.compile(
 )
 _IDS = re.compile(r"\[(?P<v>[0-9a-fA-F]{4}):(?P<d>[0-9a-fA-F]{4})\]")
 _PROG_IF = re.compile(r"\(prog-if (?P<pi>[0-9a-fA-F]{2})")
+_PROG_IF_TEXT = re.compile(r"\s*\(prog-if [0-9a-fA-F]{2}(?: \[[^\]]*\])?\)")
 _EXPRESS = re.compile(
     r"Capabilities: \[[0-9a-f]+\] Express \(v\d\) (?P<type>.+?)(?:, MSI|, IntMsgNum| \(Slot|$)"
 )
@@ -213,7 +214,10 @@ def _header(match: re.Match[str], number: int, source: str) -> _Entry:
     if ids:
         entry.ids = f"{ids['v'].lower()}:{ids['d'].lower()}"
         rest = rest[: ids.start()]
-    entry.name = printable(re.sub(r"\s*\(rev [0-9a-f]+\).*$", "", rest).strip())
+    name = _PROG_IF_TEXT.sub("", re.sub(r"\s*\(rev [0-9a-f]+\).*$", "", rest)).strip()
+    if entry.ids and (name.endswith(" Device") or name == "Device"):
+        name = f"{name} {entry.ids}"  # pci.ids had no name for it: the IDs are all there is
+    entry.name = printable(name)
     return entry
 
 
