@@ -434,7 +434,15 @@ def kernel_findings(host: Host, facts: KernelFacts) -> list[Finding]:
         out.append(Finding(code=code, severity=severity, message=message))
 
     groups = host.kernel_groups or ()
-    if not host.iommus and facts.firmware_table is None:
+    dump = facts.source_kind == "lspci"
+    if not host.iommus and dump:
+        add(
+            "no-groups-in-dump",
+            Severity.INFO,
+            "the dump has no 'IOMMU group' lines: the IOMMU was off when it was taken (or pciutils "
+            "was older than 3.6.2); a dump cannot show whether the firmware describes an IOMMU",
+        )
+    elif not host.iommus and facts.firmware_table is None:
         dmar_unread = any(u.path.endswith(("DMAR", "IVRS")) for u in facts.unreadable)
         add(
             "no-firmware-iommu",
@@ -472,7 +480,9 @@ def kernel_findings(host: Host, facts: KernelFacts) -> list[Finding]:
         add(
             "interrupt-remapping-unknown",
             Severity.WARNING,
-            "could not tell from /proc/interrupts whether interrupt remapping is in use; judged as off",
+            "an lspci dump cannot show whether interrupt remapping is in use; judged as off"
+            if dump
+            else "could not tell from /proc/interrupts whether interrupt remapping is in use; judged as off",
         )
     if "X2APIC_OPT_OUT" in facts.firmware_flags:
         add(

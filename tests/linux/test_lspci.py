@@ -243,3 +243,41 @@ def test_text_around_a_dump_is_named_and_the_rest_audited() -> None:
     named = [f"{p.path} {p.message}" for p in reading.facts.problems]
     assert any(n.startswith("mail.txt:1 'Here is my lspci:'") for n in named), named
     assert any("thanks!" in n for n in named) and len(reading.host.topology) == 2
+
+
+ROOT_DUMP = """\
+00:00.0 Host bridge [0600]: Intel Corporation Device [8086:3ec2] (rev 07)
+\tIOMMU group: 0
+\tKernel driver in use: skl_uncore
+
+00:14.0 USB controller [0c03]: Intel Corporation Device [8086:a36d] (rev 10) (prog-if 30 [XHCI])
+\tIOMMU group: 1
+\tCapabilities: [70] Power Management version 2
+\tKernel driver in use: xhci_hcd
+"""
+
+
+def finding_codes(text: str) -> set[str]:
+    return {f.code for f in audit_reading(parse_lspci(text)).findings}
+
+
+def test_a_root_dump_with_a_host_bridge_is_complete_and_its_groups_are_compared() -> None:
+    """The host bridge has no PCI Express capability; that hides nothing."""
+    assert parse_lspci(ROOT_DUMP).facts.topology_complete
+    assert "derivation-skipped" not in finding_codes(ROOT_DUMP)
+    hidden = ROOT_DUMP.replace(
+        "\tCapabilities: [70] Power Management version 2", "\tCapabilities: <access denied>"
+    )
+    assert "derivation-skipped" in finding_codes(hidden)
+
+
+def test_a_dump_says_what_it_cannot_show_and_names_nothing_it_did_not_read() -> None:
+    report = audit_reading(parse_lspci(ROOT_DUMP))
+    text = " ".join(f.message for f in report.findings)
+    assert "/proc/interrupts" not in text and "an lspci dump cannot show whether interrupt remapping" in text
+    without_groups = audit_reading(
+        parse_lspci(ROOT_DUMP.replace("\tIOMMU group: 0\n", "").replace("\tIOMMU group: 1\n", ""))
+    )
+    codes = {f.code for f in without_groups.findings}
+    assert "no-groups-in-dump" in codes and "no-firmware-iommu" not in codes
+    assert not any("enable VT-d" in f.message for f in without_groups.findings)
