@@ -164,6 +164,7 @@ class SimPlatform:
         self._sink: dict[Bdf | str, frozenset[str]] = {}  # scratch page -> whose data it holds
         self._atc: dict[Bdf, frozenset[str]] = {}  # requester ID -> domains its device-TLB caches
         self._ats: set[Bdf] = set()  # devices with ATS enabled
+        self._taken: SimSnapshot | None = None  # the snapshot of the state as it is, once taken
         for bdf in self._present:
             if host.topology[bdf].driver:
                 self._driver.add(bdf)
@@ -177,7 +178,13 @@ class SimPlatform:
     # -- the whole state as one value (for the verifier) ---------------------------
     def snapshot(self) -> SimSnapshot:
         """Everything that decides what happens next, as one hashable value.
-        Fault rules, the call log and observers are not part of it."""
+        Fault rules, the call log and observers are not part of it. Taken again only
+        after a step changed something (many transitions of the verifier take none)."""
+        if self._taken is None:
+            self._taken = self._take()
+        return self._taken
+
+    def _take(self) -> SimSnapshot:
         return SimSnapshot(
             frozenset(
                 DomainSnapshot(n, d.state, d.iommu_context, d.declared_up_front, frozenset(d.reserved))
@@ -210,6 +217,7 @@ class SimPlatform:
         self._sink = dict(state.sink)
         self._atc = dict(state.atc)
         self._ats = set(state.ats)
+        self._taken = state
         self.faults = []
 
     # -- faults and observation ------------------------------------------------
@@ -248,6 +256,8 @@ class SimPlatform:
             observer(record)
 
     def _done(self, call: str, device: Bdf | None, domain: str | None) -> None:
+        """Every step that changes the state ends here."""
+        self._taken = None
         self._record(CallRecord(call, device, domain))
 
     def _misuse(self, message: str) -> PlatformMisuse:
