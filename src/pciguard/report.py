@@ -347,11 +347,8 @@ def _group_entry(
         for s in host.shared_resources(b)
         if s.other not in group.members and (h := holder_of(s.other)) is not None and h.state is State.HOST
     ]
-    to_quarantine = [
-        str(b)
-        for b in dict.fromkeys([*endpoints, *sharers])
-        if b in sharers or holders[b].state is State.HOST  # type: ignore[union-attr]
-    ]
+    with_host = [b for b in endpoints if holders[b].state is State.HOST]  # type: ignore[union-attr]
+    to_quarantine = [str(b) for b in dict.fromkeys([*with_host, *sharers])]
     if not endpoints:
         verdict = Verdict.BRIDGES_ONLY
     elif blockers:

@@ -133,37 +133,15 @@ class DeviceRecord:
 
     def freeze(self) -> FrozenRecord:
         return FrozenRecord(
-            state=self.state,
-            vm=self.vm,
-            driver=self.driver,
-            context=self.context,
-            msi=self.msi,
-            exposed=self.exposed,
-            reserved=frozenset(self.reserved),
-            stale=frozenset(self.stale),
-            guest_touched=self.guest_touched,
-            prepared=self.prepared,
-            decision=self.decision,
-            unsafe=self.unsafe,
+            **(vars(self) | {"reserved": frozenset(self.reserved), "stale": frozenset(self.stale)})
         )
 
     @classmethod
     def thaw(cls, frozen: FrozenRecord) -> DeviceRecord:
-        f = frozen
-        return cls(
-            state=f.state,
-            vm=f.vm,
-            driver=f.driver,
-            context=f.context,
-            msi=f.msi,
-            exposed=f.exposed,
-            reserved=set(f.reserved),
-            stale=set(f.stale),
-            guest_touched=f.guest_touched,
-            prepared=f.prepared,
-            decision=f.decision,
-            unsafe=f.unsafe,
-        )
+        # The fields are the same, in the same order (a test holds them so).
+        record = cls(*frozen)  # type: ignore[arg-type]  # the two sets are made sets below
+        record.reserved, record.stale = set(frozen.reserved), set(frozen.stale)
+        return record
 
 
 class Before(NamedTuple):

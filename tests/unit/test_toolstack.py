@@ -216,3 +216,15 @@ def test_fault_injection_refuses_a_step_the_protocol_does_not_have() -> None:
     w = world("workstation")
     with pytest.raises(ValueError, match="no platform step named 'atach'"):
         w.platform.inject("atach")
+
+
+def test_a_frozen_record_has_the_fields_of_a_record_in_their_order() -> None:
+    """``thaw`` passes a frozen record's fields by position; a field added to one and
+    not the other, or moved, would shift every field after it."""
+    from dataclasses import fields
+
+    from pciguard.toolstack import DeviceRecord, FrozenRecord
+
+    assert FrozenRecord._fields == tuple(f.name for f in fields(DeviceRecord))
+    record = DeviceRecord(State.ASSIGNED, vm="vm1", context="vm1", reserved={"vm1"}, stale={"host"})
+    assert DeviceRecord.thaw(record.freeze()) == record

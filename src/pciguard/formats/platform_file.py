@@ -6,6 +6,7 @@ with examples. ``parse_platform(text, source)`` is pure; ``load_platform(path)``
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path as FsPath
@@ -57,14 +58,11 @@ class DeviceRange(_Strict):
     last: str
 
 
-class UnityMapSpec(_Strict):
+class UnityMapSpec(RegionSpec):
     """A firmware 1:1 region that names its devices apart from them, as AMD's IVMD
     entries do (every device, a list, or a range of requester IDs) and an RMRR's device
     scope does: every device named gets the region, so devices named together share it."""
 
-    name: str
-    start: int = Field(ge=0, lt=1 << 64)
-    end: int = Field(ge=0, lt=1 << 64)
     devices: Literal["all"] | list[str] | DeviceRange
 
 
@@ -229,11 +227,13 @@ def _flatten(
 def _named(
     devices: Literal["all"] | list[str] | DeviceRange,
     functions: dict[Bdf, Function],
+    ordered: list[Bdf],
     source: str,
     path: Path,
     positions: dict[Path, tuple[int, int]],
 ) -> list[Bdf]:
-    """The devices a unity map names, each of which must be described."""
+    """The devices a unity map names, each of which must be described (``ordered``:
+    the functions' addresses, sorted once for every map)."""
 
     def parse(text: str, where: Path) -> Bdf:
         try:
@@ -242,12 +242,12 @@ def _named(
             raise at(source, str(exc), where, positions) from None
 
     if devices == "all":
-        return sorted(functions)
+        return ordered
     if isinstance(devices, DeviceRange):
         first, last = parse(devices.first, (*path, "first")), parse(devices.last, (*path, "last"))
         if last < first:
             raise at(source, f"the range ends ({last}) before it starts ({first})", path, positions)
-        named = [b for b in sorted(functions) if first <= b <= last]
+        named = ordered[bisect_left(ordered, first) : bisect_right(ordered, last)]
         if not named:
             raise at(source, f"no device described lies in {first}..{last}", path, positions)
         return named
@@ -270,12 +270,13 @@ def build_host(data: Any, positions: dict[Path, tuple[int, int]], source: str, p
     key path ``prefix``)."""
     spec = validate(PlatformFile, data, positions, source, prefix)
     functions, later, where = _flatten(spec, source, positions, prefix)
+    ordered = sorted(functions)
     for i, unity in enumerate(spec.unity_maps):
         path = (*prefix, "unity_maps", i)
         if unity.end < unity.start:
             raise at(source, "a range's end comes before its start", path, positions)
         region = ReservedRegion(unity.name, unity.start, unity.end)
-        for bdf in _named(unity.devices, functions, source, (*path, "devices"), positions):
+        for bdf in _named(unity.devices, functions, ordered, source, (*path, "devices"), positions):
             fn = functions[bdf]
             functions[bdf] = replace(fn, reserved_regions=(*fn.reserved_regions, region))
     try:

@@ -437,7 +437,8 @@ def shared_resources(view: View) -> list[Violation]:
                 for first, last in _pages(fn.bars)
                 for their_first, their_last in _pages(theirs.bars)
             )
-            same_line = fn.intx is not None and fn.intx == theirs.intx
+            # A bridge's own line (PME, AER) is the host's whatever: it ties no owners together.
+            same_line = fn.intx is not None and fn.intx == theirs.intx and not theirs.kind.is_bridge
             if same_page or same_line:
                 what = "a BAR page" if same_page else f"the legacy interrupt line {fn.intx}"
                 out.append(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pciguard.errors import InjectedFault, PlatformMisuse, StepFailed
 from pciguard.legacy import Flaw
@@ -130,6 +130,12 @@ class _Domain:
     iommu_context: bool
     declared_up_front: bool = True  # False once a context was patched in late
     reserved: set[tuple[Bdf, ReservedRegion]] = field(default_factory=set)
+
+
+def _add(table: dict[Any, frozenset[str]], key: Any, names: Iterable[str]) -> None:
+    """Add ``names`` to the set a table holds for ``key``: what the platform's caches
+    and devices gather only grows until something clears it."""
+    table[key] = table.get(key, frozenset()).union(names)
 
 
 class SimPlatform:
@@ -393,14 +399,13 @@ class SimPlatform:
             for rid in self._host.requester_ids(device):
                 context = self._context.get(rid)
                 if context not in (None, QUARANTINE):
-                    self._atc[rid] = self._atc.get(rid, frozenset()) | {context}
+                    _add(self._atc, rid, {context})
         if self.quarantine_mode != "scratch":
             return
         for writer, carried in self._carries.items():
             for rid in self._host.requester_ids(writer):
                 if QUARANTINE in self._translations(rid):
-                    page = self.scratch_page(rid)
-                    self._sink[page] = self._sink.get(page, frozenset()) | carried
+                    _add(self._sink, self.scratch_page(rid), carried)
 
     # -- domains -------------------------------------------------------------------
     def create_domain(self, name: str, *, iommu_context: bool) -> None:
@@ -462,7 +467,7 @@ class SimPlatform:
             )
         self._step("bind_host_driver", device, None)
         self._driver.add(device)
-        self._carries[device] = self.carried_state(device) | {HOST}
+        _add(self._carries, device, {HOST})
         self._settle(device)
         self._done("bind_host_driver", device, None)
 
@@ -566,7 +571,7 @@ class SimPlatform:
         # The guest programs it, and every device with a BAR in a page it now maps.
         reached = [s.other for s in self._host.shared_resources(device) if s.kind is Resource.BAR_PAGE]
         for programmed in [device, *(d for d in reached if d in self._present)]:
-            self._carries[programmed] = self.carried_state(programmed) | {domain}
+            _add(self._carries, programmed, {domain})
         self._settle(device)
         self._done("expose", device, domain)
 
@@ -652,7 +657,7 @@ class SimPlatform:
         stale = [d for d in self._stale.get(rid, ()) if d != self._context.get(rid)]
         if stale:  # the most recently replaced translation is the one still cached
             return self._translate(stale[-1], address, f"stale IOTLB entry for {rid}")
-        cached = sorted(set(self._atc.get(rid, ())) - {self._context.get(rid) or ""})
+        cached = sorted(self.stale_device_tlb(device).get(rid, ()))
         if cached:
             return self._translate(cached[0], address, f"stale device-TLB (ATS) entry of {rid}")
         return self._translate(self._context.get(rid), address, f"context entry for {rid}")
