@@ -151,6 +151,28 @@ def test_shared_bar_pages_and_interrupt_lines_come_from_resource_and_irq(
     assert "shared-resource" in codes(audit_tree("shared-bars"), "0000:01:00.0")
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("resource", "0xfe200000 0xfe2000ff\n", "expected three hexadecimal numbers"),
+        ("resource", "zz 0x1 0x200\n", "expected three hexadecimal numbers"),
+        ("irq", "seventeen\n", "expected a decimal number"),
+    ],
+)
+def test_a_malformed_resource_or_irq_file_is_named_and_the_rest_read(
+    tree: Callable[..., Path], name: str, text: str, message: str
+) -> None:
+    root = tree("shared-bars")
+    card = root / "sys/bus/pci/devices/0000:03:00.0"
+    (card.resolve() / name).write_text(text)
+    reading = read_host(str(root))
+    assert any(
+        p.path.endswith(f"0000:03:00.0/{name}") and message in p.message for p in reading.facts.problems
+    )
+    assert reading.host.shared_resources(bdf("0000:01:00.0"))  # the other devices still read
+    assert bdf("0000:03:00.0") in reading.host.topology
+
+
 def test_only_a_function_that_signals_nothing_but_intx_is_tied_to_its_line() -> None:
     def config(*capabilities: int) -> bytes:
         data = bytearray(256)
