@@ -268,17 +268,16 @@ def audit_host(
     facts: KernelFacts | None = None,
 ) -> AuditReport:
     """Audit ``host``: host findings, then every group with its verdict and reasons."""
-    critical_why = dict(facts.host_critical) if facts else {}
     if facts is not None and host.kernel_groups is None:
         listed: tuple[IommuGroup, ...] = ()  # the kernel formed no groups: nothing is isolated
         ungrouped = list(host.topology)
     else:
         listed = host.groups
         ungrouped = host.ungrouped()
-    groups = [_group_entry(host, options, g, holder_of, critical_why, facts) for g in listed]
+    groups = [_group_entry(host, options, g, holder_of, facts) for g in listed]
     for bdf in ungrouped:  # one entry each: nothing ties them together, nothing confines them
         alone = IommuGroup(-1, (bdf,))
-        groups.append(_group_entry(host, options, alone, holder_of, critical_why, facts, ungrouped=True))
+        groups.append(_group_entry(host, options, alone, holder_of, facts, ungrouped=True))
     findings = host_findings(host, options)
     unsafe = list(unsafe if unsafe is not None else options.unsafe_overrides())
     if facts is not None:
@@ -322,7 +321,6 @@ def _group_entry(
     options: Options,
     group: IommuGroup,
     holder_of: Callable[[Bdf], Holder | None],
-    critical_why: dict[Bdf, str],
     facts: KernelFacts | None,
     ungrouped: bool = False,
 ) -> GroupEntry:
@@ -336,8 +334,7 @@ def _group_entry(
         if ungrouped and not any(r.code == NO_IOMMU for r in reasons) and bdf in endpoints:
             reasons.insert(0, Reason(NO_IOMMU, f"no IOMMU group holds {bdf}: nothing confines its DMA"))
         if fn.host_critical:
-            why = critical_why.get(bdf) or fn.name or "the host needs it"
-            reasons.append(Reason(HOST_CRITICAL, f"{bdf} is host-critical: {why}"))
+            reasons.append(Reason(HOST_CRITICAL, f"{bdf} is host-critical: {fn.host_critical}"))
         per_device[bdf] = reasons
     blockers = [r for b in endpoints for r in per_device[b]]
     # Devices in other groups sharing a BAR page or an INTx line go with these ones.

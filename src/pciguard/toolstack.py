@@ -73,7 +73,7 @@ class Plan:
     vm: str | None
     steps: tuple[Step, ...]
     claim: Event | None  # the event that claims the devices (None: no in-flight state)
-    finish: Event = Event.COMMIT
+    finish: Event | None = Event.COMMIT  # None: no change of owner (offering a host driver)
     forward_only: bool = False  # release: on failure push on to quarantine, never back
     unsafe: tuple[Unsafe, ...] = ()  # overrides this plan relies on, for every report
     prepared: bool = True  # False: XSA-306's path that assigns without preparing
@@ -186,6 +186,7 @@ NOTHING: Callable[[Step, Before], list[Step]] = lambda step, before: []  # noqa:
 EFFECTS: dict[str, Effect] = {
     "unbind_host_driver": Effect(_setting("driver", False), _undone_by("bind_host_driver")),
     "bind_host_driver": Effect(_setting("driver", True), _undone_by("unbind_host_driver")),
+    "offer_host_driver": Effect(_setting("driver", True), _undone_by("unbind_host_driver")),
     "reset": Effect(lambda rec, step, before: None, NOTHING),
     "attach": Effect(
         _attached,
@@ -279,6 +280,8 @@ class Toolstack:
                     context=context,
                     msi=context,
                 )
+                if context == QUARANTINE:  # held away from the host already (a host at start)
+                    self._move(bdf, Event.ADOPT, None)
 
     # -- the ledger as one value (for the verifier) --------------------------------
     def snapshot(self, only: frozenset[Bdf] | None = None) -> LedgerSnapshot:
@@ -370,8 +373,27 @@ class Toolstack:
         return self.execute(self.plan_hotplug(bdf))
 
     def device_appeared(self, bdf: Bdf) -> None:
-        """The platform reports a new device; nothing may bind to it before a decision."""
-        self.ledger[bdf] = DeviceRecord(State.PENDING)
+        """The platform reports a new device; nothing may bind to it before a decision
+        (a real host may have bound one already: the plan then takes it away first)."""
+        self.ledger[bdf] = DeviceRecord(State.PENDING, driver=self.platform.host_driver_bound(bdf))
+
+    def adopt_assigned(self, bdf: Bdf, vm: str) -> None:
+        """A device found held away from the host that a VM was given before (as a real
+        host's journal says): assigned to ``vm``, which may have programmed it."""
+        self._move(bdf, Event.ADOPT_ASSIGNED, vm)
+        rec = self.ledger[bdf]
+        rec.context = rec.msi = rec.exposed = vm
+        rec.guest_touched = True
+
+    def interrupted(self, bdf: Bdf, vm: str | None) -> None:
+        """An operation on ``bdf`` was killed half-way (``vm``: the guest it named): what
+        it had done is unknown, so its context and interrupts are taken to point anywhere
+        and the guest to reach it, until ``plan_recover`` takes it to quarantine."""
+        self._move(bdf, Event.INTERRUPTED, None)
+        rec = self.ledger[bdf]
+        rec.context = rec.msi = None
+        rec.exposed = rec.exposed or vm
+        rec.guest_touched = True
 
     def device_unplugged(self, bdf: Bdf) -> None:
         """The device is leaving the bus by itself (surprise removal)."""
@@ -401,6 +423,50 @@ class Toolstack:
             return self.plan_hotplug(device)
         raise ValueError(f"no operation named {operation!r}")
 
+    def plan_recover(self, devices: tuple[Bdf, ...]) -> Plan:
+        """Broken devices (``interrupted`` ones) to quarantine, pushing on past failures."""
+        return self._releasing("recover", devices, None, [])
+
+    def plan_reject(self, bdf: Bdf, why: str) -> Plan:
+        """Take a device off the bus, and what hangs below it (the bus takes that along:
+        so does the ledger)."""
+        if self.host.topology[bdf].host_critical:
+            raise RefusedError(f"cannot reject {bdf}: {self._critical_why(bdf)}", device=str(bdf))
+        next_state(str(bdf), self.record(bdf).state, Event.REJECT)
+        below = tuple(
+            b
+            for b in self.host.topology.subtree(bdf)[1:]
+            if self.platform.present(b) and (self.ledger[b].state, Event.REJECT) in TRANSITIONS
+        )
+        self.ledger[bdf].decision = Decision(Target.REJECT, why, False)
+        for b in below:
+            self.ledger[b].decision = Decision(Target.REJECT, f"below {bdf}, which was rejected", False)
+        return Plan("reject", (bdf, *below), None, (Step("remove", bdf),), None, Event.REJECT)
+
+    def plan_offer(self, bdf: Bdf) -> Plan:
+        """Offer a device the host owns without a driver to the host's drivers (no
+        change of owner)."""
+        rec = self.record(bdf)
+        if rec.state is not State.HOST or rec.driver:
+            raise RefusedError(f"{bdf} is not with the host without a driver", device=str(bdf))
+        return Plan("offer-host-driver", (bdf,), None, (Step("offer_host_driver", bdf),), None, None)
+
+    def plan_decision(self, bdf: Bdf, target: Target, why: str) -> Plan | None:
+        """The plan that gives a present device the target an operator or a
+        present-device policy chose; None when it has that target already."""
+        rec = self.record(bdf)
+        if target is Target.REJECT:
+            return self.plan_reject(bdf, why)
+        if target is Target.QUARANTINE:
+            return None if rec.state is State.QUARANTINED else self.plan_make_assignable(bdf)
+        if rec.state is State.HOST:
+            return None if rec.driver else self.plan_offer(bdf)
+        return self.plan_make_unassignable(bdf)
+
+    def _critical_why(self, bdf: Bdf) -> str:
+        why = self.host.topology[bdf].host_critical
+        return f"{bdf} is host-critical: {why}"
+
     def plan_make_assignable(self, bdf: Bdf, *, with_group: bool = True) -> Plan:
         rec = self.record(bdf)
         next_state(str(bdf), rec.state, Event.MAKE_ASSIGNABLE)
@@ -425,13 +491,9 @@ class Toolstack:
                     f"cannot quarantine {m}: quarantine could not block its DMA ({reason})",
                     device=str(m),
                 )
-        critical = [m for m in members if self.host.topology[m].host_critical]
-        if critical:
-            raise RefusedError(
-                f"cannot quarantine {bdf}: {self.host.group_of(bdf)} holds host-critical "
-                f"{', '.join(map(str, critical))}, which the host needs",
-                device=str(bdf),
-            )
+        for m in members:
+            if self.host.topology[m].host_critical:
+                raise RefusedError(f"cannot quarantine {bdf}: {self._critical_why(m)}", device=str(m))
         # Every driver is unbound before any context moves, and devices with a driver are
         # re-pointed first: unwinding (in reverse) then leaves a requester ID they share
         # with an idle device pointing at the host before any driver is bound again.
@@ -608,8 +670,10 @@ class Toolstack:
             return self._to_host_steps(bdf, rec)
         return self._to_quarantine_steps(bdf, rec)
 
-    def plan_hotplug(self, bdf: Bdf) -> Plan:
-        decision = self.policy.decide(self.host, bdf)
+    def plan_hotplug(self, bdf: Bdf, decision: Decision | None = None) -> Plan:
+        """What becomes of a device that appeared: the policy's decision (``decision``,
+        when the caller asked the policy already), made safe, carried out."""
+        decision = decision or self.policy.decide(self.host, bdf)
         if decision.target is Target.ALLOW and (guests := self.guests_in_group(bdf)):
             decision = Decision(
                 Target.QUARANTINE, f"its IOMMU group is with a guest: {guests[0]}", explicit=False
@@ -621,25 +685,22 @@ class Toolstack:
         fn = self.host.topology[bdf]
         if Flaw.HOTPLUG_TO_HOST in self.flaws or (Flaw.TRUSTED_BRIDGES in self.flaws and fn.kind.is_bridge):
             decision = Decision(Target.ALLOW, "legacy: hand new devices to the host", False)
-        self.ledger[bdf].decision = decision
         if decision.target is Target.REJECT:
-            # The bus takes what hangs below a removed bridge with it: so does the ledger.
-            below = tuple(
-                b
-                for b in self.host.topology.subtree(bdf)[1:]
-                if self.platform.present(b) and (self.ledger[b].state, Event.REJECT) in TRANSITIONS
-            )
-            for b in below:
-                self.ledger[b].decision = Decision(Target.REJECT, f"below {bdf}, which was rejected", False)
-            return Plan("reject", (bdf, *below), None, (Step("remove", bdf),), None, Event.REJECT)
+            plan = self.plan_reject(bdf, decision.rule)
+            self.ledger[bdf].decision = decision
+            return plan
+        self.ledger[bdf].decision = decision
+        # A host driver the kernel bound before anyone decided goes first.
+        unbind = (Step("unbind_host_driver", bdf),) if self.ledger[bdf].driver else ()
         if decision.target is Target.QUARANTINE:
-            steps = (Step("attach", bdf, QUARANTINE), *self._flush(bdf))
+            steps = (*unbind, Step("attach", bdf, QUARANTINE), *self._flush(bdf))
             return Plan("hotplug-quarantine", (bdf,), None, steps, None, Event.QUARANTINE)
         steps = (
+            *unbind,
             Step("attach", bdf, HOST),
             *self._flush(bdf),
             Step("route_msi", bdf, HOST),
-            Step("bind_host_driver", bdf),
+            Step("offer_host_driver", bdf),
         )
         return Plan("hotplug-admit", (bdf,), None, steps, Event.ADMIT)
 
@@ -748,7 +809,8 @@ class Toolstack:
             if plan.operation == "make-unassignable" and rec.decision is not None:
                 # Giving a hot-plugged device to the host is the operator's explicit call.
                 rec.decision = Decision(Target.ALLOW, "operator: make-unassignable", True)
-            self._move(bdf, plan.finish, plan.vm)
+            if plan.finish is not None:
+                self._move(bdf, plan.finish, plan.vm)
         # Kept only for a VM still running: a stopped one never runs again, so the record
         # could change nothing and would only split states that are one.
         vm = plan.vm

@@ -182,7 +182,7 @@ def _flatten(
                 reserved_regions=regions,
                 bars=tuple(Bar(b.start, b.end) for b in dev.bars),
                 intx=dev.intx,
-                host_critical=dev.host_critical,
+                host_critical=(dev.name or "the host needs it") if dev.host_critical else "",
             ),
             path,
             plugged_later,

@@ -84,7 +84,6 @@ class KernelFacts:
     kernel_unsafe: tuple[str, ...] = ()  # unsafe switches the kernel has in force
     thunderbolt_domains: tuple[ThunderboltDomain, ...] = ()
     thunderbolt_devices: tuple[ThunderboltDevice, ...] = ()
-    host_critical: Mapping[Bdf, str] = field(default_factory=dict)  # device -> why the host needs it
     driver_overrides: Mapping[Bdf, str] = field(default_factory=dict)
     unreadable: tuple[Unreadable, ...] = ()
     problems: tuple[InputProblem, ...] = ()

@@ -8,6 +8,8 @@
     ASSIGNED ─release─▶ RELEASING ─commit─▶ QUARANTINED          (never back to ASSIGNED)
     QUARANTINED ─make-unassignable─▶ UNQUARANTINING ─commit─▶ HOST
     any in-flight state ─rollback-failed─▶ BROKEN ─release─▶ RELEASING   (recovering it)
+    HOST ─adopt─▶ QUARANTINED ─adopt-assigned─▶ ASSIGNED   (found so on a host at start)
+    HOST, QUARANTINED, ASSIGNED ─interrupted─▶ BROKEN      (an operation on it was killed)
 
 A device marked assignable moves only between quarantine and guests; only
 ``make-unassignable`` (which resets it first) returns it to the host.
@@ -62,6 +64,9 @@ class Event(StrEnum):
     ROLLBACK = "rollback"
     ROLLBACK_FAILED = "rollback-failed"
     UNPLUG = "unplug"
+    ADOPT = "adopt"  # found held away from the host (bound to a quarantine driver) at start
+    ADOPT_ASSIGNED = "adopt-assigned"  # ... and, as the journal says, handed to a VM
+    INTERRUPTED = "interrupted"  # an operation on it was killed half-way: what it did is unknown
 
 
 _IN_FLIGHT = {
@@ -93,6 +98,9 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.ASSIGNED, E.RELEASE): S.RELEASING,
     (S.RELEASING, E.COMMIT): S.QUARANTINED,
     (S.BROKEN, E.RELEASE): S.RELEASING,
+    (S.HOST, E.ADOPT): S.QUARANTINED,
+    (S.QUARANTINED, E.ADOPT_ASSIGNED): S.ASSIGNED,
+    **{(s, E.INTERRUPTED): S.BROKEN for s in (S.HOST, S.QUARANTINED, S.ASSIGNED)},
     **{(s, E.ROLLBACK_FAILED): S.BROKEN for s in _IN_FLIGHT},
     **{(s, E.UNPLUG): S.REMOVED for s in (S.PENDING, S.HOST, S.QUARANTINED, S.BROKEN)},
     # Removing a rejected bridge removes everything below it, whatever policy said of it.

@@ -228,7 +228,7 @@ class Function:
     bars: tuple[Bar, ...] = ()  # memory BARs
     intx: int | None = None  # the legacy interrupt line it raises, if it has one
     physfn: Bdf | None = None  # set on SR-IOV virtual functions
-    host_critical: bool = False  # the host needs it (boot disk, console)
+    host_critical: str = ""  # why the host needs it (the root disk, the console); "": it does not
 
     @property
     def label(self) -> str:

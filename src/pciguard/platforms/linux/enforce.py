@@ -1,11 +1,17 @@
-"""Quarantine and unquarantine on a Linux host: the secure toolstack's own plans,
-carried out by ``LinuxPlatform``, written ahead to the journal, one pciguard at a
-time, and brought back to quarantine when a previous run was killed half-way.
+"""Every change of ownership on a Linux host: the secure toolstack's own plans, carried
+out by ``LinuxPlatform``, written ahead to the journal, one pciguard at a time, and
+brought back to quarantine when a previous run was killed half-way.
+
+The toolstack decides (which devices, which steps, what is refused); this module
+builds the toolstack's view of the host as it stands (adopting what it finds held away
+from the host), journals, and says what came of it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,10 +19,11 @@ from pciguard.checks import Options
 from pciguard.errors import RefusedError, StepFailed
 from pciguard.model import Bdf, DomainType, Host, Topology
 from pciguard.model.ownership import State
-from pciguard.platforms.base import QUARANTINE
+from pciguard.platforms.base import HOST, QUARANTINE
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
 from pciguard.platforms.linux.platform import LinuxPlatform, Write
 from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs, holders_of, read_host
+from pciguard.policy import Decision, Target
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 
 NOT_ROOT = (
@@ -24,7 +31,14 @@ NOT_ROOT = (
     "drivers) and with what an ordinary user can read of sysfs"
 )
 RELAXABLE = "direct-relaxable"  # 1:1 regions VFIO may leave unmapped (Linux's own judgement)
-QUARANTINED, BROKEN = DeviceRow("quarantined", None), DeviceRow("broken", None)
+ROW_STATES = {
+    State.QUARANTINED: "quarantined",
+    State.HOST: "host",
+    State.ASSIGNED: "assigned",
+    State.REMOVED: "removed",
+}
+# A step as the platform journals it (``Step``'s own form): call(device, domain)
+_STEP_WITH_DOMAIN = re.compile(r"^\w+\([^,()]+, ([^,()]+)\)$")
 
 
 @dataclass
@@ -35,34 +49,59 @@ class Result:
     writes: list[Write] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # what was set right first
     warnings: list[str] = field(default_factory=list)
+    plan: Plan | None = None  # None: the device had what was asked already
+    decision: Decision | None = None  # the toolstack's last word on a hot-plugged device
+    drivers: dict[Bdf, str | None] = field(default_factory=dict)  # each device's driver after
+
+
+@dataclass
+class Session:
+    """One operation's view of the host: the toolstack, and the platform it drives."""
+
+    toolstack: Toolstack
+    platform: LinuxPlatform
+    warnings: list[str]
+
+
+Planner = Callable[[Session], Plan | None]
 
 
 class Enforcer:
     def __init__(self, root: str = "/", state_dir: Path = DEFAULT_STATE_DIR) -> None:
         self.root = root
         self.state_dir = state_dir
-        self.critical_why: dict[Bdf, str] = {}
 
     def quarantine(self, bdf: Bdf, dry_run: bool = False, console_gpu: bool = False) -> Result:
         """Release ``bdf`` and the group siblings that must go with it from their host
         drivers and bind them to vfio-pci. ``console_gpu``: the console GPU too (the
         host then loses its display), which is otherwise refused as host-critical."""
-        return self._run("quarantine", bdf, dry_run, console_gpu=console_gpu)
+        return self._run("quarantine", bdf, lambda s: _quarantine_plan(s, bdf), dry_run, console_gpu)
 
     def unquarantine(self, bdf: Bdf, dry_run: bool = False) -> Result:
         """Reset ``bdf`` and give it back to the host driver it had."""
-        return self._run("unquarantine", bdf, dry_run)
+        return self._run("unquarantine", bdf, lambda s: s.toolstack.plan_make_unassignable(bdf), dry_run)
 
     def assign(self, bdf: Bdf, vm: str, uid: int, dry_run: bool = False) -> Result:
         """After every check of the secure toolstack, hand the quarantined device's VFIO
         group to the VM's user (``uid``), whose process then attaches it to its own
         IOMMU domain."""
-        return self._run("assign", bdf, dry_run, vm=(vm, uid))
+        return self._run("assign", bdf, lambda s: _assign_plan(s, bdf, vm, uid), dry_run)
 
     def release(self, bdf: Bdf, dry_run: bool = False) -> Result:
         """Take the device back from its VM into quarantine (never to a host driver).
         Refused while the VM's process still holds the group open."""
-        return self._run("release", bdf, dry_run)
+        return self._run("release", bdf, lambda s: _release_plan(s, bdf), dry_run)
+
+    def hotplug(self, bdf: Bdf, decision: Decision) -> Result:
+        """A device that appeared, which the guard's policy has judged: the toolstack's
+        hot-plug plan (which may overrule the policy: a group a guest holds goes to
+        quarantine, a device no IOMMU covers is rejected)."""
+        return self._run(None, bdf, lambda s: s.toolstack.plan_hotplug(bdf, decision), pending=bdf)
+
+    def decide(self, bdf: Bdf, target: Target, why: str) -> Result:
+        """Give a present device the guard's target (an operator's, or the present-device
+        policy's)."""
+        return self._run(None, bdf, lambda s: s.toolstack.plan_decision(bdf, target, why))
 
     def recover_interrupted(self) -> list[str]:
         """Only the recovery every other operation starts with (for a boot-time unit)."""
@@ -75,102 +114,136 @@ class Enforcer:
 
     def _run(
         self,
-        operation: str,
+        operation: str | None,
         bdf: Bdf,
-        dry_run: bool,
-        vm: tuple[str, int] | None = None,
+        planner: Planner,
+        dry_run: bool = False,
         console_gpu: bool = False,
+        pending: Bdf | None = None,
     ) -> Result:
-        if dry_run and os.geteuid() != 0:  # anyone may look at a plan; the journal is root's
-            return self._dry_run(operation, bdf, {}, vm, console_gpu, [NOT_ROOT])
+        """``operation``: the name the journal gives it (None: the plan's own)."""
         if dry_run:  # a plan only reads: it never creates a journal nor takes the lock
+            if os.geteuid() != 0:  # anyone may look at a plan; the journal is root's
+                return self._dry_run(operation, bdf, planner, {}, console_gpu, [NOT_ROOT])
             if not (self.state_dir / "journal.sqlite").exists():
-                return self._dry_run(operation, bdf, {}, vm, console_gpu, [])
+                return self._dry_run(operation, bdf, planner, {}, console_gpu, [])
             journal = Journal(self.state_dir, readonly=True)
             try:
-                return self._dry_run(operation, bdf, journal.devices(), vm, console_gpu, [])
+                return self._dry_run(operation, bdf, planner, journal.devices(), console_gpu, [])
             finally:
                 journal.close()
         journal = Journal(self.state_dir)
         try:
             with journal.locked():
                 recovered = self.recover(journal)
-                toolstack, warnings = self._toolstack(journal.devices(), False, console_gpu)
-                plan = self._plan(toolstack, operation, bdf, vm)
-                result = Result(operation, plan.devices, dry_run, recovered=recovered, warnings=warnings)
-                platform = toolstack.platform
-                assert isinstance(platform, LinuxPlatform)
+                session = self._session(journal.devices(), console_gpu=console_gpu, pending=pending)
+                plan = self._plan(session, bdf, planner)
+                result = self._result(operation, bdf, session, plan, False)
+                result.recovered = recovered
+                if plan is None:
+                    return result
+                toolstack, platform = session.toolstack, session.platform
                 drivers = {
                     str(d): platform.driver(d) if platform.host_driver_bound(d) else None
                     for d in plan.devices
                 }
                 kinds = {str(d): "identity" for d in plan.devices if platform.group_type(d) == "identity"}
-                op = journal.begin(operation, [str(d) for d in plan.devices], drivers, kinds)
+                op = journal.begin(
+                    operation or plan.operation, [str(d) for d in plan.devices], drivers, kinds
+                )
                 platform.step_log = lambda description: journal.step(op, description)
                 try:
                     toolstack.execute(plan)
                 except OperationFailed as failure:
-                    journal.finish(op, f"failed: {failure}", self._states(toolstack, plan))
+                    journal.finish(op, f"failed: {failure}", _rows(session, plan.devices))
                     raise
-                journal.finish(op, "done", self._states(toolstack, plan))
+                journal.finish(op, "done", _rows(session, plan.devices))
                 result.writes = platform.writes
+                result.drivers = {d: platform.driver(d) for d in plan.devices if platform.present(d)}
                 return result
         finally:
             journal.close()
 
     def _dry_run(
         self,
-        operation: str,
+        operation: str | None,
         bdf: Bdf,
+        planner: Planner,
         rows: dict[str, DeviceRow],
-        vm: tuple[str, int] | None,
         console_gpu: bool,
         warnings: list[str],
     ) -> Result:
-        toolstack, more = self._toolstack(rows, True, console_gpu)
-        plan = self._plan(toolstack, operation, bdf, vm)
-        toolstack.execute(plan)
-        platform = toolstack.platform
-        assert isinstance(platform, LinuxPlatform)
-        return Result(operation, plan.devices, True, platform.writes, warnings=warnings + more)
+        session = self._session(rows, dry_run=True, console_gpu=console_gpu)
+        plan = self._plan(session, bdf, planner)
+        if plan is not None:
+            session.toolstack.execute(plan)
+        result = self._result(operation, bdf, session, plan, True)
+        result.warnings = warnings + result.warnings
+        result.writes = session.platform.writes
+        return result
 
-    def _toolstack(
-        self, rows: dict[str, DeviceRow], dry_run: bool, console_gpu: bool
-    ) -> tuple[Toolstack, list[str]]:
+    @staticmethod
+    def _plan(session: Session, bdf: Bdf, planner: Planner) -> Plan | None:
+        if bdf not in session.toolstack.host.topology:
+            raise RefusedError(f"{bdf} is not a PCI device of this host", device=str(bdf))
+        return planner(session)
+
+    @staticmethod
+    def _result(
+        operation: str | None, bdf: Bdf, session: Session, plan: Plan | None, dry_run: bool
+    ) -> Result:
+        record = session.toolstack.ledger.get(bdf)
+        return Result(
+            operation or (plan.operation if plan else "none"),
+            plan.devices if plan else (bdf,),
+            dry_run,
+            warnings=session.warnings,
+            plan=plan,
+            decision=record.decision if record else None,
+            drivers={bdf: session.platform.driver(bdf)},
+        )
+
+    def _session(
+        self,
+        rows: dict[str, DeviceRow],
+        *,
+        dry_run: bool = False,
+        console_gpu: bool = False,
+        pending: Bdf | None = None,
+    ) -> Session:
+        """The toolstack's view of this host as it stands: devices held away from the host
+        are adopted as quarantined (the toolstack does that), and those the journal says
+        a VM's process was given as assigned; ``pending``: a device that just appeared."""
         platform = self._platform(rows, dry_run, console_gpu)
         for held in rows.values():
             if held.vm is not None and held.vm not in platform.domains():
                 platform.create_domain(held.vm, iommu_context=True)
                 platform.vm_users[held.vm] = held.uid or 0
         toolstack = Toolstack(platform, Options())
+        if pending is not None:
+            toolstack.device_appeared(pending)
         warnings = []
         for bdf, record in toolstack.ledger.items():
             row = rows.get(str(bdf))
-            if platform.context_of(bdf) == QUARANTINE and row is not None and row.vm is not None:
-                record.state, record.vm = State.ASSIGNED, row.vm  # handed to a VM's process
-                record.context = record.msi = record.exposed = row.vm
-                record.guest_touched = True
-            elif platform.context_of(bdf) == QUARANTINE:
-                record.state = State.QUARANTINED  # bound to vfio-pci: by pciguard or by hand
-            elif row is not None and row.state == "quarantined":
+            if row is None or bdf == pending:
+                continue
+            if record.state is State.QUARANTINED and row.vm is not None:
+                toolstack.adopt_assigned(bdf, row.vm)
+            elif record.state is State.HOST and row.state == "quarantined":
                 warnings.append(
                     f"{bdf} was quarantined but is now with {platform.driver(bdf) or 'no driver'}: "
                     "something bound it behind pciguard's back"
                 )
-        return toolstack, warnings
+        return Session(toolstack, platform, warnings)
 
-    def _platform(
-        self, rows: dict[str, DeviceRow], dry_run: bool = False, console_gpu: bool = False
-    ) -> LinuxPlatform:
+    def _platform(self, rows: dict[str, DeviceRow], dry_run: bool, console_gpu: bool) -> LinuxPlatform:
         """This host as it stands, with what the journal remembers of its devices
         (``console_gpu``: the console GPU judged as any other device)."""
-        reading = read_host(self.root)
-        self.critical_why = dict(reading.facts.host_critical)
-        host = translating_on_quarantine(reading.host)
+        host = translating_on_quarantine(read_host(self.root).host)
         if console_gpu:
-            console = {b for b, why in reading.facts.host_critical.items() if why == CONSOLE_GPU}
             functions = {
-                b: replace(f, host_critical=False) if b in console else f for b, f in host.topology.items()
+                b: replace(f, host_critical="") if f.host_critical == CONSOLE_GPU else f
+                for b, f in host.topology.items()
             }
             host = replace(host, topology=Topology(functions))
         known = {b: rows[str(b)] for b in host.topology if str(b) in rows}
@@ -178,101 +251,95 @@ class Enforcer:
         kinds = {b: row.group_type for b, row in known.items() if row.group_type}
         return LinuxPlatform(Fs(self.root), host, drivers, kinds, dry_run=dry_run)
 
-    def _plan(self, toolstack: Toolstack, operation: str, bdf: Bdf, vm: tuple[str, int] | None) -> Plan:
-        if bdf not in toolstack.host.topology:
-            raise RefusedError(f"{bdf} is not a PCI device of this host", device=str(bdf))
-        platform = toolstack.platform
-        assert isinstance(platform, LinuxPlatform)
-        if operation == "unquarantine":
-            return toolstack.plan_make_unassignable(bdf)
-        if operation == "assign":
-            assert vm is not None
-            name, uid = vm
-            if name in platform.domains() and platform.vm_users[name] != uid:
-                raise RefusedError(f"{name} runs as uid {platform.vm_users[name]}, not {uid}")
-            if name not in platform.domains():
-                platform.create_domain(name, iommu_context=True)
-                platform.vm_users[name] = uid
-            return toolstack.plan_assign(bdf, name)
-        if operation == "release":
-            plan = toolstack.plan_release(bdf)
-            for device in plan.devices:
-                node = platform.group_node(device)
-                if holders := holders_of(platform.fs, node):
-                    raise RefusedError(
-                        f"cannot release {device}: process {', '.join(map(str, holders))} still holds "
-                        f"/{node} open, so its IOMMU domain still holds the device; detach the device "
-                        "in the VM, or stop the VM, first",
-                        device=str(device),
-                    )
-            return plan
-        for member in toolstack.host.group_of(bdf).members:
-            if toolstack.host.topology[member].host_critical and member in self.critical_why:
-                why = self.critical_why[member]
-                hint = "; pass --console-gpu to quarantine it all the same" if why == CONSOLE_GPU else ""
-                raise RefusedError(
-                    f"cannot quarantine {bdf}: {member} is host-critical: {why}{hint}", device=str(member)
-                )
-        plan = toolstack.plan_make_assignable(bdf)
-        for device in plan.devices:
-            if refusal := quarantine_refusal(toolstack.host, device):
-                raise RefusedError(f"cannot quarantine {device}: {refusal}", device=str(device))
-        return plan
-
-    @staticmethod
-    def _states(toolstack: Toolstack, plan: Plan) -> dict[str, DeviceRow]:
-        names = {State.QUARANTINED: "quarantined", State.HOST: "host", State.ASSIGNED: "assigned"}
-        platform = toolstack.platform
-        assert isinstance(platform, LinuxPlatform)
-        out = {}
-        for device in plan.devices:
-            record = toolstack.ledger[device]
-            uid = platform.vm_users.get(record.vm) if record.vm else None
-            out[str(device)] = DeviceRow(names.get(record.state, "broken"), None, None, record.vm, uid)
-        return out
-
     def recover(self, journal: Journal) -> list[str]:
         """Bring the devices of every interrupted operation to quarantine (fail closed:
         a device that was being made assignable, or given back, ends up blocked)."""
-        notes = []
-        for op in journal.operations(unfinished_only=True):
-            notes.append(self._recover(journal, op))
-        return notes
+        return [self._recover(journal, op) for op in journal.operations(unfinished_only=True)]
 
     def _recover(self, journal: Journal, op: Operation) -> str:
-        platform = self._platform(journal.devices())
+        session = self._session(journal.devices())
+        toolstack, platform = session.toolstack, session.platform
         platform.step_log = lambda description: journal.step(op.id, description)
         last = next((d for d, status in reversed(op.steps) if status == "intended"), None)
         last = last or (op.steps[-1][0] if op.steps else "before its first step")
-        states, held = {}, []
-        for name in op.devices:
-            device = Bdf.parse(name)
-            if not platform.present(device):
-                states[name] = BROKEN
-                continue
-            try:
-                if platform.host_driver_bound(device):
-                    platform.unbind_host_driver(device)
-                platform.attach(device, QUARANTINE)
-                node = platform.group_node(device)
-                if platform.fs.exists(node):  # no VM's process may open it any more
-                    platform.unexpose(device, QUARANTINE)
-                    if holders := holders_of(platform.fs, node):
-                        held.append(f"{device} (process {', '.join(map(str, holders))} holds /{node})")
-                states[name] = QUARANTINED
-            except StepFailed as exc:
-                states[name] = BROKEN
-                journal.finish(op.id, f"interrupted at {last}; recovery failed: {exc}", states)
-                raise StepFailed(
-                    "recover",
-                    f"{op.name} of {' '.join(op.devices)} was interrupted and "
-                    f"could not be brought back to quarantine: {exc}",
-                ) from exc
+        guests = [m.group(1) for d, _ in op.steps if (m := _STEP_WITH_DOMAIN.match(d))]
+        vm = next((g for g in guests if g not in (HOST, QUARANTINE)), None)
+        devices = tuple(Bdf.parse(name) for name in op.devices)
+        present = tuple(d for d in devices if d in toolstack.ledger)
+        for device in present:
+            toolstack.interrupted(device, vm)
+        try:
+            toolstack.execute(toolstack.plan_recover(present))
+        except OperationFailed as exc:
+            journal.finish(op.id, f"interrupted at {last}; recovery failed: {exc}", _rows(session, devices))
+            raise StepFailed(
+                "recover",
+                f"{op.name} of {' '.join(op.devices)} was interrupted and "
+                f"could not be brought back to quarantine: {exc}",
+            ) from exc
+        held = []
+        for device in present:
+            node = platform.group_node(device)
+            if holders := holders_of(platform.fs, node):
+                held.append(f"{device} (process {', '.join(map(str, holders))} holds /{node})")
         outcome = f"interrupted at {last}; recovered: {', '.join(op.devices)} quarantined"
         if held:
             outcome += f"; still attached to a VM process's IOMMU domain until it exits: {'; '.join(held)}"
-        journal.finish(op.id, outcome, states)
+        journal.finish(op.id, outcome, _rows(session, devices))
         return f"{op.name} #{op.id} {outcome}"
+
+
+def _rows(session: Session, devices: tuple[Bdf, ...]) -> dict[str, DeviceRow]:
+    """Where ``devices`` stand now, as the journal keeps it (a device gone: broken)."""
+    out = {}
+    for device in devices:
+        record = session.toolstack.ledger.get(device)
+        state = ROW_STATES.get(record.state, "broken") if record else "broken"
+        vm = record.vm if record else None
+        uid = session.platform.vm_users.get(vm) if vm else None
+        out[str(device)] = DeviceRow(state, None, None, vm, uid)
+    return out
+
+
+def _quarantine_plan(session: Session, bdf: Bdf) -> Plan:
+    toolstack = session.toolstack
+    try:
+        plan = toolstack.plan_make_assignable(bdf)
+    except RefusedError as exc:
+        why = toolstack.host.topology[Bdf.parse(exc.device)].host_critical if exc.device else ""
+        if why == CONSOLE_GPU:
+            hint = f"{exc}; pass --console-gpu to quarantine it all the same"
+            raise RefusedError(hint, device=exc.device) from None
+        raise
+    for device in plan.devices:
+        if refusal := quarantine_refusal(toolstack.host, device):
+            raise RefusedError(f"cannot quarantine {device}: {refusal}", device=str(device))
+    return plan
+
+
+def _assign_plan(session: Session, bdf: Bdf, vm: str, uid: int) -> Plan:
+    platform = session.platform
+    if vm in platform.domains() and platform.vm_users[vm] != uid:
+        raise RefusedError(f"{vm} runs as uid {platform.vm_users[vm]}, not {uid}")
+    if vm not in platform.domains():
+        platform.create_domain(vm, iommu_context=True)
+        platform.vm_users[vm] = uid
+    return session.toolstack.plan_assign(bdf, vm)
+
+
+def _release_plan(session: Session, bdf: Bdf) -> Plan:
+    plan = session.toolstack.plan_release(bdf)
+    platform = session.platform
+    for device in plan.devices:
+        node = platform.group_node(device)
+        if holders := holders_of(platform.fs, node):
+            raise RefusedError(
+                f"cannot release {device}: process {', '.join(map(str, holders))} still holds "
+                f"/{node} open, so its IOMMU domain still holds the device; detach the device "
+                "in the VM, or stop the VM, first",
+                device=str(device),
+            )
+    return plan
 
 
 def translating_on_quarantine(host: Host) -> Host:

@@ -13,6 +13,10 @@ blocked, until the policy says otherwise; an allowed device is then offered to t
 host drivers by name (``bind``), so the claim never lapses. Devices present at start
 that have no driver are held out of it with a ``driver_override`` naming no driver.
 Thunderbolt devices wait for authorisation before any PCI function behind them exists.
+
+The guard judges; the toolstack decides what is done (its hot-plug plan may overrule
+the policy) and ``Enforcer`` carries that out and journals it, as for every other change
+of ownership. The guard writes nothing of a device itself.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import pwd
 import selectors
 import socket
 import struct
-import subprocess
 import sys
 import time
 import traceback
@@ -34,30 +37,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pciguard.errors import RefusedError, StepFailed
+from pciguard.errors import PciguardError, StepFailed
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import ThunderboltDevice, printable
 from pciguard.pciids import lookup, name_devices
-from pciguard.platforms.linux.enforce import Enforcer
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
-from pciguard.platforms.linux.platform import DRIVERS, GROUPS, QUARANTINE_DRIVERS, VFIO_PCI
+from pciguard.platforms.linux.enforce import Enforcer, Result
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal
 from pciguard.platforms.linux.sysfs import (
+    AUTOPROBE,
     PCI_DEVICES,
-    THUNDERBOLT,
+    VFIO_PCI,
     Fs,
+    authorize_thunderbolt,
+    claim_new_devices,
+    hold,
     holders_of,
     read_arrival,
     read_host,
+    release_claim,
+    release_holds,
+    set_autoprobe,
     thunderbolt_devices,
 )
 from pciguard.policy import Decision, PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
-
-AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
-VFIO_DRIVER = f"{DRIVERS}/{VFIO_PCI}"
-CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # any vendor, device and subsystem
-CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
-HOLD = "pciguard-hold"  # a driver_override no driver has: matches nothing
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Guard:
         self.autoprobe_before: str | None = None
         self.in_use: set[str] = set()  # assigned devices a VM process was seen holding open
         self.claiming = False  # vfio-pci's catch-all ID is in place
-        self.holding: set[str] = set()  # devices given the HOLD override, to clear at stop
+        self.holding: set[Bdf] = set()  # devices present at start held out of the claim
         self.translating = False  # an IOMMU translates DMA on this host
         self.interrupt_remapping = False
 
@@ -129,12 +132,18 @@ class Guard:
         if not saved.exists():
             saved.write_text(before.decode().strip())
         self.autoprobe_before = saved.read_text().strip()
-        self.fs.write(AUTOPROBE, "0")
+        set_autoprobe(self.fs, "0")
         reading = read_host(self.root)
         host = self._named(reading.host)
         self.translating = any(host.dma_translated(b) for b in host.topology)
         self.interrupt_remapping = any(host.msi_isolated(b) for b in host.topology)
-        self.claiming = self._claim(host)
+        # Driverless devices are held first, or the claim would take them.
+        driverless = [b for b, f in host.topology.items() if f.driver is None and not f.kind.is_bridge]
+        self.holding = {b for b in driverless if hold(self.fs, b)}
+        self.claiming = claim_new_devices(self.fs)
+        if not self.claiming:
+            release_holds(self.fs)
+            self.holding.clear()
         made = [self._present_function(host, bdf) for bdf in host.topology]
         for device in reading.facts.thunderbolt_devices:
             if device.authorized is False:
@@ -147,14 +156,12 @@ class Guard:
         """Give probing back as it was (a clean exit only: killed, the guard leaves
         vfio-pci claiming every new device: fail closed)."""
         if self.claiming:
-            self.fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
+            release_claim(self.fs)
             self.claiming = False
-            for bdf in sorted(self.holding):
-                with contextlib.suppress(OSError):  # it may be gone
-                    self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", "\n")
+            release_holds(self.fs)
             self.holding.clear()
         if self.autoprobe_before is not None:
-            self.fs.write(AUTOPROBE, self.autoprobe_before)
+            set_autoprobe(self.fs, self.autoprobe_before)
             self.autoprobe_before = None
             (self.state_dir / "autoprobe-before-guard").unlink(missing_ok=True)
         self.journal.close()
@@ -239,7 +246,7 @@ class Guard:
                 try:
                     result = self.enforcer.release(Bdf.parse(name))
                     outcome = f"released to quarantine: {', '.join(map(str, result.devices))}"
-                except (RefusedError, StepFailed, JournalError, OSError) as exc:
+                except (PciguardError, OSError) as exc:
                     outcome = f"not released: {exc}"
                 subject = Subject(address=name)
                 made.append(
@@ -254,34 +261,6 @@ class Guard:
                 )
         return made
 
-    # -- the claim ------------------------------------------------------------------
-    def _claim(self, host: Host) -> bool:
-        """vfio-pci claims every function found from now on (see the module's words);
-        False when vfio-pci is not loaded, and hot-plugged devices then meet the host
-        drivers first."""
-        if not self.fs.exists(f"{VFIO_DRIVER}/new_id") and self.root == "/":
-            # Late is better than never: it still comes before the modules not yet loaded.
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(["modprobe", "-q", "vfio-pci"], check=False, timeout=30)
-        if not self.fs.exists(f"{VFIO_DRIVER}/new_id"):
-            return False
-        for bdf, fn in host.topology.items():
-            if fn.driver is None and not fn.kind.is_bridge:
-                self._hold(str(bdf))
-        with contextlib.suppress(OSError):  # left by a guard that was killed
-            self.fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
-        self.fs.write(f"{VFIO_DRIVER}/new_id", CATCH_ALL)
-        return True
-
-    def _hold(self, bdf: str) -> None:
-        """Keep a driverless device out of vfio-pci's claim (and every other driver's)."""
-        override = self.fs.read_bytes(f"{PCI_DEVICES}/{bdf}/driver_override")
-        if override is not None and override.strip() in (b"", b"(null)"):
-            self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", HOLD)
-            self.holding.add(bdf)
-        elif override is not None and override.strip() == HOLD.encode():
-            self.holding.add(bdf)  # held by a guard that was killed: ours to clear now
-
     # -- deciding and acting ---------------------------------------------------------
     def _named(self, host: Host) -> Host:
         """Names from pci.ids, when a rule asks for them (reading the database costs)."""
@@ -293,7 +272,7 @@ class Guard:
             return self._decide(subject, "present", time.monotonic(), host.topology[bdf].driver)
         if self.present is PresentPolicy.KEEP:
             driver = host.topology[bdf].driver
-            held = "; held out of vfio-pci's claim" if str(bdf) in self.holding else ""
+            held = "; held out of vfio-pci's claim" if bdf in self.holding else ""
             outcome = f"kept as it was ({driver or 'no driver'}{held})"
             return self._record(
                 subject, "present", "keep", "present-device policy: keep", outcome, time.monotonic()
@@ -324,74 +303,25 @@ class Guard:
             if subject.thunderbolt:
                 outcome = self._act_thunderbolt(subject.address, target)
             else:
-                outcome = self._act_pci(Bdf.parse(subject.address), target, driver, subject.bridge)
-        except (RefusedError, StepFailed, JournalError, OSError) as exc:
+                bdf = Bdf.parse(subject.address)
+                if source == "hotplug":
+                    result = self.enforcer.hotplug(bdf, Decision(target, rule, explicit=True))
+                else:
+                    result = self.enforcer.decide(bdf, target, rule)
+                if result.decision is not None and result.decision.target is not target:
+                    target, rule = result.decision.target, result.decision.rule  # the toolstack overruled it
+                outcome = _outcome(result, bdf, subject.bridge)
+        except (PciguardError, OSError) as exc:
             # Nothing bound it meanwhile: with automatic probing off it waits driverless.
             outcome = f"not done: {exc}"
         if bound_before and target is not Target.ALLOW:
             outcome += f" (the kernel had bound {bound_before} to it before the guard could act)"
         return self._record(subject, source, str(target), rule, outcome, received, decided, bound_before)
 
-    def _act_pci(self, bdf: Bdf, target: Target, driver: str | None, bridge: bool) -> str:
-        if target is Target.REJECT:
-            self.fs.write(f"{PCI_DEVICES}/{bdf}/remove", "1")
-            return "removed from the bus" + (" with everything below it" if bridge else "")
-        if target is Target.QUARANTINE:
-            if bridge:
-                return (
-                    "left without a driver: a bridge cannot be bound to vfio-pci; "
-                    "its group's DMA domain maps nothing for it"
-                )
-            if driver == VFIO_PCI:
-                group = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/iommu_group")
-                kind = self.fs.read_bytes(f"{GROUPS}/{group}/type") if group else None
-                if kind is None or kind.strip() != b"identity":
-                    return "quarantined: vfio-pci claimed it as the kernel found it"
-                # An identity group lets vfio-pci's device reach all RAM: let go of it, and
-                # let the enforcement make its group translating before binding again.
-                self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
-            result = self.enforcer.quarantine(bdf)
-            return f"quarantined with vfio-pci: {', '.join(map(str, result.devices))}"
-        if driver not in (None, VFIO_PCI):
-            return f"already with host driver {driver}"
-        if driver == VFIO_PCI and str(bdf) in self.journal.devices():
-            self.enforcer.unquarantine(bdf)  # quarantined by pciguard: its own driver back
-        elif driver == VFIO_PCI:
-            # Claimed at enumeration and never used: no reset needed, nothing to restore.
-            self.fs.write(f"{VFIO_DRIVER}/unbind", str(bdf))
-        if str(bdf) in self.holding:
-            self.fs.write(f"{PCI_DEVICES}/{bdf}/driver_override", "\n")
-            self.holding.discard(str(bdf))
-        bound = self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver") or self._bind_host_driver(bdf)
-        if bound is None:
-            self._hold(str(bdf))
-            return "no host driver claims it (is its module loaded?); held without a driver"
-        return f"bound to host driver {bound}"
-
-    def _bind_host_driver(self, bdf: Bdf) -> str | None:
-        """Offer the device to each loaded host driver by name (``bind`` attaches only a
-        driver whose ID table matches), so that vfio-pci's claim stays in place for
-        every other device meanwhile; load the device's module first if none takes it."""
-        for attempt in range(2):
-            for name in self.fs.listdir(DRIVERS):
-                if name in QUARANTINE_DRIVERS or not self.fs.exists(f"{DRIVERS}/{name}/bind"):
-                    continue
-                with contextlib.suppress(OSError):  # ENODEV: its ID table does not match
-                    self.fs.write(f"{DRIVERS}/{name}/bind", str(bdf))
-                if (bound := self.fs.link_name(f"{PCI_DEVICES}/{bdf}/driver")) is not None:
-                    return bound
-            modalias = self.fs.read_bytes(f"{PCI_DEVICES}/{bdf}/modalias")
-            if attempt == 0 and modalias and self.root == "/":
-                with contextlib.suppress(OSError, subprocess.SubprocessError):  # no modprobe: no module
-                    subprocess.run(  # what udev would have done on the add event
-                        ["modprobe", "-b", "-q", modalias.decode().strip()], check=False, timeout=30
-                    )
-        return None
-
     def _act_thunderbolt(self, name: str, target: Target) -> str:
         if target is Target.REJECT:
             return "left unauthorised: no PCI tunnel is set up"
-        self.fs.write(f"{THUNDERBOLT}/{name}/authorized", "1")
+        authorize_thunderbolt(self.fs, name)
         return "authorised; the PCI functions behind it are judged as they appear"
 
     def _thunderbolt(self, name: str) -> ThunderboltDevice | None:
@@ -427,6 +357,30 @@ class Guard:
         for listener in self.listeners:
             listener(decision)
         return decision
+
+
+def _outcome(result: Result, bdf: Bdf, bridge: bool) -> str:
+    """What came of a decision, in words (``list`` and ``watch`` show it)."""
+    plan, driver = result.plan, result.drivers.get(bdf)
+    quarantined = f"quarantined with vfio-pci: {', '.join(map(str, result.devices))}"
+    if plan is None:
+        return (
+            f"already with host driver {driver}" if driver not in (None, VFIO_PCI) else "already quarantined"
+        )
+    if plan.operation == "reject":
+        return "removed from the bus" + (" with everything below it" if bridge else "")
+    if plan.operation == "hotplug-quarantine" and bridge:
+        return (
+            "left without a driver: a bridge cannot be bound to vfio-pci; "
+            "its group's DMA domain maps nothing for it"
+        )
+    if plan.operation == "hotplug-quarantine" and not result.writes:
+        return "quarantined: vfio-pci claimed it as the kernel found it"
+    if plan.operation in ("hotplug-quarantine", "make-assignable"):
+        return quarantined
+    if driver is None:
+        return "no host driver claims it (is its module loaded?); held without a driver"
+    return f"bound to host driver {driver}"
 
 
 class Event(Protocol):

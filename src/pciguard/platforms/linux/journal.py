@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS decisions (
 
 
 JOURNAL_VERSION = 1  # PRAGMA user_version of a journal with this SCHEMA
-DEVICE_STATES = frozenset({"quarantined", "assigned", "host", "broken"})
+DEVICE_STATES = frozenset({"quarantined", "assigned", "host", "broken", "removed"})
 STEP_STATES = frozenset({"intended", "done", "failed"})
 LOCK_TIMEOUT = float(os.environ.get("PCIGUARD_LOCK_TIMEOUT", "60"))  # seconds
 
@@ -99,7 +99,7 @@ class Operation:
 
 @dataclass(frozen=True)
 class DeviceRow:
-    state: str  # quarantined, assigned, host, broken
+    state: str  # quarantined, assigned, host, broken, removed
     host_driver: str | None
     group_type: str | None = None
     vm: str | None = None
@@ -293,8 +293,10 @@ class Journal:
                     "INSERT INTO devices (bdf, state, vm, uid, changed) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(bdf) DO UPDATE SET state = excluded.state, vm = excluded.vm, "
                     "uid = excluded.uid, changed = excluded.changed, "
-                    "host_driver = CASE WHEN excluded.state = 'host' THEN NULL ELSE host_driver END, "
-                    "group_type = CASE WHEN excluded.state = 'host' THEN NULL ELSE group_type END",
+                    "host_driver = CASE WHEN excluded.state IN ('host', 'removed') "
+                    "THEN NULL ELSE host_driver END, "
+                    "group_type = CASE WHEN excluded.state IN ('host', 'removed') "
+                    "THEN NULL ELSE group_type END",
                     (bdf, row.state, row.vm, row.uid, now),
                 )
 

@@ -8,7 +8,14 @@
   ``devices/d/driver_override``, and the group's type back if quarantine changed it
 - ``bind_host_driver(d)``: ``d`` to ``drivers/DRIVER/bind``, DRIVER being the one it had
   before quarantine; nothing if it had none
+- ``offer_host_driver(d)`` (a hot-plugged device): ``d`` to the ``bind`` of each loaded
+  driver in turn (``bind`` attaches only a driver whose ID table matches, so vfio-pci's
+  claim on other new devices never lapses), the device's module loaded first on a live
+  host if none takes it; still none: ``pciguard-hold`` to ``driver_override``
 - ``reset(d)``: ``1`` to ``devices/d/reset``; ``remove(d)``: ``1`` to ``devices/d/remove``
+  (the kernel removes what is below a bridge with it)
+- ``attach(bridge, quarantine)``: nothing (vfio-pci takes no bridge); refused unless
+  the bridge's group translates, whose domain then maps nothing for it
 - ``expose(d, vm)`` / ``unexpose``: the group's ``/dev/vfio/N`` is given to the VM's
   user (mode 0600) / back to root; ``attach(d, vm)``: nothing, the VM's VFIO process
   attaches the group to its own IOMMU domain when it opens that node
@@ -26,6 +33,7 @@ refuses the others.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,13 +42,16 @@ from pciguard.errors import PlatformMisuse, StepFailed
 from pciguard.model import Bdf, DomainType, Host
 from pciguard.model.groups import TRANSLATING_TYPES
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
-from pciguard.platforms.linux.sysfs import Fs
-
-VFIO_PCI = "vfio-pci"
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
-DEVICES = "sys/bus/pci/devices"
-DRIVERS = "sys/bus/pci/drivers"
-GROUPS = "sys/kernel/iommu_groups"
+from pciguard.platforms.linux.sysfs import (
+    DRIVERS_PROBE,
+    HOLD,
+    IOMMU_GROUPS,
+    PCI_DEVICES,
+    PCI_DRIVERS,
+    QUARANTINE_DRIVERS,
+    VFIO_PCI,
+    Fs,
+)
 
 
 @dataclass(frozen=True)
@@ -91,13 +102,13 @@ class LinuxPlatform:
     def driver(self, device: Bdf) -> str | None:
         if device in self._dry:
             return self._dry[device]
-        return self.fs.link_name(f"{DEVICES}/{device}/driver")
+        return self.fs.link_name(f"{PCI_DEVICES}/{device}/driver")
 
     def domains(self) -> Mapping[str, DomainInfo]:
         return self._vms
 
     def present(self, device: Bdf) -> bool:
-        return self.fs.exists(f"{DEVICES}/{device}")
+        return self.fs.exists(f"{PCI_DEVICES}/{device}")
 
     def host_driver_bound(self, device: Bdf) -> bool:
         driver = self.driver(device)
@@ -161,23 +172,40 @@ class LinuxPlatform:
         with self._step(f"unbind_host_driver({device})"):
             if (driver := self.driver(device)) is not None:
                 self.host_drivers[device] = driver
-                self._write(f"{DEVICES}/{device}/driver/unbind", str(device))
+                self._write(f"{PCI_DEVICES}/{device}/driver/unbind", str(device))
 
     def bind_host_driver(self, device: Bdf) -> None:
         with self._step(f"bind_host_driver({device})"):
             driver = self.host_drivers.get(device)
             if driver is None:
                 return  # it had no driver before quarantine: it stays without one
-            if self.fs.exists(f"{DRIVERS}/{driver}"):
-                self._write(f"{DRIVERS}/{driver}/bind", str(device))
+            if self.fs.exists(f"{PCI_DRIVERS}/{driver}"):
+                self._write(f"{PCI_DRIVERS}/{driver}/bind", str(device))
             else:
-                self._write("sys/bus/pci/drivers_probe", str(device))
+                self._write(DRIVERS_PROBE, str(device))
             if not self.dry_run and self.driver(device) != driver:
                 raise StepFailed("bind_host_driver", f"{driver} did not bind {device}")
 
+    def offer_host_driver(self, device: Bdf) -> None:
+        with self._step(f"offer_host_driver({device})"):
+            self._write(f"{PCI_DEVICES}/{device}/driver_override", "\n")
+            if self.dry_run or self.driver(device) is not None:
+                return
+            for attempt in range(2):
+                for name in self.fs.listdir(PCI_DRIVERS):
+                    if name in QUARANTINE_DRIVERS or not self.fs.exists(f"{PCI_DRIVERS}/{name}/bind"):
+                        continue
+                    with contextlib.suppress(StepFailed):  # ENODEV: its ID table does not match
+                        self._write(f"{PCI_DRIVERS}/{name}/bind", str(device))
+                    if self.driver(device) is not None:
+                        return
+                if attempt == 0:
+                    self.fs.load_module_for(device)
+            self._write(f"{PCI_DEVICES}/{device}/driver_override", HOLD)  # no driver takes it
+
     def reset(self, device: Bdf) -> None:
         with self._step(f"reset({device})"):
-            self._write(f"{DEVICES}/{device}/reset", "1")
+            self._write(f"{PCI_DEVICES}/{device}/reset", "1")
 
     def attach(self, device: Bdf, domain: str) -> None:
         with self._step(f"attach({device}, {domain})"):
@@ -185,10 +213,10 @@ class LinuxPlatform:
                 self._to_vfio(device)
             elif domain == HOST:
                 if self.driver(device) in QUARANTINE_DRIVERS:
-                    self._write(f"{DRIVERS}/{self.driver(device)}/unbind", str(device))
-                self._write(f"{DEVICES}/{device}/driver_override", "\n")
+                    self._write(f"{PCI_DRIVERS}/{self.driver(device)}/unbind", str(device))
+                self._write(f"{PCI_DEVICES}/{device}/driver_override", "\n")
                 if (kind := self.group_types.get(device)) is not None:  # as it was before quarantine
-                    self._write(f"{GROUPS}/{self._group(device)}/type", kind)
+                    self._write(f"{IOMMU_GROUPS}/{self._group(device)}/type", kind)
             elif domain in self._vms:
                 # Nothing to write: the VM's VFIO process attaches the group to its own
                 # IOMMU domain when it opens the group node (after ``expose``), and the
@@ -199,26 +227,34 @@ class LinuxPlatform:
                 raise PlatformMisuse(f"cannot attach {device} to {domain}: there is no such VM")
 
     def _to_vfio(self, device: Bdf) -> None:
-        if not self.dry_run and not self.fs.exists(f"{DRIVERS}/{VFIO_PCI}"):
+        if self._host.topology[device].kind.is_bridge:
+            if self.group_type(device) not in TRANSLATING_TYPES:
+                raise self._untranslated(device, "a bridge is held only by a translating group")
+            return  # vfio-pci takes no bridge; its group's domain maps nothing for it
+        if not self.dry_run and not self.fs.exists(f"{PCI_DRIVERS}/{VFIO_PCI}"):
             raise StepFailed("attach", "the vfio-pci driver is not loaded: run `modprobe vfio-pci` first")
         if self.driver(device) == VFIO_PCI:
-            return
+            if self.group_type(device) in TRANSLATING_TYPES:
+                return
+            # Claimed at enumeration in an identity group, which lets it reach all RAM:
+            # let go of it, make the group translating, and bind again.
+            self._write(f"{PCI_DRIVERS}/{VFIO_PCI}/unbind", str(device))
         if self.host_driver_bound(device):  # the toolstack unbinds first; never bind over a driver
             raise StepFailed("attach", f"{device} is still bound to {self.driver(device)}")
         self._make_translating(device)
-        self._write(f"{DEVICES}/{device}/driver_override", VFIO_PCI)
-        self._write("sys/bus/pci/drivers_probe", str(device))
+        self._write(f"{PCI_DEVICES}/{device}/driver_override", VFIO_PCI)
+        self._write(DRIVERS_PROBE, str(device))
         if not self.dry_run and self.driver(device) != VFIO_PCI:
             raise StepFailed("attach", f"vfio-pci did not bind {device} (see the kernel log)")
 
     def _group(self, device: Bdf) -> str | None:
-        return self.fs.link_name(f"{DEVICES}/{device}/iommu_group")
+        return self.fs.link_name(f"{PCI_DEVICES}/{device}/iommu_group")
 
     def group_type(self, device: Bdf) -> str | None:
         """The type of the device's group's default domain, as the kernel says now."""
         group = self._group(device)
         try:
-            data = self.fs.read_bytes(f"{GROUPS}/{group}/type") if group else None
+            data = self.fs.read_bytes(f"{IOMMU_GROUPS}/{group}/type") if group else None
         except OSError:
             return None
         return data.decode("utf-8", "replace").strip() if data else None
@@ -232,20 +268,23 @@ class LinuxPlatform:
         if kind in TRANSLATING_TYPES:
             return
         if kind != DomainType.IDENTITY:  # unreadable or unknown: fail closed
-            where = f"/{GROUPS}/{group}/type" if group else f"the iommu_group link of {device}"
-            raise StepFailed(
-                "attach",
-                f"cannot tell whether {device}'s DMA is translated ({where} says {kind or 'nothing'}); "
-                "vfio-pci would not be known to block it",
-            )
-        if len(self.fs.listdir(f"{GROUPS}/{group}/devices")) != 1:
+            raise self._untranslated(device, "vfio-pci would not be known to block it")
+        if len(self.fs.listdir(f"{IOMMU_GROUPS}/{group}/devices")) != 1:
             raise StepFailed(
                 "attach",
                 f"group {group} of {device} has an identity domain and more than one device; the "
                 "kernel switches only single-device groups to DMA: boot without iommu=pt",
             )
         self.group_types[device] = kind
-        self._write(f"{GROUPS}/{group}/type", "DMA")
+        self._write(f"{IOMMU_GROUPS}/{group}/type", "DMA")
+
+    def _untranslated(self, device: Bdf, why: str) -> StepFailed:
+        group, kind = self._group(device), self.group_type(device)
+        where = f"/{IOMMU_GROUPS}/{group}/type" if group else f"the iommu_group link of {device}"
+        return StepFailed(
+            "attach",
+            f"cannot tell whether {device}'s DMA is translated ({where} says {kind or 'nothing'}); {why}",
+        )
 
     def flush_iotlb(self, device: Bdf) -> None:
         """Nothing to write: the kernel flushes the IOTLB whenever a domain changes."""
@@ -256,7 +295,7 @@ class LinuxPlatform:
 
     def remove(self, device: Bdf) -> None:
         with self._step(f"remove({device})"):
-            self._write(f"{DEVICES}/{device}/remove", "1")
+            self._write(f"{PCI_DEVICES}/{device}/remove", "1")
 
     # -- helpers -------------------------------------------------------------------
     @contextmanager

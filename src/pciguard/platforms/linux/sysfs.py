@@ -9,10 +9,12 @@ malformed ones ``InputProblem`` entries naming the path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import stat
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
@@ -55,6 +57,17 @@ from pciguard.platforms.linux.acpi import (
 from pciguard.platforms.linux.config import ConfigSpace, parse_config, reset_methods_from_config
 
 PCI_DEVICES = "sys/bus/pci/devices"
+PCI_DRIVERS = "sys/bus/pci/drivers"
+DRIVERS_PROBE = "sys/bus/pci/drivers_probe"
+AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
+VFIO_PCI = "vfio-pci"
+# Drivers that hold a device without driving it: its DMA stays where its group's
+# default domain puts it, and nothing programs it.
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+VFIO_DRIVER = f"{PCI_DRIVERS}/{VFIO_PCI}"
+CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # a new_id for any vendor, device, subsystem
+CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
+HOLD = "pciguard-hold"  # a driver_override no driver has: matches nothing
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
 IOMMU_CLASS = "sys/class/iommu"
 ACPI_TABLES = "sys/firmware/acpi/tables"
@@ -254,6 +267,9 @@ class Fs(Tree):
     def __init__(self, root: str, record: bool = False) -> None:
         super().__init__()
         self.root = os.path.abspath(root).rstrip(os.sep)  # "" for /
+        # The running host itself, not a tree standing for one: only then may pciguard
+        # load modules (modprobe acts on the running kernel, whatever the root).
+        self.live = self.root == ""
         # rel path -> ("file", bytes) | ("link", target) | ("dir", None), when recording
         self.recorded: dict[str, tuple[str, bytes | str | None]] | None = {} if record else None
 
@@ -416,6 +432,19 @@ class Fs(Tree):
             os.close(fd)
             self._forget()  # the kernel may move links in answer
 
+    def load_module(self, name: str) -> None:
+        """Load a kernel module, as udev would (a missing ``modprobe`` loads nothing); on
+        the live host only: a tree standing for one has no kernel of its own."""
+        if self.live:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(["modprobe", "-b", "-q", name], check=False, timeout=30)
+
+    def load_module_for(self, device: Bdf) -> None:
+        """What udev does on a device's add event: load the module its modalias names."""
+        alias = self.read_bytes(f"{PCI_DEVICES}/{device}/modalias")
+        if alias and alias.strip():
+            self.load_module(alias.decode("ascii", "replace").strip())
+
     def _writable(self, rel: str) -> str:
         path = self.real(rel)
         if path is None:
@@ -461,6 +490,52 @@ class _Notes:
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(InputProblem(path, message))
+
+
+# -- the hot-plug guard's hold on new devices (see platforms/linux/guard.py) ----------
+def set_autoprobe(fs: Fs, value: str) -> None:
+    fs.write(AUTOPROBE, value)
+
+
+def claim_new_devices(fs: Fs) -> bool:
+    """vfio-pci's catch-all dynamic ID: it claims every function enumerated from now on
+    (False: vfio-pci is not loaded, even after trying to load it)."""
+    if not fs.exists(f"{VFIO_DRIVER}/new_id"):
+        fs.load_module(VFIO_PCI)  # late is better than never: before the modules not yet loaded
+    if not fs.exists(f"{VFIO_DRIVER}/new_id"):
+        return False
+    release_claim(fs)  # one left by a guard that was killed
+    fs.write(f"{VFIO_DRIVER}/new_id", CATCH_ALL)
+    return True
+
+
+def release_claim(fs: Fs) -> None:
+    with contextlib.suppress(OSError):  # ENODEV: there was none
+        fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
+
+
+def hold(fs: Fs, device: Bdf) -> bool:
+    """Keep a driverless device out of vfio-pci's claim and every other driver's: a
+    ``driver_override`` no driver has. True when it is held (now, or by a guard that was
+    killed)."""
+    override = fs.read_bytes(f"{PCI_DEVICES}/{device}/driver_override")
+    if override is not None and override.strip() in (b"", b"(null)"):
+        fs.write(f"{PCI_DEVICES}/{device}/driver_override", HOLD)
+        return True
+    return override is not None and override.strip() == HOLD.encode()
+
+
+def release_holds(fs: Fs) -> None:
+    """Every device held with ``HOLD`` gets no override again (it may be gone)."""
+    for name in fs.listdir(PCI_DEVICES):
+        override = fs.read_bytes(f"{PCI_DEVICES}/{name}/driver_override")
+        if override is not None and override.strip() == HOLD.encode():
+            with contextlib.suppress(OSError):
+                fs.write(f"{PCI_DEVICES}/{name}/driver_override", "\n")
+
+
+def authorize_thunderbolt(fs: Fs, name: str) -> None:
+    fs.write(f"{THUNDERBOLT}/{name}/authorized", "1")
 
 
 def holders_of(fs: Tree, node: str) -> list[int]:
@@ -522,7 +597,6 @@ class _Reader:
         critical = self._host_critical(raws)
         release = self._text("proc/sys/kernel/osrelease")
         topology = self._topology(raws, critical, release or "")
-        critical = {b: why for b, why in critical.items() if b in topology}
         groups = self._kernel_groups(raws, topology)
         interrupts = self._text("proc/interrupts", "whether interrupt remapping is in use")
         ir_in_use = _interrupt_remapping_in_use(interrupts)
@@ -552,7 +626,6 @@ class _Reader:
             kernel_unsafe=self._kernel_unsafe(switches),
             thunderbolt_domains=tuple(self._thunderbolt_domains()),
             thunderbolt_devices=tuple(self._thunderbolt_devices()),
-            host_critical=critical,
             driver_overrides={r.bdf: r.driver_override for r in raws.values() if r.driver_override},
             unreadable=tuple(self.notes.unreadable),
             problems=tuple(self.notes.problems),
@@ -754,7 +827,7 @@ class _Reader:
                 bars=raw.bars,
                 intx=raw.irq,
                 physfn=physfn,
-                host_critical=raw.bdf in critical,
+                host_critical=critical.get(raw.bdf, ""),
             )
         # The tree sysfs gives can still break the model's rules (a port type that cannot sit
         # where it sits). Drop what breaks them, with a note, rather than refuse the host.

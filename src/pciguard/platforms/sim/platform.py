@@ -457,19 +457,26 @@ class SimPlatform:
         self._done("unbind_host_driver", device, None)
 
     def bind_host_driver(self, device: Bdf) -> None:
+        self._bind("bind_host_driver", device)
+
+    def offer_host_driver(self, device: Bdf) -> None:
+        """A simulated device always has a host driver that takes it."""
+        self._bind("offer_host_driver", device)
+
+    def _bind(self, call: str, device: Bdf) -> None:
         if device in self._driver:
-            raise self._misuse(f"bind_host_driver({device}): a host driver is bound already")
+            raise self._misuse(f"{call}({device}): a host driver is bound already")
         foreign = {r: d for r, d in self.contexts(device).items() if d != HOST}
         if foreign or device in self._exposed:
             raise self._misuse(
-                f"bind_host_driver({device}): the device is not in the host's domain "
+                f"{call}({device}): the device is not in the host's domain "
                 f"(contexts {foreign}, exposed to {self._exposed.get(device)})"
             )
-        self._step("bind_host_driver", device, None)
+        self._step(call, device, None)
         self._driver.add(device)
         _add(self._carries, device, {HOST})
         self._settle(device)
-        self._done("bind_host_driver", device, None)
+        self._done(call, device, None)
 
     def reset(self, device: Bdf) -> None:
         self._step("reset", device, None)
