@@ -162,3 +162,45 @@ def header(path: Path) -> tuple[str, int | None, int | None]:
     line = int(place[1]) if place else None
     col = int(place[2]) if place and place[2] else None
     return error[1], line, col
+
+
+@dataclass
+class StateMoves:
+    """Every change of a ledger record's ``state`` while watched: who made it, and from
+    what to what (see ``state_moves``)."""
+
+    made: list[tuple[str, str, str]] = field(default_factory=list)  # (function, before, after)
+
+    def outside_the_table(self) -> list[str]:
+        """Changes made other than by ``Toolstack._move``, or between two states no row
+        of the ownership table joins."""
+        from pciguard.model.ownership import TRANSITIONS
+
+        rows = {(s.value, n.value) for (s, _), n in TRANSITIONS.items()}
+        return [
+            f"{who}: {before} -> {after}"
+            for who, before, after in self.made
+            if who != "Toolstack._move" or (before, after) not in rows
+        ]
+
+
+@pytest.fixture
+def state_moves(monkeypatch: pytest.MonkeyPatch) -> StateMoves:
+    """Watch every assignment to a ``DeviceRecord``'s state, outside its constructor."""
+    import sys
+
+    from pciguard.toolstack import DeviceRecord
+
+    moves = StateMoves()
+    plain = object.__setattr__
+
+    def watched(record: DeviceRecord, name: str, value: object) -> None:
+        if name == "state":
+            caller = sys._getframe(1).f_code
+            if caller is not DeviceRecord.__init__.__code__:  # a new record is no move
+                before = getattr(record, "state", None)
+                moves.made.append((caller.co_qualname, str(before), str(value)))
+        plain(record, name, value)
+
+    monkeypatch.setattr(DeviceRecord, "__setattr__", watched)
+    return moves

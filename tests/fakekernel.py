@@ -6,7 +6,9 @@ driver would claim each device if probed; inside ``installed(root)``, ``Fs.write
 as the kernel would: unbinding drops the ``driver`` link, ``drivers_probe`` binds the
 ``driver_override`` (or the device's own driver), ``bind`` binds. With ``kill_at=N``
 the process kills itself (SIGKILL) just before its N-th write (or hand-over of a
-``/dev/vfio`` node): a crash at that point.
+``/dev/vfio`` node): a crash at that point (``crash_before`` moves that point later).
+Each write's call stack is kept in ``WRITERS``, for the test that only the modules
+allowed to write to a host do.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import errno
 import json
 import os
 import signal
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,8 @@ STATE = "fakekernel.json"  # per tree: device -> the driver a probe without over
 UNPLUGGED = "unplugged.json"  # links of devices taken off the bus, to plug them back
 CLAIM = "vfio-claims-all"  # present while vfio-pci carries the catch-all dynamic ID
 VFIO_PCI = "vfio-pci"
+WRITERS: list[tuple[str, str, traceback.StackSummary]] = []  # (path, value, the writer's stack)
+_KILL_AT = [0]  # the write to crash before, counted from the start of ``installed``
 
 
 def prepare(root: Path, host: Host, vfio_loaded: bool = True) -> None:
@@ -156,25 +161,31 @@ def plug(root: Path, bdf: str) -> None:
     probe(root, bdf)
 
 
+def crash_before(writes: list[tuple[str, str]], more: int) -> None:
+    """Inside ``installed``: crash just before the ``more``-th write from now."""
+    _KILL_AT[0] = len(writes) + more
+
+
 @contextmanager
 def installed(root: Path, kill_at: int = 0) -> Iterator[list[tuple[str, str]]]:
     """Emulate the kernel's answers while inside; yields the writes made, in order."""
     original_write, original_hand_over = Fs.write, Fs.hand_over
     writes: list[tuple[str, str]] = []
+    _KILL_AT[0] = kill_at
 
-    def crash_here() -> None:
-        if len(writes) + 1 == kill_at:
+    def crash_here(rel: str, value: str) -> None:
+        if len(writes) + 1 == _KILL_AT[0]:
             os.kill(os.getpid(), signal.SIGKILL)
+        writes.append((rel, value))
+        WRITERS.append((rel, value, traceback.extract_stack()[:-2]))
 
     def write(fs: Fs, rel: str, text: str) -> None:
-        crash_here()
-        writes.append((rel, text))
+        crash_here(rel, text)
         original_write(fs, rel, text)
         emulate(Path(fs.root), rel, text)
 
     def hand_over(fs: Fs, rel: str, uid: int) -> None:
-        crash_here()
-        writes.append((rel, f"owner {uid}"))
+        crash_here(rel, f"owner {uid}")
         original_hand_over(fs, rel, uid)
 
     Fs.write, Fs.hand_over = write, hand_over  # type: ignore[method-assign]

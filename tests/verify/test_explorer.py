@@ -66,6 +66,19 @@ def test_secure_toolstack_passes_every_reference_scenario_exhaustively(path: Pat
     assert result.verdict == "pass", found and [str(v) for v in found.violations]
 
 
+def test_the_hotplug_race_catches_a_hotplug_plan_that_ignores_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ref-hotplug-race can fail: without the rule that a device plugged into a group a
+    guest holds (or is being given) goes to quarantine, the race is found."""
+    from pciguard.toolstack import Toolstack
+
+    monkeypatch.setattr(Toolstack, "guests_in_group", lambda self, bdf: [])
+    result = Explorer(load_scenario(VERIFY / "ref-hotplug-race.yaml")).run()
+    assert result.verdict == "violation" and result.counterexample is not None
+    assert "hotplug" in {a.kind for a in result.counterexample.actions}
+
+
 def test_symmetry_reduces_the_symmetric_scenario_tenfold() -> None:
     scenario = load_scenario(VERIFY / "ref-symmetric.yaml")
     reduced = Explorer(scenario, symmetry=True).run()

@@ -118,6 +118,7 @@ class Guard:
         self.holding: set[Bdf] = set()  # devices present at start held out of the claim
         self.translating = False  # an IOMMU translates DMA on this host
         self.interrupt_remapping = False
+        self.recovered: list[str] = []  # what start set right of operations killed half-way
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> list[GuardDecision]:
@@ -133,6 +134,11 @@ class Guard:
             saved.write_text(before.decode().strip())
         self.autoprobe_before = saved.read_text().strip()
         set_autoprobe(self.fs, "0")
+        # A guard (or a pciguard command) killed half-way: its devices to quarantine first.
+        try:
+            self.recovered = self.enforcer.recover_interrupted()
+        except StepFailed as exc:  # journaled as broken; the guard must run all the same
+            self.recovered = [str(exc)]
         reading = read_host(self.root)
         host = self._named(reading.host)
         self.translating = any(host.dma_translated(b) for b in host.topology)
