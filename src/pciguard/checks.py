@@ -113,8 +113,15 @@ def msi_reason(host: Host, bdf: Bdf) -> Reason | None:
     )
 
 
-def device_reasons(host: Host, bdf: Bdf, options: Options) -> list[Reason]:
-    """What about the device itself, whatever its owner, stops assignment."""
+def device_reasons(
+    host: Host,
+    bdf: Bdf,
+    options: Options,
+    shares: Callable[[ReservedRegion, ReservedRegion], bool] = ReservedRegion.overlaps,
+) -> list[Reason]:
+    """What about the device itself, whatever its owner, stops assignment. Two firmware
+    regions are shared when they overlap at all, not only when they are equal
+    (XSA-378/386/400: overlapping RMRRs handed one guest another's memory)."""
     fn = host.topology[bdf]
     reasons: list[Reason] = []
     if fn.kind.is_bridge:
@@ -122,20 +129,9 @@ def device_reasons(host: Host, bdf: Bdf, options: Options) -> list[Reason]:
         return reasons
     if (r := iommu_reason(host, bdf)) is not None:
         reasons.append(r)
-    if (
-        (r := msi_reason(host, bdf)) is not None
-        and not options.allow_unsafe_interrupts
-        and Flaw.NO_MSI_CHECK not in options.flaws
-    ):
+    if (r := msi_reason(host, bdf)) is not None and not options.allow_unsafe_interrupts:
         reasons.append(r)
     if fn.reserved_regions:
-        # Shared when it overlaps another device's region at all, not only when they are
-        # equal (XSA-378/386/400: overlapping RMRRs handed one guest another's memory).
-        def shares(region: ReservedRegion, theirs: ReservedRegion) -> bool:
-            if Flaw.RMRR_EQUAL_ONLY in options.flaws:
-                return (region.start, region.end) == (theirs.start, theirs.end)
-            return region.overlaps(theirs)
-
         shared = [
             region
             for region in fn.reserved_regions

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.formats.scenario_file import Scenario, ScenarioStep
+from pciguard.legacy.toolstack import make_toolstack
 from pciguard.model import Bdf
 from pciguard.platforms.base import HOST
 from pciguard.platforms.sim import Blocked, CallRecord, Delivered, Landed, SimPlatform
@@ -62,7 +63,7 @@ def build(scenario: Scenario) -> tuple[SimPlatform, Toolstack]:
     platform = SimPlatform(
         scenario.host, quarantine_mode=scenario.quarantine_mode, flaws=scenario.options.flaws
     )
-    toolstack = Toolstack(platform, scenario.options, scenario.policy)
+    toolstack = make_toolstack(platform, scenario.options, scenario.policy)
     for name, iommu in scenario.vms:
         toolstack.create_vm(name, iommu=iommu)
     return platform, toolstack

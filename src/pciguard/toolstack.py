@@ -7,8 +7,9 @@ steps, and then *commits*. When a step fails it unwinds in reverse, which always
 in quarantine for anything a guest could have touched; if even the unwinding fails,
 the guest is crashed and the device is marked broken.
 
-Legacy flaws (``pciguard.legacy``) change which steps are taken, never the ledger,
-so the invariants in ``pciguard.verify.invariants`` see the damage they do.
+This is the secure toolstack alone. The historic flaws the verifier demonstrates
+live in ``pciguard.legacy``, which overrides the few methods each changes (the
+checks it skipped, the steps it took), never the ledger.
 """
 
 from __future__ import annotations
@@ -33,13 +34,10 @@ from pciguard.errors import (
     RefusedError,
     StepFailed,
 )
-from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host
 from pciguard.model.ownership import TRANSITIONS, Event, State, next_state
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState, Platform
 from pciguard.policy import Decision, DefaultPolicy, HotplugPolicy, Target
-
-CHECK_PRECONDITIONS = "check_preconditions"  # a step of the toolstack itself, not the platform
 
 
 @dataclass(frozen=True)
@@ -266,7 +264,6 @@ class Toolstack:
         self.platform = platform
         self.options = options or Options()
         self.policy = policy or DefaultPolicy()
-        self.flaws = self.options.flaws
         self.notes: list[str] = []
         self.observers: list[Callable[[], None]] = []  # called after every ledger change
         self.ledger: dict[Bdf, DeviceRecord] = {}
@@ -355,8 +352,6 @@ class Toolstack:
         return self.execute(self.plan_make_unassignable(bdf))
 
     def assign(self, bdf: Bdf, vm: str) -> Plan:
-        if Flaw.XSA_306 in self.flaws and self.record(bdf).state is State.HOST:
-            self.execute(self.plan("assign", bdf, vm))  # the path that skips quarantine
         return self.execute(self.plan_assign(bdf, vm))
 
     def release(self, bdf: Bdf) -> Plan:
@@ -410,8 +405,6 @@ class Toolstack:
         assert device is not None
         if operation == "assign":
             assert vm is not None
-            if Flaw.XSA_306 in self.flaws and self.record(device).state is State.HOST:
-                return replace(self.plan_make_assignable(device, with_group=False), prepared=False)
             return self.plan_assign(device, vm)
         if operation == "make-assignable":
             return self.plan_make_assignable(device, with_group=with_group)
@@ -483,14 +476,7 @@ class Toolstack:
             and self.holder_of(m) is not None
             and self.ledger[m].state is State.HOST
         ]
-        for m in members:
-            if Flaw.XSA_61 in self.flaws:
-                break  # the legacy toolstack checked for an IOMMU nowhere before exposure
-            if (reason := iommu_reason(self.host, m)) is not None:
-                raise RefusedError(
-                    f"cannot quarantine {m}: quarantine could not block its DMA ({reason})",
-                    device=str(m),
-                )
+        self._check_quarantine_blocks(members)
         for m in members:
             if self.host.topology[m].host_critical:
                 raise RefusedError(f"cannot quarantine {bdf}: {self._critical_why(m)}", device=str(m))
@@ -504,12 +490,19 @@ class Toolstack:
             steps += self._reset(m)
         return Plan("make-assignable", tuple(members), None, tuple(steps), Event.MAKE_ASSIGNABLE)
 
+    def _check_quarantine_blocks(self, members: list[Bdf]) -> None:
+        """Refuse unless the IOMMU holds every one of ``members`` in quarantine."""
+        for m in members:
+            if (reason := iommu_reason(self.host, m)) is not None:
+                raise RefusedError(
+                    f"cannot quarantine {m}: quarantine could not block its DMA ({reason})",
+                    device=str(m),
+                )
+
     def isolation_unit(self, bdf: Bdf) -> list[Bdf]:
         """``bdf``'s IOMMU group and the devices sharing a BAR page or an INTx line with
         it: none of them can have another owner than it has."""
         members = self.host.group_of(bdf).members
-        if Flaw.XSA_461 in self.flaws:  # Xen knew groups (at best), never shared pages or lines
-            return list(members)
         shared = (s.other for s in self.host.shared_resources(bdf))
         return list(dict.fromkeys([*members, *shared]))
 
@@ -563,7 +556,7 @@ class Toolstack:
                     f"{vm} is {domain.state.value}: a VM that crashed or is being torn down accepts no device"
                 )
                 reasons.append(Reason("vm-not-running", why))
-            if not domain.iommu_context and Flaw.LATE_IOMMU_CONTEXT not in self.flaws:
+            if not domain.iommu_context:
                 reasons.append(
                     Reason(
                         "vm-no-iommu-context",
@@ -571,10 +564,8 @@ class Toolstack:
                     )
                 )
         reasons += device_reasons(self.host, bdf, self.options)
-        if Flaw.NO_GROUP_CHECK not in self.flaws:
-            reasons += group_reasons(self.host, bdf, vm, self.holder_of)
-        if Flaw.XSA_461 not in self.flaws:
-            reasons += shared_resource_reasons(self.host, bdf, vm, self.holder_of)
+        reasons += group_reasons(self.host, bdf, vm, self.holder_of)
+        reasons += shared_resource_reasons(self.host, bdf, vm, self.holder_of)
         return reasons
 
     def moves_with(self, bdf: Bdf) -> tuple[Bdf, ...]:
@@ -592,33 +583,33 @@ class Toolstack:
 
     def plan_assign(self, bdf: Bdf, vm: str) -> Plan:
         devices = self.moves_with(bdf)
-        if Flaw.XSA_61 not in self.flaws:
-            reasons = [r for d in devices for r in self.preconditions(d, vm)]
-            if reasons:
-                raise PreconditionFailed(str(bdf), vm, list(dict.fromkeys(r.message for r in reasons)))
-        steps = []
-        if Flaw.XSA_61 in self.flaws:  # the guest gets the devices first, the checks after
-            steps += [Step("expose", d, vm) for d in devices]
-            steps += [Step(CHECK_PRECONDITIONS, d, vm) for d in devices]
-        if Flaw.LATE_IOMMU_CONTEXT in self.flaws and not self.platform.domains()[vm].iommu_context:
-            steps.append(Step("enable_iommu_context", None, vm))
-        unsafe = []
+        reasons = [r for d in devices for r in self.preconditions(d, vm)]
+        if reasons:
+            raise PreconditionFailed(str(bdf), vm, list(dict.fromkeys(r.message for r in reasons)))
+        return self._assign_plan(devices, vm)
+
+    def _assign_plan(self, devices: tuple[Bdf, ...], vm: str) -> Plan:
+        """The steps of an assignment whose checks have passed."""
+        steps, unsafe = [], []
         for d in devices:
             fn = self.host.topology[d]
-            if msi_reason(self.host, d) is not None and Flaw.NO_MSI_CHECK not in self.flaws:
-                unsafe.append(
-                    Unsafe(d, f"assigned to {vm} without interrupt isolation (allow_unsafe_interrupts)")
-                )
+            unsafe += self._unsafe_interrupts(d, vm)
             if fn.reserved_regions:
                 unsafe.append(Unsafe(d, f"has firmware regions mapped into {vm} (rmrr=relaxed)"))
             steps += [*self._reset(d), Step("attach", d, vm), *self._flush(d)]
             if fn.reserved_regions:
                 steps.append(Step("map_reserved", d, vm))
             steps.append(Step("route_msi", d, vm))
-        if Flaw.XSA_61 not in self.flaws:
-            # Last: nothing of the device reaches the guest before every step above.
-            steps += [Step("expose", d, vm) for d in devices]
+        # Last: nothing of the device reaches the guest before every step above.
+        steps += [Step("expose", d, vm) for d in devices]
         return Plan("assign", devices, vm, tuple(steps), Event.ASSIGN, unsafe=tuple(unsafe))
+
+    def _unsafe_interrupts(self, device: Bdf, vm: str) -> list[Unsafe]:
+        """The override an assignment without interrupt isolation relies on (it passed its
+        checks only because allow_unsafe_interrupts is set)."""
+        if msi_reason(self.host, device) is None:
+            return []
+        return [Unsafe(device, f"assigned to {vm} without interrupt isolation (allow_unsafe_interrupts)")]
 
     def plan_release(self, bdf: Bdf, operation: str = "release") -> Plan:
         next_state(str(bdf), self.record(bdf).state, Event.RELEASE)
@@ -645,7 +636,7 @@ class Toolstack:
         # Stopped first, as Xen marks a domain dying before anything else: a VM being torn
         # down runs no more, so no assignment started meanwhile can pass its checks.
         running = self.platform.domains()[vm].state is DomainState.RUNNING
-        stop = [Step("crash_domain", None, vm)] if running and Flaw.TEARDOWN_RUNNING not in self.flaws else []
+        stop = [Step("crash_domain", None, vm)] if running else []
         return self._releasing(
             "teardown", tuple(self.devices_of(vm)), vm, [Step("destroy_domain", None, vm)], stop
         )
@@ -666,25 +657,12 @@ class Toolstack:
         return Plan(operation, devices, vm, (*steps, *then), Event.RELEASE, forward_only=True)
 
     def _release_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
-        if Flaw.XSA_302 in self.flaws or (Flaw.XSA_306 in self.flaws and not rec.prepared):
-            return self._to_host_steps(bdf, rec)
         return self._to_quarantine_steps(bdf, rec)
 
     def plan_hotplug(self, bdf: Bdf, decision: Decision | None = None) -> Plan:
         """What becomes of a device that appeared: the policy's decision (``decision``,
         when the caller asked the policy already), made safe, carried out."""
-        decision = decision or self.policy.decide(self.host, bdf)
-        if decision.target is Target.ALLOW and (guests := self.guests_in_group(bdf)):
-            decision = Decision(
-                Target.QUARANTINE, f"its IOMMU group is with a guest: {guests[0]}", explicit=False
-            )
-        if decision.target is Target.QUARANTINE and not self.host.dma_translated(bdf):
-            decision = Decision(
-                Target.REJECT, "no IOMMU covers it, so quarantine cannot hold its DMA", explicit=False
-            )
-        fn = self.host.topology[bdf]
-        if Flaw.HOTPLUG_TO_HOST in self.flaws or (Flaw.TRUSTED_BRIDGES in self.flaws and fn.kind.is_bridge):
-            decision = Decision(Target.ALLOW, "legacy: hand new devices to the host", False)
+        decision = self._hotplug_decision(bdf, decision or self.policy.decide(self.host, bdf))
         if decision.target is Target.REJECT:
             plan = self.plan_reject(bdf, decision.rule)
             self.ledger[bdf].decision = decision
@@ -704,11 +682,24 @@ class Toolstack:
         )
         return Plan("hotplug-admit", (bdf,), None, steps, Event.ADMIT)
 
+    def _hotplug_decision(self, bdf: Bdf, decision: Decision) -> Decision:
+        """The policy's decision, made safe: a device plugged into a group a guest holds
+        cannot go to the host, and one no IOMMU covers cannot be held in quarantine."""
+        if decision.target is Target.ALLOW and (guests := self.guests_in_group(bdf)):
+            decision = Decision(
+                Target.QUARANTINE, f"its IOMMU group is with a guest: {guests[0]}", explicit=False
+            )
+        if decision.target is Target.QUARANTINE and not self.host.dma_translated(bdf):
+            decision = Decision(
+                Target.REJECT, "no IOMMU covers it, so quarantine cannot hold its DMA", explicit=False
+            )
+        return decision
+
     def _reset(self, bdf: Bdf) -> list[Step]:
         return [Step("reset", bdf)] if self.host.topology[bdf].reset_methods else []
 
     def _flush(self, bdf: Bdf) -> list[Step]:
-        return [] if Flaw.XSA_442 in self.flaws else [Step("flush_iotlb", bdf)]
+        return [Step("flush_iotlb", bdf)]
 
     def _to_quarantine_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
         """Everything that takes the device away from whoever holds it, guest side first."""
@@ -719,23 +710,19 @@ class Toolstack:
             steps.append(Step("unbind_host_driver", bdf))
         if rec.msi != QUARANTINE:
             steps.append(Step("route_msi", bdf, QUARANTINE))
-        if Flaw.XSA_378 not in self.flaws:
-            # While the device still translates through the guest: a guest's firmware
-            # mappings are only ever those of devices it holds.
-            steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
-        if Flaw.XSA_400 in self.flaws and rec.context not in (HOST, QUARANTINE):
-            steps.append(Step("attach", bdf, HOST))
-        if rec.context != QUARANTINE or Flaw.XSA_400 in self.flaws:
-            steps.append(Step("attach", bdf, QUARANTINE))
+        # While the device still translates through the guest: a guest's firmware
+        # mappings are only ever those of devices it holds.
+        steps += self._unmap_reserved(bdf, rec)
+        steps += self._repoint_to_quarantine(bdf, rec)
         steps += self._flush(bdf)
         return steps + self._reset(bdf)
 
-    def _to_host_steps(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
-        """The legacy teardown (XSA-302/306): straight back to the host driver."""
-        steps = [Step("unexpose", bdf, rec.exposed)] if rec.exposed else []
-        steps += [Step("route_msi", bdf, HOST), Step("attach", bdf, HOST), *self._flush(bdf)]
-        steps += [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
-        return [*steps, Step("bind_host_driver", bdf)]
+    def _unmap_reserved(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
+        return [Step("unmap_reserved", bdf, d) for d in sorted(rec.reserved)]
+
+    def _repoint_to_quarantine(self, bdf: Bdf, rec: DeviceRecord) -> list[Step]:
+        """One atomic switch of its context, straight from whoever held it."""
+        return [Step("attach", bdf, QUARANTINE)] if rec.context != QUARANTINE else []
 
     # -- execution -----------------------------------------------------------------
     def execute(self, plan: Plan) -> Plan:
@@ -864,19 +851,6 @@ class Toolstack:
 
     def _run(self, step: Step) -> list[Step]:
         """Run one step; return the steps that undo it, and note what it set up."""
-        if step.call == CHECK_PRECONDITIONS:
-            assert step.device is not None and step.domain is not None
-            reasons = self.preconditions(step.device, step.domain, claimed=True)
-            if reasons:
-                raise StepFailed("late check", "; ".join(r.message for r in reasons))
-            return []
-        if step.call == "reset" and Flaw.RESET_IGNORED in self.flaws:
-            assert step.device is not None
-            try:
-                self.platform.reset(step.device)
-            except StepFailed as exc:  # libxl logs a failed reset and carries on
-                self.notes.append(f"reset of {step.device} failed, ignored: {exc}")
-            return []
         if step.call == "crash_domain":  # a teardown stopping its VM (it may have crashed since)
             assert step.domain is not None
             if self.platform.domains()[step.domain].state is DomainState.RUNNING:
@@ -902,9 +876,6 @@ class Toolstack:
         call(step.device, step.domain) if step.domain is not None else call(step.device)
         effect = EFFECTS[step.call]
         effect.apply(rec, step, before)
-        if Flaw.XSA_442 in self.flaws:  # that toolstack neither tracked nor flushed the IOTLB
-            rec.stale.clear()
-            return [u for u in effect.undo(step, before) if u.call != "flush_iotlb"]
         return effect.undo(step, before)
 
     def _holders_of(self, vm: str) -> list[Bdf]:

@@ -34,11 +34,11 @@ from pciguard.errors import PlatformMisuse, RefusedError
 from pciguard.formats.scenario_file import PARTIAL_OPS, Exploration, Scenario
 from pciguard.model import Bdf
 from pciguard.model.ownership import State as DeviceState
-from pciguard.platforms.base import DomainState
+from pciguard.platforms.base import STEPS, DomainState
 from pciguard.platforms.sim import POINTER_FIELDS, SimSnapshot
 from pciguard.policy import Decision
 from pciguard.simulate import Replay, build
-from pciguard.toolstack import CHECK_PRECONDITIONS, Cursor, LedgerSnapshot, Plan, Step
+from pciguard.toolstack import Cursor, LedgerSnapshot, Plan, Step
 from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
@@ -227,7 +227,7 @@ class Explorer:
             key = key_of(cursor)
             out.append(Action("advance", key=key))
             step = cursor.next_step
-            if step is None or step.call == CHECK_PRECONDITIONS:
+            if step is None or step.call not in STEPS:  # only a platform step can fail
                 continue
             if self._may_fail_by_itself(step):
                 out.append(Action("fail", key=key, free=True))

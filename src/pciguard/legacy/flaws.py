@@ -1,10 +1,4 @@
-"""Historic flaws, kept as selectable behaviours so tests and the verifier can show
-that each attack works when the flaw is present and is stopped when it is not.
-
-The secure toolstack and platform run with no flaws. Each flaw changes only which
-platform steps are taken (or which checks the simulated platform makes); the
-ownership ledger is never bent, so the invariants see the damage.
-"""
+"""The historic flaws by name, with what each was and where it lives."""
 
 from __future__ import annotations
 
