@@ -14,6 +14,7 @@ from fakesys import Kernel, render
 from pciguard.checks import Options, RmrrPolicy
 from pciguard.formats.platform_file import load_platform, parse_platform
 from pciguard.legacy import Flaw
+from pciguard.legacy.platform import make_platform
 from pciguard.legacy.toolstack import make_toolstack
 from pciguard.model import Bdf, Host
 from pciguard.platforms.linux import Reading, read_host
@@ -67,7 +68,7 @@ def world(
 ) -> World:
     if isinstance(host, str):
         host = example(host)
-    platform = SimPlatform(host, quarantine_mode=quarantine, flaws=flaws)
+    platform = make_platform(host, quarantine_mode=quarantine, flaws=flaws)
     toolstack = make_toolstack(platform, Options(allow_unsafe_interrupts, rmrr, frozenset(flaws)))
     w = World(host, platform, toolstack)
     for vm in vms:

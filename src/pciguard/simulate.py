@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.formats.scenario_file import Scenario, ScenarioStep
+from pciguard.legacy.platform import make_platform
 from pciguard.legacy.toolstack import make_toolstack
 from pciguard.model import Bdf
 from pciguard.platforms.base import HOST
@@ -60,7 +61,7 @@ class SimulationResult:
 
 
 def build(scenario: Scenario) -> tuple[SimPlatform, Toolstack]:
-    platform = SimPlatform(
+    platform = make_platform(
         scenario.host, quarantine_mode=scenario.quarantine_mode, flaws=scenario.options.flaws
     )
     toolstack = make_toolstack(platform, scenario.options, scenario.policy)

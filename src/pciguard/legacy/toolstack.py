@@ -42,8 +42,8 @@ def make_toolstack(platform: Platform, options: Options, policy: HotplugPolicy |
 
 class LegacyToolstack(Toolstack):
     def __init__(self, platform: Platform, options: Options, policy: HotplugPolicy | None = None) -> None:
-        super().__init__(platform, options, policy)
         self.flaws = options.flaws
+        super().__init__(platform, options, policy)
 
     # -- checks it did not make ------------------------------------------------------
     def preconditions(self, bdf: Bdf, vm: str, *, claimed: bool = False) -> list[Reason]:

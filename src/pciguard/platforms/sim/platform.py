@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from pciguard.errors import InjectedFault, PlatformMisuse, StepFailed
-from pciguard.legacy import Flaw
 from pciguard.model import Bdf, Host, ReservedRegion, Resource
 from pciguard.platforms.base import (
     HOST,
@@ -34,7 +33,6 @@ from pciguard.platforms.base import (
 
 GUEST_RAM = 0x4000_0000  # each guest owns IOVAs [0, GUEST_RAM)
 QUARANTINE_MODES = ("block", "scratch")
-SHARED_PAGE = "shared"  # the one scratch page of the shared-scratch-page flaw
 
 
 @dataclass(frozen=True)
@@ -146,13 +144,11 @@ class SimPlatform:
         host: Host,
         *,
         quarantine_mode: str = "block",
-        flaws: Iterable[Flaw] = (),
     ) -> None:
         if quarantine_mode not in QUARANTINE_MODES:
             raise ValueError(f"quarantine mode must be one of {QUARANTINE_MODES}")
         self._host = host
         self.quarantine_mode = quarantine_mode
-        self.flaws = frozenset(flaws)
         self.faults: list[FaultRule] = []
         self.log: list[CallRecord] = []
         self.observers: list[Callable[[CallRecord], None]] = []
@@ -380,15 +376,16 @@ class SimPlatform:
 
     def scratch_page(self, rid: Bdf) -> Bdf | str:
         """The scratch page ``rid`` reaches in quarantine: its own, as Xen gives each device."""
-        return SHARED_PAGE if Flaw.SHARED_SCRATCH_PAGE in self.flaws else rid
+        return rid
 
     def _enable_ats(self, device: Bdf) -> None:
         """As Linux does on attach: ATS on for devices that have it, unless untrusted
         (behind an external port), since their translated requests go unchecked."""
-        fn = self._host.topology[device]
-        trusted = not self._host.topology.is_behind_external_port(device)
-        if fn.ats and (trusted or Flaw.ATS_UNTRUSTED in self.flaws):
+        if self._host.topology[device].ats and self._trusted(device):
             self._ats.add(device)
+
+    def _trusted(self, device: Bdf) -> bool:
+        return not self._host.topology.is_behind_external_port(device)
 
     def _settle(self, device: Bdf) -> None:
         """What devices may do by themselves at any moment, done at once after a step on
@@ -495,29 +492,33 @@ class SimPlatform:
                 raise self._misuse(
                     f"attach({device}, {domain}): {domain} was created without an IOMMU context"
                 )
-            if Flaw.NO_GROUP_CHECK not in self.flaws:
-                self._check_group(device, domain)
+            self._check_group(device, domain)
         self._step("attach", device, domain)
         if domain not in (HOST, QUARANTINE) and target.state is not DomainState.RUNNING:
             self._record(CallRecord("attach", device, domain, f"{domain} is {target.state}"))
             raise StepFailed(f"attach({device}, {domain})", f"{domain} is {target.state}")
-        rids = self._host.requester_ids(device)
-        if Flaw.XSA_449 in self.flaws:
-            rids = frozenset({device})
-        for rid in rids:
+        for rid in self._contexts_set_by_attach(device):
             old = self._context.get(rid)
             if old is not None and old != domain:
                 cached = self._stale.setdefault(rid, [])
                 if old in cached:
                     cached.remove(old)
                 cached.append(old)
-            if domain == QUARANTINE and old != QUARANTINE and Flaw.XSA_445 not in self.flaws:
-                self._sink.pop(self.scratch_page(rid), None)  # a device enters quarantine on a clean page
+            if domain == QUARANTINE and old != QUARANTINE:
+                self._clear_scratch_page(rid)
             self._context[rid] = domain
         if domain != QUARANTINE:
             self._enable_ats(device)
         self._settle(device)
         self._done("attach", device, domain)
+
+    def _contexts_set_by_attach(self, device: Bdf) -> frozenset[Bdf]:
+        """Every requester ID the device can use: aliases and phantom functions too."""
+        return self._host.requester_ids(device)
+
+    def _clear_scratch_page(self, rid: Bdf) -> None:
+        """A device enters quarantine on a clean page."""
+        self._sink.pop(self.scratch_page(rid), None)
 
     def _check_group(self, device: Bdf, domain: str) -> None:
         for member in self._host.group_of(device).members:
@@ -534,10 +535,13 @@ class SimPlatform:
         self._step("flush_iotlb", device, None)
         for rid in self._host.requester_ids(device):
             self._stale.pop(rid, None)
-            if Flaw.NO_DEVTLB_FLUSH not in self.flaws:
-                self._atc.pop(rid, None)  # the ATS invalidation that goes with it
+            self._invalidate_device_tlb(rid)
         self._settle(device)
         self._done("flush_iotlb", device, None)
+
+    def _invalidate_device_tlb(self, rid: Bdf) -> None:
+        """The ATS invalidation that goes with every IOTLB flush."""
+        self._atc.pop(rid, None)
 
     def map_reserved(self, device: Bdf, domain: str) -> None:
         dom = self._domain(domain)
