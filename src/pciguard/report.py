@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pciguard.checks import HOST_CRITICAL, NO_IOMMU, Holder, Options, Reason, device_reasons
 from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, Kind, MsiController
 from pciguard.model.groups import acs_enabled
-from pciguard.model.kernel import KernelFacts
+from pciguard.model.kernel import QUARANTINE_DRIVERS, KernelFacts
 from pciguard.model.ownership import State
 from pciguard.toolstack import Toolstack
 
@@ -248,9 +248,6 @@ def audit(ts: Toolstack, source: str) -> AuditReport:
         lambda b: ts.ledger[b].holder() if b in ts.ledger else None,
         unsafe=ts.unsafe_in_force(),
     )
-
-
-QUARANTINE_DRIVERS = frozenset({"vfio-pci", "pci-stub"})
 
 
 def linux_holder(host: Host) -> Callable[[Bdf], Holder]:

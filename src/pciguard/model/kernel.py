@@ -31,6 +31,12 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+VFIO_PCI = "vfio-pci"
+# Drivers that hold a device without driving it: its DMA stays where its group's
+# default domain puts it, and nothing programs it.
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+
+
 @dataclass(frozen=True)
 class Unreadable:
     """Something the audit could not read, and what that hides from the report."""
@@ -41,6 +47,12 @@ class Unreadable:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", printable(self.path))
+
+
+VFIO_PCI = "vfio-pci"
+# Drivers that hold a device without driving it: its DMA stays where its group's
+# default domain puts it, and nothing programs it.
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 
 
 @dataclass(frozen=True)
@@ -55,11 +67,23 @@ class InputProblem:
         object.__setattr__(self, "message", printable(self.message))
 
 
+VFIO_PCI = "vfio-pci"
+# Drivers that hold a device without driving it: its DMA stays where its group's
+# default domain puts it, and nothing programs it.
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+
+
 @dataclass(frozen=True)
 class ThunderboltDomain:
     name: str
     security: str | None  # none, user, secure, dponly, usbonly, nopcie
     iommu_dma_protection: bool | None
+
+
+VFIO_PCI = "vfio-pci"
+# Drivers that hold a device without driving it: its DMA stays where its group's
+# default domain puts it, and nothing programs it.
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,12 @@ class ThunderboltDevice:
     device_name: str
     authorized: bool | None
     unique_id: str = ""
+
+
+VFIO_PCI = "vfio-pci"
+# Drivers that hold a device without driving it: its DMA stays where its group's
+# default domain puts it, and nothing programs it.
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 
 
 @dataclass(frozen=True)

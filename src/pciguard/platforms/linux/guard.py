@@ -39,14 +39,14 @@ from typing import Any, Protocol
 
 from pciguard.errors import PciguardError, StepFailed
 from pciguard.model import Bdf, Host
-from pciguard.model.kernel import ThunderboltDevice, printable
+from pciguard.model.kernel import VFIO_PCI, ThunderboltDevice, printable
 from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer, Result
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal
 from pciguard.platforms.linux.sysfs import (
     AUTOPROBE,
     PCI_DEVICES,
-    VFIO_PCI,
+    VFIO_NODES,
     Fs,
     authorize_thunderbolt,
     claim_new_devices,
@@ -243,7 +243,7 @@ class Guard:
         made = []
         for name in sorted(rows):
             group = self.fs.link_name(f"{PCI_DEVICES}/{name}/iommu_group")
-            holders = holders_of(self.fs, f"dev/vfio/{group}") if group else []
+            holders = holders_of(self.fs, f"{VFIO_NODES}/{group}") if group else []
             if holders:
                 self.in_use.add(name)
             elif name in self.in_use:

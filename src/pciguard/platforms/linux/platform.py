@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pciguard.errors import PlatformMisuse, StepFailed
 from pciguard.model import Bdf, DomainType, Host
 from pciguard.model.groups import TRANSLATING_TYPES
+from pciguard.model.kernel import QUARANTINE_DRIVERS, VFIO_PCI
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
 from pciguard.platforms.linux.sysfs import (
     DRIVERS_PROBE,
@@ -48,8 +49,7 @@ from pciguard.platforms.linux.sysfs import (
     IOMMU_GROUPS,
     PCI_DEVICES,
     PCI_DRIVERS,
-    QUARANTINE_DRIVERS,
-    VFIO_PCI,
+    VFIO_NODES,
     Fs,
 )
 
@@ -155,7 +155,7 @@ class LinuxPlatform:
         group = self._group(device)
         if group is None:
             raise StepFailed("expose", f"{device} is in no IOMMU group")
-        return f"dev/vfio/{group}"
+        return f"{VFIO_NODES}/{group}"
 
     def _hand_over(self, device: Bdf, uid: int) -> None:
         node = self.group_node(device)

@@ -36,6 +36,7 @@ from pciguard.model import (
 )
 from pciguard.model.groups import TRANSLATING_TYPES
 from pciguard.model.kernel import (
+    VFIO_PCI,
     InputProblem,
     KernelFacts,
     ThunderboltDevice,
@@ -60,10 +61,7 @@ PCI_DEVICES = "sys/bus/pci/devices"
 PCI_DRIVERS = "sys/bus/pci/drivers"
 DRIVERS_PROBE = "sys/bus/pci/drivers_probe"
 AUTOPROBE = "sys/bus/pci/drivers_autoprobe"
-VFIO_PCI = "vfio-pci"
-# Drivers that hold a device without driving it: its DMA stays where its group's
-# default domain puts it, and nothing programs it.
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+VFIO_NODES = "dev/vfio"  # a group N's node is dev/vfio/N
 VFIO_DRIVER = f"{PCI_DRIVERS}/{VFIO_PCI}"
 CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # a new_id for any vendor, device, subsystem
 CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
