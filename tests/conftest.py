@@ -123,7 +123,7 @@ Audit = Callable[..., AuditReport]
 
 def audit_reading(reading: Reading) -> AuditReport:
     host = reading.host
-    return audit_host(host, Options(), "test", linux_holder(host), facts=reading.facts)
+    return audit_host(host, Options(), "test", linux_holder(host, reading.facts), facts=reading.facts)
 
 
 @pytest.fixture

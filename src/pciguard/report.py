@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pciguard.checks import HOST_CRITICAL, NO_IOMMU, Holder, Options, Reason, device_reasons
 from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, Kind, MsiController
 from pciguard.model.groups import acs_enabled
-from pciguard.model.kernel import QUARANTINE_DRIVERS, KernelFacts
+from pciguard.model.kernel import PCIBACK, QUARANTINE_DRIVERS, KernelFacts, XenQuarantine
 from pciguard.model.ownership import State
 from pciguard.toolstack import Toolstack
 
@@ -250,10 +250,16 @@ def audit(ts: Toolstack, source: str) -> AuditReport:
     )
 
 
-def linux_holder(host: Host) -> Callable[[Bdf], Holder]:
-    """On a real host, who holds a device is what its driver says."""
+def linux_holder(host: Host, facts: KernelFacts | None = None) -> Callable[[Bdf], Holder]:
+    """On a real host, who holds a device is what its driver says. On Xen, pciback holds
+    a device away from dom0 only while Xen quarantines (otherwise it stays in dom0's
+    IOMMU context: the host's)."""
+    holding = set(QUARANTINE_DRIVERS)
+    xen = facts.xen if facts else None
+    if xen is not None and xen.quarantine in (None, XenQuarantine.NONE):
+        holding.discard(PCIBACK)
     functions = host.topology.functions
-    return lambda b: Holder(State.QUARANTINED if functions[b].driver in QUARANTINE_DRIVERS else State.HOST)
+    return lambda b: Holder(State.QUARANTINED if functions[b].driver in holding else State.HOST)
 
 
 def audit_host(
@@ -265,7 +271,7 @@ def audit_host(
     facts: KernelFacts | None = None,
 ) -> AuditReport:
     """Audit ``host``: host findings, then every group with its verdict and reasons."""
-    if facts is not None and host.kernel_groups is None:
+    if facts is not None and host.kernel_groups is None and facts.xen is None:
         listed: tuple[IommuGroup, ...] = ()  # the kernel formed no groups: nothing is isolated
         ungrouped = list(host.topology)
     else:
@@ -417,6 +423,88 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
     return notes
 
 
+def xen_findings(host: Host, facts: KernelFacts) -> list[Finding]:
+    """What a Xen dom0 is told by its hypervisor about isolation (the kernel sees no
+    IOMMU there: Xen owns it)."""
+    xen = facts.xen
+    assert xen is not None
+    out: list[Finding] = []
+
+    def add(code: str, severity: Severity, message: str) -> None:
+        out.append(Finding(code=code, severity=severity, message=message))
+
+    version = f"Xen {xen.version}" if xen.version else "Xen (version unknown: `xl info` gave nothing)"
+    add(
+        "xen-dom0",
+        Severity.INFO,
+        f"a Xen dom0 ({version}): the IOMMU is the hypervisor's, judged from `xl info` and `xl dmesg`; "
+        "Xen forms no IOMMU groups and never checks them before an assignment: the groups below are "
+        "pciguard's derivation from topology and ACS, and pciguard checks them",
+    )
+    if not xen.boot_log_complete and Feature.UNKNOWN in (xen.dma_remapping, xen.interrupt_remapping):
+        add(
+            "xen-boot-log-lost",
+            Severity.WARNING,
+            "`xl dmesg` no longer holds Xen's boot messages (the console ring wrapped), so what Xen set "
+            "up for the IOMMU is unknown and judged as off; boot with a larger conring_size= to keep them",
+        )
+    if xen.dma_remapping is Feature.DISABLED:
+        add(
+            "xen-iommu-off",
+            Severity.CRITICAL,
+            "Xen runs without an IOMMU (I/O virtualisation disabled): a device given to a guest, or "
+            "driven by dom0, can DMA anywhere, into Xen and every guest",
+        )
+    elif xen.interrupt_remapping is Feature.DISABLED:
+        add(
+            "xen-no-interrupt-remapping",
+            Severity.CRITICAL,
+            "Xen has no interrupt remapping: a device given to a guest can raise interrupts in other "
+            "domains (XSA-59 and its kind); pciguard refuses to assign such devices",
+        )
+    if xen.quarantine is XenQuarantine.NONE and xen.dma_remapping is not Feature.DISABLED:
+        add(
+            "xen-no-quarantine",
+            Severity.CRITICAL,
+            "Xen gives an assignable device back to dom0 when its guest is done with it, with the DMA "
+            "the guest programmed still in flight (XSA-302): iommu=no-quarantine, or a Xen before 4.13",
+        )
+    elif xen.quarantine is XenQuarantine.SCRATCH_PAGE:
+        add(
+            "xen-quarantine",
+            Severity.INFO,
+            "Xen quarantine: scratch page (a device between guests reaches one page of its own)",
+        )
+    elif xen.quarantine is XenQuarantine.BASIC:
+        add(
+            "xen-quarantine",
+            Severity.INFO,
+            "Xen quarantine: basic (a device between guests sits with DOMID_IO and its DMA faults)",
+        )
+    if xen.dom0_mode == "Passthrough":
+        add(
+            "xen-dom0-passthrough",
+            Severity.CRITICAL,
+            "dom0's devices are not translated (iommu=dom0-passthrough): any device dom0 drives, a "
+            "hot-plugged one too, reaches all memory, Xen's and every guest's",
+        )
+    if not xen.directio and xen.version:
+        add(
+            "xen-no-directio",
+            Severity.WARNING,
+            "`xl info` lists neither hvm_directio nor pv_directio: this Xen cannot give devices to guests",
+        )
+    for device in xen.permissive:
+        which = "every device pciback holds" if device == "*" else device
+        add(
+            "unsafe-override",
+            Severity.CRITICAL,
+            f"UNSAFE: xen-pciback is permissive for {which}: a guest may write any of its config "
+            "space (BARs, MSI) and reach what it should not",
+        )
+    return out
+
+
 def kernel_findings(host: Host, facts: KernelFacts) -> list[Finding]:
     """What a Linux kernel's own state says about isolation."""
     out: list[Finding] = []
@@ -424,6 +512,8 @@ def kernel_findings(host: Host, facts: KernelFacts) -> list[Finding]:
     def add(code: str, severity: Severity, message: str) -> None:
         out.append(Finding(code=code, severity=severity, message=message))
 
+    if facts.xen is not None:
+        return xen_findings(host, facts)
     groups = host.kernel_groups or ()
     dump = facts.source_kind == "lspci"
     if not host.iommus and dump:

@@ -108,7 +108,8 @@ def command(
         else:
             reading, source = linux_reading(root, snapshot, lspci)
             host = name_devices(reading.host)
-            report = audit_host(host, options, source, linux_holder(host), facts=reading.facts)
+            holder = linux_holder(host, reading.facts)
+            report = audit_host(host, options, source, holder, facts=reading.facts)
         if svg is not None:
             from pciguard.draw import write_svg
 

@@ -97,6 +97,7 @@ def linux_reading(
         from pciguard.formats.lspci import load_lspci
 
         return load_lspci(lspci), f"lspci dump {lspci}"
-    from pciguard.platforms.linux import read_host
+    from pciguard.platforms.linux.sysfs import Fs
+    from pciguard.platforms.xen.dom0 import read
 
-    return read_host(str(root or "/")), f"sysfs under {root or '/'}"
+    return read(Fs(str(root or "/"))), f"sysfs under {root or '/'}"

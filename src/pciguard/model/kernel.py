@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
+from pciguard.model.host import Feature
 from pciguard.model.pci import Bdf
 
 
@@ -34,7 +36,8 @@ def printable(text: str) -> str:
 VFIO_PCI = "vfio-pci"
 # Drivers that hold a device without driving it: its DMA stays where its group's
 # default domain puts it, and nothing programs it.
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+PCIBACK = "pciback"  # Xen's: offers a device to guests and, while Xen quarantines, leaves it with DOMID_IO
+QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub", PCIBACK})
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,6 @@ class Unreadable:
         object.__setattr__(self, "path", printable(self.path))
 
 
-VFIO_PCI = "vfio-pci"
-# Drivers that hold a device without driving it: its DMA stays where its group's
-# default domain puts it, and nothing programs it.
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
-
-
 @dataclass(frozen=True)
 class InputProblem:
     """Input that is there but malformed; the audit carries on without it."""
@@ -67,10 +64,30 @@ class InputProblem:
         object.__setattr__(self, "message", printable(self.message))
 
 
-VFIO_PCI = "vfio-pci"
-# Drivers that hold a device without driving it: its DMA stays where its group's
-# default domain puts it, and nothing programs it.
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
+class XenQuarantine(StrEnum):
+    """Where Xen puts a device that is assignable but with no guest (``iommu=`` options)."""
+
+    NONE = "none"  # back with dom0 (before Xen 4.12.2/4.13, or iommu=no-quarantine)
+    BASIC = "basic"  # DOMID_IO with nothing mapped: its DMA faults
+    SCRATCH_PAGE = "scratch-page"  # DOMID_IO with every address on one scratch page
+
+
+@dataclass(frozen=True)
+class XenFacts:
+    """What the hypervisor says to its dom0 (``xl info``, ``xl dmesg``, Xen's command
+    line, xen-pciback), for a host whose kernel sees no IOMMU of its own."""
+
+    version: str | None  # xen_version
+    commandline: str
+    iommu_vendor: str | None  # "Intel VT-d" or "AMD-Vi", from the boot messages
+    dma_remapping: Feature  # "I/O virtualisation enabled"
+    interrupt_remapping: Feature
+    dom0_mode: str | None  # Relaxed, Strict or Passthrough
+    quarantine: XenQuarantine | None  # None: the evidence does not say
+    directio: frozenset[str] = frozenset()  # virt_caps: hvm_directio, pv_directio
+    assignable: tuple[Bdf, ...] = ()  # xl pci-assignable-list
+    permissive: tuple[str, ...] = ()  # pciback lets guests write these devices' config space
+    boot_log_complete: bool = True  # False: the console ring lost the boot messages
 
 
 @dataclass(frozen=True)
@@ -80,12 +97,6 @@ class ThunderboltDomain:
     iommu_dma_protection: bool | None
 
 
-VFIO_PCI = "vfio-pci"
-# Drivers that hold a device without driving it: its DMA stays where its group's
-# default domain puts it, and nothing programs it.
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
-
-
 @dataclass(frozen=True)
 class ThunderboltDevice:
     name: str
@@ -93,12 +104,6 @@ class ThunderboltDevice:
     device_name: str
     authorized: bool | None
     unique_id: str = ""
-
-
-VFIO_PCI = "vfio-pci"
-# Drivers that hold a device without driving it: its DMA stays where its group's
-# default domain puts it, and nothing programs it.
-QUARANTINE_DRIVERS = frozenset({VFIO_PCI, "pci-stub"})
 
 
 @dataclass(frozen=True)
@@ -117,4 +122,5 @@ class KernelFacts:
     driver_overrides: Mapping[Bdf, str] = field(default_factory=dict)
     unreadable: tuple[Unreadable, ...] = ()
     problems: tuple[InputProblem, ...] = ()
+    xen: XenFacts | None = None  # a Xen dom0: the hypervisor's evidence, not the kernel's
     topology_complete: bool = True  # False: capabilities unseen, so derived groups are guesses

@@ -20,7 +20,7 @@ from pathlib import Path
 from pciguard.errors import InputError
 from pciguard.model.kernel import printable
 from pciguard.platforms.linux.config import EXT_DSN, parse_config
-from pciguard.platforms.linux.sysfs import IOMMU_SWITCHES, Fs, Reading, Tree, largest_file, read_host
+from pciguard.platforms.linux.sysfs import IOMMU_SWITCHES, Fs, Reading, Tree, largest_file
 
 SNAPSHOT_HOSTNAME = b"snapshot\n"
 
@@ -52,12 +52,29 @@ def _scrub(rel: str, data: bytes, scrubbed: list[str]) -> bytes | None:
         return ("\n".join(root[-1:]) + "\n").encode()
     if rel == "proc/sys/kernel/hostname":
         return SNAPSHOT_HOSTNAME
+    if rel == "xen/xl-info":  # its host name, and no command line switch but the IOMMU's
+        lines = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            key = line.partition(":")[0].strip()
+            if key == "host":
+                line = f"host                   : {SNAPSHOT_HOSTNAME.decode().strip()}"
+            elif key == "xen_commandline":
+                kept = [
+                    w
+                    for w in line.partition(":")[2].split()
+                    if w.startswith(("iommu", "intremap", "no-intremap"))
+                ]
+                line = f"xen_commandline        : {' '.join(kept)}"
+            lines.append(line)
+        return ("\n".join(lines) + "\n").encode()
     return data
 
 
 def take_snapshot(root: str, out: Path) -> SnapshotSummary:
+    from pciguard.platforms.xen.dom0 import read
+
     fs = Fs(root, record=True)
-    reading = read_host(fs=fs)
+    reading = read(fs)
     assert fs.recorded is not None
     files = links = 0
     scrubbed: list[str] = []
@@ -95,7 +112,7 @@ def take_snapshot(root: str, out: Path) -> SnapshotSummary:
 MAX_MEMBERS = 500_000
 MAX_CONTENT = 256 << 20  # the files' bytes, added up
 MAX_STREAM = 1 << 30  # the uncompressed tar stream, headers included
-_MEMBER = re.compile(r"^(sys|proc)(/[^/\x00]+)*$")
+_MEMBER = re.compile(r"^(sys|proc|xen)(/[^/\x00]+)*$")  # xen/: what xl said in a dom0
 
 
 class SnapshotFs(Tree):
@@ -235,4 +252,6 @@ def load_snapshot(snapshot: Path) -> SnapshotFs:
 
 
 def read_snapshot(snapshot: Path) -> Reading:
-    return read_host(fs=load_snapshot(snapshot))
+    from pciguard.platforms.xen.dom0 import read
+
+    return read(load_snapshot(snapshot))

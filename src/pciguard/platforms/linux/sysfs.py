@@ -142,6 +142,8 @@ class Tree:
     Subclasses say what one name is (``_kind``) and where a link points (``_target``).
     ``Directory`` handles are opaque: ``open_dir`` gives them, ``close_dir`` ends them."""
 
+    live = False  # the running host itself (``Fs`` of "/"), whose kernel pciguard may ask
+
     def __init__(self) -> None:
         self._folders: dict[str, str] = {}  # rel folder -> its path with no link in it
 
@@ -429,6 +431,11 @@ class Fs(Tree):
         finally:
             os.close(fd)
             self._forget()  # the kernel may move links in answer
+
+    def keep(self, rel: str, data: bytes) -> None:
+        """Record a command's output with what was read, as the file ``rel`` of a
+        snapshot (``xen/xl-info``): a snapshot is audited from what the host said."""
+        self._note(rel, "file", data)
 
     def load_module(self, name: str) -> None:
         """Load a kernel module, as udev would (a missing ``modprobe`` loads nothing); on
@@ -992,15 +999,20 @@ class _Reader:
 
     def _firmware_tables(self) -> tuple[Dmar | None, Ivrs | None]:
         dmar = ivrs = None
-        data = self._bytes(f"{ACPI_TABLES}/DMAR", HIDES_DMAR)
+        rel = f"{ACPI_TABLES}/DMAR"
+        if not self.fs.exists(rel) and self.fs.exists(f"{ACPI_TABLES}/RMAD"):
+            rel = f"{ACPI_TABLES}/RMAD"  # Xen's dom0: the same table under a signature no driver knows
+        data = self._bytes(rel, HIDES_DMAR)
         if data is not None:
+            if data[:4] == b"RMAD":  # the same four bytes: the checksum still holds
+                data = b"DMAR" + data[4:]
             try:
                 dmar = parse_dmar(data)
             except MalformedTable as exc:
-                self.notes.problem(f"{ACPI_TABLES}/DMAR", str(exc))
+                self.notes.problem(rel, str(exc))
             else:
                 if not dmar.checksum_ok:
-                    self.notes.problem(f"{ACPI_TABLES}/DMAR", "checksum does not add up; read anyway")
+                    self.notes.problem(rel, "checksum does not add up; read anyway")
         data = self._bytes(f"{ACPI_TABLES}/IVRS", HIDES_DMAR.replace("RMRR", "IVMD"))
         if data is not None:
             try:

@@ -1,0 +1,92 @@
+"""A Xen dom0, as pciguard reads it: the Linux reading of its sysfs (topology, drivers,
+config space) with the IOMMU evidence taken from the hypervisor instead.
+
+On the live host the evidence comes from ``xl`` (the only code that runs it for an
+audit); a tree standing for a dom0 (a snapshot, a test's fake tree) carries what
+``xl`` printed as files under ``xen/`` at its root, which is where ``pciguard
+snapshot`` records them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import replace
+
+from pciguard.model import Host, IommuUnit
+from pciguard.model.kernel import XenFacts
+from pciguard.platforms.linux.sysfs import Fs, Reading, Tree, read_host
+from pciguard.platforms.xen.evidence import xen_facts
+
+HYPERVISOR_TYPE = "sys/hypervisor/type"
+CAPABILITIES = "proc/xen/capabilities"  # "control_d" in the control domain
+PCIBACK_PERMISSIVE = "sys/bus/pci/drivers/pciback/permissive"
+PCIBACK_MODULE_PERMISSIVE = "sys/module/xen_pciback/parameters/permissive"
+RECORDED = "xen"  # a tree's recorded xl outputs: xen/xl-info, xen/xl-dmesg, ...
+XL_COMMANDS = {
+    "xl-info": ["xl", "info"],
+    "xl-dmesg": ["xl", "dmesg"],
+    "xl-pci-assignable-list": ["xl", "pci-assignable-list"],
+}
+XL_TIMEOUT = 30.0
+
+
+def is_dom0(fs: Tree) -> bool:
+    """Xen's control domain: the hypervisor is Xen and this domain controls it."""
+    kind = fs.read_bytes(HYPERVISOR_TYPE)
+    caps = fs.read_bytes(CAPABILITIES)
+    return bool(kind and kind.strip() == b"xen" and caps and b"control_d" in caps)
+
+
+def read(fs: Tree) -> Reading:
+    """Any Linux host under ``fs``, a Xen dom0 judged by the hypervisor's evidence."""
+    reading = read_host(fs=fs)
+    return with_xen(reading, read_facts(fs)) if is_dom0(fs) else reading
+
+
+def xl_outputs(fs: Tree) -> dict[str, str | None]:
+    """What ``xl`` says (None where it could not be run or read)."""
+    out: dict[str, str | None] = {}
+    for name, argv in XL_COMMANDS.items():
+        rel = f"{RECORDED}/{name}"
+        if fs.live and isinstance(fs, Fs):
+            try:
+                ran = subprocess.run(argv, capture_output=True, timeout=XL_TIMEOUT, check=False)
+            except (OSError, subprocess.SubprocessError):
+                out[name] = None
+                continue
+            out[name] = ran.stdout.decode("utf-8", "replace") if ran.returncode == 0 else None
+            if ran.returncode == 0:
+                fs.keep(rel, ran.stdout)
+        else:
+            data = fs.read_bytes(rel)
+            out[name] = data.decode("utf-8", "replace") if data is not None else None
+    return out
+
+
+def read_facts(fs: Tree) -> XenFacts:
+    outputs = xl_outputs(fs)
+    return xen_facts(
+        outputs["xl-info"], outputs["xl-dmesg"], outputs["xl-pci-assignable-list"], _permissive(fs)
+    )
+
+
+def _permissive(fs: Tree) -> tuple[str, ...]:
+    """Devices pciback lets guests write the whole config space of ("*": all of them)."""
+    module = fs.read_bytes(PCIBACK_MODULE_PERMISSIVE)
+    if module is not None and module.strip() in (b"Y", b"1"):
+        return ("*",)
+    listed = fs.read_bytes(PCIBACK_PERMISSIVE)
+    return tuple(listed.decode("ascii", "replace").split()) if listed else ()
+
+
+def with_xen(reading: Reading, facts: XenFacts) -> Reading:
+    """The Linux reading of a dom0, judged by what Xen says: one IOMMU as Xen reports
+    it, covering every device, and no kernel groups (Xen forms none: pciguard derives
+    them from topology and ACS)."""
+    unit = IommuUnit(
+        f"xen ({facts.iommu_vendor or 'IOMMU'})",
+        dma_remapping=facts.dma_remapping,
+        interrupt_remapping=facts.interrupt_remapping,
+    )
+    host: Host = replace(reading.host, iommus=(unit,), kernel_groups=None)
+    return replace(reading, host=host, facts=replace(reading.facts, xen=facts))
