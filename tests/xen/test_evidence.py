@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tarfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,18 @@ def test_a_device_with_pciback_is_quarantined_only_while_xen_quarantines(
     report = audit_reading(read(Fs(str(root))))
     (nic,) = [m for g in report.groups for m in g.members if m.bdf == "0000:03:00.0"]
     assert nic.state == state
+
+
+def test_a_snapshot_of_a_dom0_keeps_what_xen_said_without_the_host_name(
+    tree: Callable[..., Path], tmp_path: Path
+) -> None:
+    from pciguard.platforms.linux.snapshot import read_snapshot, take_snapshot
+
+    root = dom0(tree, "xl-info-4.17.txt", "xl-dmesg-4.17-vtd.txt")
+    take_snapshot(str(root), tmp_path / "dom0.tar.gz")
+    again = read_snapshot(tmp_path / "dom0.tar.gz").facts.xen
+    assert again is not None and again.commandline == "iommu=verbose,debug"
+    assert replace(again, commandline="") == replace(read(Fs(str(root))).facts.xen, commandline="")  # type: ignore[arg-type]
+    with tarfile.open(tmp_path / "dom0.tar.gz") as tar:
+        info = tar.extractfile("xen/xl-info").read().decode()  # type: ignore[union-attr]
+    assert "dom0-lab" not in info and "console=com1" not in info and "iommu=verbose,debug" in info

@@ -34,6 +34,9 @@ class SnapshotSummary:
     scrubbed: list[str]
 
 
+IOMMU_WORDS = ("iommu", "intremap", "no-intremap")  # Xen's switches a snapshot keeps
+
+
 def _scrub(rel: str, data: bytes, scrubbed: list[str]) -> bytes | None:
     """The bytes to store for ``rel``; None to leave the file out."""
     if rel.endswith("/unique_id"):
@@ -53,20 +56,14 @@ def _scrub(rel: str, data: bytes, scrubbed: list[str]) -> bytes | None:
     if rel == "proc/sys/kernel/hostname":
         return SNAPSHOT_HOSTNAME
     if rel == "xen/xl-info":  # its host name, and no command line switch but the IOMMU's
-        lines = []
-        for line in data.decode("utf-8", "replace").splitlines():
-            key = line.partition(":")[0].strip()
-            if key == "host":
-                line = f"host                   : {SNAPSHOT_HOSTNAME.decode().strip()}"
-            elif key == "xen_commandline":
-                kept = [
-                    w
-                    for w in line.partition(":")[2].split()
-                    if w.startswith(("iommu", "intremap", "no-intremap"))
-                ]
-                line = f"xen_commandline        : {' '.join(kept)}"
-            lines.append(line)
-        return ("\n".join(lines) + "\n").encode()
+        from pciguard.platforms.xen.evidence import parse_xl_info
+
+        info = parse_xl_info(data.decode("utf-8", "replace"))
+        if "host" in info:
+            info["host"] = SNAPSHOT_HOSTNAME.decode().strip()
+        words = info.get("xen_commandline", "").split()
+        info["xen_commandline"] = " ".join(w for w in words if w.startswith(IOMMU_WORDS))
+        return "".join(f"{key:<23}: {value}\n" for key, value in info.items()).encode()
     return data
 
 
