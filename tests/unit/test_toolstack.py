@@ -199,17 +199,17 @@ def test_the_invariant_judges_apart_from_the_toolstacks_checks(monkeypatch: pyte
 
 def test_one_table_names_every_step_of_the_protocol_and_what_each_does_to_the_ledger() -> None:
     """The protocol's step names, the toolstack's table of their effects and undos, and
-    the methods of both platforms are the same set."""
+    the methods of every platform are the same set."""
     from pciguard.platforms.base import DEVICE_STEPS, STEPS, Platform
     from pciguard.platforms.linux.platform import LinuxPlatform
     from pciguard.platforms.sim import SimPlatform
+    from pciguard.platforms.xen.platform import XenPlatform
     from pciguard.toolstack import EFFECTS
 
     assert set(EFFECTS) == set(DEVICE_STEPS)
     for step in STEPS:
-        assert callable(getattr(Platform, step)), step
-        assert callable(getattr(SimPlatform, step)), step
-        assert callable(getattr(LinuxPlatform, step)), step
+        for platform in (Platform, SimPlatform, LinuxPlatform, XenPlatform):
+            assert callable(getattr(platform, step)), (platform, step)
 
 
 def test_fault_injection_refuses_a_step_the_protocol_does_not_have() -> None:

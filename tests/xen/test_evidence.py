@@ -5,7 +5,6 @@ dom0 tree: no IOMMU groups, no DMAR, as a PV dom0 sees its sysfs)."""
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, audit_reading, bdf
+from fakexen import dom0, text
 from pciguard.model import Feature
 from pciguard.model.kernel import XenQuarantine
 from pciguard.platforms.linux.sysfs import Fs
@@ -29,10 +29,6 @@ from pciguard.platforms.xen.evidence import (
 
 XEN = CORPUS / "xen"
 ON, OFF, UNKNOWN = Feature.ENABLED, Feature.DISABLED, Feature.UNKNOWN
-
-
-def text(name: str) -> str:
-    return (XEN / name).read_text()
 
 
 def test_xl_info_keys_and_a_command_line_that_goes_on_to_the_next_line() -> None:
@@ -123,28 +119,6 @@ def test_nothing_from_xl_is_nothing_known() -> None:
 
 
 # -- the audit of a dom0 -------------------------------------------------------------
-def dom0(tree: Callable[..., Path], info: str, dmesg: str) -> Path:
-    """The workstation as a PV dom0 sees it: no IOMMU groups, no IOMMU class, the DMAR
-    table under another name; with the hypervisor's words recorded under xen/."""
-    root = tree("workstation")
-    shutil.rmtree(root / "sys/kernel/iommu_groups")
-    shutil.rmtree(root / "sys/class/iommu", ignore_errors=True)
-    for link in (root / "sys/bus/pci/devices").iterdir():
-        (link / "iommu_group").unlink(missing_ok=True)
-    tables = root / "sys/firmware/acpi/tables"
-    data = (tables / "DMAR").read_bytes()
-    (tables / "DMAR").unlink()
-    (tables / "RMAD").write_bytes(b"RMAD" + data[4:])  # Xen's copy, hidden from Linux's driver
-    (root / "sys/hypervisor").mkdir(parents=True, exist_ok=True)
-    (root / "sys/hypervisor/type").write_text("xen\n")
-    (root / "proc/xen").mkdir(parents=True, exist_ok=True)
-    (root / "proc/xen/capabilities").write_text("control_d\n")
-    (root / "xen").mkdir()
-    (root / "xen/xl-info").write_text(text(info))
-    (root / "xen/xl-dmesg").write_text(text(dmesg))
-    return root
-
-
 def test_a_dom0_is_audited_from_xens_evidence_with_groups_pciguard_derives(tree: Callable[..., Path]) -> None:
     root = dom0(tree, "xl-info-4.17.txt", "xl-dmesg-4.17-vtd.txt")
     assert is_dom0(Fs(str(root)))

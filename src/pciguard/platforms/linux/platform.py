@@ -53,6 +53,22 @@ from pciguard.platforms.linux.sysfs import (
     Fs,
 )
 
+StepLog = Callable[[str], Callable[[str], None]]  # the journal: a step intended, then how it ended
+
+
+@contextmanager
+def journaled(step_log: StepLog | None, description: str) -> Iterator[None]:
+    """One platform step, told to the journal before it is taken and after it ends."""
+    ended = step_log(description) if step_log else None
+    try:
+        yield
+    except BaseException:
+        if ended is not None:
+            ended("failed")
+        raise
+    if ended is not None:
+        ended("done")
+
 
 @dataclass(frozen=True)
 class Write:
@@ -80,7 +96,7 @@ class LinuxPlatform:
         group_types: Mapping[Bdf, str] | None = None,
         *,
         dry_run: bool = False,
-        step_log: Callable[[str], Callable[[str], None]] | None = None,
+        step_log: StepLog | None = None,
     ) -> None:
         self.fs = fs
         self._host = host
@@ -298,17 +314,8 @@ class LinuxPlatform:
             self._write(f"{PCI_DEVICES}/{device}/remove", "1")
 
     # -- helpers -------------------------------------------------------------------
-    @contextmanager
-    def _step(self, description: str) -> Iterator[None]:
-        ended = self.step_log(description) if self.step_log and not self.dry_run else None
-        try:
-            yield
-        except BaseException:
-            if ended is not None:
-                ended("failed")
-            raise
-        if ended is not None:
-            ended("done")
+    def _step(self, description: str) -> contextlib.AbstractContextManager[None]:
+        return journaled(None if self.dry_run else self.step_log, description)
 
     def _write(self, path: str, value: str) -> None:
         self.writes.append(Write(path, value))

@@ -1,0 +1,245 @@
+"""The ``Platform`` protocol on a Xen dom0: each step is an ``xl`` command or a sysfs write.
+
+- ``unbind_host_driver(d)`` / ``bind_host_driver(d)``: as on Linux (``driver/unbind``;
+  ``drivers/DRIVER/bind`` with the driver it had), so pciguard, not libxl, remembers
+  the driver to give back
+- ``attach(d, quarantine)`` from dom0: ``xl pci-assignable-add d`` (xen-pciback takes
+  it, Xen moves its context to DOMID_IO); refused unless Xen quarantines, since with
+  ``iommu=no-quarantine`` an assignable device stays in dom0's context
+- ``attach(d, vm)``: ``xl pci-attach vm d``: Xen points the device's context at the
+  domain and the guest's frontend sees it, one libxl operation; ``expose``,
+  ``route_msi`` and ``flush_iotlb`` then have nothing left to do (Xen sets up the
+  interrupt remapping entries and flushes as it reassigns)
+- ``attach(d, quarantine)`` from a VM: ``xl pci-detach vm d`` (back to pciback and
+  DOMID_IO, never dom0)
+- ``attach(d, host)``: ``xl pci-assignable-remove d`` (without ``-r``: pciguard rebinds)
+- ``reset(d)``, ``remove(d)``: ``1`` to ``devices/d/reset``, ``devices/d/remove``
+- ``crash_domain(vm)``: ``xl pause vm`` (it runs no more; its memory is held);
+  ``destroy_domain(vm)``: ``xl destroy vm``
+
+Domains are Xen's (``xl list -l``): pciguard creates none. A domain has an IOMMU
+context from its creation when its configuration says ``passthrough=`` something
+other than ``disabled``; with none, Xen would set one up late, at the first
+``pci-attach`` (the XSA-288 class), and the toolstack refuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from pciguard.errors import PlatformMisuse, StepFailed
+from pciguard.model import Bdf, Host
+from pciguard.model.kernel import QUARANTINE_DRIVERS, XenFacts, XenQuarantine
+from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
+from pciguard.platforms.linux.platform import StepLog, Write, journaled
+from pciguard.platforms.linux.sysfs import PCI_DEVICES, PCI_DRIVERS, Fs
+
+XL_TIMEOUT = 120.0  # seconds: pci-attach waits for the guest's frontend
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command the platform runs (or, in a dry run, would run)."""
+
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Runner = Callable[[tuple[str, ...]], Ran]
+
+
+def run_xl(argv: tuple[str, ...]) -> Ran:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=XL_TIMEOUT, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Ran(127, "", str(exc))
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def parse_domains(text: str) -> dict[str, DomainInfo]:
+    """``xl list -l``: a JSON list of domains; Domain-0 left out."""
+    try:
+        listed = json.loads(text or "[]")
+    except ValueError:
+        return {}
+    out = {}
+    for entry in listed if isinstance(listed, list) else []:
+        c_info = (entry.get("config") or {}).get("c_info") or {} if isinstance(entry, dict) else {}
+        name = c_info.get("name")
+        if not isinstance(name, str) or entry.get("domid") == 0:
+            continue
+        passthrough = c_info.get("passthrough")
+        context = isinstance(passthrough, str) and passthrough not in ("disabled", "default")
+        out[name] = DomainInfo(name, DomainState.RUNNING, iommu_context=context)
+    return out
+
+
+class XenPlatform:
+    """A Xen dom0 driven through ``xl`` and sysfs under ``fs``'s root."""
+
+    def __init__(
+        self,
+        fs: Fs,
+        host: Host,
+        xen: XenFacts,
+        host_drivers: Mapping[Bdf, str | None],
+        *,
+        run: Runner = run_xl,
+        dry_run: bool = False,
+        step_log: StepLog | None = None,
+    ) -> None:
+        self.fs, self._host, self.xen = fs, host, xen
+        self.host_drivers = dict(host_drivers)
+        self.run, self.dry_run, self.step_log = run, dry_run, step_log
+        self.writes: list[Command | Write] = []  # what it ran and wrote (would, in a dry run)
+        self._domains = parse_domains(self._xl("list", "-l", quiet=True).stdout)
+        self._with: dict[Bdf, str] = {}  # devices pciguard attached to a domain in this run
+
+    @property
+    def host(self) -> Host:
+        return self._host
+
+    # -- what is there now ---------------------------------------------------------
+    def driver(self, device: Bdf) -> str | None:
+        return self.fs.link_name(f"{PCI_DEVICES}/{device}/driver")
+
+    def domains(self) -> Mapping[str, DomainInfo]:
+        return self._domains
+
+    def present(self, device: Bdf) -> bool:
+        return self.fs.exists(f"{PCI_DEVICES}/{device}")
+
+    def host_driver_bound(self, device: Bdf) -> bool:
+        driver = self.driver(device)
+        return driver is not None and driver not in QUARANTINE_DRIVERS
+
+    def context_of(self, device: Bdf) -> str | None:
+        if device in self._with:
+            return self._with[device]
+        held = self.driver(device) in QUARANTINE_DRIVERS and self._quarantines()
+        return QUARANTINE if held else HOST
+
+    def _quarantines(self) -> bool:
+        return self.xen.quarantine in (XenQuarantine.BASIC, XenQuarantine.SCRATCH_PAGE)
+
+    # -- domains ---------------------------------------------------------------------
+    def create_domain(self, name: str, *, iommu_context: bool) -> None:
+        raise PlatformMisuse(f"pciguard creates no Xen domain ({name}): `xl create` it with passthrough=")
+
+    def crash_domain(self, name: str) -> None:
+        with self._step(f"crash_domain({name})"):
+            self._xl("pause", name)
+            self._domains[name] = DomainInfo(name, DomainState.CRASHED, self._domains[name].iommu_context)
+
+    def destroy_domain(self, name: str) -> None:
+        with self._step(f"destroy_domain({name})"):
+            self._xl("destroy", name)
+            self._domains[name] = DomainInfo(name, DomainState.DESTROYED, self._domains[name].iommu_context)
+
+    def enable_iommu_context(self, name: str) -> None:
+        raise PlatformMisuse("a domain's IOMMU context is set when it is created (passthrough=)")
+
+    # -- device steps ----------------------------------------------------------------
+    def unbind_host_driver(self, device: Bdf) -> None:
+        with self._step(f"unbind_host_driver({device})"):
+            if (driver := self.driver(device)) is not None:
+                self.host_drivers[device] = driver
+                self._write(f"{PCI_DEVICES}/{device}/driver/unbind", str(device))
+
+    def bind_host_driver(self, device: Bdf) -> None:
+        with self._step(f"bind_host_driver({device})"):
+            if (driver := self.host_drivers.get(device)) is not None:
+                self._write(f"{PCI_DRIVERS}/{driver}/bind", str(device))
+
+    def offer_host_driver(self, device: Bdf) -> None:
+        raise PlatformMisuse("the hot-plug guard does not run on Xen yet")
+
+    def reset(self, device: Bdf) -> None:
+        with self._step(f"reset({device})"):
+            self._write(f"{PCI_DEVICES}/{device}/reset", "1")
+
+    def attach(self, device: Bdf, domain: str) -> None:
+        with self._step(f"attach({device}, {domain})"):
+            held_by = self._with.get(device)
+            if domain == QUARANTINE and held_by is not None:
+                self._xl("pci-detach", held_by, str(device))
+                del self._with[device]
+            elif domain == QUARANTINE:
+                if not self._quarantines():
+                    raise StepFailed(
+                        "attach",
+                        f"Xen would leave {device} in dom0's IOMMU context (no quarantine: "
+                        "iommu=no-quarantine, or a Xen before 4.13); boot Xen with quarantine",
+                    )
+                if self.driver(device) not in QUARANTINE_DRIVERS:
+                    self._xl("pci-assignable-add", str(device))
+            elif domain == HOST:
+                self._xl("pci-assignable-remove", str(device))
+            elif domain in self._domains:
+                self._xl("pci-attach", domain, str(device))
+                self._with[device] = domain
+            else:
+                raise PlatformMisuse(f"cannot attach {device} to {domain}: Xen has no such domain")
+
+    def flush_iotlb(self, device: Bdf) -> None:
+        """Nothing to run: Xen flushes as it reassigns a device."""
+
+    def route_msi(self, device: Bdf, domain: str) -> None:
+        """Nothing to run: Xen sets a device's interrupt remapping entries as it binds
+        its interrupts to the domain that has it."""
+
+    def map_reserved(self, device: Bdf, domain: str) -> None:
+        raise PlatformMisuse("pciguard gives no device with firmware 1:1 regions to a Xen guest")
+
+    def unmap_reserved(self, device: Bdf, domain: str) -> None:
+        raise PlatformMisuse("pciguard gives no device with firmware 1:1 regions to a Xen guest")
+
+    def expose(self, device: Bdf, domain: str) -> None:
+        """Nothing left to run: ``xl pci-attach`` (``attach``) gave the guest the device."""
+        if self._with.get(device) != domain:
+            raise StepFailed("expose", f"{device} is not attached to {domain}")
+
+    def unexpose(self, device: Bdf, domain: str) -> None:
+        """Nothing to run: ``xl pci-detach`` (``attach`` to quarantine) takes it away."""
+
+    def remove(self, device: Bdf) -> None:
+        with self._step(f"remove({device})"):
+            self._write(f"{PCI_DEVICES}/{device}/remove", "1")
+
+    # -- helpers ---------------------------------------------------------------------
+    def _xl(self, *args: str, quiet: bool = False) -> Ran:
+        command = Command(("xl", *args))
+        if not quiet:
+            self.writes.append(command)
+            if self.dry_run:
+                return Ran(0, "", "")
+        ran = self.run(command.argv)
+        if ran.returncode != 0 and not quiet:
+            raise StepFailed("xl", f"{command} failed ({ran.returncode}): {ran.stderr.strip()[-300:]}")
+        return ran
+
+    def _write(self, path: str, value: str) -> None:
+        self.writes.append(Write(path, value))
+        if self.dry_run:
+            return
+        try:
+            self.fs.write(path, value)
+        except OSError as exc:
+            raise StepFailed("sysfs", f"writing {value.strip()!r} to /{path}: {exc.strerror or exc}") from exc
+
+    def _step(self, description: str) -> contextlib.AbstractContextManager[None]:
+        return journaled(None if self.dry_run else self.step_log, description)
