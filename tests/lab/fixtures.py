@@ -57,6 +57,11 @@ def _outcome(lab: Lab, name: str) -> Outcome:
 
 
 @pytest.fixture
+def xen(lab: Lab) -> Outcome:
+    return _outcome(lab, "xen")
+
+
+@pytest.fixture
 def topologies(lab: Lab) -> Outcome:
     return _outcome(lab, "topologies")
 

@@ -6,13 +6,17 @@
   installed; its bzImage is decompressed to the ELF ``vmlinux`` that QEMU boots directly
   (PVH), which skips the kernel's own decompression under emulation;
 - an initramfs: static busybox, the kernel modules the guest loads (with every
-  dependency named in their ``.modinfo``, in load order) and ``guest/init``.
+  dependency named in their ``.modinfo``, in load order) and ``guest/init``;
+- for the Xen machines: Debian's Xen hypervisor and tools, downloaded and unpacked,
+  never installed (the hypervisor gunzipped to the multiboot ELF QEMU boots; the tools
+  run in dom0 from the unpacked tree), and a dom0 initramfs with Xen's modules.
 
 Nothing here is pciguard: it is the bench the real-kernel tests stand on.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import lzma
 import os
@@ -28,6 +32,36 @@ from pathlib import Path
 PACKAGES = {"qemu-system-x86": "qemu-system-x86_64", "busybox-static": "busybox"}
 # Loaded in the guest, in this order after their dependencies.
 MODULES = ("9pnet_virtio", "9p", "virtio_pci", "vfio_pci", "vfio_iommu_type1", "e1000e")
+# A PV dom0's: the 9p shares, and what Xen's tools need (/proc/xen, privcmd, event
+# channels, grants) and xen-pciback.
+DOM0_MODULES = (
+    "9pnet_virtio",
+    "9p",
+    "virtio_pci",
+    "xen_evtchn",
+    "xenfs",
+    "xen_privcmd",
+    "xen_gntdev",
+    "xen_gntalloc",
+    "xen_pciback",
+)
+XEN_VERSION = "4.17"
+XEN_PACKAGES = (
+    f"xen-hypervisor-{XEN_VERSION}-amd64",
+    f"xen-utils-{XEN_VERSION}",
+    "xen-utils-common",
+    f"libxenmisc{XEN_VERSION}",
+    "libxencall1",
+    "libxendevicemodel1",
+    "libxenevtchn1",
+    "libxenforeignmemory1",
+    "libxengnttab1",
+    "libxenhypfs1",
+    "libxenstore4",
+    "libxentoolcore1",
+    "libxentoollog1",
+    "libyajl2",
+)
 GUEST = Path(__file__).resolve().parent / "guest"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 
@@ -42,6 +76,9 @@ class Kit:
     vmlinux: Path
     initramfs: Path
     kernel_version: str
+    xen: Path  # the hypervisor, a multiboot ELF
+    xen_tools: Path  # the unpacked Xen packages: usr/lib/xen-4.17/bin, usr/lib/x86_64-linux-gnu
+    dom0_initramfs: Path
 
 
 def cache_dir() -> Path:
@@ -120,7 +157,7 @@ def module_load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
     return order
 
 
-def build_initramfs(kernel_root: Path, version: str, out: Path) -> None:
+def build_initramfs(kernel_root: Path, version: str, out: Path, wanted: tuple[str, ...] = MODULES) -> None:
     busybox = shutil.which("busybox")
     assert busybox is not None
     with tempfile.TemporaryDirectory() as scratch:
@@ -128,7 +165,7 @@ def build_initramfs(kernel_root: Path, version: str, out: Path) -> None:
         for folder in ("bin", "proc", "sys", "dev", "host", "out", "modules"):
             (stage / folder).mkdir()
         shutil.copy(busybox, stage / "bin" / "busybox")
-        modules = module_load_order(kernel_root / "lib" / "modules" / version / "kernel", MODULES)
+        modules = module_load_order(kernel_root / "lib" / "modules" / version / "kernel", wanted)
         for path in modules:
             shutil.copy(path, stage / "modules" / path.name)
         (stage / "modules" / "order").write_text("".join(f"{p.name}\n" for p in modules))
@@ -160,15 +197,40 @@ def prepare() -> Kit:
     cache.mkdir(parents=True, exist_ok=True)
     package = kernel_package()
     version = package.removeprefix("linux-image-")
-    init_hash = hashlib.sha256((GUEST / "init").read_bytes() + ",".join(MODULES).encode()).hexdigest()[:12]
+    init = (GUEST / "init").read_bytes()
+    init_hash = hashlib.sha256(init + ",".join(MODULES).encode()).hexdigest()[:12]
+    dom0_hash = hashlib.sha256(init + ",".join(DOM0_MODULES).encode()).hexdigest()[:12]
     vmlinux = cache / f"vmlinux-{version}"
     initramfs = cache / f"initramfs-{version}-{init_hash}.cpio"
-    if not (vmlinux.exists() and initramfs.exists()):
+    dom0_initramfs = cache / f"dom0-initramfs-{version}-{dom0_hash}.cpio"
+    if not (vmlinux.exists() and initramfs.exists() and dom0_initramfs.exists()):
         with unpacked_kernel(package, cache) as root:
             if not vmlinux.exists():
                 extract_vmlinux(root / "boot" / f"vmlinuz-{version}", vmlinux)
             if not initramfs.exists():
                 build_initramfs(root, version, initramfs)
+            if not dom0_initramfs.exists():
+                build_initramfs(root, version, dom0_initramfs, DOM0_MODULES)
+    xen, tools = xen_kit(cache)
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu is not None
-    return Kit(Path(qemu), vmlinux, initramfs, version)
+    return Kit(Path(qemu), vmlinux, initramfs, version, xen, tools, dom0_initramfs)
+
+
+def xen_kit(cache: Path) -> tuple[Path, Path]:
+    """Debian's Xen, unpacked once into the cache: the hypervisor's ELF and the tools."""
+    tools = cache / f"xen-{XEN_VERSION}"
+    xen = cache / f"xen-{XEN_VERSION}.elf"
+    if xen.exists() and (tools / "done").exists():
+        return xen, tools
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        _run("apt-get", "download", *XEN_PACKAGES, cwd=Path(scratch))
+        unpacked = Path(scratch) / "root"
+        for deb in sorted(Path(scratch).glob("*.deb")):
+            _run("dpkg-deb", "-x", str(deb), str(unpacked))
+        (image,) = unpacked.glob(f"boot/xen-{XEN_VERSION}*-amd64.gz")
+        _write_atomically(xen, gzip.decompress(image.read_bytes()))
+        shutil.rmtree(tools, ignore_errors=True)
+        unpacked.rename(tools)
+        (tools / "done").touch()
+    return xen, tools

@@ -28,6 +28,11 @@ HOTPLUG_READY, HOTPLUG_DONE = "hotplug-ready", "hotplug-done"  # the guest's and
 BOOT_LIMIT = 420  # seconds; a hung guest is killed, not waited for
 EDU = "edu,dma_mask=0xffffffffff"  # the default 28-bit mask would clamp DMA addresses silently
 BASE_CMDLINE = "console=ttyS0 panic=-1 intel_iommu=on iommu.strict=1 loglevel=4"
+XEN_CMDLINE = (
+    "console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
+    "dom0_mem=1024M,max:1024M dom0_max_vcpus=1 iommu=verbose"
+)
+DOM0_CMDLINE = "console=hvc0 earlyprintk=xen panic=-1 loglevel=4"
 STATE = ("--state-dir", "/run/pciguard")  # the journal, on the guest's tmpfs
 VM_USER = 65534  # the user a VM's process runs as
 
@@ -42,6 +47,9 @@ class Machine:
     # Rounds of device_add arguments: the host sends round N when the guest writes
     # "hotplug-ready-N" into the results folder, and writes "hotplug-done-N" after.
     hotplug: tuple[tuple[str, ...], ...] = ()
+    # Xen under QEMU (TCG, the same emulated VT-d): the lab's kernel boots as a PV dom0,
+    # and ``xen`` is the hypervisor's own command line; None: no Xen.
+    xen: str | None = None
 
 
 @dataclass
@@ -73,16 +81,28 @@ class Outcome:
 
 
 def qemu_argv(kit: Kit, machine: Machine, out: Path) -> list[str]:
+    if machine.xen is None:
+        boot = [
+            "-m", "1024", "-kernel", str(kit.vmlinux), "-initrd", str(kit.initramfs),
+            "-append", f"{BASE_CMDLINE} {machine.cmdline}".strip(),
+        ]  # fmt: skip
+    else:  # Xen boots first; dom0's kernel, its command line and initramfs are its modules
+        dom0 = f"{kit.vmlinux} {DOM0_CMDLINE} {machine.cmdline}".strip()
+        # QEMU separates multiboot modules with commas: a comma of their own is doubled.
+        boot = [
+            "-m", "2048", "-kernel", str(kit.xen),
+            "-append", f"{XEN_CMDLINE} {machine.xen}".strip(),
+            "-initrd", f"{dom0.replace(',', ',,')},{kit.dom0_initramfs}",
+        ]  # fmt: skip
     argv = [
         "timeout", "--kill-after=10", str(BOOT_LIMIT),
         str(kit.qemu), "-accel", "tcg,thread=multi", "-machine", "q35,kernel-irqchip=split",
-        "-cpu", "qemu64", "-smp", "1", "-m", "1024", "-nodefaults",
+        "-cpu", "qemu64", "-smp", "1", "-nodefaults",
         "-device", "intel-iommu,intremap=on",
         "-display", "none", "-no-reboot",
         "-monitor", f"unix:{out / MONITOR},server=on,wait=off" if machine.hotplug else "none",
         "-serial", f"file:{out / 'console.log'}",
-        "-kernel", str(kit.vmlinux), "-initrd", str(kit.initramfs),
-        "-append", f"{BASE_CMDLINE} {machine.cmdline}".strip(),
+        *boot,
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={out},mount_tag=results,security_model=none",
     ]  # fmt: skip
@@ -91,8 +111,10 @@ def qemu_argv(kit: Kit, machine: Machine, out: Path) -> list[str]:
     return argv
 
 
-def guest_script(out: Path) -> str:
-    """run.sh: from the initramfs into the host's root, with the guest's own kernel views."""
+def guest_script(out: Path, machine: Machine | None = None, kit: Kit | None = None) -> str:
+    """run.sh: from the initramfs into the host's root, with the guest's own kernel views
+    (in a Xen dom0 also /proc/xen, a writable /var, and Xen's tools from the kit with
+    xenstored started)."""
     py = shlex.quote(sys.executable)
     paths = shlex.quote(f"{CHECKOUT / 'src'}:{CHECKOUT / 'tests'}")
     target = shlex.quote(f"/host{out}")
@@ -100,6 +122,20 @@ def guest_script(out: Path) -> str:
     if sys.prefix != sys.base_prefix:  # a venv: its packages, for the ordinary user's runs
         prefix = shlex.quote(os.path.realpath(sys.prefix))
         venv = f"mkdir /host/run/venv && mount -o bind /host{prefix} /host/run/venv"
+    path, xen = "/usr/bin:/bin", ""
+    if machine is not None and machine.xen is not None and kit is not None:
+        tools = kit.xen_tools
+        bins = shlex.quote(f"{tools}/usr/lib/xen-4.17/bin")
+        libs = shlex.quote(f"{tools}/usr/lib/x86_64-linux-gnu")
+        path = f"{bins}:/usr/bin:/bin LD_LIBRARY_PATH={libs}"
+        xen = f"""mount -t xenfs xenfs /host/proc/xen
+mount -t tmpfs tmpfs /host/var
+mkdir -p /host/var/lib/xen/dump /host/var/lib/xenstored /host/var/log/xen /host/run/xen
+ln -s /run /host/var/run
+mkdir -p /host/dev/pts && mount -t devpts devpts /host/dev/pts
+chroot /host /usr/bin/env -i PATH={path} xenstored --pid-file /run/xenstored.pid
+chroot /host /usr/bin/env -i PATH={path} xen-init-dom0 > /dev/null
+"""
     return f"""set -u
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || exit 1
 mount -t proc proc /host/proc
@@ -109,7 +145,7 @@ mount -t tmpfs tmpfs /host/run
 mkdir /host/run/python && mount -o bind /host{shlex.quote(os.path.realpath(sys.base_prefix))} /host/run/python
 {venv}
 mount -o bind /out {target}
-chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/run TMPDIR=/run PYTHONDONTWRITEBYTECODE=1 \\
+{xen}chroot /host /usr/bin/env -i PATH={path} HOME=/run TMPDIR=/run PYTHONDONTWRITEBYTECODE=1 \\
     PYTHONPATH={paths} {py} -m lab.inside {shlex.quote(str(out / "plan.json"))}
 """
 
@@ -117,7 +153,7 @@ chroot /host /usr/bin/env -i PATH=/usr/bin:/bin HOME=/run TMPDIR=/run PYTHONDONT
 def start(kit: Kit, machine: Machine, out: Path) -> Boot:
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps({"devices": machine.locators, "steps": machine.steps}))
-    (out / "run.sh").write_text(guest_script(out))
+    (out / "run.sh").write_text(guest_script(out, machine, kit))
     log = open(out / "qemu.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(qemu_argv(kit, machine, out), stdout=log, stderr=subprocess.STDOUT)
     log.close()
@@ -320,4 +356,22 @@ HOTPLUG = Machine(
     ),
 )
 
-MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP, HOTPLUG)
+# Xen 4.17 with the lab's kernel as its PV dom0: one edu under a root port. The audit
+# in dom0, then pciguard's toolstack makes the edu assignable (xen-pciback, DOMID_IO)
+# and gives it back.
+XEN = Machine(
+    name="xen",
+    devices=ONE_EDU,
+    locators={"edu1": "00:10.0/00.0"},
+    steps=(
+        {"do": "xl", "name": "xl-info", "args": ["info"]},
+        {"do": "xl", "name": "xl-dmesg", "args": ["dmesg"]},
+        {"do": "audit", "name": "audit"},
+        {"do": "xen-toolstack", "name": "quarantine", "operation": "make-assignable", "device": "edu1"},
+        {"do": "audit", "name": "audit-quarantined"},
+        {"do": "xen-toolstack", "name": "unquarantine", "operation": "make-unassignable", "device": "edu1"},
+    ),
+    xen="",
+)
+
+MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP, HOTPLUG, XEN)

@@ -371,3 +371,48 @@ def test_the_allowed_nic_gets_its_host_driver_only_after_the_decision(hotplug: O
     drivers = [driver for _, driver in ran["watched"][nic]["drivers"]]
     assert drivers[-1] == "e1000e" and "e1000e" not in drivers[:-1]
     assert ran["decisions"][nic]["outcome"] == "bound to host driver e1000e"
+
+
+# -- Xen 4.17 under QEMU, the lab's kernel as its PV dom0 -------------------------------
+def test_the_audit_in_a_xen_dom0_judges_from_xen_and_derives_the_groups(xen: Outcome) -> None:
+    audit = xen.step("audit")["json"]
+    (unit,) = audit["iommus"]
+    assert (unit["dma_remapping"], unit["interrupt_remapping"]) == ("enabled", "enabled"), unit
+    codes = {f["code"]: f for f in audit["findings"]}
+    assert {"xen-dom0", "xen-quarantine"} <= set(codes), codes
+    assert not [f for f in audit["findings"] if f["severity"] == "critical"], audit["findings"]
+    edu = xen.bdf("edu1")
+    (group,) = [g for g in audit["groups"] if edu in {m["bdf"] for m in g["members"]}]
+    assert group["number"] is not None  # derived by pciguard: the dom0 kernel has no groups
+
+
+def test_the_real_xens_words_are_read_as_the_recorded_ones(xen: Outcome) -> None:
+    from pciguard.model import Feature
+    from pciguard.platforms.xen.evidence import parse_xl_dmesg, parse_xl_info
+
+    info = parse_xl_info(xen.step("xl-info")["stdout"])
+    assert info["xen_version"].startswith("4.17") and "hvm_directio" in info["virt_caps"].split()
+    boot = parse_xl_dmesg(xen.step("xl-dmesg")["stdout"])
+    assert (boot.iommu_vendor, boot.dma_remapping, boot.interrupt_remapping, boot.complete) == (
+        "Intel VT-d",
+        Feature.ENABLED,
+        Feature.ENABLED,
+        True,
+    )
+
+
+def test_pciguard_makes_a_device_assignable_on_xen_and_gives_it_back(xen: Outcome) -> None:
+    edu = xen.bdf("edu1")
+    quarantined = xen.step("quarantine")
+    assert quarantined["outcome"] == "done", quarantined
+    assert quarantined["ran"] == [
+        f"xl pci-assignable-add {edu}",
+        f"echo 1 > /sys/bus/pci/devices/{edu}/reset",
+    ]
+    assert quarantined["driver"] == "pciback" and quarantined["assignable"] == [edu]
+    after = xen.step("audit-quarantined")["json"]
+    (member,) = [m for g in after["groups"] for m in g["members"] if m["bdf"] == edu]
+    assert member["state"] == "quarantined"
+    given_back = xen.step("unquarantine")
+    assert given_back["outcome"] == "done" and given_back["driver"] is None, given_back
+    assert given_back["assignable"] == []

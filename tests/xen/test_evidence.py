@@ -31,6 +31,13 @@ XEN = CORPUS / "xen"
 ON, OFF, UNKNOWN = Feature.ENABLED, Feature.DISABLED, Feature.UNKNOWN
 
 
+def test_the_lab_xens_own_xl_info() -> None:
+    facts = xen_facts(text("lab-4.17-xl-info.txt"), text("lab-4.17-xl-dmesg.txt"))
+    assert facts.version == "4.17.5" and facts.quarantine is XenQuarantine.BASIC
+    assert facts.directio == frozenset({"hvm_directio", "pv_directio"})
+    assert (facts.dma_remapping, facts.interrupt_remapping) == (ON, ON)
+
+
 def test_xl_info_keys_and_a_command_line_that_goes_on_to_the_next_line() -> None:
     info = parse_xl_info(text("xl-info-4.17.txt"))
     assert info["xen_version"] == "4.17.5"
@@ -43,6 +50,7 @@ def test_xl_info_keys_and_a_command_line_that_goes_on_to_the_next_line() -> None
     ("name", "vendor", "dma", "intremap", "mode", "complete"),
     [
         ("xl-dmesg-4.17-vtd.txt", "Intel VT-d", ON, ON, "Relaxed", True),
+        ("lab-4.17-xl-dmesg.txt", "Intel VT-d", ON, ON, "Relaxed", True),  # the real one
         # Before Xen 4.3 only VT-d's own line said whether interrupts were remapped.
         ("xl-dmesg-4.2-vtd-no-intremap.txt", "Intel VT-d", ON, OFF, "Relaxed", True),
         ("xl-dmesg-4.14-amd.txt", "AMD-Vi", ON, ON, "Relaxed", True),
