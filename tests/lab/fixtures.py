@@ -62,6 +62,11 @@ def xen(lab: Lab) -> Outcome:
 
 
 @pytest.fixture
+def xen_scratch(lab: Lab) -> Outcome:
+    return _outcome(lab, "xen-scratch")
+
+
+@pytest.fixture
 def topologies(lab: Lab) -> Outcome:
     return _outcome(lab, "topologies")
 

@@ -30,6 +30,7 @@ from lab.edu_probe import copy, own_pages, probe, verdict
 from lab.machines import HOTPLUG_DONE, HOTPLUG_READY
 from lab.nic_probe import probe as nic_probe
 from lab.vfio_user import HALF, IOVA, UNMAPPED_IOVA
+from lab.xen_probe import probe as xen_probe
 
 SYS_DEVICES = Path("/sys/devices/pci0000:00")
 IOMMU_GROUPS = Path("/sys/kernel/iommu_groups")
@@ -375,6 +376,7 @@ def run(plan_path: Path) -> dict[str, Any]:
         "guard-hotplug": lambda step: guard_hotplug(step, out),
         "xl": lambda step: xl(step["args"]),
         "xen-toolstack": lambda step: xen_toolstack(step["operation"], devices[step["device"]] or "absent"),
+        "xen-probe": lambda step: vars(xen_probe(devices[step["device"]] or "absent")),
     }
     for step in plan["steps"]:
         try:

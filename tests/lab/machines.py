@@ -356,22 +356,36 @@ HOTPLUG = Machine(
     ),
 )
 
-# Xen 4.17 with the lab's kernel as its PV dom0: one edu under a root port. The audit
-# in dom0, then pciguard's toolstack makes the edu assignable (xen-pciback, DOMID_IO)
-# and gives it back.
-XEN = Machine(
-    name="xen",
-    devices=ONE_EDU,
-    locators={"edu1": "00:10.0/00.0"},
-    steps=(
-        {"do": "xl", "name": "xl-info", "args": ["info"]},
-        {"do": "xl", "name": "xl-dmesg", "args": ["dmesg"]},
-        {"do": "audit", "name": "audit"},
-        {"do": "xen-toolstack", "name": "quarantine", "operation": "make-assignable", "device": "edu1"},
-        {"do": "audit", "name": "audit-quarantined"},
-        {"do": "xen-toolstack", "name": "unquarantine", "operation": "make-unassignable", "device": "edu1"},
-    ),
-    xen="",
-)
 
-MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP, HOTPLUG, XEN)
+def xen_machine(name: str, xen: str) -> Machine:
+    """Xen 4.17 with the lab's kernel as its PV dom0 and one edu under a root port: the
+    audit in dom0; the edu's DMA from dom0 before, after pciguard's toolstack made it
+    assignable (xen-pciback, DOMID_IO), and after it gave it back."""
+    return Machine(
+        name=name,
+        devices=ONE_EDU,
+        locators={"edu1": "00:10.0/00.0"},
+        steps=(
+            {"do": "xl", "name": "xl-info", "args": ["info"]},
+            {"do": "xl", "name": "xl-dmesg", "args": ["dmesg"]},
+            {"do": "audit", "name": "audit"},
+            {"do": "xen-probe", "name": "probe-dom0", "device": "edu1"},
+            {"do": "xen-toolstack", "name": "quarantine", "operation": "make-assignable", "device": "edu1"},
+            {"do": "audit", "name": "audit-quarantined"},
+            {"do": "xen-probe", "name": "probe-quarantined", "device": "edu1"},
+            {
+                "do": "xen-toolstack",
+                "name": "unquarantine",
+                "operation": "make-unassignable",
+                "device": "edu1",
+            },
+            {"do": "xen-probe", "name": "probe-given-back", "device": "edu1"},
+        ),
+        xen=xen,
+    )
+
+
+XEN = xen_machine("xen", "")
+XEN_SCRATCH = xen_machine("xen-scratch", "iommu=quarantine=scratch-page")
+
+MACHINES = (TOPOLOGIES, PASSTHROUGH, NO_INTREMAP, HOTPLUG, XEN, XEN_SCRATCH)

@@ -401,6 +401,30 @@ def test_the_real_xens_words_are_read_as_the_recorded_ones(xen: Outcome) -> None
     )
 
 
+def test_on_xen_a_device_pciguard_made_assignable_has_its_dma_blocked_and_back_in_dom0_it_lands(
+    xen: Outcome,
+) -> None:
+    # The edu's DMA, driven from dom0, aimed at dom0's own pages (machine addresses).
+    verdicts = {
+        name: xen.step(name)["verdict"] for name in ("probe-dom0", "probe-quarantined", "probe-given-back")
+    }
+    assert verdicts == {
+        "probe-dom0": "LANDED",
+        "probe-quarantined": "BLOCKED",
+        "probe-given-back": "LANDED",
+    }, [xen.step(name) for name in verdicts]
+
+
+def test_with_xens_scratch_page_quarantine_the_dma_is_contained(xen_scratch: Outcome) -> None:
+    # Neither in dom0's memory nor faulted: the device's scratch page took it.
+    assert xen_scratch.step("quarantine")["outcome"] == "done"
+    found = xen_scratch.step("probe-quarantined")
+    assert found["verdict"] == "CONTAINED", found
+    assert xen_scratch.step("probe-given-back")["verdict"] == "LANDED"
+    findings = {f["code"]: f["message"] for f in xen_scratch.step("audit")["json"]["findings"]}
+    assert "scratch page" in findings["xen-quarantine"]
+
+
 def test_pciguard_makes_a_device_assignable_on_xen_and_gives_it_back(xen: Outcome) -> None:
     edu = xen.bdf("edu1")
     quarantined = xen.step("quarantine")
