@@ -72,6 +72,9 @@ class FakeXl:
             self.attached[args[1]] = args[0]
         elif command == "pci-detach":
             self.attached.pop(args[1], None)
+        elif command == "pci-list":
+            rows = [f"00.0 {bdf}" for bdf, domain in self.attached.items() if domain == args[0]]
+            return Ran(0, "\n".join(["Vdev Device", *rows]) + "\n", "")
         elif command == "destroy":
             self.domains.pop(args[0], None)
         return Ran(0, "", "")

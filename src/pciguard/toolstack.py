@@ -279,6 +279,9 @@ class Toolstack:
                 )
                 if context == QUARANTINE:  # held away from the host already (a host at start)
                     self._move(bdf, Event.ADOPT, None)
+                elif context is not None and context != HOST and context in platform.domains():
+                    self._move(bdf, Event.ADOPT, None)
+                    self.adopt_assigned(bdf, context)
 
     # -- the ledger as one value (for the verifier) --------------------------------
     def snapshot(self, only: frozenset[Bdf] | None = None) -> LedgerSnapshot:

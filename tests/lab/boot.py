@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab.kit import LabUnavailable, prepare
-from lab.machines import MACHINES, Outcome, finish, start
+from lab.machines import MACHINES, Outcome, Runs
 
 
 def show(outcome: Outcome) -> None:
@@ -61,10 +61,14 @@ def main() -> int:
         return 2
     out = args.out or Path(tempfile.mkdtemp(prefix="pciguard-lab-"))
     began = time.monotonic()
-    boots = [start(kit, m, out / m.name) for m in MACHINES if m.name in chosen]
-    for boot in boots:
-        show(finish(boot))
-    print(f"{len(boots)} machine(s) in {time.monotonic() - began:.0f} s")
+    picked = tuple(m for m in MACHINES if m.name in chosen)
+    runs = Runs(kit, picked, out)
+    try:
+        for machine in picked:
+            show(runs.outcome(machine.name))
+    finally:
+        runs.stop()
+    print(f"{len(picked)} machine(s) in {time.monotonic() - began:.0f} s")
     return 0
 
 

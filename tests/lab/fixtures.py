@@ -1,5 +1,5 @@
 """The lab's fixtures, a plugin tests/conftest.py loads: every machine boots once per
-test session, all at the same time (one virtual CPU each), and each test reads what its
+test session, a few at a time (one virtual CPU each), and each test reads what its
 guest brought back.
 
 Without QEMU and no way to install it (not root), the lab tests are skipped with the
@@ -14,42 +14,24 @@ from collections.abc import Iterator
 import pytest
 
 from lab.kit import LabUnavailable, prepare
-from lab.machines import MACHINES, Boot, Outcome, finish, start
-
-
-class Lab:
-    def __init__(self, boots: dict[str, Boot]) -> None:
-        self._boots = boots
-        self._outcomes: dict[str, Outcome] = {}
-
-    def __getitem__(self, name: str) -> Outcome:
-        if name not in self._outcomes:
-            self._outcomes[name] = finish(self._boots[name])
-        return self._outcomes[name]
-
-    def stop(self) -> None:
-        for boot in self._boots.values():
-            if boot.process.poll() is None:
-                boot.process.kill()
-                boot.process.wait()
+from lab.machines import MACHINES, Outcome, Runs
 
 
 @pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
     try:
         kit = prepare()
     except LabUnavailable as exc:
         if os.environ.get("PCIGUARD_LAB") == "required":
             pytest.fail(f"the lab is required but cannot run: {exc}")
         pytest.skip(f"lab unavailable: {exc}")
-    root = tmp_path_factory.mktemp("lab")
-    running = Lab({m.name: start(kit, m, root / m.name) for m in MACHINES})
+    running = Runs(kit, MACHINES, tmp_path_factory.mktemp("lab"))
     yield running
     running.stop()
 
 
-def _outcome(lab: Lab, name: str) -> Outcome:
-    outcome = lab[name]
+def _outcome(lab: Runs, name: str) -> Outcome:
+    outcome = lab.outcome(name)
     assert outcome.result is not None, (
         f"guest {name} brought nothing back (exit {outcome.exit_code}); console:\n{outcome.console[-4000:]}"
     )
@@ -57,32 +39,32 @@ def _outcome(lab: Lab, name: str) -> Outcome:
 
 
 @pytest.fixture
-def xen(lab: Lab) -> Outcome:
+def xen(lab: Runs) -> Outcome:
     return _outcome(lab, "xen")
 
 
 @pytest.fixture
-def xen_scratch(lab: Lab) -> Outcome:
+def xen_scratch(lab: Runs) -> Outcome:
     return _outcome(lab, "xen-scratch")
 
 
 @pytest.fixture
-def topologies(lab: Lab) -> Outcome:
+def topologies(lab: Runs) -> Outcome:
     return _outcome(lab, "topologies")
 
 
 @pytest.fixture
-def passthrough(lab: Lab) -> Outcome:
+def passthrough(lab: Runs) -> Outcome:
     return _outcome(lab, "iommu-pt")
 
 
 @pytest.fixture
-def no_intremap(lab: Lab) -> Outcome:
+def no_intremap(lab: Runs) -> Outcome:
     return _outcome(lab, "intremap-off")
 
 
 @pytest.fixture
-def hotplug(lab: Lab) -> Outcome:
+def hotplug(lab: Runs) -> Outcome:
     return _outcome(lab, "hotplug")
 
 

@@ -330,32 +330,6 @@ def xl(args: list[str]) -> dict[str, Any]:
     return {"exit": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
 
 
-def xen_toolstack(operation: str, bdf: str) -> dict[str, Any]:
-    """One operation of pciguard's toolstack on this dom0, carried out by its Xen
-    platform: what it ran, and what Xen and the kernel say after."""
-    from pciguard.model import Bdf
-    from pciguard.platforms.linux.sysfs import Fs
-    from pciguard.platforms.xen.dom0 import read
-    from pciguard.platforms.xen.platform import XenPlatform
-    from pciguard.toolstack import Toolstack
-
-    reading = read(Fs("/"))
-    assert reading.facts.xen is not None, "not a Xen dom0"
-    platform = XenPlatform(Fs("/"), reading.host, reading.facts.xen, {})
-    toolstack = Toolstack(platform)
-    outcome = "done"
-    try:
-        toolstack.execute(toolstack.plan(operation, Bdf.parse(bdf)))
-    except Exception as exc:  # reported, not raised: the test says what it expected
-        outcome = f"{type(exc).__name__}: {exc}"
-    return {
-        "outcome": outcome,
-        "ran": [str(w) for w in platform.writes],
-        "driver": drivers_of([bdf])[bdf],
-        "assignable": xl(["pci-assignable-list"])["stdout"].split(),
-    }
-
-
 def run(plan_path: Path) -> dict[str, Any]:
     plan = json.loads(plan_path.read_text())
     out = plan_path.parent
@@ -375,7 +349,6 @@ def run(plan_path: Path) -> dict[str, Any]:
         "plug-without-guard": lambda step: plug_without_guard(step, out),
         "guard-hotplug": lambda step: guard_hotplug(step, out),
         "xl": lambda step: xl(step["args"]),
-        "xen-toolstack": lambda step: xen_toolstack(step["operation"], devices[step["device"]] or "absent"),
         "xen-probe": lambda step: vars(xen_probe(devices[step["device"]] or "absent")),
     }
     for step in plan["steps"]:

@@ -417,7 +417,7 @@ def test_on_xen_a_device_pciguard_made_assignable_has_its_dma_blocked_and_back_i
 
 def test_with_xens_scratch_page_quarantine_the_dma_is_contained(xen_scratch: Outcome) -> None:
     # Neither in dom0's memory nor faulted: the device's scratch page took it.
-    assert xen_scratch.step("quarantine")["outcome"] == "done"
+    assert xen_scratch.step("quarantine")["exit"] == 0, xen_scratch.step("quarantine")
     found = xen_scratch.step("probe-quarantined")
     assert found["verdict"] == "CONTAINED", found
     assert xen_scratch.step("probe-given-back")["verdict"] == "LANDED"
@@ -428,15 +428,19 @@ def test_with_xens_scratch_page_quarantine_the_dma_is_contained(xen_scratch: Out
 def test_pciguard_makes_a_device_assignable_on_xen_and_gives_it_back(xen: Outcome) -> None:
     edu = xen.bdf("edu1")
     quarantined = xen.step("quarantine")
-    assert quarantined["outcome"] == "done", quarantined
-    assert quarantined["ran"] == [
+    assert quarantined["exit"] == 0, quarantined
+    shown = [line.strip() for line in quarantined["output"].splitlines()]
+    assert shown == [
+        f"quarantined: {edu}",
         f"xl pci-assignable-add {edu}",
         f"echo 1 > /sys/bus/pci/devices/{edu}/reset",
     ]
-    assert quarantined["driver"] == "pciback" and quarantined["assignable"] == [edu]
+    assert xen.step("assignable")["stdout"].split() == [edu]
     after = xen.step("audit-quarantined")["json"]
     (member,) = [m for g in after["groups"] for m in g["members"] if m["bdf"] == edu]
-    assert member["state"] == "quarantined"
+    assert (member["state"], member["driver"]) == ("quarantined", "pciback")
     given_back = xen.step("unquarantine")
-    assert given_back["outcome"] == "done" and given_back["driver"] is None, given_back
-    assert given_back["assignable"] == []
+    assert given_back["exit"] == 0 and f"xl pci-assignable-remove {edu}" in given_back["output"], given_back
+    assert xen.step("assignable-after")["stdout"].split() == []
+    journal = xen.step("journal")["output"]
+    assert journal.count("done") >= 2 and "quarantine" in journal and "unquarantine" in journal

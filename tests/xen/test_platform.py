@@ -118,9 +118,36 @@ def test_a_failed_attach_leaves_the_device_with_pciback(xen_host: tuple[Path, Fa
     assert toolstack.ledger[bdf(NIC)].state.value == "quarantined"
 
 
-def test_a_dry_run_runs_nothing_but_xl_list(xen_host: tuple[Path, FakeXl]) -> None:
+def test_a_dry_run_only_asks_xl_what_there_is(xen_host: tuple[Path, FakeXl]) -> None:
     root, xl = xen_host
     p = platform(root, xl, dry_run=True)
     Toolstack(p).make_assignable(bdf(NIC))
     assert [str(w) for w in p.writes][1] == f"xl pci-assignable-add {NIC}"
-    assert [argv[1] for argv in xl.ran] == ["list"] and driver_of(root, NIC) == "e1000e"
+    assert {argv[1] for argv in xl.ran} == {"list", "pci-list"} and driver_of(root, NIC) == "e1000e"
+
+
+def test_a_device_found_with_a_guest_is_adopted_as_assigned_and_released_to_pciback(
+    xen_host: tuple[Path, FakeXl],
+) -> None:
+    root, xl = xen_host
+    xl._bind(NIC, "pciback")
+    xl.attached[NIC] = "vm1"  # given to vm1 before pciguard looked
+    toolstack = Toolstack(platform(root, xl))
+    record = toolstack.ledger[bdf(NIC)]
+    assert (record.state.value, record.vm) == ("assigned", "vm1")
+    toolstack.release(bdf(NIC))
+    assert xl.attached == {} and driver_of(root, NIC) == "pciback"
+
+
+def test_the_commands_of_quarantine_and_assign_on_xen_with_dry_run(tree: Callable[..., Path]) -> None:
+    from typer.testing import CliRunner
+
+    from pciguard.cli.main import app
+
+    root = dom0(tree, "xl-info-4.17.txt", "xl-dmesg-4.17-vtd.txt")
+    where = ["--root", str(root), "--state-dir", str(root / "state"), "--dry-run"]
+    shown = CliRunner().invoke(app, ["quarantine", NIC, *where])
+    assert shown.exit_code == 0, shown.output
+    lines = [line.strip() for line in shown.output.splitlines()]
+    assert f"quarantine {NIC} would run, in order:" in lines
+    assert f"xl pci-assignable-add {NIC}" in lines

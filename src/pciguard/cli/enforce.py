@@ -97,12 +97,12 @@ def _show(result: Result) -> None:
         out.print(Text.assemble(("warning ", "yellow"), warning))
     devices = ", ".join(map(str, result.devices))
     if result.dry_run:
-        out.print(f"{result.operation} {devices} would write, in order:")
+        out.print(f"{result.operation} {devices} would {'run' if result.xen else 'write'}, in order:")
     else:
         out.print(f"{DONE[result.operation]}: {devices}")
     for write in result.writes:
         out.print(f"  {write}")
-    if result.operation == "assign" and not result.dry_run:
+    if result.operation == "assign" and not result.dry_run and not result.xen:
         out.print("libvirt (the domain's <devices>):")
         for device in result.devices:
             out.print(libvirt_hostdev(device))
@@ -142,8 +142,11 @@ def unquarantine(
 def assign(
     device: str = DEVICE,
     to: str = typer.Option(..., "--to", help="The VM's name.", metavar="VM"),
-    user: str = typer.Option(
-        ..., "--user", help="The user (name or uid) the VM's process runs as.", metavar="USER"
+    user: str | None = typer.Option(
+        None,
+        "--user",
+        help="The user (name or uid) the VM's process runs as (VFIO; not on Xen).",
+        metavar="USER",
     ),
     dry_run: bool = DRY_RUN,
     root: Path = ROOT,
@@ -151,9 +154,11 @@ def assign(
 ) -> None:
     """Hand a quarantined device to a VM's process after every check (group, interrupt
     remapping, reset, identity domain): its VFIO group node becomes that user's, and
-    the process attaches the group to its own IOMMU domain when it opens it."""
+    the process attaches the group to its own IOMMU domain when it opens it. In a Xen
+    dom0: `xl pci-attach` to the domain, which must have been created with passthrough=."""
     with refusals():
-        _show(_enforcer(root, state_dir).assign(_device(device), to, _uid(user), dry_run))
+        uid = None if user is None else _uid(user)
+        _show(_enforcer(root, state_dir).assign(_device(device), to, uid, dry_run))
 
 
 def release(

@@ -1,6 +1,7 @@
-"""Every change of ownership on a Linux host: the secure toolstack's own plans, carried
-out by ``LinuxPlatform``, written ahead to the journal, one pciguard at a time, and
-brought back to quarantine when a previous run was killed half-way.
+"""Every change of ownership on a real host: the secure toolstack's own plans, carried
+out by ``LinuxPlatform`` (or, in a Xen dom0, ``XenPlatform``), written ahead to the
+journal, one pciguard at a time, and brought back to quarantine when a previous run
+was killed half-way.
 
 The toolstack decides (which devices, which steps, what is refused); this module
 builds the toolstack's view of the host as it stands (adopting what it finds held away
@@ -11,18 +12,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from pciguard.checks import Options
 from pciguard.errors import RefusedError, StepFailed
 from pciguard.model import Bdf, DomainType, Host, Topology
 from pciguard.model.ownership import State
-from pciguard.platforms.base import HOST, QUARANTINE
+from pciguard.platforms.base import HOST, QUARANTINE, Platform
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
-from pciguard.platforms.linux.platform import LinuxPlatform, Write
-from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs, holders_of, read_host
+from pciguard.platforms.linux.platform import LinuxPlatform, StepLog, Write
+from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs
+from pciguard.platforms.xen.dom0 import read
+from pciguard.platforms.xen.platform import Command, XenPlatform
 from pciguard.policy import Decision, Target
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 
@@ -41,17 +45,45 @@ ROW_STATES = {
 _STEP_WITH_DOMAIN = re.compile(r"^\w+\([^,()]+, ([^,()]+)\)$")
 
 
+class HostPlatform(Platform, Protocol):
+    """What the enforcement asks of a real host's platform beyond the protocol's steps:
+    what it ran, the drivers it sees, and the VMs it hands devices to."""
+
+    step_log: StepLog | None
+
+    @property
+    def writes(self) -> Sequence[Write | Command]:
+        """Every write and command, in order (a dry run's plan)."""
+        ...
+
+    def driver(self, device: Bdf) -> str | None: ...
+    def group_type(self, device: Bdf) -> str | None: ...
+    def know_vm(self, name: str, uid: int | None) -> None:
+        """A VM the journal says was given devices."""
+        ...
+
+    def take_vm(self, name: str, uid: int | None) -> None:
+        """A VM about to be given a device (refused if the host cannot give it one)."""
+        ...
+
+    def vm_user(self, name: str) -> int | None: ...
+    def holders(self, device: Bdf) -> list[str]:
+        """Who holds the device beyond pciguard's reach, in words ([]: nobody)."""
+        ...
+
+
 @dataclass
 class Result:
     operation: str
     devices: tuple[Bdf, ...]
     dry_run: bool
-    writes: list[Write] = field(default_factory=list)
+    writes: list[Write | Command] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # what was set right first
     warnings: list[str] = field(default_factory=list)
     plan: Plan | None = None  # None: the device had what was asked already
     decision: Decision | None = None  # the toolstack's last word on a hot-plugged device
     drivers: dict[Bdf, str | None] = field(default_factory=dict)  # each device's driver after
+    xen: bool = False  # carried out by Xen (xl), not by VFIO
 
 
 @dataclass
@@ -59,7 +91,7 @@ class Session:
     """One operation's view of the host: the toolstack, and the platform it drives."""
 
     toolstack: Toolstack
-    platform: LinuxPlatform
+    platform: HostPlatform
     warnings: list[str]
 
 
@@ -81,10 +113,10 @@ class Enforcer:
         """Reset ``bdf`` and give it back to the host driver it had."""
         return self._run("unquarantine", bdf, lambda s: s.toolstack.plan_make_unassignable(bdf), dry_run)
 
-    def assign(self, bdf: Bdf, vm: str, uid: int, dry_run: bool = False) -> Result:
+    def assign(self, bdf: Bdf, vm: str, uid: int | None, dry_run: bool = False) -> Result:
         """After every check of the secure toolstack, hand the quarantined device's VFIO
         group to the VM's user (``uid``), whose process then attaches it to its own
-        IOMMU domain."""
+        IOMMU domain; on Xen, attach it to the domain (``uid`` unused)."""
         return self._run("assign", bdf, lambda s: _assign_plan(s, bdf, vm, uid), dry_run)
 
     def release(self, bdf: Bdf, dry_run: bool = False) -> Result:
@@ -158,7 +190,7 @@ class Enforcer:
                     journal.finish(op, f"failed: {failure}", _rows(session, plan.devices))
                     raise
                 journal.finish(op, "done", _rows(session, plan.devices))
-                result.writes = platform.writes
+                result.writes = list(platform.writes)
                 result.drivers = {d: platform.driver(d) for d in plan.devices if platform.present(d)}
                 return result
         finally:
@@ -179,7 +211,7 @@ class Enforcer:
             session.toolstack.execute(plan)
         result = self._result(operation, bdf, session, plan, True)
         result.warnings = warnings + result.warnings
-        result.writes = session.platform.writes
+        result.writes = list(session.platform.writes)
         return result
 
     @staticmethod
@@ -201,6 +233,7 @@ class Enforcer:
             plan=plan,
             decision=record.decision if record else None,
             drivers={bdf: session.platform.driver(bdf)},
+            xen=isinstance(session.platform, XenPlatform),
         )
 
     def _session(
@@ -216,9 +249,8 @@ class Enforcer:
         a VM's process was given as assigned; ``pending``: a device that just appeared."""
         platform = self._platform(rows, dry_run, console_gpu)
         for held in rows.values():
-            if held.vm is not None and held.vm not in platform.domains():
-                platform.create_domain(held.vm, iommu_context=True)
-                platform.vm_users[held.vm] = held.uid or 0
+            if held.vm is not None:
+                platform.know_vm(held.vm, held.uid)
         toolstack = Toolstack(platform, Options())
         if pending is not None:
             toolstack.device_appeared(pending)
@@ -236,10 +268,13 @@ class Enforcer:
                 )
         return Session(toolstack, platform, warnings)
 
-    def _platform(self, rows: dict[str, DeviceRow], dry_run: bool, console_gpu: bool) -> LinuxPlatform:
+    def _platform(self, rows: dict[str, DeviceRow], dry_run: bool, console_gpu: bool) -> HostPlatform:
         """This host as it stands, with what the journal remembers of its devices
-        (``console_gpu``: the console GPU judged as any other device)."""
-        host = translating_on_quarantine(read_host(self.root).host)
+        (``console_gpu``: the console GPU judged as any other device): a Xen dom0's
+        steps are Xen's, any other host's VFIO's."""
+        fs = Fs(self.root)
+        reading = read(fs)
+        host = translating_on_quarantine(reading.host)
         if console_gpu:
             functions = {
                 b: replace(f, host_critical="") if f.host_critical == CONSOLE_GPU else f
@@ -249,7 +284,9 @@ class Enforcer:
         known = {b: rows[str(b)] for b in host.topology if str(b) in rows}
         drivers = {b: row.host_driver for b, row in known.items()}
         kinds = {b: row.group_type for b, row in known.items() if row.group_type}
-        return LinuxPlatform(Fs(self.root), host, drivers, kinds, dry_run=dry_run)
+        if reading.facts.xen is not None:
+            return XenPlatform(fs, host, reading.facts.xen, drivers, dry_run=dry_run)
+        return LinuxPlatform(fs, host, drivers, kinds, dry_run=dry_run)
 
     def recover(self, journal: Journal) -> list[str]:
         """Bring the devices of every interrupted operation to quarantine (fail closed:
@@ -277,11 +314,7 @@ class Enforcer:
                 f"{op.name} of {' '.join(op.devices)} was interrupted and "
                 f"could not be brought back to quarantine: {exc}",
             ) from exc
-        held = []
-        for device in present:
-            node = platform.group_node(device)
-            if holders := holders_of(platform.fs, node):
-                held.append(f"{device} (process {', '.join(map(str, holders))} holds /{node})")
+        held = [f"{device} ({who})" for device in present for who in platform.holders(device)]
         outcome = f"interrupted at {last}; recovered: {', '.join(op.devices)} quarantined"
         if held:
             outcome += f"; still attached to a VM process's IOMMU domain until it exits: {'; '.join(held)}"
@@ -296,7 +329,7 @@ def _rows(session: Session, devices: tuple[Bdf, ...]) -> dict[str, DeviceRow]:
         record = session.toolstack.ledger.get(device)
         state = ROW_STATES.get(record.state, "broken") if record else "broken"
         vm = record.vm if record else None
-        uid = session.platform.vm_users.get(vm) if vm else None
+        uid = session.platform.vm_user(vm) if vm else None
         out[str(device)] = DeviceRow(state, None, None, vm, uid)
     return out
 
@@ -317,26 +350,18 @@ def _quarantine_plan(session: Session, bdf: Bdf) -> Plan:
     return plan
 
 
-def _assign_plan(session: Session, bdf: Bdf, vm: str, uid: int) -> Plan:
-    platform = session.platform
-    if vm in platform.domains() and platform.vm_users[vm] != uid:
-        raise RefusedError(f"{vm} runs as uid {platform.vm_users[vm]}, not {uid}")
-    if vm not in platform.domains():
-        platform.create_domain(vm, iommu_context=True)
-        platform.vm_users[vm] = uid
+def _assign_plan(session: Session, bdf: Bdf, vm: str, uid: int | None) -> Plan:
+    session.platform.take_vm(vm, uid)
     return session.toolstack.plan_assign(bdf, vm)
 
 
 def _release_plan(session: Session, bdf: Bdf) -> Plan:
     plan = session.toolstack.plan_release(bdf)
-    platform = session.platform
     for device in plan.devices:
-        node = platform.group_node(device)
-        if holders := holders_of(platform.fs, node):
+        if holders := session.platform.holders(device):
             raise RefusedError(
-                f"cannot release {device}: process {', '.join(map(str, holders))} still holds "
-                f"/{node} open, so its IOMMU domain still holds the device; detach the device "
-                "in the VM, or stop the VM, first",
+                f"cannot release {device}: {'; '.join(holders)}, so its IOMMU domain still holds "
+                "the device; detach the device in the VM, or stop the VM, first",
                 device=str(device),
             )
     return plan

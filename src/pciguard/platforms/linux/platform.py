@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pciguard.errors import PlatformMisuse, StepFailed
+from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.model import Bdf, DomainType, Host
 from pciguard.model.groups import TRANSLATING_TYPES
 from pciguard.model.kernel import QUARANTINE_DRIVERS, VFIO_PCI
@@ -51,6 +51,7 @@ from pciguard.platforms.linux.sysfs import (
     PCI_DRIVERS,
     VFIO_NODES,
     Fs,
+    holders_of,
 )
 
 StepLog = Callable[[str], Callable[[str], None]]  # the journal: a step intended, then how it ended
@@ -145,6 +146,36 @@ class LinuxPlatform:
     def crash_domain(self, name: str) -> None:
         raise PlatformMisuse(f"pciguard does not stop VM processes ({name}); stop it with its own tools")
 
+    # -- what the enforcement asks of a host (``HostPlatform``) ----------------------
+    def know_vm(self, name: str, uid: int | None) -> None:
+        """A VM the journal says was given devices: its process runs as ``uid``."""
+        if name not in self._vms:
+            self.create_domain(name, iommu_context=True)
+            self.vm_users[name] = uid or 0
+
+    def take_vm(self, name: str, uid: int | None) -> None:
+        """A VM about to be given a device: its VFIO process runs as ``uid``."""
+        if uid is None:
+            raise RefusedError(f"give the user {name}'s process runs as (--user): it gets the VFIO group")
+        if name in self._vms and self.vm_users[name] != uid:
+            raise RefusedError(f"{name} runs as uid {self.vm_users[name]}, not {uid}")
+        self.know_vm(name, uid)
+
+    def vm_user(self, name: str) -> int | None:
+        return self.vm_users.get(name)
+
+    def holders(self, device: Bdf) -> list[str]:
+        """Who still holds the device outside pciguard: the processes that hold its
+        group's VFIO node open (its IOMMU domain holds the device until they let go)."""
+        node = self._node(device)
+        if node is None:
+            return []
+        return [f"process {pid} still holds /{node} open" for pid in holders_of(self.fs, node)]
+
+    def _node(self, device: Bdf) -> str | None:
+        group = self._group(device)
+        return f"{VFIO_NODES}/{group}" if group is not None else None
+
     def destroy_domain(self, name: str) -> None:
         self._vms.pop(name, None)
 
@@ -168,10 +199,10 @@ class LinuxPlatform:
             self._hand_over(device, 0)
 
     def group_node(self, device: Bdf) -> str:
-        group = self._group(device)
-        if group is None:
+        node = self._node(device)
+        if node is None:
             raise StepFailed("expose", f"{device} is in no IOMMU group")
-        return f"{VFIO_NODES}/{group}"
+        return node
 
     def _hand_over(self, device: Bdf, uid: int) -> None:
         node = self.group_node(device)

@@ -31,6 +31,7 @@ _VTD_INTREMAP = re.compile(r"^Intel VT-d Interrupt Remapping (not )?enabled")
 _AMD_INTREMAP = re.compile(r"^AMD-Vi: (?:IO-APIC |)Interrupt remapping (en|dis)abled", re.IGNORECASE)
 _BOOT_BANNER = re.compile(r"^Xen version \d+\.\d+")
 _VERSION = re.compile(r"^(\d+)\.(\d+)")
+_ANY_BDF = re.compile(r"\b[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\b")
 _BDF = re.compile(r"^((?:[0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])\b")
 
 
@@ -159,6 +160,11 @@ def parse_assignable(text: str) -> tuple[Bdf, ...]:
         if found := _BDF.match(line.strip()):
             out.append(Bdf.parse(found.group(1)))
     return tuple(out)
+
+
+def parse_pci_list(text: str) -> tuple[Bdf, ...]:
+    """``xl pci-list DOMAIN``: a header, then the guest's virtual slot and the device."""
+    return tuple(Bdf.parse(found) for found in _ANY_BDF.findall(text.replace("\r", "")))
 
 
 def xen_facts(

@@ -32,12 +32,13 @@ import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from pciguard.errors import PlatformMisuse, StepFailed
+from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import QUARANTINE_DRIVERS, XenFacts, XenQuarantine
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
 from pciguard.platforms.linux.platform import StepLog, Write, journaled
 from pciguard.platforms.linux.sysfs import PCI_DEVICES, PCI_DRIVERS, Fs
+from pciguard.platforms.xen.evidence import parse_pci_list
 
 XL_TIMEOUT = 120.0  # seconds: pci-attach waits for the guest's frontend
 
@@ -107,7 +108,10 @@ class XenPlatform:
         self.run, self.dry_run, self.step_log = run, dry_run, step_log
         self.writes: list[Command | Write] = []  # what it ran and wrote (would, in a dry run)
         self._domains = parse_domains(self._xl("list", "-l", quiet=True).stdout)
-        self._with: dict[Bdf, str] = {}  # devices pciguard attached to a domain in this run
+        self._with: dict[Bdf, str] = {}  # devices attached to a domain, as xl pci-list says
+        for name in self._domains:
+            for device in parse_pci_list(self._xl("pci-list", name, quiet=True).stdout):
+                self._with[device] = name
 
     @property
     def host(self) -> Host:
@@ -152,6 +156,23 @@ class XenPlatform:
 
     def enable_iommu_context(self, name: str) -> None:
         raise PlatformMisuse("a domain's IOMMU context is set when it is created (passthrough=)")
+
+    # -- what the enforcement asks of a host (``HostPlatform``) ----------------------
+    def know_vm(self, name: str, uid: int | None) -> None:
+        """Xen's own list of domains is the truth; a domain gone since is simply gone."""
+
+    def take_vm(self, name: str, uid: int | None) -> None:
+        if name not in self._domains:
+            raise RefusedError(f"Xen has no domain named {name}: `xl create` it first, with passthrough=")
+
+    def vm_user(self, name: str) -> int | None:
+        return None
+
+    def holders(self, device: Bdf) -> list[str]:
+        return []  # xl pci-detach takes the device from its domain whatever the guest does
+
+    def group_type(self, device: Bdf) -> str | None:
+        return None  # Xen forms no groups in dom0
 
     # -- device steps ----------------------------------------------------------------
     def unbind_host_driver(self, device: Bdf) -> None:
