@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -38,34 +39,21 @@ def _outcome(lab: Runs, name: str) -> Outcome:
     return outcome
 
 
-@pytest.fixture
-def xen(lab: Runs) -> Outcome:
-    return _outcome(lab, "xen")
+def _machine(fixture: str, machine: str) -> Any:
+    """A fixture giving what ``machine`` brought back."""
+
+    def outcome(lab: Runs) -> Outcome:
+        return _outcome(lab, machine)
+
+    return pytest.fixture(name=fixture)(outcome)
 
 
-@pytest.fixture
-def xen_scratch(lab: Runs) -> Outcome:
-    return _outcome(lab, "xen-scratch")
-
-
-@pytest.fixture
-def topologies(lab: Runs) -> Outcome:
-    return _outcome(lab, "topologies")
-
-
-@pytest.fixture
-def passthrough(lab: Runs) -> Outcome:
-    return _outcome(lab, "iommu-pt")
-
-
-@pytest.fixture
-def no_intremap(lab: Runs) -> Outcome:
-    return _outcome(lab, "intremap-off")
-
-
-@pytest.fixture
-def hotplug(lab: Runs) -> Outcome:
-    return _outcome(lab, "hotplug")
+topologies = _machine("topologies", "topologies")
+passthrough = _machine("passthrough", "iommu-pt")
+no_intremap = _machine("no_intremap", "intremap-off")
+hotplug = _machine("hotplug", "hotplug")
+xen = _machine("xen", "xen")
+xen_scratch = _machine("xen_scratch", "xen-scratch")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

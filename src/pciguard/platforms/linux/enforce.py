@@ -23,10 +23,10 @@ from pciguard.model import Bdf, DomainType, Host, Topology
 from pciguard.model.ownership import State
 from pciguard.platforms.base import HOST, QUARANTINE, Platform
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
-from pciguard.platforms.linux.platform import LinuxPlatform, StepLog, Write
+from pciguard.platforms.linux.platform import Command, LinuxPlatform, StepLog, Write
 from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs
 from pciguard.platforms.xen.dom0 import read
-from pciguard.platforms.xen.platform import Command, XenPlatform
+from pciguard.platforms.xen.platform import XenPlatform
 from pciguard.policy import Decision, Target
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
 

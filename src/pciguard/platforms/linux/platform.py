@@ -34,6 +34,7 @@ refuses the others.
 from __future__ import annotations
 
 import contextlib
+import shlex
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +73,16 @@ def journaled(step_log: StepLog | None, description: str) -> Iterator[None]:
 
 
 @dataclass(frozen=True)
+class Command:
+    """A command a platform runs (or, in a dry run, would run), such as Xen's ``xl``."""
+
+    argv: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
 class Write:
     path: str  # relative to the root ("sys/bus/pci/...")
     value: str
@@ -105,7 +116,7 @@ class LinuxPlatform:
         self.group_types = dict(group_types or {})  # types pciguard changed, to restore
         self.dry_run = dry_run
         self.step_log = step_log
-        self.writes: list[Write] = []
+        self.writes: list[Write | Command] = []  # in order; a dry run's plan
         self._dry: dict[Bdf, str | None] = {}  # dry run: the drivers the writes would leave
         self._dry_override: dict[Bdf, str] = {}
         self._vms: dict[str, DomainInfo] = {}

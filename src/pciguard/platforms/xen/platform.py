@@ -1,8 +1,7 @@
 """The ``Platform`` protocol on a Xen dom0: each step is an ``xl`` command or a sysfs write.
 
-- ``unbind_host_driver(d)`` / ``bind_host_driver(d)``: as on Linux (``driver/unbind``;
-  ``drivers/DRIVER/bind`` with the driver it had), so pciguard, not libxl, remembers
-  the driver to give back
+- ``unbind_host_driver(d)``, ``bind_host_driver(d)``, ``reset(d)``, ``remove(d)``: as
+  on Linux (``LinuxPlatform``), so pciguard, not libxl, remembers the driver to give back
 - ``attach(d, quarantine)`` from dom0: ``xl pci-assignable-add d`` (xen-pciback takes
   it, Xen moves its context to DOMID_IO); refused unless Xen quarantines, since with
   ``iommu=no-quarantine`` an assignable device stays in dom0's context
@@ -13,7 +12,6 @@
 - ``attach(d, quarantine)`` from a VM: ``xl pci-detach vm d`` (back to pciback and
   DOMID_IO, never dom0)
 - ``attach(d, host)``: ``xl pci-assignable-remove d`` (without ``-r``: pciguard rebinds)
-- ``reset(d)``, ``remove(d)``: ``1`` to ``devices/d/reset``, ``devices/d/remove``
 - ``crash_domain(vm)``: ``xl pause vm`` (it runs no more; its memory is held);
   ``destroy_domain(vm)``: ``xl destroy vm``
 
@@ -25,9 +23,7 @@ other than ``disabled``; with none, Xen would set one up late, at the first
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shlex
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,21 +32,11 @@ from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import QUARANTINE_DRIVERS, XenFacts, XenQuarantine
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
-from pciguard.platforms.linux.platform import StepLog, Write, journaled
-from pciguard.platforms.linux.sysfs import PCI_DEVICES, PCI_DRIVERS, Fs
+from pciguard.platforms.linux.platform import Command, LinuxPlatform, StepLog
+from pciguard.platforms.linux.sysfs import Fs
 from pciguard.platforms.xen.evidence import parse_pci_list
 
 XL_TIMEOUT = 120.0  # seconds: pci-attach waits for the guest's frontend
-
-
-@dataclass(frozen=True)
-class Command:
-    """One command the platform runs (or, in a dry run, would run)."""
-
-    argv: tuple[str, ...]
-
-    def __str__(self) -> str:
-        return shlex.join(self.argv)
 
 
 @dataclass(frozen=True)
@@ -89,8 +75,9 @@ def parse_domains(text: str) -> dict[str, DomainInfo]:
     return out
 
 
-class XenPlatform:
-    """A Xen dom0 driven through ``xl`` and sysfs under ``fs``'s root."""
+class XenPlatform(LinuxPlatform):
+    """A Xen dom0 driven through ``xl`` and sysfs under ``fs``'s root: a Linux host (its
+    drivers, resets and removals are sysfs writes as on any) whose guests are Xen's."""
 
     def __init__(
         self,
@@ -103,33 +90,17 @@ class XenPlatform:
         dry_run: bool = False,
         step_log: StepLog | None = None,
     ) -> None:
-        self.fs, self._host, self.xen = fs, host, xen
-        self.host_drivers = dict(host_drivers)
-        self.run, self.dry_run, self.step_log = run, dry_run, step_log
-        self.writes: list[Command | Write] = []  # what it ran and wrote (would, in a dry run)
+        super().__init__(fs, host, host_drivers, dry_run=dry_run, step_log=step_log)
+        self.xen, self.run = xen, run
         self._domains = parse_domains(self._xl("list", "-l", quiet=True).stdout)
         self._with: dict[Bdf, str] = {}  # devices attached to a domain, as xl pci-list says
         for name in self._domains:
             for device in parse_pci_list(self._xl("pci-list", name, quiet=True).stdout):
                 self._with[device] = name
 
-    @property
-    def host(self) -> Host:
-        return self._host
-
     # -- what is there now ---------------------------------------------------------
-    def driver(self, device: Bdf) -> str | None:
-        return self.fs.link_name(f"{PCI_DEVICES}/{device}/driver")
-
     def domains(self) -> Mapping[str, DomainInfo]:
         return self._domains
-
-    def present(self, device: Bdf) -> bool:
-        return self.fs.exists(f"{PCI_DEVICES}/{device}")
-
-    def host_driver_bound(self, device: Bdf) -> bool:
-        driver = self.driver(device)
-        return driver is not None and driver not in QUARANTINE_DRIVERS
 
     def context_of(self, device: Bdf) -> str | None:
         if device in self._with:
@@ -139,6 +110,9 @@ class XenPlatform:
 
     def _quarantines(self) -> bool:
         return self.xen.quarantine in (XenQuarantine.BASIC, XenQuarantine.SCRATCH_PAGE)
+
+    def group_type(self, device: Bdf) -> str | None:
+        return None  # Xen forms no groups in dom0
 
     # -- domains ---------------------------------------------------------------------
     def create_domain(self, name: str, *, iommu_context: bool) -> None:
@@ -171,28 +145,7 @@ class XenPlatform:
     def holders(self, device: Bdf) -> list[str]:
         return []  # xl pci-detach takes the device from its domain whatever the guest does
 
-    def group_type(self, device: Bdf) -> str | None:
-        return None  # Xen forms no groups in dom0
-
-    # -- device steps ----------------------------------------------------------------
-    def unbind_host_driver(self, device: Bdf) -> None:
-        with self._step(f"unbind_host_driver({device})"):
-            if (driver := self.driver(device)) is not None:
-                self.host_drivers[device] = driver
-                self._write(f"{PCI_DEVICES}/{device}/driver/unbind", str(device))
-
-    def bind_host_driver(self, device: Bdf) -> None:
-        with self._step(f"bind_host_driver({device})"):
-            if (driver := self.host_drivers.get(device)) is not None:
-                self._write(f"{PCI_DRIVERS}/{driver}/bind", str(device))
-
-    def offer_host_driver(self, device: Bdf) -> None:
-        raise PlatformMisuse("the hot-plug guard does not run on Xen yet")
-
-    def reset(self, device: Bdf) -> None:
-        with self._step(f"reset({device})"):
-            self._write(f"{PCI_DEVICES}/{device}/reset", "1")
-
+    # -- device steps: the domain changes are Xen's ------------------------------------
     def attach(self, device: Bdf, domain: str) -> None:
         with self._step(f"attach({device}, {domain})"):
             held_by = self._with.get(device)
@@ -216,13 +169,6 @@ class XenPlatform:
             else:
                 raise PlatformMisuse(f"cannot attach {device} to {domain}: Xen has no such domain")
 
-    def flush_iotlb(self, device: Bdf) -> None:
-        """Nothing to run: Xen flushes as it reassigns a device."""
-
-    def route_msi(self, device: Bdf, domain: str) -> None:
-        """Nothing to run: Xen sets a device's interrupt remapping entries as it binds
-        its interrupts to the domain that has it."""
-
     def map_reserved(self, device: Bdf, domain: str) -> None:
         raise PlatformMisuse("pciguard gives no device with firmware 1:1 regions to a Xen guest")
 
@@ -237,12 +183,8 @@ class XenPlatform:
     def unexpose(self, device: Bdf, domain: str) -> None:
         """Nothing to run: ``xl pci-detach`` (``attach`` to quarantine) takes it away."""
 
-    def remove(self, device: Bdf) -> None:
-        with self._step(f"remove({device})"):
-            self._write(f"{PCI_DEVICES}/{device}/remove", "1")
-
-    # -- helpers ---------------------------------------------------------------------
     def _xl(self, *args: str, quiet: bool = False) -> Ran:
+        """Run ``xl``; ``quiet``: only a question, asked in a dry run too, never failing."""
         command = Command(("xl", *args))
         if not quiet:
             self.writes.append(command)
@@ -252,15 +194,3 @@ class XenPlatform:
         if ran.returncode != 0 and not quiet:
             raise StepFailed("xl", f"{command} failed ({ran.returncode}): {ran.stderr.strip()[-300:]}")
         return ran
-
-    def _write(self, path: str, value: str) -> None:
-        self.writes.append(Write(path, value))
-        if self.dry_run:
-            return
-        try:
-            self.fs.write(path, value)
-        except OSError as exc:
-            raise StepFailed("sysfs", f"writing {value.strip()!r} to /{path}: {exc.strerror or exc}") from exc
-
-    def _step(self, description: str) -> contextlib.AbstractContextManager[None]:
-        return journaled(None if self.dry_run else self.step_log, description)
