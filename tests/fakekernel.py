@@ -161,6 +161,14 @@ def plug(root: Path, bdf: str) -> None:
     probe(root, bdf)
 
 
+def command(writes: list[tuple[str, str]], argv: tuple[str, ...]) -> None:
+    """A command that changes the host (Xen's ``xl``), counted with the writes: a crash
+    may come just before it."""
+    if len(writes) + 1 == _KILL_AT[0]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    writes.append((argv[0], " ".join(argv[1:])))
+
+
 def crash_before(writes: list[tuple[str, str]], more: int) -> None:
     """Inside ``installed``: crash just before the ``more``-th write from now."""
     _KILL_AT[0] = len(writes) + more

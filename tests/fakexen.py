@@ -13,6 +13,8 @@ from conftest import CORPUS
 from pciguard.platforms.xen.platform import Ran
 
 XEN = CORPUS / "xen"
+STATE = "fake-xl.json"  # what the fake xl knows (domains, attachments), kept in the tree
+QUESTIONS = ("list", "pci-list", "info", "dmesg", "pci-assignable-list")  # xl calls that change nothing
 
 
 def text(name: str) -> str:
@@ -78,6 +80,19 @@ class FakeXl:
         elif command == "destroy":
             self.domains.pop(args[0], None)
         return Ran(0, "", "")
+
+    def save(self) -> None:
+        """Keep what xl knows in the tree, for another process (``load``)."""
+        state = {"domains": self.domains, "attached": self.attached}
+        (self.root / STATE).write_text(json.dumps(state))
+
+    @classmethod
+    def load(cls, root: Path) -> FakeXl:
+        saved = root / STATE
+        if not saved.exists():
+            return cls(root)
+        state = json.loads(saved.read_text())
+        return cls(root, domains=state["domains"], attached=state["attached"])
 
     def _bind(self, bdf: str, driver: str) -> None:
         folder = self.root / "sys/bus/pci/drivers" / driver

@@ -86,12 +86,12 @@ class XenPlatform(LinuxPlatform):
         xen: XenFacts,
         host_drivers: Mapping[Bdf, str | None],
         *,
-        run: Runner = run_xl,
+        run: Runner | None = None,
         dry_run: bool = False,
         step_log: StepLog | None = None,
     ) -> None:
         super().__init__(fs, host, host_drivers, dry_run=dry_run, step_log=step_log)
-        self.xen, self.run = xen, run
+        self.xen, self.run = xen, run or run_xl
         self._domains = parse_domains(self._xl("list", "-l", quiet=True).stdout)
         self._with: dict[Bdf, str] = {}  # devices attached to a domain, as xl pci-list says
         for name in self._domains:
