@@ -1,21 +1,21 @@
 """A Xen dom0, as pciguard reads it: the Linux reading of its sysfs (topology, drivers,
 config space) with the IOMMU evidence taken from the hypervisor instead.
 
-On the live host the evidence comes from ``xl`` (the only code that runs it for an
-audit); a tree standing for a dom0 (a snapshot, a test's fake tree) carries what
+On the live host the evidence comes from ``xl`` (run, as every ``xl`` is, by
+``platform.run_xl``); a tree standing for a dom0 (a snapshot, a test's fake tree) carries what
 ``xl`` printed as files under ``xen/`` at its root, which is where ``pciguard
 snapshot`` records them.
 """
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import replace
 
 from pciguard.model import Host, IommuUnit
 from pciguard.model.kernel import XenFacts
 from pciguard.platforms.linux.sysfs import Fs, Reading, Tree, read_host
 from pciguard.platforms.xen.evidence import xen_facts
+from pciguard.platforms.xen.platform import run_xl
 
 HYPERVISOR_TYPE = "sys/hypervisor/type"
 CAPABILITIES = "proc/xen/capabilities"  # "control_d" in the control domain
@@ -23,11 +23,10 @@ PCIBACK_PERMISSIVE = "sys/bus/pci/drivers/pciback/permissive"
 PCIBACK_MODULE_PERMISSIVE = "sys/module/xen_pciback/parameters/permissive"
 RECORDED = "xen"  # a tree's recorded xl outputs: xen/xl-info, xen/xl-dmesg, ...
 XL_COMMANDS = {
-    "xl-info": ["xl", "info"],
-    "xl-dmesg": ["xl", "dmesg"],
-    "xl-pci-assignable-list": ["xl", "pci-assignable-list"],
+    "xl-info": ("xl", "info"),
+    "xl-dmesg": ("xl", "dmesg"),
+    "xl-pci-assignable-list": ("xl", "pci-assignable-list"),
 }
-XL_TIMEOUT = 30.0
 
 
 def is_dom0(fs: Tree) -> bool:
@@ -49,14 +48,10 @@ def xl_outputs(fs: Tree) -> dict[str, str | None]:
     for name, argv in XL_COMMANDS.items():
         rel = f"{RECORDED}/{name}"
         if fs.live and isinstance(fs, Fs):
-            try:
-                ran = subprocess.run(argv, capture_output=True, timeout=XL_TIMEOUT, check=False)
-            except (OSError, subprocess.SubprocessError):
-                out[name] = None
-                continue
-            out[name] = ran.stdout.decode("utf-8", "replace") if ran.returncode == 0 else None
+            ran = run_xl(argv)
+            out[name] = ran.stdout if ran.returncode == 0 else None
             if ran.returncode == 0:
-                fs.keep(rel, ran.stdout)
+                fs.keep(rel, ran.stdout.encode())
         else:
             data = fs.read_bytes(rel)
             out[name] = data.decode("utf-8", "replace") if data is not None else None
