@@ -215,3 +215,19 @@ def test_a_snapshot_of_a_dom0_keeps_what_xen_said_without_the_host_name(
     with tarfile.open(tmp_path / "dom0.tar.gz") as tar:
         info = tar.extractfile("xen/xl-info").read().decode()  # type: ignore[union-attr]
     assert "dom0-lab" not in info and "console=com1" not in info and "iommu=verbose,debug" in info
+
+
+def test_the_hide_line_holds_every_assignable_device_and_its_group_from_boot(
+    tree: Callable[..., Path],
+) -> None:
+    from typer.testing import CliRunner
+
+    from pciguard.cli.main import app
+
+    root = dom0(tree, "xl-info-4.17.txt", "xl-dmesg-4.17-vtd.txt")
+    (root / "xen/xl-pci-assignable-list").write_text("0000:01:00.0\n")  # the GPU; its audio goes too
+    shown = CliRunner().invoke(app, ["guard", "xen-hide", "--root", str(root)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.splitlines()[0] == "xen-pciback.hide=(0000:01:00.0)(0000:01:00.1)"
+    linux = CliRunner().invoke(app, ["guard", "xen-hide", "--root", str(tree("workstation"))])
+    assert linux.exit_code == 2 and "not a Xen dom0" in " ".join(linux.output.split())

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import EXIT_CODES, Exit, err, input_errors, out, typer_app
+from pciguard.cli.common import EXIT_CODES, Exit, err, error, input_errors, out, typer_app
 from pciguard.errors import InputError
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 from pciguard.policy import PresentPolicy
@@ -191,6 +191,44 @@ def _answer(socket_path: Path, message: dict[str, Any]) -> dict[str, Any]:
         err.print(Text.assemble(("refused: ", "bold red"), str(answer.get("error"))))
         raise typer.Exit(Exit.REFUSED)
     return answer
+
+
+@app.command("xen-hide", epilog=EXIT_CODES)
+def xen_hide_command(
+    root: Path = typer.Option(
+        Path("/"), "--root", help="Read the sysfs tree under this directory.", metavar="DIR"
+    ),
+) -> None:
+    """In a Xen dom0: the kernel parameter that keeps today's assignable devices (and the
+    rest of their IOMMU groups, as pciguard derives them) with xen-pciback from boot, so
+    that no dom0 driver ever binds them."""
+    from pciguard.model.kernel import PCIBACK
+    from pciguard.platforms.linux.sysfs import Fs
+    from pciguard.platforms.xen.dom0 import read
+    from pciguard.platforms.xen.evidence import hide_parameter
+
+    with input_errors():
+        reading = read(Fs(str(root)))
+    xen, host = reading.facts.xen, reading.host
+    if xen is None:
+        error(f"{root} is not a Xen dom0: xen-pciback.hide= is a parameter of a dom0's kernel")
+        raise typer.Exit(Exit.BAD_INPUT)
+    held = [b for b, f in host.topology.items() if f.driver == PCIBACK] + list(xen.assignable)
+    together = [
+        m
+        for b in held
+        if b in host.topology
+        for m in host.group_of(b).members
+        if not host.topology[m].kind.is_bridge
+    ]
+    if not together:
+        out.print("no device is assignable now: nothing to hide (make them assignable first)")
+        return
+    out.print(hide_parameter(together))
+    out.print(
+        "add it to the dom0 kernel's command line (Debian: GRUB_CMDLINE_LINUX in "
+        "/etc/default/grub, then update-grub); xen-pciback must be built in or in the initramfs"
+    )
 
 
 @app.command("unit", epilog=EXIT_CODES)

@@ -167,6 +167,12 @@ def parse_pci_list(text: str) -> tuple[Bdf, ...]:
     return tuple(Bdf.parse(found) for found in _ANY_BDF.findall(text.replace("\r", "")))
 
 
+def hide_parameter(devices: list[Bdf]) -> str:
+    """The dom0 kernel's parameter that has xen-pciback take ``devices`` at boot, before
+    any dom0 driver (``xen-pciback.hide=(DDDD:BB:DD.F)...``)."""
+    return "xen-pciback.hide=" + "".join(f"({d})" for d in sorted(set(devices)))
+
+
 def xen_facts(
     xl_info: str | None,
     xl_dmesg: str | None,
