@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,18 @@ def audit_tree(tree: Callable[..., Path]) -> Audit:
         return audit_reading(read_host(str(tree(host, **kernel))))
 
     return run
+
+
+def journal_records(state: Path) -> list[tuple[object, ...]]:
+    """Every record of the journal under ``state`` (operations, steps, the guard's
+    decisions), to check that a crash lost none; [] when there is no journal yet."""
+    if not (state / "journal.sqlite").exists():
+        return []
+    with sqlite3.connect(state / "journal.sqlite") as db:
+        operations = [("op", *r) for r in db.execute("SELECT id, name, devices, started FROM operations")]
+        steps = [("step", *r) for r in db.execute("SELECT operation, number, description FROM steps")]
+        decisions = [("decision", *r) for r in db.execute("SELECT id, decision FROM decisions")]
+    return operations + steps + decisions
 
 
 # `HYPOTHESIS_PROFILE=thorough python -m pytest tests/stateful` digs much deeper.

@@ -8,7 +8,6 @@ by ``fakesys.py``; the real kernel is in tests/lab.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CORPUS, as_nobody, bdf, example
+from conftest import CORPUS, as_nobody, bdf, example, journal_records
 from fakekernel import driver_of, installed, prepare
 from pciguard.cli.main import app
 from pciguard.errors import RefusedError, StepFailed
@@ -355,7 +354,7 @@ def test_a_crash_at_any_step_ends_in_quarantine_with_the_journal_intact(
                 enforcer(root).assign(bdf(device), "vm1", VM_USER)
             else:
                 enforcer(root).quarantine(bdf(device))
-    before = _rows(state)
+    before = journal_records(state)
     argv = [sys.executable, str(TESTS / "linux/crash_run.py"), str(root), kill_at, operation, device]
     argv += ["--to", "vm1", "--user", str(VM_USER)] if operation == "assign" else []
     argv += where(root)
@@ -366,7 +365,7 @@ def test_a_crash_at_any_step_ends_in_quarantine_with_the_journal_intact(
     with installed(root):
         (note,) = enforcer(root).recover_interrupted()
     assert {d: driver_of(root, d) for d in group} == dict.fromkeys(group, "vfio-pci"), note
-    assert set(before) <= set(_rows(state))
+    assert set(before) <= set(journal_records(state))
     journal = Journal(state)
     interrupted = journal.operations()[-1]
     assert interrupted.name == operation and interrupted.outcome and "recovered" in interrupted.outcome
@@ -376,12 +375,3 @@ def test_a_crash_at_any_step_ends_in_quarantine_with_the_journal_intact(
     with installed(root):
         enforcer(root).unquarantine(bdf(device))
     assert driver_of(root, device) == example("workstation").topology[bdf(device)].driver
-
-
-def _rows(state: Path) -> list[tuple[object, ...]]:
-    if not (state / "journal.sqlite").exists():
-        return []
-    with sqlite3.connect(state / "journal.sqlite") as db:
-        return [("op", *r) for r in db.execute("SELECT id, name, devices, started FROM operations")] + [
-            ("step", *r) for r in db.execute("SELECT operation, number, description FROM steps")
-        ]

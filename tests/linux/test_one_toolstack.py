@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, StateMoves, bdf, example
+from conftest import CORPUS, StateMoves, bdf, example, journal_records
 from fakekernel import WRITERS, driver_of, installed, plug, prepare, unplug
 from pciguard.platforms.base import STEPS
 from pciguard.platforms.linux.enforce import Enforcer
@@ -144,7 +142,7 @@ def test_a_guard_killed_before_any_write_of_a_decision_leaves_no_host_driver_pol
             }
         crashed = _guard_run(root, rules, kill_at)
         assert crashed.returncode == -9, (kill_at, crashed.stderr)
-        kept = _journal_rows(root / "state")
+        kept = journal_records(root / "state")
         with installed(root):  # the guard again: it recovers first
             guard = Guard(parse_policy(rules, "test.rules"), str(root), root / "state")
             guard.start()
@@ -154,7 +152,7 @@ def test_a_guard_killed_before_any_write_of_a_decision_leaves_no_host_driver_pol
             fine = driver in (None, "vfio-pci") or driver == drivers_before.get(link.name)
             fine = fine or (link.name == ENCLOSURE and allowed)
             assert fine, f"killed before write {kill_at}: {link.name} is with {driver}; {guard.recovered}"
-        assert set(kept) <= set(_journal_rows(root / "state")), kill_at
+        assert set(kept) <= set(journal_records(root / "state")), kill_at
         if kill_at != "finish" or writes:
             assert any("recover" in note for note in guard.recovered), (kill_at, guard.recovered)
 
@@ -163,13 +161,3 @@ def _guard_run(root: Path, rules: str, kill_at: str) -> subprocess.CompletedProc
     argv = [sys.executable, str(TESTS / "linux/guard_crash_run.py"), str(root), rules, ENCLOSURE, kill_at]
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-
-
-def _journal_rows(state: Path) -> list[tuple[object, ...]]:
-    with sqlite3.connect(state / "journal.sqlite") as db:
-        operations = [("op", *r) for r in db.execute("SELECT id, name, devices, started FROM operations")]
-        steps = [("step", *r) for r in db.execute("SELECT operation, number, description FROM steps")]
-        decisions = [
-            ("decision", json.loads(r[0])["device"]) for r in db.execute("SELECT decision FROM decisions")
-        ]
-    return operations + steps + decisions

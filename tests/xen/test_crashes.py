@@ -6,7 +6,6 @@ holding it, and keeps every journal record (fake dom0: fakekernel and fakexen)."
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, bdf, example
+from conftest import CORPUS, bdf, example, journal_records
 from fakekernel import driver_of, installed, prepare
 from fakexen import FakeXl, dom0
 from pciguard.platforms.linux.enforce import Enforcer
@@ -55,7 +54,7 @@ def test_a_crash_on_xen_at_any_step_ends_with_pciback_and_the_journal_intact(
                 enforcer.assign(bdf(NIC), "vm1", None)
             else:
                 enforcer.quarantine(bdf(NIC))
-    before = _rows(root / "state")
+    before = journal_records(root / "state")
     argv = [sys.executable, str(TESTS / "xen/crash_run.py"), str(root), kill_at, operation, NIC]
     argv += ["--to", "vm1"] if operation == "assign" else []
     argv += ["--root", str(root), "--state-dir", str(root / "state")]
@@ -66,7 +65,7 @@ def test_a_crash_on_xen_at_any_step_ends_with_pciback_and_the_journal_intact(
     with installed(root):
         (note,) = enforcer.recover_interrupted()
     assert driver_of(root, NIC) == "pciback" and FakeXl.load(root).attached == {}, note
-    assert set(before) <= set(_rows(root / "state"))
+    assert set(before) <= set(journal_records(root / "state"))
     journal = Journal(root / "state")
     interrupted = journal.operations()[-1]
     assert interrupted.name == operation and interrupted.outcome and "recovered" in interrupted.outcome
@@ -75,12 +74,3 @@ def test_a_crash_on_xen_at_any_step_ends_with_pciback_and_the_journal_intact(
     with installed(root):  # ... and from there it goes back to its own driver
         enforcer.unquarantine(bdf(NIC))
     assert driver_of(root, NIC) == "e1000e"
-
-
-def _rows(state: Path) -> list[tuple[object, ...]]:
-    if not (state / "journal.sqlite").exists():
-        return []
-    with sqlite3.connect(state / "journal.sqlite") as db:
-        return [("op", *r) for r in db.execute("SELECT id, name, devices, started FROM operations")] + [
-            ("step", *r) for r in db.execute("SELECT operation, number, description FROM steps")
-        ]
