@@ -58,6 +58,7 @@ from pciguard.platforms.linux.sysfs import (
     release_holds,
     set_autoprobe,
     thunderbolt_devices,
+    vfio_pci_loaded,
 )
 from pciguard.policy import Decision, PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
@@ -143,13 +144,13 @@ class Guard:
         host = self._named(reading.host)
         self.translating = any(host.dma_translated(b) for b in host.topology)
         self.interrupt_remapping = any(host.msi_isolated(b) for b in host.topology)
-        # Driverless devices are held first, or the claim would take them.
-        driverless = [b for b, f in host.topology.items() if f.driver is None and not f.kind.is_bridge]
-        self.holding = {b for b in driverless if hold(self.fs, b)}
-        self.claiming = claim_new_devices(self.fs)
-        if not self.claiming:
-            release_holds(self.fs)
-            self.holding.clear()
+        self.claiming = vfio_pci_loaded(self.fs)
+        if self.claiming:  # driverless devices held first, or the claim would take them
+            driverless = [b for b, f in host.topology.items() if f.driver is None and not f.kind.is_bridge]
+            self.holding = {b for b in driverless if hold(self.fs, b)}
+            claim_new_devices(self.fs)
+        else:
+            release_holds(self.fs)  # a killed guard's: with no claim they hold nothing back
         made = [self._present_function(host, bdf) for bdf in host.topology]
         for device in reading.facts.thunderbolt_devices:
             if device.authorized is False:

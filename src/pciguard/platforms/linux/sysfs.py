@@ -502,16 +502,18 @@ def set_autoprobe(fs: Fs, value: str) -> None:
     fs.write(AUTOPROBE, value)
 
 
-def claim_new_devices(fs: Fs) -> bool:
-    """vfio-pci's catch-all dynamic ID: it claims every function enumerated from now on
-    (False: vfio-pci is not loaded, even after trying to load it)."""
+def vfio_pci_loaded(fs: Fs) -> bool:
+    """Whether vfio-pci can claim new devices, loading it first if it is not."""
     if not fs.exists(f"{VFIO_DRIVER}/new_id"):
         fs.load_module(VFIO_PCI)  # late is better than never: before the modules not yet loaded
-    if not fs.exists(f"{VFIO_DRIVER}/new_id"):
-        return False
+    return fs.exists(f"{VFIO_DRIVER}/new_id")
+
+
+def claim_new_devices(fs: Fs) -> None:
+    """vfio-pci's catch-all dynamic ID (``vfio_pci_loaded`` first): it claims every
+    function enumerated from now on."""
     release_claim(fs)  # one left by a guard that was killed
     fs.write(f"{VFIO_DRIVER}/new_id", CATCH_ALL)
-    return True
 
 
 def release_claim(fs: Fs) -> None:
