@@ -151,3 +151,13 @@ def test_the_commands_of_quarantine_and_assign_on_xen_with_dry_run(tree: Callabl
     lines = [line.strip() for line in shown.output.splitlines()]
     assert f"quarantine {NIC} would run, in order:" in lines
     assert f"xl pci-assignable-add {NIC}" in lines
+
+
+@pytest.mark.parametrize(
+    "listed",
+    ["", "not json", "{}", "[1, null]", '[{"config": "x"}]', '[{"config": {"c_info": 5}}]', '[{"domid": 3}]'],
+)
+def test_an_xl_list_that_is_not_what_xl_prints_gives_no_domain_and_no_traceback(listed: str) -> None:
+    from pciguard.platforms.xen.platform import parse_domains
+
+    assert parse_domains(listed) == {}

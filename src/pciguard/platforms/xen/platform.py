@@ -65,9 +65,10 @@ def parse_domains(text: str) -> dict[str, DomainInfo]:
         return {}
     out = {}
     for entry in listed if isinstance(listed, list) else []:
-        c_info = (entry.get("config") or {}).get("c_info") or {} if isinstance(entry, dict) else {}
-        name = c_info.get("name")
-        if not isinstance(name, str) or entry.get("domid") == 0:
+        config = entry.get("config") if isinstance(entry, dict) else None
+        c_info = config.get("c_info") if isinstance(config, dict) else None
+        name = c_info.get("name") if isinstance(c_info, dict) else None
+        if not isinstance(name, str) or not isinstance(c_info, dict) or entry.get("domid") == 0:
             continue
         passthrough = c_info.get("passthrough")
         context = isinstance(passthrough, str) and passthrough not in ("disabled", "default")
