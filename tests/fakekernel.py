@@ -29,8 +29,17 @@ STATE = "fakekernel.json"  # per tree: device -> the driver a probe without over
 UNPLUGGED = "unplugged.json"  # links of devices taken off the bus, to plug them back
 CLAIM = "vfio-claims-all"  # present while vfio-pci carries the catch-all dynamic ID
 VFIO_PCI = "vfio-pci"
+PCIBACK_SLOTS = "sys/bus/pci/drivers/pciback/slots"  # xen-pciback's slot list, one pattern a line
 WRITERS: list[tuple[str, str, traceback.StackSummary]] = []  # (path, value, the writer's stack)
 _KILL_AT = [0]  # the write to crash before, counted from the start of ``installed``
+
+
+def with_pciback(root: Path) -> None:
+    """xen-pciback loaded (a dom0's): its driver folder with an empty slot list."""
+    folder = root / "sys/bus/pci/drivers/pciback"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("bind", "unbind", "new_slot", "remove_slot", "slots"):
+        (folder / name).write_text("")
 
 
 def prepare(root: Path, host: Host, vfio_loaded: bool = True) -> None:
@@ -90,6 +99,11 @@ def emulate(root: Path, rel: str, value: str) -> None:
                 probe(root, link.name)
     elif parts[-2:] == [VFIO_PCI, "remove_id"] and value.startswith("ffffffff ffffffff"):
         (root / CLAIM).unlink(missing_ok=True)
+    elif parts[-2:] == ["pciback", "new_slot"]:
+        (root / PCIBACK_SLOTS).write_text("".join(f"{slot}\n" for slot in [*_slots(root), value]))
+    elif parts[-2:] == ["pciback", "remove_slot"]:  # every slot the pattern covers goes
+        kept = [slot for slot in _slots(root) if not _slot_matches(value, slot.replace("*", "0"))]
+        (root / PCIBACK_SLOTS).write_text("".join(f"{slot}\n" for slot in kept))
 
 
 def _matches(root: Path, bdf: str, driver: str) -> bool:
@@ -98,6 +112,8 @@ def _matches(root: Path, bdf: str, driver: str) -> bool:
     if override != "(null)":
         return override == driver
     natural = json.loads((root / STATE).read_text()).get(bdf)
+    if driver == "pciback":
+        return any(_slot_matches(slot, bdf) for slot in _slots(root))
     return driver == natural or (driver == VFIO_PCI and (root / CLAIM).exists())
 
 
@@ -113,10 +129,23 @@ def probe(root: Path, bdf: str) -> None:
         chosen: str | None = override
     elif (root / CLAIM).exists() and not bridge:
         chosen = VFIO_PCI
+    elif not bridge and any(_slot_matches(slot, bdf) for slot in _slots(root)):
+        chosen = "pciback"  # registered before the host drivers; seizes what its slots list
     else:
         chosen = json.loads((root / STATE).read_text()).get(bdf)
     if chosen:
         _bind(root, bdf, chosen)
+
+
+def _slots(root: Path) -> list[str]:
+    listed = root / PCIBACK_SLOTS
+    return listed.read_text().split() if listed.exists() else []
+
+
+def _slot_matches(pattern: str, bdf: str) -> bool:
+    """xen-pciback's slot patterns: DDDD:BB:SS.F, with * for the slot and function."""
+    wanted, found = (text.replace(".", ":").split(":") for text in (pattern, bdf))
+    return all(want in ("*", have) for want, have in zip(wanted, found, strict=True))
 
 
 def _below(root: Path, bdf: str) -> list[str]:

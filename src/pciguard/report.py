@@ -251,15 +251,25 @@ def audit(ts: Toolstack, source: str) -> AuditReport:
 
 
 def linux_holder(host: Host, facts: KernelFacts | None = None) -> Callable[[Bdf], Holder]:
-    """On a real host, who holds a device is what its driver says. On Xen, pciback holds
-    a device away from dom0 only while Xen quarantines (otherwise it stays in dom0's
-    IOMMU context: the host's)."""
+    """On a real host, who holds a device is what its driver says. On Xen, a device with
+    pciback is away from dom0 only when pciguard made it assignable (its journal says so;
+    pciback seizing a device leaves it in dom0's IOMMU context) and Xen quarantines."""
     holding = set(QUARANTINE_DRIVERS)
     xen = facts.xen if facts else None
-    if xen is not None and xen.quarantine in (None, XenQuarantine.NONE):
-        holding.discard(PCIBACK)
     functions = host.topology.functions
-    return lambda b: Holder(State.QUARANTINED if functions[b].driver in holding else State.HOST)
+    if xen is None:
+        return lambda b: Holder(State.QUARANTINED if functions[b].driver in holding else State.HOST)
+    holding.discard(PCIBACK)
+    in_domid_io = xen.made_assignable or frozenset()
+    if xen.quarantine in (None, XenQuarantine.NONE):
+        in_domid_io = frozenset()
+
+    def holder(b: Bdf) -> Holder:
+        driver = functions[b].driver
+        held = driver in holding or (driver == PCIBACK and b in in_domid_io)
+        return Holder(State.QUARANTINED if held else State.HOST)
+
+    return holder
 
 
 def audit_host(
@@ -493,6 +503,21 @@ def xen_findings(host: Host, facts: KernelFacts) -> list[Finding]:
             "xen-no-directio",
             Severity.WARNING,
             "`xl info` lists neither hvm_directio nor pv_directio: this Xen cannot give devices to guests",
+        )
+    seized = [
+        b
+        for b, f in host.topology.items()
+        if f.driver == PCIBACK and (xen.made_assignable is None or b not in xen.made_assignable)
+    ]
+    if seized:
+        unknown = " (pciguard's journal was not read: run as root)" if xen.made_assignable is None else ""
+        add(
+            "xen-pciback-not-assignable",
+            Severity.WARNING,
+            f"held by xen-pciback but not made assignable by pciguard{unknown}, so counted as dom0's: "
+            f"{', '.join(map(str, seized))}; xen-pciback alone (xen-pciback.hide=, new_slot) leaves a "
+            "device in dom0's IOMMU context, its DMA reaching dom0's memory, until `xl "
+            "pci-assignable-add` moves it to DOMID_IO: `pciguard quarantine` it",
         )
     for device in xen.permissive:
         which = "every device pciback holds" if device == "*" else device

@@ -54,6 +54,7 @@ no_intremap = _machine("no_intremap", "intremap-off")
 hotplug = _machine("hotplug", "hotplug")
 xen = _machine("xen", "xen")
 xen_scratch = _machine("xen_scratch", "xen-scratch")
+xen_hotplug = _machine("xen_hotplug", "xen-hotplug")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -310,6 +310,8 @@ def guard_hotplug(step: dict[str, Any], out: Path) -> dict[str, Any]:
         for name, bdf in devices.items():
             if bdf and step.get("probe", {}).get(name) == "edu":
                 result[f"probe-{name}"] = vars(probe(bdf))
+            elif bdf and step.get("probe", {}).get(name) == "xen-edu":
+                result[f"probe-{name}"] = vars(xen_probe(bdf))
             elif bdf and step.get("probe", {}).get(name) == "nic":
                 result[f"probe-{name}"] = vars(nic_probe(bdf))
         if (present := locate(step.get("control", ""))) is not None:
@@ -330,6 +332,24 @@ def xl(args: list[str]) -> dict[str, Any]:
     return {"exit": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
 
 
+def pciback_seize(bdf: str) -> dict[str, Any]:
+    """What ``xen-pciback.hide=`` does at boot: pciback's slot list names the device and
+    pciback binds it (Xen is not asked to move it anywhere)."""
+    pciback = Path("/sys/bus/pci/drivers/pciback")
+    (pciback / "new_slot").write_text(bdf)
+    (pciback / "bind").write_text(bdf)
+    return {"driver": drivers_of([bdf])[bdf]}
+
+
+def xl_create(step: dict[str, Any], kernel: str) -> dict[str, Any]:
+    """A PV domain from ``step["config"]`` (``{kernel}``: the lab's kernel), created
+    paused: built, with its memory and IOMMU context, but never run; ``-e``: no xl
+    left behind to wait for its death."""
+    config = Path("/run") / f"{step['name']}.cfg"
+    config.write_text(step["config"].format(kernel=kernel))
+    return xl(["create", "-p", "-e", str(config)])
+
+
 def run(plan_path: Path) -> dict[str, Any]:
     plan = json.loads(plan_path.read_text())
     out = plan_path.parent
@@ -337,7 +357,7 @@ def run(plan_path: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"devices": devices, "steps": {}, "errors": {}}
     actions: dict[str, Callable[[dict[str, Any]], Any]] = {
         "truth": lambda step: ground_truth(),
-        "audit": lambda step: pciguard(["audit", "--json"], step.get("user")),
+        "audit": lambda step: pciguard(["audit", "--json", *step.get("args", [])], step.get("user")),
         "audit-table": lambda step: pciguard(["audit"]),
         "pciguard": lambda step: pciguard([arg.format(**devices) for arg in step["args"]]),
         "vfio-session": lambda step: vfio_session(devices[step["device"]] or "absent", step.get("user")),
@@ -348,8 +368,12 @@ def run(plan_path: Path) -> dict[str, Any]:
         "group-type": lambda step: set_group_type(devices[step["device"]] or "absent", step["type"]),
         "plug-without-guard": lambda step: plug_without_guard(step, out),
         "guard-hotplug": lambda step: guard_hotplug(step, out),
-        "xl": lambda step: xl(step["args"]),
-        "xen-probe": lambda step: vars(xen_probe(devices[step["device"]] or "absent")),
+        "xl": lambda step: xl([arg.format(**devices) for arg in step["args"]]),
+        "xl-create": lambda step: xl_create(step, plan["kernel"]),
+        "pciback-seize": lambda step: pciback_seize(devices[step["device"]] or "absent"),
+        "xen-probe": lambda step: vars(
+            xen_probe(devices[step["device"]] or "absent", step.get("domain"), step.get("towards", "dom0"))
+        ),
     }
     for step in plan["steps"]:
         try:

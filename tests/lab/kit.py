@@ -44,6 +44,7 @@ DOM0_MODULES = (
     "xen_gntdev",
     "xen_gntalloc",
     "xen_pciback",
+    "e1000e",  # after xen_pciback: pciback is offered a new device first, as a dom0 should have it
 )
 XEN_VERSION = "4.17"
 XEN_PACKAGES = (

@@ -114,7 +114,7 @@ def qemu_argv(kit: Kit, machine: Machine, out: Path) -> list[str]:
 def guest_script(out: Path, machine: Machine | None = None, kit: Kit | None = None) -> str:
     """run.sh: from the initramfs into the host's root, with the guest's own kernel views
     (in a Xen dom0 also /proc/xen, a writable /var, and Xen's tools from the kit with
-    xenstored started)."""
+    xenstored and xenconsoled started: ``xl create`` waits for a guest's console)."""
     py = shlex.quote(sys.executable)
     paths = shlex.quote(f"{CHECKOUT / 'src'}:{CHECKOUT / 'tests'}")
     target = shlex.quote(f"/host{out}")
@@ -135,6 +135,7 @@ ln -s /run /host/var/run
 mkdir -p /host/dev/pts && mount -t devpts devpts /host/dev/pts
 chroot /host /usr/bin/env -i PATH={path} xenstored --pid-file /run/xenstored.pid
 chroot /host /usr/bin/env -i PATH={path} xen-init-dom0 > /dev/null
+chroot /host /usr/bin/env -i PATH={path} xenconsoled --pid-file=/run/xenconsoled.pid
 """
     return f"""set -u
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || exit 1
@@ -152,7 +153,8 @@ mount -o bind /out {target}
 
 def start(kit: Kit, machine: Machine, out: Path) -> Boot:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps({"devices": machine.locators, "steps": machine.steps}))
+    plan = {"devices": machine.locators, "steps": machine.steps, "kernel": str(kit.vmlinux)}
+    (out / "plan.json").write_text(json.dumps(plan))
     (out / "run.sh").write_text(guest_script(out, machine, kit))
     log = open(out / "qemu.log", "wb")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(qemu_argv(kit, machine, out), stdout=log, stderr=subprocess.STDOUT)
@@ -408,10 +410,35 @@ HOTPLUG = Machine(
 )
 
 
-def xen_machine(name: str, xen: str) -> Machine:
+# A PV guest, created paused: Xen builds it (memory, IOMMU context) but it never runs.
+DOMU_CONFIG = 'name = "vm1"\ntype = "pv"\nkernel = "{kernel}"\nmemory = 192\npassthrough = "enabled"\n'
+# In the PV domU vm1: pciguard gives it the quarantined edu; the edu's DMA between two
+# halves of a page of vm1's, and from vm1's page into dom0's memory; then vm1 is
+# destroyed behind pciguard's back and the edu probed again; pciguard releases it.
+DOMU_STEPS = (
+    {"do": "xl-create", "name": "create-vm1", "config": DOMU_CONFIG},
+    {"do": "pciguard", "name": "assign", "args": ["assign", "{edu1}", "--to", "vm1", *STATE]},
+    {"do": "xl", "name": "pci-list", "args": ["pci-list", "vm1"]},
+    {"do": "xen-probe", "name": "probe-domu", "device": "edu1", "domain": "vm1", "towards": "domain"},
+    {"do": "xen-probe", "name": "probe-domu-to-dom0", "device": "edu1", "domain": "vm1"},
+    {"do": "xl", "name": "destroy-vm1", "args": ["destroy", "vm1"]},
+    {"do": "xl", "name": "assignable-after-destroy", "args": ["pci-assignable-list"]},
+    {"do": "xen-probe", "name": "probe-after-destroy", "device": "edu1"},
+    {"do": "pciguard", "name": "release", "args": ["release", "{edu1}", *STATE]},
+)
+
+
+def xen_machine(name: str, xen: str, domu: bool = False, seized: bool = False) -> Machine:
     """Xen 4.17 with the lab's kernel as its PV dom0 and one edu under a root port: the
-    audit in dom0; the edu's DMA from dom0 before, after ``pciguard quarantine`` made it
-    assignable (xen-pciback, DOMID_IO), and after ``pciguard unquarantine`` gave it back."""
+    audit in dom0; the edu's DMA from dom0 before, (``seized``: after xen-pciback seized
+    it, as ``xen-pciback.hide=`` does,) after ``pciguard quarantine`` made it assignable
+    (xen-pciback, DOMID_IO), (``domu``: given to a PV domU and taken back, ``DOMU_STEPS``)
+    and after ``pciguard unquarantine`` gave it back."""
+    seize = (
+        {"do": "pciback-seize", "name": "seize", "device": "edu1"},
+        {"do": "audit", "name": "audit-seized", "args": STATE},
+        {"do": "xen-probe", "name": "probe-seized", "device": "edu1"},
+    )
     return Machine(
         name=name,
         devices=ONE_EDU,
@@ -419,12 +446,14 @@ def xen_machine(name: str, xen: str) -> Machine:
         steps=(
             {"do": "xl", "name": "xl-info", "args": ["info"]},
             {"do": "xl", "name": "xl-dmesg", "args": ["dmesg"]},
-            {"do": "audit", "name": "audit"},
+            {"do": "audit", "name": "audit", "args": STATE},
             {"do": "xen-probe", "name": "probe-dom0", "device": "edu1"},
+            *(seize if seized else ()),
             {"do": "pciguard", "name": "quarantine", "args": ["quarantine", "{edu1}", *STATE]},
             {"do": "xl", "name": "assignable", "args": ["pci-assignable-list"]},
-            {"do": "audit", "name": "audit-quarantined"},
+            {"do": "audit", "name": "audit-quarantined", "args": STATE},
             {"do": "xen-probe", "name": "probe-quarantined", "device": "edu1"},
+            *(DOMU_STEPS if domu else ()),
             {"do": "pciguard", "name": "unquarantine", "args": ["unquarantine", "{edu1}", *STATE]},
             {"do": "xl", "name": "assignable-after", "args": ["pci-assignable-list"]},
             {"do": "xen-probe", "name": "probe-given-back", "device": "edu1"},
@@ -434,7 +463,32 @@ def xen_machine(name: str, xen: str) -> Machine:
     )
 
 
-XEN = xen_machine("xen", "")
-XEN_SCRATCH = xen_machine("xen-scratch", "iommu=quarantine=scratch-page")
+XEN = xen_machine("xen", "", domu=True)
+XEN_SCRATCH = xen_machine("xen-scratch", "iommu=quarantine=scratch-page", seized=True)
+# The guard in a dom0: two empty root ports; with the guard running, an edu and an
+# e1000e are plugged in. xen-pciback (loaded before e1000e) seizes both at enumeration;
+# the policy allows the NIC on 00:12.0, and the edu goes to quarantine (DOMID_IO).
+XEN_HOTPLUG = Machine(
+    name="xen-hotplug",
+    devices=tuple(
+        f"pcie-root-port,id=hp{n},chassis={10 + n},slot={10 + n},bus=pcie.0,addr=0x{0x10 + n:x}"
+        for n in (1, 2)
+    ),
+    locators={},
+    steps=(
+        {
+            "do": "guard-hotplug",
+            "name": "guard",
+            "round": 0,
+            "policy": f"allow id {E1000E_ID} class 02:00:* via-port 0000:00:12.0\n",
+            "expect": {"edu": "00:11.0/00.0", "nic": "00:12.0/00.0"},
+            "probe": {"edu": "xen-edu"},
+        },
+        {"do": "xl", "name": "assignable", "args": ["pci-assignable-list"]},
+        {"do": "audit", "name": "audit", "args": STATE},
+    ),
+    hotplug=((f"{EDU},id=hpedu,bus=hp1", "e1000e,id=hpnic,bus=hp2"),),
+    xen="",
+)
 
-MACHINES = (TOPOLOGIES, HOTPLUG, XEN, XEN_SCRATCH, PASSTHROUGH, NO_INTREMAP)  # the longest first
+MACHINES = (TOPOLOGIES, HOTPLUG, XEN, XEN_HOTPLUG, XEN_SCRATCH, PASSTHROUGH, NO_INTREMAP)  # the longest first

@@ -444,3 +444,80 @@ def test_pciguard_makes_a_device_assignable_on_xen_and_gives_it_back(xen: Outcom
     assert xen.step("assignable-after")["stdout"].split() == []
     journal = xen.step("journal")["output"]
     assert journal.count("done") >= 2 and "quarantine" in journal and "unquarantine" in journal
+
+
+def test_on_xen_a_pv_guest_given_the_device_gets_its_dma_only_into_its_own_pages(xen: Outcome) -> None:
+    edu = xen.bdf("edu1")
+    created = xen.step("create-vm1")
+    assert created["exit"] == 0, created
+    assigned = xen.step("assign")
+    assert assigned["exit"] == 0, assigned
+    assert [line.strip() for line in assigned["output"].splitlines()] == [
+        f"assigned: {edu}",
+        f"echo 1 > /sys/bus/pci/devices/{edu}/reset",
+        f"xl pci-attach vm1 {edu}",
+    ]
+    assert edu in xen.step("pci-list")["stdout"].split()
+    # Read from a page of vm1's and written into the same page: there; into dom0's: faulted.
+    into_guest, into_dom0 = xen.step("probe-domu"), xen.step("probe-domu-to-dom0")
+    assert (into_guest["verdict"], into_dom0["verdict"]) == ("LANDED", "BLOCKED"), (into_guest, into_dom0)
+
+
+def test_on_xen_a_destroyed_guests_device_stays_assignable_and_blocked(xen: Outcome) -> None:
+    edu = xen.bdf("edu1")
+    assert xen.step("destroy-vm1")["exit"] == 0, xen.step("destroy-vm1")
+    assert xen.step("assignable-after-destroy")["stdout"].split() == [edu]  # never dom0's
+    found = xen.step("probe-after-destroy")
+    assert found["verdict"] == "BLOCKED", found
+    # pciguard's release finds the domain gone: nothing to detach, only the reset.
+    released = xen.step("release")
+    assert released["exit"] == 0, released
+    assert [line.strip() for line in released["output"].splitlines()] == [
+        f"released to quarantine: {edu}",
+        f"echo 1 > /sys/bus/pci/devices/{edu}/reset",
+    ]
+
+
+def test_on_xen_a_device_pciback_only_seized_is_dom0s_until_pciguard_quarantines_it(
+    xen_scratch: Outcome,
+) -> None:
+    # What xen-pciback.hide= does: pciback holds the device, Xen still has it in dom0's context.
+    edu = xen_scratch.bdf("edu1")
+    assert xen_scratch.step("seize")["driver"] == "pciback"
+    found = xen_scratch.step("probe-seized")
+    assert found["verdict"] == "LANDED", found
+    seized = xen_scratch.step("audit-seized")["json"]
+    (member,) = [m for g in seized["groups"] for m in g["members"] if m["bdf"] == edu]
+    assert (member["state"], member["driver"]) == ("host", "pciback")
+    (finding,) = [f["message"] for f in seized["findings"] if f["code"] == "xen-pciback-not-assignable"]
+    assert edu in finding
+    # pciguard asks Xen to quarantine it all the same: then, and only then, it is.
+    assert f"xl pci-assignable-add {edu}" in xen_scratch.step("quarantine")["output"]
+    after = xen_scratch.step("audit-quarantined")["json"]
+    (member,) = [m for g in after["groups"] for m in g["members"] if m["bdf"] == edu]
+    assert member["state"] == "quarantined"
+    assert "xen-pciback-not-assignable" not in codes(after["findings"])
+
+
+def test_on_xen_the_guard_has_pciback_seize_new_devices_and_quarantines_them_in_domid_io(
+    xen_hotplug: Outcome,
+) -> None:
+    ran = xen_hotplug.step("guard")
+    assert ran["guard-exit"] == 0, ran["guard-log"]
+    edu, nic = ran["devices"]["edu"], ran["devices"]["nic"]
+    decided = ran["decisions"]
+    assert (decided[edu]["target"], decided[edu]["outcome"]) == (
+        "quarantine",
+        f"quarantined with xen-pciback, in DOMID_IO: {edu}",
+    )
+    assert (decided[nic]["target"], decided[nic]["outcome"]) == ("allow", "bound to host driver e1000e")
+    # Seized by pciback as the kernel found them: no dom0 driver before the decision.
+    edu_drivers = [driver for _, driver in ran["watched"][edu]["drivers"]]
+    nic_drivers = [driver for _, driver in ran["watched"][nic]["drivers"]]
+    assert [d for d in edu_drivers if d] == ["pciback"], edu_drivers
+    assert [d for d in nic_drivers if d] == ["pciback", "e1000e"], nic_drivers
+    assert ran["probe-edu"]["verdict"] == "BLOCKED", ran["probe-edu"]
+    assert xen_hotplug.step("assignable")["stdout"].split() == [edu]
+    audit = xen_hotplug.step("audit")["json"]
+    states = {m["bdf"]: (m["state"], m["driver"]) for g in audit["groups"] for m in g["members"]}
+    assert states[edu] == ("quarantined", "pciback") and states[nic] == ("host", "e1000e")

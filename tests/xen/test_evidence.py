@@ -4,7 +4,7 @@ dom0 tree: no IOMMU groups, no DMAR, as a PV dom0 sees its sysfs)."""
 
 from __future__ import annotations
 
-import os
+import json
 import tarfile
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, audit_reading, bdf
-from fakexen import dom0, text
-from pciguard.model import Feature
+from conftest import CORPUS, audit_reading, bdf, example
+from fakexen import FakeXl, dom0, text
+from pciguard.model import Bdf, Feature
 from pciguard.model.kernel import XenQuarantine
 from pciguard.platforms.linux.sysfs import Fs
 from pciguard.platforms.xen.dom0 import is_dom0, read
@@ -28,6 +28,7 @@ from pciguard.platforms.xen.evidence import (
 )
 
 XEN = CORPUS / "xen"
+NIC = "0000:03:00.0"
 ON, OFF, UNKNOWN = Feature.ENABLED, Feature.DISABLED, Feature.UNKNOWN
 
 
@@ -185,21 +186,65 @@ def test_a_linux_host_is_not_taken_for_a_dom0(tree: Callable[..., Path]) -> None
 
 
 @pytest.mark.parametrize(
-    ("info", "state"),
-    [("xl-info-4.17.txt", "quarantined"), ("xl-info-4.17-no-quarantine-permissive.txt", "host")],
+    ("info", "made_assignable", "state"),
+    [
+        ("xl-info-4.17.txt", frozenset({bdf(NIC)}), "quarantined"),
+        ("xl-info-4.17.txt", frozenset(), "host"),  # pciback seized it: still in dom0's context
+        ("xl-info-4.17.txt", None, "host"),  # the journal was not read: unknown
+        ("xl-info-4.17-no-quarantine-permissive.txt", frozenset({bdf(NIC)}), "host"),
+    ],
 )
-def test_a_device_with_pciback_is_quarantined_only_while_xen_quarantines(
-    tree: Callable[..., Path], info: str, state: str
+def test_a_device_with_pciback_is_quarantined_only_when_pciguard_made_it_assignable_and_xen_quarantines(
+    tree: Callable[..., Path], info: str, made_assignable: frozenset[Bdf] | None, state: str
 ) -> None:
     root = dom0(tree, info, "xl-dmesg-4.17-vtd.txt")
-    pciback = root / "sys/bus/pci/drivers/pciback"
-    pciback.mkdir(parents=True, exist_ok=True)
-    link = root / "sys/bus/pci/devices/0000:03:00.0/driver"
-    link.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(pciback, link.resolve().parent), link)
-    report = audit_reading(read(Fs(str(root))))
-    (nic,) = [m for g in report.groups for m in g.members if m.bdf == "0000:03:00.0"]
+    FakeXl(root)._bind(NIC, "pciback")
+    reading = read(Fs(str(root)))
+    assert reading.facts.xen is not None
+    xen = replace(reading.facts.xen, made_assignable=made_assignable)
+    report = audit_reading(replace(reading, facts=replace(reading.facts, xen=xen)))
+    (nic,) = [m for g in report.groups for m in g.members if m.bdf == NIC]
     assert nic.state == state
+    seized = [f.message for f in report.findings if f.code == "xen-pciback-not-assignable"]
+    assert bool(seized) == ((made_assignable is not None and not made_assignable) or made_assignable is None)
+    assert all(NIC in m and "`pciguard quarantine` it" in m for m in seized)
+    assert all(("journal was not read" in m) == (made_assignable is None) for m in seized)
+
+
+def test_the_audit_in_a_dom0_reads_from_the_journal_what_pciguard_made_assignable(
+    tree: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from fakekernel import installed, prepare
+    from pciguard.cli.main import app
+    from pciguard.platforms.linux.enforce import Enforcer
+    from pciguard.platforms.xen import platform
+    from xen.test_crashes import fake_xl
+
+    root = dom0(tree, "xl-info-4.17.txt", "xl-dmesg-4.17-vtd.txt")
+    prepare(root, example("workstation"))
+    FakeXl(root).save()
+    monkeypatch.setattr(platform, "run_xl", fake_xl(root))
+    where = ["--root", str(root), "--state-dir", str(root / "state")]
+
+    def state_of_nic() -> tuple[str, list[str]]:
+        shown = CliRunner().invoke(app, ["audit", "--json", *where])
+        report = json.loads(shown.stdout)
+        (nic,) = [m for g in report["groups"] for m in g["members"] if m["bdf"] == NIC]
+        return nic["state"], [f["code"] for f in report["findings"]]
+
+    with installed(root):
+        FakeXl(root)._bind(NIC, "pciback")  # seized by pciback, as xen-pciback.hide= does
+        state, codes = state_of_nic()
+        assert state == "host" and "xen-pciback-not-assignable" in codes
+        done = Enforcer(str(root), root / "state").quarantine(bdf(NIC))
+        assert [str(w) for w in done.writes] == [
+            f"xl pci-assignable-add {NIC}",  # pciback held it, Xen had not quarantined it
+            f"echo 1 > /sys/bus/pci/devices/{NIC}/reset",
+        ]
+        state, codes = state_of_nic()
+        assert state == "quarantined" and "xen-pciback-not-assignable" not in codes
 
 
 def test_a_snapshot_of_a_dom0_keeps_what_xen_said_without_the_host_name(

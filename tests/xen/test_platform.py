@@ -161,3 +161,18 @@ def test_an_xl_list_that_is_not_what_xl_prints_gives_no_domain_and_no_traceback(
     from pciguard.platforms.xen.platform import parse_domains
 
     assert parse_domains(listed) == {}
+
+
+def test_a_device_pciback_only_seized_is_quarantined_by_xl_and_given_back_without_a_driver(
+    xen_host: tuple[Path, FakeXl],
+) -> None:
+    root, xl = xen_host
+    xl._bind(NIC, "pciback")  # xen-pciback.hide=, or the guard's claim: Xen left it with dom0
+    p = platform(root, xl)
+    toolstack = Toolstack(p)
+    assert toolstack.ledger[bdf(NIC)].state.value == "host"
+    toolstack.make_assignable(bdf(NIC))
+    assert shown(p) == [f"xl pci-assignable-add {NIC}", f"echo 1 > /sys/bus/pci/devices/{NIC}/reset"]
+    toolstack.make_unassignable(bdf(NIC))
+    assert shown(p) == [f"echo 1 > /sys/bus/pci/devices/{NIC}/reset", f"xl pci-assignable-remove {NIC}"]
+    assert driver_of(root, NIC) is None  # pciback was no host driver to give it back to

@@ -12,6 +12,7 @@ from rich.text import Text
 from pciguard.checks import Options, RmrrPolicy
 from pciguard.cli.common import Exit, emit_json, err, error, input_errors, linux_reading, out
 from pciguard.pciids import name_devices
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 from pciguard.report import (
     AuditReport,
     DeviceEntry,
@@ -77,6 +78,13 @@ def command(
     rmrr: RmrrPolicy = typer.Option(
         RmrrPolicy.STRICT, "--rmrr", help="Policy for firmware 1:1 regions.", metavar="POLICY"
     ),
+    state_dir: Path = typer.Option(
+        DEFAULT_STATE_DIR,
+        "--state-dir",
+        envvar="PCIGUARD_STATE_DIR",
+        help="In a Xen dom0: where pciguard's journal says which devices it made assignable.",
+        metavar="DIR",
+    ),
 ) -> None:
     """Audit this host (or a file describing one): IOMMU findings, then every IOMMU
     group with its verdict and the reasons for it.
@@ -107,6 +115,10 @@ def command(
             report = audit(Toolstack(SimPlatform(host), options), str(platform))
         else:
             reading, source = linux_reading(root, snapshot, lspci)
+            if reading.facts.xen is not None and snapshot is None and lspci is None:
+                from pciguard.platforms.xen.dom0 import with_journal
+
+                reading = with_journal(reading, state_dir)
             host = name_devices(reading.host)
             holder = linux_holder(host, reading.facts)
             report = audit_host(host, options, source, holder, facts=reading.facts)

@@ -88,6 +88,10 @@ class XenFacts:
     assignable: tuple[Bdf, ...] = ()  # xl pci-assignable-list
     permissive: tuple[str, ...] = ()  # pciback lets guests write these devices' config space
     boot_log_complete: bool = True  # False: the console ring lost the boot messages
+    # The devices pciguard's journal says it made assignable or gave to a guest: the only
+    # record that `xl pci-assignable-add` moved one into DOMID_IO (xen-pciback holding a
+    # device does not). None: the journal was not read.
+    made_assignable: frozenset[Bdf] | None = None
 
 
 @dataclass(frozen=True)

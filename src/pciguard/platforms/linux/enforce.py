@@ -25,7 +25,7 @@ from pciguard.platforms.base import HOST, QUARANTINE, Platform
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
 from pciguard.platforms.linux.platform import Command, LinuxPlatform, StepLog, Write
 from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs
-from pciguard.platforms.xen.dom0 import read
+from pciguard.platforms.xen.dom0 import MADE_ASSIGNABLE, read
 from pciguard.platforms.xen.platform import XenPlatform
 from pciguard.policy import Decision, Target
 from pciguard.toolstack import OperationFailed, Plan, Toolstack
@@ -285,7 +285,8 @@ class Enforcer:
         drivers = {b: row.host_driver for b, row in known.items()}
         kinds = {b: row.group_type for b, row in known.items() if row.group_type}
         if reading.facts.xen is not None:
-            return XenPlatform(fs, host, reading.facts.xen, drivers, dry_run=dry_run)
+            assignable = [b for b, row in known.items() if row.state in MADE_ASSIGNABLE]
+            return XenPlatform(fs, host, reading.facts.xen, drivers, assignable=assignable, dry_run=dry_run)
         return LinuxPlatform(fs, host, drivers, kinds, dry_run=dry_run)
 
     def recover(self, journal: Journal) -> list[str]:

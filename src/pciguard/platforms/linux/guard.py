@@ -14,6 +14,12 @@ host drivers by name (``bind``), so the claim never lapses. Devices present at s
 that have no driver are held out of it with a ``driver_override`` naming no driver.
 Thunderbolt devices wait for authorisation before any PCI function behind them exists.
 
+In a Xen dom0 vfio-pci cannot work (Xen owns the IOMMU) and xen-pciback claims instead:
+its slot list gets every bus below a bridge (``DDDD:BB:*.*``), so it seizes a new
+function at enumeration (load it before the host drivers, as vfio-pci elsewhere). Xen
+has put the function in dom0's IOMMU context meanwhile, and pciback does not take it
+out: quarantine is ``xl pci-assignable-add``, as for any device pciguard makes assignable.
+
 The guard judges; the toolstack decides what is done (its hot-plug plan may overrule
 the policy) and ``Enforcer`` carries that out and journals it, as for every other change
 of ownership. The guard writes nothing of a device itself.
@@ -39,7 +45,7 @@ from typing import Any, Protocol
 
 from pciguard.errors import PciguardError, StepFailed
 from pciguard.model import Bdf, Host
-from pciguard.model.kernel import VFIO_PCI, ThunderboltDevice, printable
+from pciguard.model.kernel import QUARANTINE_DRIVERS, VFIO_PCI, ThunderboltDevice, printable
 from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer, Result
 from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal
@@ -49,17 +55,22 @@ from pciguard.platforms.linux.sysfs import (
     VFIO_NODES,
     Fs,
     authorize_thunderbolt,
+    buses_below_bridges,
     claim_new_devices,
+    claim_with_pciback,
     hold,
     holders_of,
+    pciback_loaded,
+    pciback_slots,
     read_arrival,
-    read_host,
     release_claim,
     release_holds,
+    release_pciback_claim,
     set_autoprobe,
     thunderbolt_devices,
     vfio_pci_loaded,
 )
+from pciguard.platforms.xen.dom0 import read
 from pciguard.policy import Decision, PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
 
@@ -115,7 +126,9 @@ class Guard:
         self.listeners: list[Callable[[GuardDecision], None]] = []
         self.autoprobe_before: str | None = None
         self.in_use: set[str] = set()  # assigned devices a VM process was seen holding open
-        self.claiming = False  # vfio-pci's catch-all ID is in place
+        self.claiming = False  # vfio-pci's catch-all ID (xen-pciback's slots on Xen) is in place
+        self.xen = False  # a Xen dom0: xen-pciback claims, and Xen translates every device
+        self.pciback_patterns: list[str] = []  # the slots the guard gave xen-pciback
         self.holding: set[Bdf] = set()  # devices present at start held out of the claim
         self.translating = False  # an IOMMU translates DMA on this host
         self.interrupt_remapping = False
@@ -140,15 +153,23 @@ class Guard:
             self.recovered = self.enforcer.recover_interrupted()
         except StepFailed as exc:  # journaled as broken; the guard must run all the same
             self.recovered = [str(exc)]
-        reading = read_host(self.root)
+        reading = read(self.fs)
         host = self._named(reading.host)
+        self.xen = reading.facts.xen is not None
         self.translating = any(host.dma_translated(b) for b in host.topology)
         self.interrupt_remapping = any(host.msi_isolated(b) for b in host.topology)
-        self.claiming = vfio_pci_loaded(self.fs)
+        self.claiming = pciback_loaded(self.fs) if self.xen else vfio_pci_loaded(self.fs)
         if self.claiming:  # driverless devices held first, or the claim would take them
             driverless = [b for b, f in host.topology.items() if f.driver is None and not f.kind.is_bridge]
             self.holding = {b for b in driverless if hold(self.fs, b)}
-            claim_new_devices(self.fs)
+            if self.xen:
+                slots = self.state_dir / "pciback-slots-before-guard"
+                if not slots.exists():
+                    slots.write_text("".join(f"{slot}\n" for slot in pciback_slots(self.fs)))
+                self.pciback_patterns = buses_below_bridges(self.fs, host)
+                claim_with_pciback(self.fs, self.pciback_patterns)
+            else:
+                claim_new_devices(self.fs)
         else:
             release_holds(self.fs)  # a killed guard's: with no claim they hold nothing back
         made = [self._present_function(host, bdf) for bdf in host.topology]
@@ -162,8 +183,13 @@ class Guard:
     def stop(self) -> None:
         """Give probing back as it was (a clean exit only: killed, the guard leaves
         vfio-pci claiming every new device: fail closed)."""
-        if self.claiming:
+        if self.claiming and self.xen:
+            slots = self.state_dir / "pciback-slots-before-guard"
+            release_pciback_claim(self.fs, self.pciback_patterns, slots.read_text().split())
+            slots.unlink()
+        elif self.claiming:
             release_claim(self.fs)
+        if self.claiming:
             self.claiming = False
             release_holds(self.fs)
             self.holding.clear()
@@ -197,7 +223,7 @@ class Guard:
                 external=arrival.external,
                 bridge=arrival.bridge,
                 name=lookup([arrival.ids]).get(arrival.ids, "") if self.policy.mentions("name") else "",
-                iommu=self.translating and arrival.translated,
+                iommu=self.translating and (arrival.translated or self.xen),
                 interrupt_remapping=self.interrupt_remapping,
             )
             return Judged(subject, self.policy.judge(subject).decision, received, arrival.driver)
@@ -229,7 +255,7 @@ class Guard:
             subject = Subject.of_thunderbolt(thunderbolt)
             return self._apply(subject, target, "control: asked at run time", "control", received)
         bdf = Bdf.parse(device)  # ValueError: the caller answers with an error
-        host = self._named(read_host(self.root).host)
+        host = self._named(read(self.fs).host)
         if bdf not in host.topology:
             raise LookupError(f"{bdf} is not a PCI device of this host")
         subject = Subject.of_function(host, bdf)
@@ -279,7 +305,8 @@ class Guard:
             return self._decide(subject, "present", time.monotonic(), host.topology[bdf].driver)
         if self.present is PresentPolicy.KEEP:
             driver = host.topology[bdf].driver
-            held = "; held out of vfio-pci's claim" if bdf in self.holding else ""
+            claimer = "xen-pciback" if self.xen else VFIO_PCI
+            held = f"; held out of {claimer}'s claim" if bdf in self.holding else ""
             outcome = f"kept as it was ({driver or 'no driver'}{held})"
             return self._record(
                 subject, "present", "keep", "present-device policy: keep", outcome, time.monotonic()
@@ -305,7 +332,8 @@ class Guard:
     ) -> GuardDecision:
         """``driver``: the PCI function's driver when it was read."""
         decided = time.monotonic()
-        bound_before = driver if source == "hotplug" and driver not in (None, VFIO_PCI) else None
+        claimed = driver is None or driver in QUARANTINE_DRIVERS
+        bound_before = driver if source == "hotplug" and not claimed else None
         try:
             if subject.thunderbolt:
                 outcome = self._act_thunderbolt(subject.address, target)
@@ -369,11 +397,11 @@ class Guard:
 def _outcome(result: Result, bdf: Bdf, bridge: bool) -> str:
     """What came of a decision, in words (``list`` and ``watch`` show it)."""
     plan, driver = result.plan, result.drivers.get(bdf)
-    quarantined = f"quarantined with vfio-pci: {', '.join(map(str, result.devices))}"
+    holder = "xen-pciback, in DOMID_IO" if result.xen else "vfio-pci"
+    quarantined = f"quarantined with {holder}: {', '.join(map(str, result.devices))}"
     if plan is None:
-        return (
-            f"already with host driver {driver}" if driver not in (None, VFIO_PCI) else "already quarantined"
-        )
+        host_driver = driver is not None and driver not in QUARANTINE_DRIVERS
+        return f"already with host driver {driver}" if host_driver else "already quarantined"
     if plan.operation == "reject":
         return "removed from the bus" + (" with everything below it" if bridge else "")
     if plan.operation == "hotplug-quarantine" and bridge:

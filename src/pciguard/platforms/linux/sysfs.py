@@ -36,6 +36,7 @@ from pciguard.model import (
 )
 from pciguard.model.groups import TRANSLATING_TYPES
 from pciguard.model.kernel import (
+    PCIBACK,
     VFIO_PCI,
     InputProblem,
     KernelFacts,
@@ -66,6 +67,8 @@ VFIO_DRIVER = f"{PCI_DRIVERS}/{VFIO_PCI}"
 CATCH_ALL = "ffffffff ffffffff ffffffff ffffffff 0 0 0"  # a new_id for any vendor, device, subsystem
 CATCH_ALL_KEY = "ffffffff ffffffff"  # how remove_id names it
 HOLD = "pciguard-hold"  # a driver_override no driver has: matches nothing
+PCIBACK_DRIVER = f"{PCI_DRIVERS}/{PCIBACK}"
+PCIBACK_MODULE = "xen_pciback"
 IOMMU_GROUPS = "sys/kernel/iommu_groups"
 IOMMU_CLASS = "sys/class/iommu"
 ACPI_TABLES = "sys/firmware/acpi/tables"
@@ -519,6 +522,54 @@ def claim_new_devices(fs: Fs) -> None:
 def release_claim(fs: Fs) -> None:
     with contextlib.suppress(OSError):  # ENODEV: there was none
         fs.write(f"{VFIO_DRIVER}/remove_id", CATCH_ALL_KEY)
+
+
+def pciback_loaded(fs: Fs) -> bool:
+    """Whether xen-pciback can seize new devices (in a Xen dom0), loading it first."""
+    if not fs.exists(f"{PCIBACK_DRIVER}/new_slot"):
+        fs.load_module(PCIBACK_MODULE)
+    return fs.exists(f"{PCIBACK_DRIVER}/new_slot")
+
+
+def buses_below_bridges(fs: Fs, host: Host) -> list[str]:
+    """Every bus number a device could appear on, as xen-pciback slot patterns
+    (``DDDD:BB:*.*``): the secondary to subordinate bus range of each bridge (config
+    space bytes 0x19 and 0x1a), filled or not."""
+    found: set[tuple[int, int]] = set()
+    for bdf, fn in host.topology.items():
+        if not fn.kind.is_bridge:
+            continue
+        config = fs.read_bytes(f"{PCI_DEVICES}/{bdf}/config") or b""
+        if len(config) > 0x1A and 0 < config[0x19] <= config[0x1A]:
+            found.update((bdf.segment, bus) for bus in range(config[0x19], config[0x1A] + 1))
+    return [f"{domain:04x}:{bus:02x}:*.*" for domain, bus in sorted(found)]
+
+
+def claim_with_pciback(fs: Fs, patterns: list[str]) -> None:
+    """xen-pciback seizes every function enumerated from now on at ``patterns`` (it
+    offers each new device to its slot list at probe): one left by a guard that was
+    killed goes first, so none is listed twice."""
+    release_pciback_claim(fs, patterns)
+    for pattern in patterns:
+        fs.write(f"{PCIBACK_DRIVER}/new_slot", pattern)
+
+
+def release_pciback_claim(fs: Fs, patterns: list[str], kept: list[str] | None = None) -> None:
+    """The guard's slot patterns off xen-pciback's list; ``kept``: the slots listed
+    before the guard (a pattern takes every slot of its bus), listed again."""
+    for pattern in patterns:
+        with contextlib.suppress(OSError):  # ENOENT: there was none
+            fs.write(f"{PCIBACK_DRIVER}/remove_slot", pattern)
+    listed = set(pciback_slots(fs))
+    for slot in kept or []:
+        if slot not in listed:
+            fs.write(f"{PCIBACK_DRIVER}/new_slot", slot)
+
+
+def pciback_slots(fs: Fs) -> list[str]:
+    """xen-pciback's slot list (its ``slots`` file: one DDDD:BB:SS.F a line)."""
+    listed = fs.read_bytes(f"{PCIBACK_DRIVER}/slots") or b""
+    return [line.strip() for line in listed.decode("ascii", "replace").splitlines() if line.strip()]
 
 
 def hold(fs: Fs, device: Bdf) -> bool:

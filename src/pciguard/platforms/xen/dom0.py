@@ -9,9 +9,11 @@ snapshot`` records them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
-from pciguard.model import Host, IommuUnit
+from pciguard.model import Bdf, Host, IommuUnit
 from pciguard.model.kernel import XenFacts
 from pciguard.platforms.linux.sysfs import Fs, Reading, Tree, read_host
 from pciguard.platforms.xen.evidence import xen_facts
@@ -21,6 +23,7 @@ HYPERVISOR_TYPE = "sys/hypervisor/type"
 CAPABILITIES = "proc/xen/capabilities"  # "control_d" in the control domain
 PCIBACK_PERMISSIVE = "sys/bus/pci/drivers/pciback/permissive"
 PCIBACK_MODULE_PERMISSIVE = "sys/module/xen_pciback/parameters/permissive"
+MADE_ASSIGNABLE = ("quarantined", "assigned")  # journal states: pciguard ran pci-assignable-add
 RECORDED = "xen"  # a tree's recorded xl outputs: xen/xl-info, xen/xl-dmesg, ...
 XL_COMMANDS = {
     "xl-info": ("xl", "info"),
@@ -72,6 +75,26 @@ def _permissive(fs: Tree) -> tuple[str, ...]:
         return ("*",)
     listed = fs.read_bytes(PCIBACK_PERMISSIVE)
     return tuple(listed.decode("ascii", "replace").split()) if listed else ()
+
+
+def with_journal(reading: Reading, state_dir: Path) -> Reading:
+    """A dom0's reading with what pciguard's journal in ``state_dir`` says it made
+    assignable (``XenFacts.made_assignable``; unknown when it cannot be read)."""
+    from pciguard.platforms.linux.journal import Journal, JournalError  # a dom0's audit alone
+
+    xen = reading.facts.xen
+    if xen is None or os.geteuid() != 0:
+        return reading
+    made: frozenset[Bdf] | None = frozenset()
+    if (state_dir / "journal.sqlite").exists():
+        try:
+            journal = Journal(state_dir, readonly=True)
+            rows = journal.devices()
+            journal.close()
+            made = frozenset(Bdf.parse(b) for b, row in rows.items() if row.state in MADE_ASSIGNABLE)
+        except (JournalError, ValueError):
+            made = None
+    return replace(reading, facts=replace(reading.facts, xen=replace(xen, made_assignable=made)))
 
 
 def with_xen(reading: Reading, facts: XenFacts) -> Reading:

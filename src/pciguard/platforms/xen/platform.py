@@ -11,7 +11,8 @@
   interrupt remapping entries and flushes as it reassigns)
 - ``attach(d, quarantine)`` from a VM: ``xl pci-detach vm d`` (back to pciback and
   DOMID_IO, never dom0)
-- ``attach(d, host)``: ``xl pci-assignable-remove d`` (without ``-r``: pciguard rebinds)
+- ``attach(d, host)``: ``xl pci-assignable-remove d`` (without ``-r``: pciguard rebinds);
+  a device pciback merely holds is unbound from it
 - ``crash_domain(vm)``: ``xl pause vm`` (it runs no more; its memory is held);
   ``destroy_domain(vm)``: ``xl destroy vm``
 
@@ -25,15 +26,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from pciguard.errors import PlatformMisuse, RefusedError, StepFailed
 from pciguard.model import Bdf, Host
-from pciguard.model.kernel import QUARANTINE_DRIVERS, XenFacts, XenQuarantine
+from pciguard.model.kernel import PCIBACK, XenFacts, XenQuarantine
 from pciguard.platforms.base import HOST, QUARANTINE, DomainInfo, DomainState
 from pciguard.platforms.linux.platform import Command, LinuxPlatform, StepLog
-from pciguard.platforms.linux.sysfs import Fs
+from pciguard.platforms.linux.sysfs import PCI_DEVICES, Fs
 from pciguard.platforms.xen.evidence import parse_pci_list
 
 XL_TIMEOUT = 120.0  # seconds: pci-attach waits for the guest's frontend
@@ -78,7 +79,8 @@ def parse_domains(text: str) -> dict[str, DomainInfo]:
 
 class XenPlatform(LinuxPlatform):
     """A Xen dom0 driven through ``xl`` and sysfs under ``fs``'s root: a Linux host (its
-    drivers, resets and removals are sysfs writes as on any) whose guests are Xen's."""
+    drivers, resets and removals are sysfs writes as on any) whose guests are Xen's.
+    ``assignable``: the devices pciguard made assignable (its journal says so)."""
 
     def __init__(
         self,
@@ -87,12 +89,16 @@ class XenPlatform(LinuxPlatform):
         xen: XenFacts,
         host_drivers: Mapping[Bdf, str | None],
         *,
+        assignable: Collection[Bdf] = (),
         run: Runner | None = None,
         dry_run: bool = False,
         step_log: StepLog | None = None,
     ) -> None:
         super().__init__(fs, host, host_drivers, dry_run=dry_run, step_log=step_log)
         self.xen, self.run = xen, run or run_xl
+        # In DOMID_IO by pciguard's pci-assignable-add: while pciback still holds them (an
+        # unquarantine killed after pci-assignable-remove left one driverless).
+        self._assignable = {d for d in assignable if self.driver(d) == PCIBACK}
         self._domains = parse_domains(self._xl("list", "-l", quiet=True).stdout)
         self._with: dict[Bdf, str] = {}  # devices attached to a domain, as xl pci-list says
         for name in self._domains:
@@ -106,7 +112,7 @@ class XenPlatform(LinuxPlatform):
     def context_of(self, device: Bdf) -> str | None:
         if device in self._with:
             return self._with[device]
-        held = self.driver(device) in QUARANTINE_DRIVERS and self._quarantines()
+        held = device in self._assignable and self.driver(device) == PCIBACK and self._quarantines()
         return QUARANTINE if held else HOST
 
     def _quarantines(self) -> bool:
@@ -160,10 +166,14 @@ class XenPlatform(LinuxPlatform):
                         f"Xen would leave {device} in dom0's IOMMU context (no quarantine: "
                         "iommu=no-quarantine, or a Xen before 4.13); boot Xen with quarantine",
                     )
-                if self.driver(device) not in QUARANTINE_DRIVERS:
+                if device not in self._assignable:  # a guest's device went back there itself
                     self._xl("pci-assignable-add", str(device))
-            elif domain == HOST:
+                    self._assignable.add(device)
+            elif domain == HOST and device in self._assignable:
                 self._xl("pci-assignable-remove", str(device))
+                self._assignable.discard(device)
+            elif domain == HOST and self.driver(device) == PCIBACK:  # held, never in DOMID_IO
+                self._write(f"{PCI_DEVICES}/{device}/driver/unbind", str(device))
             elif domain in self._domains:
                 self._xl("pci-attach", domain, str(device))
                 self._with[device] = domain
