@@ -10,9 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pciguard.checks import Options, RmrrPolicy
-from pciguard.cli.common import Exit, emit_json, err, error, input_errors, linux_reading, out
+from pciguard.cli.common import STATE_DIR, Exit, emit_json, err, error, input_errors, linux_reading, out
 from pciguard.pciids import name_devices
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 from pciguard.report import (
     AuditReport,
     DeviceEntry,
@@ -78,13 +77,7 @@ def command(
     rmrr: RmrrPolicy = typer.Option(
         RmrrPolicy.STRICT, "--rmrr", help="Policy for firmware 1:1 regions.", metavar="POLICY"
     ),
-    state_dir: Path = typer.Option(
-        DEFAULT_STATE_DIR,
-        "--state-dir",
-        envvar="PCIGUARD_STATE_DIR",
-        help="In a Xen dom0: where pciguard's journal says which devices it made assignable.",
-        metavar="DIR",
-    ),
+    state_dir: Path = STATE_DIR,
 ) -> None:
     """Audit this host (or a file describing one): IOMMU findings, then every IOMMU
     group with its verdict and the reasons for it.

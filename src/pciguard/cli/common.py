@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from pciguard.errors import InputError, TopologyError
+from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
     from pciguard.platforms.linux import Reading
@@ -48,6 +49,15 @@ class Exit(IntEnum):
 
 
 # Shown under every command's --help (click keeps a paragraph that starts with \b as it is).
+# root's alone: an ordinary user's dry run plans without it, and its audit reads none
+STATE_DIR = typer.Option(
+    DEFAULT_STATE_DIR,
+    "--state-dir",
+    envvar="PCIGUARD_STATE_DIR",
+    help="Where pciguard's journal lives.",
+    metavar="DIR",
+    readable=False,
+)
 EXIT_CODES = """\b
 Exit codes (the same for every command):
   0  done; audit: the host can isolate devices; simulate/verify: as the scenario expects

@@ -13,25 +13,17 @@ from typing import TYPE_CHECKING
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import Exit, err, input_errors, out
+from pciguard.cli.common import STATE_DIR, Exit, err, input_errors, out
 from pciguard.errors import InputError, RefusedError, StepFailed
 from pciguard.formats.vmconfig import libvirt_hostdev, xl_pci
 from pciguard.model import Bdf
 from pciguard.model.kernel import printable
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal, JournalError
+from pciguard.platforms.linux.journal import Journal, JournalError
 
 if TYPE_CHECKING:  # imported when a command runs: every pciguard start would pay for it
     from pciguard.platforms.linux.enforce import Enforcer, Result
 
 ROOT = typer.Option(Path("/"), "--root", help="Act on the sysfs tree under this directory.", metavar="DIR")
-STATE_DIR = typer.Option(
-    DEFAULT_STATE_DIR,
-    "--state-dir",
-    envvar="PCIGUARD_STATE_DIR",
-    help="Where the journal lives.",
-    metavar="DIR",
-    readable=False,  # root's alone: an ordinary user's dry run plans without it
-)
 DEVICE = typer.Argument(
     ..., help="The device: DOMAIN:BUS:DEVICE.FUNCTION or BUS:DEVICE.FUNCTION.", metavar="DEVICE"
 )

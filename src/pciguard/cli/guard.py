@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.text import Text
 
-from pciguard.cli.common import EXIT_CODES, Exit, err, error, input_errors, out, typer_app
+from pciguard.cli.common import EXIT_CODES, STATE_DIR, Exit, err, error, input_errors, out, typer_app
 from pciguard.errors import InputError
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
 from pciguard.policy import PresentPolicy
 
 if TYPE_CHECKING:
@@ -73,17 +72,10 @@ def run(
     root: Path = typer.Option(
         Path("/"), "--root", help="Act on the sysfs tree under this directory.", metavar="DIR"
     ),
-    state_dir: Path = typer.Option(
-        DEFAULT_STATE_DIR,
-        "--state-dir",
-        envvar="PCIGUARD_STATE_DIR",
-        help="Where the journal lives.",
-        metavar="DIR",
-        readable=False,  # root's alone: the guard's subcommands run as ordinary users too
-    ),
+    state_dir: Path = STATE_DIR,
 ) -> None:
-    """Run the guard: vfio-pci claims every new PCI function, which the policy then
-    allows, quarantines or rejects; Thunderbolt devices are authorised by policy; every
+    """Run the guard: vfio-pci (xen-pciback in a Xen dom0) claims every new PCI function,
+    which the policy then allows, quarantines or rejects; Thunderbolt devices are authorised by policy; every
     decision is journaled. Stops cleanly on SIGTERM or Ctrl-C (probing is then given
     back as it was)."""
     if ctx.invoked_subcommand is not None:
@@ -201,7 +193,7 @@ def xen_hide_command(
 ) -> None:
     """In a Xen dom0: the kernel parameter that keeps today's assignable devices (and the
     rest of their IOMMU groups, as pciguard derives them) with xen-pciback from boot, so
-    that no dom0 driver ever binds them."""
+    that no dom0 driver ever binds them (their DMA is dom0's until `pciguard quarantine`)."""
     from pciguard.model.kernel import PCIBACK
     from pciguard.platforms.linux.sysfs import Fs
     from pciguard.platforms.xen.dom0 import read
