@@ -176,3 +176,15 @@ def test_a_device_pciback_only_seized_is_quarantined_by_xl_and_given_back_withou
     toolstack.make_unassignable(bdf(NIC))
     assert shown(p) == [f"echo 1 > /sys/bus/pci/devices/{NIC}/reset", f"xl pci-assignable-remove {NIC}"]
     assert driver_of(root, NIC) is None  # pciback was no host driver to give it back to
+
+
+def test_every_legacy_flaw_is_in_the_xen_table_once() -> None:
+    import re
+
+    from conftest import CORPUS
+    from pciguard.legacy.flaws import Flaw
+
+    doc = (CORPUS.parents[1] / "docs" / "xen.md").read_text()
+    section = doc.split("## The verifier's legacy flaws, as Xen commands", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \| (.+?) \| (.+?) \|$", section, re.M)
+    assert sorted(flaw for flaw, _, _ in rows) == sorted(f.value for f in Flaw)
