@@ -15,7 +15,8 @@ from pydantic import BaseModel
 
 from pciguard.checks import HOST_CRITICAL, NO_IOMMU, Holder, Options, Reason, device_reasons
 from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, Kind, MsiController
-from pciguard.model.groups import acs_enabled
+from pciguard.model.acs_quirks import KERNEL_RELEASE, quirk_decision
+from pciguard.model.groups import acs_enabled, acs_never_asked
 from pciguard.model.kernel import PCIBACK, QUARANTINE_DRIVERS, KernelFacts, XenQuarantine
 from pciguard.model.ownership import State
 from pciguard.toolstack import Toolstack
@@ -385,10 +386,17 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
     topo = host.topology
     notes: list[ReasonEntry] = []
     endpoints = [b for b in group.members if not topo[b].kind.is_bridge]
+    on_paths = {f.bdf: f for m in group.members for f in (topo[m], *topo.path_to_root(m))}
+    quirked = {
+        b: decided
+        for b, f in on_paths.items()
+        if not acs_never_asked(topo, f) and (decided := quirk_decision(topo, f)) is not None
+    }
+    notes += [ReasonEntry(code="acs-quirk", message=f"{b} is {decided}") for b, decided in quirked.items()]
     if len(endpoints) > 1:
         leaky: dict[str, str] = {}
-        for f in (f for m in group.members for f in (topo[m], *topo.path_to_root(m))):
-            if acs_enabled(topo, f):
+        for f in on_paths.values():
+            if f.bdf in quirked or acs_enabled(topo, f):
                 continue
             if f.kind is Kind.PCIE_TO_PCI_BRIDGE:
                 leaky[str(f.bdf)] = "a PCIe-to-PCI bridge: conventional PCI below it shares requester IDs"
@@ -425,9 +433,9 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
         notes.append(
             ReasonEntry(
                 code="groups-differ",
-                message=f"pciguard derives {mine} from topology and ACS, the kernel formed one group: a "
-                "kernel quirk, an ACS override, or a bug of pciguard's (please report it with "
-                "`pciguard snapshot`)",
+                message=f"pciguard derives {mine} from topology, ACS and the kernel's ACS quirks, the "
+                f"kernel formed one group: a quirk newer than {KERNEL_RELEASE}'s, an ACS override, or a "
+                "bug of pciguard's (please report it with `pciguard snapshot`)",
             )
         )
     return notes

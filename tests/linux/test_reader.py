@@ -72,6 +72,7 @@ def test_strict_domains_pass_and_lazy_ones_are_flagged(audit_tree: Audit) -> Non
         ({"module_parameters": {"vfio_iommu_type1/allow_unsafe_interrupts": "Y"}}, "allow_unsafe_interrupts"),
         ({"module_parameters": {"vfio/enable_unsafe_noiommu_mode": "Y"}}, "noiommu"),
         ({"cmdline": "quiet pcie_acs_override=downstream,multifunction"}, "ACS override"),
+        ({"cmdline": "quiet pci=noaer,config_acs=111x011@0000:00:1c.0"}, "ACS controls forced"),
     ],
 )
 def test_unsafe_kernel_settings_are_critical_and_listed(
@@ -85,6 +86,7 @@ def test_unsafe_kernel_settings_are_critical_and_listed(
 def test_safe_module_parameters_are_not_overrides(audit_tree: Audit) -> None:
     report = audit_tree("server", module_parameters={"vfio_iommu_type1/allow_unsafe_interrupts": "N"})
     assert report.unsafe_overrides == []
+    assert audit_tree("server", cmdline="quiet pci=noaer,realloc").unsafe_overrides == []
 
 
 def test_interrupt_remapping_off_is_read_from_proc_interrupts(tree: Callable[..., Path]) -> None:

@@ -10,6 +10,9 @@ drivers/pci/pci.c pci_acs_enabled():
    ACS shares that port's group.
 3. Devices whose requester IDs overlap (phantom functions) share a group.
 4. Functions of one multi-function device that lack ACS share a group.
+
+Whether a port or a function isolates is asked of the kernel's ACS quirk table first
+(``acs_quirks``), as Linux does.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from pciguard.model.acs_quirks import quirk_decision
 from pciguard.model.pci import Bdf, Function, Kind, Topology
 
 
@@ -56,7 +60,12 @@ class IommuGroup:
 
 
 def acs_enabled(topology: Topology, fn: Function) -> bool:
-    """Linux pci_acs_enabled(fn, SV|RR|CR|UF)."""
+    """Linux pci_acs_enabled(fn, SV|RR|CR|UF): the kernel's quirk table first."""
+    if acs_never_asked(topology, fn):
+        return True
+    quirk = quirk_decision(topology, fn)
+    if quirk is not None:
+        return quirk.isolated
     if not fn.kind.is_pcie:
         return False  # conventional PCI: a shared bus, anyone can snoop
     if fn.kind is Kind.PCIE_TO_PCI_BRIDGE:
@@ -66,6 +75,16 @@ def acs_enabled(topology: Topology, fn: Function) -> bool:
     if topology.is_multifunction(fn.bdf):
         return fn.acs is not None and fn.acs.isolates()
     return True  # single-function endpoints and upstream ports: ACS not applicable
+
+
+def acs_never_asked(topology: Topology, fn: Function) -> bool:
+    """A single-function PCIe endpoint (or upstream port): the kernel never asks whether
+    it isolates (ACS concerns only its functions' traffic with each other)."""
+    return (
+        fn.kind.is_pcie
+        and fn.kind not in (Kind.ROOT_PORT, Kind.SWITCH_DOWNSTREAM, Kind.PCIE_TO_PCI_BRIDGE)
+        and not topology.is_multifunction(fn.bdf)
+    )
 
 
 def acs_path_enabled(topology: Topology, bridge: Function) -> bool:

@@ -1177,6 +1177,11 @@ class _Reader:
                 unsafe.append(
                     f"{word}: the ACS override patch makes groups claim isolation the hardware lacks"
                 )
+            elif word.startswith("pci=") and any(o.startswith("config_acs=") for o in word[4:].split(",")):
+                unsafe.append(
+                    f"{word}: ACS controls forced from the command line (a debugging switch), so "
+                    "the groups rest on settings the firmware and the kernel did not choose"
+                )
             elif word.split("=")[0].endswith(
                 ("allow_unsafe_interrupts", "enable_unsafe_noiommu_mode")
             ) and word.split("=", 1)[-1] in ("1", "Y", "y"):
