@@ -8,13 +8,14 @@ field changes meaning).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from enum import StrEnum
 from typing import Final, Literal
 
 from pydantic import BaseModel
 
 from pciguard.checks import HOST_CRITICAL, NO_IOMMU, Holder, Options, Reason, device_reasons
-from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, Kind, MsiController
+from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, IommuUnit, Kind, MsiController
 from pciguard.model.acs_quirks import KERNEL_RELEASE, quirk_decision
 from pciguard.model.groups import acs_enabled, acs_never_asked
 from pciguard.model.kernel import PCIBACK, QUARANTINE_DRIVERS, KernelFacts, XenQuarantine
@@ -72,6 +73,9 @@ class GroupEntry(BaseModel):
     must_quarantine: list[str]  # what must go with a device of this group
     reasons: list[ReasonEntry]  # why it is not assignable
     notes: list[ReasonEntry]  # why members share the group, external ports, disagreements
+    # Planning: the host has no IOMMU groups (IOMMU off, or a dump without group lines),
+    # and this is one pciguard derives for the IOMMU on, judged as if it were.
+    planned: bool = False
 
 
 class Limitation(BaseModel):
@@ -273,6 +277,9 @@ def linux_holder(host: Host, facts: KernelFacts | None = None) -> Callable[[Bdf]
     return holder
 
 
+PLANNED_IOMMU = "the IOMMU, if it were on"
+
+
 def audit_host(
     host: Host,
     options: Options,
@@ -281,18 +288,36 @@ def audit_host(
     unsafe: list[str] | None = None,
     facts: KernelFacts | None = None,
 ) -> AuditReport:
-    """Audit ``host``: host findings, then every group with its verdict and reasons."""
-    if facts is not None and host.kernel_groups is None and facts.xen is None:
-        listed: tuple[IommuGroup, ...] = ()  # the kernel formed no groups: nothing is isolated
-        ungrouped = list(host.topology)
+    """Audit ``host``: host findings, then every group with its verdict and reasons.
+    A real host that formed no IOMMU groups (its IOMMU off, or a dump without group
+    lines) gets planning groups instead: those pciguard derives, judged as on the same
+    host with an IOMMU that remaps DMA and interrupts (the findings stay the host's)."""
+    planning = facts is not None and host.kernel_groups is None and facts.xen is None
+    if planning:
+        judged = replace(host, iommus=(IommuUnit(PLANNED_IOMMU),))
+        groups = [_group_entry(judged, options, g, holder_of, facts, planned=True) for g in judged.groups]
     else:
-        listed = host.groups
-        ungrouped = host.ungrouped()
-    groups = [_group_entry(host, options, g, holder_of, facts) for g in listed]
-    for bdf in ungrouped:  # one entry each: nothing ties them together, nothing confines them
-        alone = IommuGroup(-1, (bdf,))
-        groups.append(_group_entry(host, options, alone, holder_of, facts, ungrouped=True))
+        groups = [_group_entry(host, options, g, holder_of, facts) for g in host.groups]
+        for bdf in host.ungrouped():  # one entry each: nothing ties them together or confines them
+            alone = IommuGroup(-1, (bdf,))
+            groups.append(_group_entry(host, options, alone, holder_of, facts, ungrouped=True))
     findings = host_findings(host, options)
+    if planning and facts is not None:
+        how_sure = (
+            "ACS was visible, so they are the kernel's as far as pciguard follows it"
+            if facts.topology_complete
+            else "ACS was hidden (not read as root), so a port or multi-function device counts as not "
+            "isolating: run lspci (or pciguard) as root for a sure answer"
+        )
+        findings.append(
+            Finding(
+                code="planning",
+                severity=Severity.INFO,
+                message="planning: the groups below are what the kernel would form with the IOMMU on, as "
+                "pciguard derives them from topology, ACS and the kernel's ACS quirks, judged as if DMA "
+                f"and interrupt remapping were enabled; {how_sure}",
+            )
+        )
     unsafe = list(unsafe if unsafe is not None else options.unsafe_overrides())
     if facts is not None:
         findings += kernel_findings(host, facts)
@@ -337,6 +362,7 @@ def _group_entry(
     holder_of: Callable[[Bdf], Holder | None],
     facts: KernelFacts | None,
     ungrouped: bool = False,
+    planned: bool = False,
 ) -> GroupEntry:
     holders = {b: holder_of(b) for b in group.members}
     present = [b for b, h in holders.items() if h is not None and h.state is not State.REMOVED]
@@ -378,6 +404,7 @@ def _group_entry(
             ReasonEntry.model_construct(code=r.code, message=r.message) for r in dict.fromkeys(blockers)
         ],
         notes=[] if ungrouped else group_notes(host, group, facts),
+        planned=planned,
     )
 
 
@@ -394,6 +421,10 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
     }
     notes += [ReasonEntry(code="acs-quirk", message=f"{b} is {decided}") for b, decided in quirked.items()]
     if len(endpoints) > 1:
+        hidden = facts is not None and not facts.topology_complete
+        # Unread ACS is not missing ACS: say which one the grouping rests on.
+        without = "with no ACS seen (not read as root)" if hidden else "without ACS"
+        reach = "may reach" if hidden else "reach"
         leaky: dict[str, str] = {}
         for f in on_paths.values():
             if f.bdf in quirked or acs_enabled(topo, f):
@@ -402,11 +433,11 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
                 leaky[str(f.bdf)] = "a PCIe-to-PCI bridge: conventional PCI below it shares requester IDs"
             elif f.kind in (Kind.ROOT_PORT, Kind.SWITCH_DOWNSTREAM):
                 leaky[str(f.bdf)] = (
-                    f"a {f.kind.value} without ACS: devices below it reach each other directly"
+                    f"a {f.kind.value} {without}: devices below it {reach} each other directly"
                 )
             elif topo.is_multifunction(f.bdf):
                 slot = f"{f.bdf.segment:04x}:{f.bdf.bus:02x}:{f.bdf.device:02x}"
-                leaky[slot] = "a multi-function device without ACS: its functions reach each other directly"
+                leaky[slot] = f"a multi-function device {without}: its functions {reach} each other directly"
         notes += [ReasonEntry(code="no-acs", message=f"{where} is {why}") for where, why in leaky.items()]
     for b in endpoints:
         for shared in host.shared_resources(b):

@@ -281,3 +281,29 @@ def test_a_dump_says_what_it_cannot_show_and_names_nothing_it_did_not_read() -> 
     codes = {f.code for f in without_groups.findings}
     assert "no-groups-in-dump" in codes and "no-firmware-iommu" not in codes
     assert not any("enable VT-d" in f.message for f in without_groups.findings)
+
+
+def group_sets(report: Any) -> set[frozenset[str]]:
+    return {frozenset(m.bdf for m in g.members) for g in report.groups}
+
+
+@needs_lspci
+def test_a_dump_without_group_lines_plans_the_groups_the_kernel_made(tree: Any) -> None:
+    dump = lspci_of(tree("workstation"), "-nn", "-D")
+    truth = audit_reading(parse_lspci(dump))
+    assert not any(g.planned for g in truth.groups) and "planning" not in {f.code for f in truth.findings}
+    planned = audit_reading(parse_lspci("\n".join(x for x in dump.splitlines() if "IOMMU group" not in x)))
+    assert all(g.planned for g in planned.groups)
+    assert group_sets(planned) == group_sets(truth)  # what the kernel would make with the IOMMU on
+    (planning,) = [f.message for f in planned.findings if f.code == "planning"]
+    assert "ACS was visible" in planning
+
+
+def test_unread_acs_is_said_to_be_unseen_not_missing() -> None:
+    text = (CORPUS / "lspci" / "forum-non-root.txt").read_text()
+    pasted = audit_reading(parse_lspci(text))
+    notes = [n.message for g in pasted.groups for n in g.notes if n.code == "no-acs"]
+    assert notes and all("with no ACS seen (not read as root)" in n and "may reach" in n for n in notes)
+    stripped = "\n".join(x for x in text.splitlines() if "IOMMU group" not in x)
+    (planning,) = [f.message for f in audit_reading(parse_lspci(stripped)).findings if f.code == "planning"]
+    assert "ACS was hidden" in planning and "run lspci (or pciguard) as root" in planning

@@ -37,16 +37,15 @@ def test_this_machines_real_sysfs_is_audited_plainly() -> None:
         sorted(os.listdir("/sys/kernel/iommu_groups")) if os.path.isdir("/sys/kernel/iommu_groups") else []
     )
     if not kernel_groups:
-        # No IOMMU here: every device must be reported, each not assignable for that reason.
-        assert "no-iommu" in finding_codes(report)
+        # No IOMMU here: critical, and every device is shown in a group planned for the IOMMU on.
+        assert {"no-iommu", "planning"} <= finding_codes(report)
         assert report.critical
         listed = [m.bdf for g in report.groups for m in g.members]
         assert sorted(listed) == sorted(os.listdir("/sys/bus/pci/devices"))
-        for group in report.groups:
-            assert group.number is None and group.verdict == "not-assignable"
-            assert "no-iommu" in {r.code for r in group.reasons}
+        assert all(g.planned and g.number is not None for g in report.groups)
     else:
         assert {g.number for g in report.groups if g.number is not None} == {int(n) for n in kernel_groups}
+        assert not any(g.planned for g in report.groups) and "planning" not in finding_codes(report)
 
 
 # -- kernel facts that change verdicts ------------------------------------------------

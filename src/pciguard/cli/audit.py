@@ -154,7 +154,10 @@ def render(report: AuditReport, show_all: bool = False) -> None:
         out.print()
         for lim in report.limitations:
             out.print(Text.assemble(("UNREAD  ", "magenta"), f"{lim.path} ({lim.why}): hides {lim.hides}"))
-    table = Table(title="IOMMU groups", show_lines=True, title_justify="left")
+    title = "IOMMU groups"
+    if any(g.planned for g in report.groups):
+        title = "IOMMU groups if the IOMMU were on (planning: derived by pciguard)"
+    table = Table(title=title, show_lines=True, title_justify="left")
     table.add_column("group", justify="right")
     table.add_column("devices (owner)")
     table.add_column("verdict")
