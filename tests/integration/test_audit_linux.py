@@ -99,6 +99,7 @@ def test_svg_draws_groups_coloured_by_verdict(tree: Callable[..., Path], tmp_pat
     svg = tmp_path / "topology.svg"
     result = runner.invoke(app, ["audit", "--root", str(tree("workstation")), "--svg", str(svg)])
     assert result.exit_code == 0, result.output
+    assert f"drew the topology to {svg}" in result.output
     drawing = ElementTree.parse(svg).getroot()
     text = ElementTree.tostring(drawing, encoding="unicode")
     assert "group 7: ready-after-quarantine" in text and "0000:01:00.0" in text

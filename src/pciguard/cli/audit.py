@@ -119,6 +119,7 @@ def command(
             from pciguard.draw import write_svg
 
             write_svg(report, svg)
+            err.print(f"drew the topology to {svg}")  # stderr: the report (JSON too) stays whole
     if json_output:
         emit_json(report.model_dump_json(indent=2))
     else:
