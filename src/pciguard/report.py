@@ -259,19 +259,19 @@ def linux_holder(host: Host, facts: KernelFacts | None = None) -> Callable[[Bdf]
     """On a real host, who holds a device is what its driver says. On Xen, a device with
     pciback is away from dom0 only when pciguard made it assignable (its journal says so;
     pciback seizing a device leaves it in dom0's IOMMU context) and Xen quarantines."""
-    holding = set(QUARANTINE_DRIVERS)
     xen = facts.xen if facts else None
     functions = host.topology.functions
-    if xen is None:
-        return lambda b: Holder(State.QUARANTINED if functions[b].driver in holding else State.HOST)
-    holding.discard(PCIBACK)
-    in_domid_io = xen.made_assignable or frozenset()
-    if xen.quarantine in (None, XenQuarantine.NONE):
-        in_domid_io = frozenset()
+    in_domid_io: frozenset[Bdf] | None = None  # None: not Xen, pciback holds as vfio-pci does
+    if xen is not None:
+        quarantines = xen.quarantine not in (None, XenQuarantine.NONE)
+        in_domid_io = (xen.made_assignable or frozenset()) if quarantines else frozenset()
 
     def holder(b: Bdf) -> Holder:
         driver = functions[b].driver
-        held = driver in holding or (driver == PCIBACK and b in in_domid_io)
+        if driver == PCIBACK and in_domid_io is not None:
+            held = b in in_domid_io
+        else:
+            held = driver in QUARANTINE_DRIVERS
         return Holder(State.QUARANTINED if held else State.HOST)
 
     return holder

@@ -48,7 +48,6 @@ class Exit(IntEnum):
     INTERNAL = 70  # a bug in pciguard (EX_SOFTWARE): said in one line, never a traceback
 
 
-# Shown under every command's --help (click keeps a paragraph that starts with \b as it is).
 # root's alone: an ordinary user's dry run plans without it, and its audit reads none
 STATE_DIR = typer.Option(
     DEFAULT_STATE_DIR,
@@ -58,6 +57,7 @@ STATE_DIR = typer.Option(
     metavar="DIR",
     readable=False,
 )
+# Shown under every command's --help (click keeps a paragraph that starts with \b as it is).
 EXIT_CODES = """\b
 Exit codes (the same for every command):
   0  done; audit: the host can isolate devices; simulate/verify: as the scenario expects

@@ -75,9 +75,9 @@ def run(
     state_dir: Path = STATE_DIR,
 ) -> None:
     """Run the guard: vfio-pci (xen-pciback in a Xen dom0) claims every new PCI function,
-    which the policy then allows, quarantines or rejects; Thunderbolt devices are authorised by policy; every
-    decision is journaled. Stops cleanly on SIGTERM or Ctrl-C (probing is then given
-    back as it was)."""
+    which the policy then allows, quarantines or rejects; Thunderbolt devices are
+    authorised by policy; every decision is journaled. Stops cleanly on SIGTERM or Ctrl-C
+    (probing is then given back as it was)."""
     if ctx.invoked_subcommand is not None:
         return
     from pciguard.errors import StepFailed

@@ -70,11 +70,7 @@ def acs_enabled(topology: Topology, fn: Function) -> bool:
         return False  # conventional PCI: a shared bus, anyone can snoop
     if fn.kind is Kind.PCIE_TO_PCI_BRIDGE:
         return False
-    if fn.kind in (Kind.ROOT_PORT, Kind.SWITCH_DOWNSTREAM):
-        return fn.acs is not None and fn.acs.isolates()
-    if topology.is_multifunction(fn.bdf):
-        return fn.acs is not None and fn.acs.isolates()
-    return True  # single-function endpoints and upstream ports: ACS not applicable
+    return fn.acs is not None and fn.acs.isolates()  # a port, or a function of a multi-function device
 
 
 def acs_never_asked(topology: Topology, fn: Function) -> bool:

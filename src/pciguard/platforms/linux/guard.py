@@ -74,6 +74,11 @@ from pciguard.platforms.xen.dom0 import read
 from pciguard.policy import Decision, PresentPolicy, Target
 from pciguard.policy.rules import Policy, Subject
 
+# What a guard found before it changed anything, in its state folder: a guard that was
+# killed left its own changes in place, so the next one gives back these, not those.
+AUTOPROBE_SAVED = "autoprobe-before-guard"
+PCIBACK_SLOTS_SAVED = "pciback-slots-before-guard"
+
 
 @dataclass(frozen=True)
 class GuardDecision:
@@ -143,7 +148,7 @@ class Guard:
         if before is None:
             raise StepFailed("guard", f"/{AUTOPROBE} is missing: is this Linux with PCI support?")
         # What it was before the first guard: a guard that was killed left it 0.
-        saved = self.state_dir / "autoprobe-before-guard"
+        saved = self.state_dir / AUTOPROBE_SAVED
         if not saved.exists():
             saved.write_text(before.decode().strip())
         self.autoprobe_before = saved.read_text().strip()
@@ -163,7 +168,7 @@ class Guard:
             driverless = [b for b, f in host.topology.items() if f.driver is None and not f.kind.is_bridge]
             self.holding = {b for b in driverless if hold(self.fs, b)}
             if self.xen:
-                slots = self.state_dir / "pciback-slots-before-guard"
+                slots = self.state_dir / PCIBACK_SLOTS_SAVED
                 if not slots.exists():
                     slots.write_text("".join(f"{slot}\n" for slot in pciback_slots(self.fs)))
                 self.pciback_patterns = buses_below_bridges(self.fs, host)
@@ -184,7 +189,7 @@ class Guard:
         """Give probing back as it was (a clean exit only: killed, the guard leaves
         vfio-pci claiming every new device: fail closed)."""
         if self.claiming and self.xen:
-            slots = self.state_dir / "pciback-slots-before-guard"
+            slots = self.state_dir / PCIBACK_SLOTS_SAVED
             release_pciback_claim(self.fs, self.pciback_patterns, slots.read_text().split())
             slots.unlink()
         elif self.claiming:
@@ -196,7 +201,7 @@ class Guard:
         if self.autoprobe_before is not None:
             set_autoprobe(self.fs, self.autoprobe_before)
             self.autoprobe_before = None
-            (self.state_dir / "autoprobe-before-guard").unlink(missing_ok=True)
+            (self.state_dir / AUTOPROBE_SAVED).unlink(missing_ok=True)
         self.journal.close()
 
     # -- events ----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pciguard.model import Bdf, Host, IommuUnit
 from pciguard.model.kernel import XenFacts
+from pciguard.platforms.linux.journal import Journal, JournalError
 from pciguard.platforms.linux.sysfs import Fs, Reading, Tree, read_host
 from pciguard.platforms.xen.evidence import xen_facts
 from pciguard.platforms.xen.platform import run_xl
@@ -80,8 +81,6 @@ def _permissive(fs: Tree) -> tuple[str, ...]:
 def with_journal(reading: Reading, state_dir: Path) -> Reading:
     """A dom0's reading with what pciguard's journal in ``state_dir`` says it made
     assignable (``XenFacts.made_assignable``; unknown when it cannot be read)."""
-    from pciguard.platforms.linux.journal import Journal, JournalError  # a dom0's audit alone
-
     xen = reading.facts.xen
     if xen is None or os.geteuid() != 0:
         return reading
