@@ -8,7 +8,7 @@ from pathlib import Path
 import graphviz
 
 from pciguard.errors import InputError
-from pciguard.report import AuditReport, Verdict
+from pciguard.report import AuditReport, Verdict, reason_label
 
 COLOURS = {  # (border, fill)
     Verdict.READY: ("#2e7d32", "#e8f5e9"),
@@ -35,18 +35,17 @@ def topology_graph(report: AuditReport) -> graphviz.Digraph:
         name = "none" if group.number is None else str(group.number)
         with graph.subgraph(name=f"cluster_{name}") as box:
             title = f"group {name}" if group.number is not None else "no IOMMU group"
-            box.attr(
-                label=f"{title}: {group.verdict.value}" + (f" ({group.domain})" if group.domain else ""),
-                color=border,
-                fillcolor=fill,
-                style="rounded,filled",
-                penwidth="2",
-            )
+            label = f"{title}: {group.verdict.value}" + (f" ({group.domain})" if group.domain else "")
+            if group.verdict is Verdict.NOT_ASSIGNABLE and group.reasons:  # the first reason, briefly
+                more = len({r.code for r in group.reasons}) - 1
+                label += "\n" + reason_label(group.reasons[0]) + (f" (+{more} more)" if more else "")
+            # The title is a node, not the box's label: edges are routed around nodes only.
+            box.attr(label="", color=border, fillcolor=fill, style="rounded,filled", penwidth="2")
+            box.node(f"title_{name}", label=label, shape="plaintext", fontsize="11")
             for m in group.members:
-                label = f"{m.bdf}\\n{m.name or m.ids}\\n{m.driver or 'no driver'}"
                 box.node(
                     _node_id(m.bdf),
-                    label=label,
+                    label=f"{m.bdf}\n{m.name or m.ids}\n{m.driver or 'no driver'}",
                     shape="box" if m.kind in BRIDGE_KINDS else "ellipse",
                     style="dashed" if m.external else "solid",
                 )
@@ -54,7 +53,27 @@ def topology_graph(report: AuditReport) -> graphviz.Digraph:
         for m in group.members:
             if m.parent in present:
                 graph.edge(_node_id(m.parent), _node_id(m.bdf))
+            if m.physfn in present:  # which PF a virtual function belongs to; not a bus link
+                graph.edge(
+                    _node_id(m.physfn), _node_id(m.bdf), style="dotted", arrowhead="odot", constraint="false"
+                )
+    _legend(graph)
     return graph
+
+
+def _legend(graph: graphviz.Digraph) -> None:
+    """What the colours, shapes and lines mean, as a table in a corner of its own."""
+    rows = "".join(
+        f'<TR><TD BGCOLOR="{fill}" COLOR="{border}" BORDER="2">{verdict.value}</TD></TR>'
+        for verdict, (border, fill) in COLOURS.items()
+    )
+    meanings = (
+        "box: bridge or port; ellipse: endpoint",
+        "dashed: behind an external port",
+        "dotted arrow: PF to its virtual function",
+    )
+    rows += "".join(f"<TR><TD>{meaning}</TD></TR>" for meaning in meanings)
+    graph.node("legend", label=f'<<TABLE BORDER="0" CELLSPACING="2">{rows}</TABLE>>', shape="plaintext")
 
 
 def write_svg(report: AuditReport, path: Path) -> None:

@@ -6,6 +6,7 @@ database the report shows vendor:device IDs only.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -40,20 +41,61 @@ def lookup(ids: Iterable[str], databases: Iterable[Path] = DATABASES) -> dict[st
             elif not line.startswith("\t\t") and vendor_id in wanted:
                 device_id, _, device_name = line.strip().partition("  ")
                 if device_id in wanted[vendor_id]:
-                    names[f"{vendor_id}:{device_id}"] = f"{_short(vendor_name)} {device_name}"
+                    names[f"{vendor_id}:{device_id}"] = f"{short_name(vendor_name)} {device_name}"
     return names
 
 
-def _short(vendor: str) -> str:
-    for suffix in (" Corporation", ", Inc.", " Inc.", " Co., Ltd.", " Technology", " Semiconductor"):
-        vendor = vendor.replace(suffix, "")
-    return vendor
+# How lspci spells vendors, and the short name people use for each.
+_VENDOR_SPELLINGS = re.compile(
+    r"Advanced Micro Devices, Inc\. \[(?P<short>[^\]]+)\]"
+    r"| (?:Corporation|Corp\.?|Co\., Ltd\.|Co Ltd|Inc\. and subsidiaries|Inc\.?|Semiconductor|Technology"
+    r" Group Ltd\.|Technology)(?= |$)|, Inc\."
+)
+
+
+def short_name(name: str) -> str:
+    """ "Advanced Micro Devices, Inc. [AMD/ATI] Navi 14" -> "AMD/ATI Navi 14",
+    "Intel Corporation Comet Lake ..." -> "Intel Comet Lake ..."."""
+    return _VENDOR_SPELLINGS.sub(lambda m: m["short"] or "", name)
+
+
+def ids_by_name(names: Iterable[str], databases: Iterable[Path] = DATABASES) -> dict[str, str]:
+    """lspci's "Vendor Device" name -> ``vendor:device``, for names the database gives
+    to one device only (a dump taken without -nn names devices but shows no IDs)."""
+    wanted = set(names)
+    path = next((p for p in databases if p.is_file()), None)
+    if path is None or not wanted:
+        return {}
+    found: dict[str, set[str]] = {}
+    vendor_id, vendor_name = "", ""
+    with path.open(encoding="utf-8", errors="replace") as db:
+        for line in db:
+            if line.startswith("C "):
+                break
+            if not line.strip() or line.startswith("#"):
+                continue
+            if not line.startswith("\t"):
+                vendor_id, _, vendor_name = line.rstrip().partition("  ")
+            elif not line.startswith("\t\t"):
+                device_id, _, device_name = line.strip().partition("  ")
+                name = f"{vendor_name} {device_name}"
+                if name in wanted:
+                    found.setdefault(name, set()).add(f"{vendor_id}:{device_id}")
+    return {name: next(iter(ids)) for name, ids in found.items() if len(ids) == 1}
 
 
 def name_devices(host: Host, databases: Iterable[Path] = DATABASES) -> Host:
-    """``host`` with names filled in where its functions have none."""
-    names = lookup({f.ids for f in host.topology.values() if not f.name}, databases)
-    if not names:
+    """``host`` with names filled in where its functions have none, and IDs where a dump
+    named a function but showed no IDs (the kernel's ACS quirks go by ID)."""
+    unnamed = {f.ids for f in host.topology.values() if not f.name}
+    names = lookup(unnamed, databases) if unnamed else {}
+    nameless_ids = {f.name for f in host.topology.values() if f.name and f.ids == UNKNOWN_IDS}
+    ids = ids_by_name(nameless_ids, databases) if nameless_ids else {}
+    if not names and not ids:
         return host
     named = {b: names[f.ids] for b, f in host.topology.items() if not f.name and f.ids in names}
-    return replace(host, topology=host.topology.renamed(named))
+    identified = {b: ids[f.name] for b, f in host.topology.items() if f.ids == UNKNOWN_IDS and f.name in ids}
+    return replace(host, topology=host.topology.renamed(named, identified))
+
+
+UNKNOWN_IDS = "0000:0000"

@@ -14,7 +14,21 @@ from typing import Final, Literal
 
 from pydantic import BaseModel
 
-from pciguard.checks import HOST_CRITICAL, NO_IOMMU, Holder, Options, Reason, device_reasons
+from pciguard.checks import (
+    CONTRADICTED_GROUP,
+    HOST_CRITICAL,
+    IDENTITY_DOMAIN,
+    MSI_NOT_ISOLATED,
+    NO_IOMMU,
+    NO_RESET,
+    RESERVED_REGION,
+    SRIOV_PF,
+    UNKNOWN_DOMAIN,
+    Holder,
+    Options,
+    Reason,
+    device_reasons,
+)
 from pciguard.model import Arch, Bdf, DomainType, Feature, Host, IommuGroup, IommuUnit, Kind, MsiController
 from pciguard.model.acs_quirks import KERNEL_RELEASE, quirk_decision
 from pciguard.model.groups import acs_enabled, acs_never_asked
@@ -123,6 +137,29 @@ class AuditReport(BaseModel):
         return any(f.severity is Severity.CRITICAL for f in self.findings)
 
 
+# What each reason is, in a few words, for the default table and the drawing (the
+# reason whole is in --verbose and the JSON).
+REASON_LABELS = {
+    MSI_NOT_ISOLATED: "interrupts not isolated",
+    NO_RESET: "no reset method",
+    RESERVED_REGION: "firmware 1:1 regions",
+    SRIOV_PF: "SR-IOV physical function with VFs on",
+    IDENTITY_DOMAIN: "identity domain: DMA not translated",
+    UNKNOWN_DOMAIN: "default domain type unread",
+    CONTRADICTED_GROUP: "the kernel's sources disagree on the group",
+}
+
+
+def first_clause(message: str) -> str:
+    """ "X has no reset method: a guest's state would survive it" -> "X has no reset method"."""
+    cut = min((i for i in (message.find(": "), message.find("; ")) if i > 0), default=len(message))
+    return message[:cut]
+
+
+def reason_label(reason: ReasonEntry) -> str:
+    return REASON_LABELS.get(reason.code) or first_clause(reason.message)
+
+
 def host_findings(host: Host, options: Options) -> list[Finding]:
     out: list[Finding] = []
     if not host.iommus:
@@ -167,10 +204,13 @@ def host_findings(host: Host, options: Options) -> list[Finding]:
                     message=(
                         f"IOMMU {unit.name}: MSIs go to {unit.msi_controller}, which cannot tell "
                         "devices apart, so assignment of devices behind it is refused"
+                        if unit.msi_controller is not None
+                        else f"IOMMU {unit.name}: which MSI controller its devices' interrupts go to is "
+                        "unknown (an ITS tells devices apart, others do not), so assignment is refused"
                     ),
                 )
             )
-    uncovered = [b for b in host.topology if host.iommu_of(b) is None]
+    uncovered = [b for b, f in host.topology.items() if host.iommu_of(b) is None and not f.root_complex_part]
     if host.iommus and uncovered:
         out.append(
             Finding(
@@ -367,6 +407,8 @@ def _group_entry(
     holders = {b: holder_of(b) for b in group.members}
     present = [b for b, h in holders.items() if h is not None and h.state is not State.REMOVED]
     endpoints = [b for b in present if not host.topology[b].kind.is_bridge]
+    if ungrouped:  # the root complex's own functions stay with the host, like bridges
+        endpoints = [b for b in endpoints if not host.topology[b].root_complex_part]
     per_device: dict[Bdf, list[Reason]] = {}
     for bdf in present:
         fn = host.topology[bdf]
@@ -403,9 +445,25 @@ def _group_entry(
         reasons=[
             ReasonEntry.model_construct(code=r.code, message=r.message) for r in dict.fromkeys(blockers)
         ],
-        notes=[] if ungrouped else group_notes(host, group, facts),
+        notes=_ungrouped_notes(host, group) if ungrouped else group_notes(host, group, facts),
         planned=planned,
     )
+
+
+def _ungrouped_notes(host: Host, group: IommuGroup) -> list[ReasonEntry]:
+    notes = []
+    for b in group.members:
+        fn = host.topology[b]
+        if fn.root_complex_part:
+            what = "the IOMMU itself" if fn.class_code >> 8 == 0x0806 else "a host bridge"
+            notes.append(
+                ReasonEntry.model_construct(
+                    code="root-complex",
+                    message=f"{b} is part of the root complex ({what}): the kernel put it in no IOMMU "
+                    "group; it stays with the host",
+                )
+            )
+    return notes
 
 
 def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> list[ReasonEntry]:
@@ -692,8 +750,12 @@ def kernel_findings(host: Host, facts: KernelFacts) -> list[Finding]:
         add(
             "derivation-skipped",
             Severity.INFO,
-            "config space beyond the header could not be read, so pciguard's own group derivation "
-            "was not compared with the kernel's",
+            (
+                "the dump hides capabilities (lspci was not run as root, or without -vv)"
+                if dump
+                else "config space beyond the header could not be read"
+            )
+            + ", so pciguard's own group derivation was not compared with the kernel's",
         )
     if facts.iommu_switches:
         add(

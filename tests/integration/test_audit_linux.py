@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CORPUS
+from conftest import CORPUS, EXAMPLES
 from pciguard.cli.main import app
-from pciguard.report import AuditReport
+from pciguard.report import AuditReport, Verdict
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -106,3 +106,32 @@ def test_svg_draws_groups_coloured_by_verdict(tree: Callable[..., Path], tmp_pat
     assert "#c62828" in text  # the USB controller's group is not assignable: red
     titles = {element.text for element in drawing.iter() if element.tag.endswith("title")}
     assert "f0000_00_01_0->f0000_01_00_0" in titles  # the root port's edge to the GPU
+    assert "firmware 1:1 regions" in text  # a not-assignable group says its main reason
+    assert all(v.value in text for v in Verdict) and "dotted arrow: PF to its virtual function" in text
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed (.ci/run installs it)")
+def test_svg_ties_virtual_functions_to_their_pf_and_routes_edges_around_titles(tmp_path: Path) -> None:
+    svg = tmp_path / "server.svg"
+    result = runner.invoke(app, ["audit", "--platform", str(EXAMPLES / "server.yaml"), "--svg", str(svg)])
+    assert "drew the topology" in result.output
+    drawing = ElementTree.parse(svg).getroot()
+    edges = {
+        element.findtext("{http://www.w3.org/2000/svg}title"): element
+        for element in drawing.iter()
+        if element.get("class") == "edge"
+    }
+    vf_edge = edges["f0000_12_00_0->f0000_12_00_2"]  # the SR-IOV NIC's PF to its VF0
+    assert any(p.get("stroke-dasharray") for p in vf_edge.iter() if p.tag.endswith("path"))
+    titles = [
+        e
+        for e in drawing.iter()
+        if e.get("class") == "node" and "title_" in (e.findtext("{http://www.w3.org/2000/svg}title") or "")
+    ]
+    assert len(titles) == len(
+        AuditReport.model_validate_json(
+            runner.invoke(
+                app, ["audit", "--platform", str(EXAMPLES / "server.yaml"), "--json", "--all"]
+            ).stdout
+        ).groups
+    )  # each group's title is a node, so Graphviz routes edges around it

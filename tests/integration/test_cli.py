@@ -22,8 +22,10 @@ SCENARIOS = sorted((EXAMPLES / "scenarios").glob("*.yaml"))
 def test_audit_workstation_reports_groups_and_exits_zero() -> None:
     result = runner.invoke(app, ["audit", "--platform", str(EXAMPLES / "workstation.yaml")])
     assert result.exit_code == 0, result.output
-    assert "0000:01:00.0 GPU" in result.output and "ready after quarantine" in result.output
+    assert "01:00.0 GPU [10de:1b80]" in result.output and "ready after quarantine" in result.output
     assert "host-critical" in result.output
+    verbose = runner.invoke(app, ["audit", "--platform", str(EXAMPLES / "workstation.yaml"), "--verbose"])
+    assert "0000:01:00.0 GPU [10de:1b80] (host: nouveau)" in verbose.output
 
 
 def test_audit_json_follows_the_schema() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -227,6 +228,12 @@ def _same_devices(text: str) -> None:
         ),
         pytest.param(lambda t: t.replace("07:00.0 USB", "00:1c.4/07:00.0 USB"), id="lspci-PP-path"),
         pytest.param(
+            lambda t: re.sub(
+                r"\tIOMMU group: (\d+)", r"\tFlags: bus master, fast devsel, latency 0, IOMMU group \1", t
+            ),
+            id="lspci-v-flags",
+        ),
+        pytest.param(
             lambda t: t.replace("00:1c.4 PCI", "0000:00:1c.4 PCI").replace(
                 "07:00.0 USB", "0000:00:1c.4/07:00.0 USB"
             ),
@@ -307,3 +314,23 @@ def test_unread_acs_is_said_to_be_unseen_not_missing() -> None:
     stripped = "\n".join(x for x in text.splitlines() if "IOMMU group" not in x)
     (planning,) = [f.message for f in audit_reading(parse_lspci(stripped)).findings if f.code == "planning"]
     assert "ACS was hidden" in planning and "run lspci (or pciguard) as root" in planning
+
+
+def text_stripped_to_hex(dump: str) -> str:
+    """A dump with only device lines, group and driver lines, and the hex: what is left
+    must come from the config space bytes."""
+    kept = ("\tIOMMU group:", "\tKernel driver in use:")
+    return "\n".join(x for x in dump.splitlines() if not x.startswith("\t") or x.startswith(kept))
+
+
+@needs_lspci
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=40)
+@given(spec=platform_file())
+def test_lspci_hex_dumps_are_decoded_as_config_space(spec: dict[str, Any]) -> None:
+    host = build_host(spec, {}, "<random>")
+    with TemporaryDirectory() as tmp:
+        render(host, Path(tmp))
+        dump = lspci_of(Path(tmp), "-nn", "-D", "-xxxx")
+    from_hex = parse_lspci(text_stripped_to_hex(dump), "hex")
+    assert shown_by_lspci(from_hex.host) == shown_by_lspci(host)
+    assert from_hex.facts.topology_complete

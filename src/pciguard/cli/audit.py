@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from pciguard.checks import Options, RmrrPolicy
+from pciguard.checks import HOST_CRITICAL, Options, RmrrPolicy
 from pciguard.cli.common import STATE_DIR, Exit, emit_json, err, error, input_errors, linux_reading, out
-from pciguard.pciids import name_devices
+from pciguard.model import Kind
+from pciguard.pciids import name_devices, short_name
 from pciguard.report import (
+    REASON_LABELS,
     AuditReport,
     DeviceEntry,
     GroupEntry,
+    ReasonEntry,
     Severity,
     Verdict,
     audit,
     audit_host,
+    first_clause,
     linux_holder,
 )
 from pciguard.toolstack import Toolstack
@@ -69,6 +75,9 @@ def command(
         None, "--svg", help="Also draw the topology, groups coloured by verdict.", metavar="FILE"
     ),
     show_all: bool = typer.Option(False, "--all", help="Also list groups of bridges only."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Every reason and note in full, and what each unread source hides."
+    ),
     allow_unsafe_interrupts: bool = typer.Option(
         False,
         "--allow-unsafe-interrupts",
@@ -123,12 +132,14 @@ def command(
     if json_output:
         emit_json(report.model_dump_json(indent=2))
     else:
-        render(report, show_all)
+        render(report, show_all, verbose)
     if report.critical:
         raise typer.Exit(Exit.FINDINGS)
 
 
-def render(report: AuditReport, show_all: bool = False) -> None:
+def render(report: AuditReport, show_all: bool = False, verbose: bool = False) -> None:
+    """The report for a person: host-wide findings once at the top, then one short row
+    per group. ``verbose`` gives every reason and note in full."""
     out.print(
         Text.assemble(("pciguard audit", "bold"), f" of {report.host} ({report.arch}) from {report.source}")
     )
@@ -151,52 +162,152 @@ def render(report: AuditReport, show_all: bool = False) -> None:
             out.print(
                 Text.assemble((f"{f.severity.value.upper():8}", SEVERITY_STYLE[f.severity]), " ", f.message)
             )
-    if report.limitations:
+    _render_limitations(report, verbose)
+    shown = [g for g in report.groups if show_all or g.verdict is not Verdict.BRIDGES_ONLY]
+    short = _short_bdfs(report) if not verbose else str
+    host_wide = set() if verbose else _host_wide(shown)
+    if host_wide:
         out.print()
-        for lim in report.limitations:
-            out.print(Text.assemble(("UNREAD  ", "magenta"), f"{lim.path} ({lim.why}): hides {lim.hides}"))
+        for template in sorted(host_wide):
+            out.print(
+                Text.assemble(("EVERY   ", "bold red"), short(template.replace(_DEVICE, "each device")))
+            )
     title = "IOMMU groups"
     if any(g.planned for g in report.groups):
         title = "IOMMU groups if the IOMMU were on (planning: derived by pciguard)"
-    table = Table(title=title, show_lines=True, title_justify="left")
+    table = Table(
+        title=title,
+        title_justify="left",
+        show_lines=verbose,
+        box=box.HEAVY_HEAD if verbose else box.SIMPLE_HEAD,
+        show_edge=verbose,
+        padding=(0, 1),
+    )
     table.add_column("group", justify="right")
-    table.add_column("devices (owner)")
-    table.add_column("verdict")
-    table.add_column("why / what must go with it")
-    shown = [g for g in report.groups if show_all or g.verdict is not Verdict.BRIDGES_ONLY]
+    if verbose:
+        table.add_column("devices (owner)")
+        table.add_column("verdict")
+        table.add_column("why / what must go with it")
+    else:  # the verdict heads its reasons, which are short: the width goes to the names
+        table.add_column("devices (owner, if not the host)")
+        table.add_column("verdict: why", max_width=max(40, out.width * 2 // 5))
     for run in _vf_runs(shown):
         g = run[0]
         if len(run) == 1:
-            devices = "\n".join(f"{m.bdf} {m.name or m.ids + ' ' + m.kind} ({_owner(m)})" for m in g.members)
+            devices = "\n".join(_device_line(m, short, verbose) for m in g.members)
             number = "none" if g.number is None else str(g.number)
         else:  # a PF's virtual functions in groups of their own, all judged alike: one row
             first, last = run[0].members[0], run[-1].members[0]
             devices = (
-                f"{len(run)} virtual functions of {first.physfn}: {first.bdf} ... {last.bdf}\n"
-                f"{first.name or first.ids} ({_owner(first)})"
+                f"{len(run)} virtual functions of {short(first.physfn or '')}: "
+                f"{short(first.bdf)} ... {short(last.bdf)}\n" + _device_line(first, short, verbose, bdf=False)
             )
             number = f"{g.number}-{run[-1].number}"
-        if g.verdict is Verdict.NOT_ASSIGNABLE:
-            why = "\n".join(f"- {r.message}" for r in g.reasons)
-        elif g.must_quarantine:
-            why = "quarantine together: " + ", ".join(g.must_quarantine)
-        else:
-            why = ""
-        why = "\n".join([why, *(f"note: {n.message}" for n in g.notes)]).strip()
+        why = _why(g, verbose, host_wide, short)
         if len(run) > 1 and why:
-            why += f"\n(shown for {first.bdf}; the same holds for each)"
+            why += f"\n(shown for {short(first.bdf)}; the same holds for each)"
         if g.domain:
             number += f"\n{g.domain}"
-        table.add_row(number, devices, Text(g.verdict.value.replace("-", " "), VERDICT_STYLE[g.verdict]), why)
+        verdict = Text(g.verdict.value.replace("-", " "), VERDICT_STYLE[g.verdict])
+        if verbose:
+            table.add_row(number, devices, verdict, why)
+        else:
+            table.add_row(number, devices, Text.assemble(verdict, "\n" + why if why else ""))
     out.print()
     out.print(table)
     counts = {v: sum(g.verdict is v for g in report.groups) for v in Verdict}
     out.print(
         ", ".join(f"{n} {v.value}" for v, n in counts.items() if n)
         + ("" if show_all else " (groups of bridges only: --all)")
+        + ("" if verbose else "; every reason in full: --verbose")
     )
     if report.unsafe_overrides:
         err.print(Text("UNSAFE overrides in force: " + "; ".join(report.unsafe_overrides), "bold red"))
+
+
+def _render_limitations(report: AuditReport, verbose: bool) -> None:
+    """What could not be read: each with what it hides (verbose), or one line per cause."""
+    if not report.limitations:
+        return
+    out.print()
+    if verbose:
+        for lim in report.limitations:
+            out.print(Text.assemble(("UNREAD  ", "magenta"), f"{lim.path} ({lim.why}): hides {lim.hides}"))
+        return
+    causes: dict[tuple[str, str], list[str]] = {}
+    for lim in report.limitations:
+        causes.setdefault((lim.path, lim.why), []).append(lim.hides.split(": ")[0])
+    for (path, why), hidden in causes.items():
+        out.print(Text.assemble(("UNREAD  ", "magenta"), f"{path} ({why}): hides {'; '.join(hidden)}"))
+
+
+# A reason names the device it is about; with that name taken out, the same words for
+# every device shown are one host-wide reason, said once above the table.
+_DEVICE = "\x00device\x00"
+_BRIDGE_KINDS = {k.value for k in Kind if k.is_bridge}
+
+
+def _template(reason: ReasonEntry, members: list[DeviceEntry]) -> tuple[str, str | None]:
+    """The reason's words with the member it is about taken out, and that member."""
+    for m in members:
+        if m.bdf in reason.message:
+            return reason.message.replace(m.bdf, _DEVICE), m.bdf
+    return reason.message, None
+
+
+def _host_wide(groups: list[GroupEntry]) -> set[str]:
+    """Reasons given, in the same words, for every device of every group shown."""
+    endpoints = [m for g in groups for m in g.members if m.kind not in _BRIDGE_KINDS]
+    if len(endpoints) < 2:
+        return set()
+    common: set[str] | None = None
+    for m in endpoints:
+        mine = {t for r in m.reasons for t, subject in [_template(r, [m])] if subject is not None}
+        common = mine if common is None else common & mine
+        if not common:
+            return set()
+    return common or set()
+
+
+def _why(g: GroupEntry, verbose: bool, host_wide: set[str], short: Callable[[str], str]) -> str:
+    lines = []
+    if g.verdict is Verdict.NOT_ASSIGNABLE:
+        lines = [f"- {r.message}" for r in g.reasons] if verbose else _short_reasons(g, host_wide, short)
+    elif g.must_quarantine:
+        lines = ["quarantine together: " + ", ".join(map(short, g.must_quarantine))]
+    lines += [f"note: {n.message if verbose else short(first_clause(n.message))}" for n in g.notes]
+    return "\n".join(lines)
+
+
+def _short_reasons(g: GroupEntry, host_wide: set[str], short: Callable[[str], str]) -> list[str]:
+    """Each kind of reason once, with the devices it holds for ("no reset method: 00:14.0,
+    00:14.2"); those said above the table for every device, left out."""
+    said: dict[str, list[str]] = {}
+    for r in g.reasons:
+        template, subject = _template(r, g.members)
+        if template in host_wide:
+            continue
+        if r.code in REASON_LABELS:
+            said.setdefault(REASON_LABELS[r.code], []).extend([short(subject)] if subject else [])
+        else:  # its own words, shortened (a host-critical device's reason is its whole point)
+            words = template if r.code == HOST_CRITICAL else first_clause(template)
+            said.setdefault(short(words.replace(_DEVICE, subject or "")), [])
+    lines = [f"- {label}" + (f": {', '.join(who)}" if who else "") for label, who in said.items()]
+    return lines or (["- see EVERY above"] if g.reasons else [])
+
+
+def _short_bdfs(report: AuditReport) -> Callable[[str], str]:
+    """Addresses without the PCI domain when every device is in domain 0000, as lspci prints them."""
+    if all(m.bdf.startswith("0000:") for g in report.groups for m in g.members):
+        return lambda text: text.replace("0000:", "")
+    return lambda text: text
+
+
+def _device_line(m: DeviceEntry, short: Callable[[str], str], verbose: bool, bdf: bool = True) -> str:
+    name = (m.name if verbose else short_name(m.name)) or m.kind
+    ids = "" if m.ids == "0000:0000" or m.ids in name else f" [{m.ids}]"
+    owner = f" ({_owner(m)})" if verbose or m.state != "host" else ""  # the host's drivers: --verbose
+    return f"{short(m.bdf) + ' ' if bdf else ''}{name}{ids}{owner}"
 
 
 def _vf_runs(groups: list[GroupEntry]) -> list[list[GroupEntry]]:

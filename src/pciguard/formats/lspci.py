@@ -30,6 +30,14 @@ from pciguard.model import (
 )
 from pciguard.model.kernel import InputProblem, KernelFacts, Unreadable, printable
 from pciguard.model.pci import ancestors
+from pciguard.platforms.linux.config import (
+    CAP_PM,
+    CONVENTIONAL_SIZE,
+    HEADER_SIZE,
+    PORT_KINDS,
+    ConfigSpace,
+    parse_config,
+)
 from pciguard.platforms.linux.sysfs import Reading
 
 _ADDRESS = r"(?:[0-9a-fA-F]{4,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]"
@@ -38,6 +46,7 @@ _HEADER = re.compile(
     rf"^(?P<path>(?:{_ADDRESS}/)*)(?P<bdf>{_ADDRESS}) (?P<class>[^:\[]+?)"
     r"(?: \[(?P<cc>[0-9a-fA-F]{4})\])?: (?P<rest>.*)$"
 )
+_CLASS_NAMES = {"Host bridge": 0x0600, "ISA bridge": 0x0601, "PCI bridge": 0x0604, "IOMMU": 0x0806}
 _IDS = re.compile(r"\[(?P<v>[0-9a-fA-F]{4}):(?P<d>[0-9a-fA-F]{4})\]")
 _PROG_IF = re.compile(r"\(prog-if (?P<pi>[0-9a-fA-F]{2})")
 _PROG_IF_TEXT = re.compile(r"\s*\(prog-if [0-9a-fA-F]{2}(?: \[[^\]]*\])?\)")
@@ -66,9 +75,9 @@ _PORT_TYPES = {
     "Endpoint": Kind.ENDPOINT,
 }
 NEVER_SHOWN = (
-    ("whether the IOMMU is enabled, and interrupt remapping", "judged as not isolating interrupts"),
+    ("whether the IOMMU is enabled, and interrupt isolation", "judged as not isolating interrupts"),
     ("groups' default domain types (identity = not translated)", "identity domains go unnoticed"),
-    ("the DMAR/IVRS tables: firmware 1:1 regions (RMRR)", "devices with RMRRs look assignable"),
+    ("the firmware's IOMMU tables: 1:1 regions (RMRR, RMR)", "devices with 1:1 regions look assignable"),
     ("the kernel command line and VFIO's unsafe module options", "unsafe overrides go unnoticed"),
     ("reset methods other than FLR and power-management reset", "bus resets are inferred"),
     ("Thunderbolt security and which ports face the outside", "external ports go unnoticed"),
@@ -96,11 +105,16 @@ class _Entry:
     group: int | None = None
     sriov: dict[str, int] = field(default_factory=dict)
     access_denied: bool = False
+    capabilities_seen: bool = False  # a capability line, "Status: Cap-", or the hex beyond the header
+    config: bytearray = field(default_factory=bytearray)  # from -x/-xxx/-xxxx, when the dump has it
 
 
 def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
     problems: list[InputProblem] = []
     entries = _entries(text, source, problems)
+    for e in entries:
+        if len(e.config) >= HEADER_SIZE:
+            _from_config(e, parse_config(bytes(e.config)), problems, source)
     functions = _functions(entries, source)
     try:
         topology = Topology(functions)
@@ -135,10 +149,10 @@ def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
         )
     if all(e.ids == "0000:0000" for e in entries):
         unreadable.append(Unreadable(source, "lspci was run without -nn", "vendor and device IDs"))
-    host = Host(Path(source).name, topology=topology, arch=Arch.X86, iommus=units, kernel_groups=groups)
+    host = Host(Path(source).name, topology=topology, arch=_arch(entries), iommus=units, kernel_groups=groups)
     # A function without a PCI Express capability (a host bridge, conventional PCI) is
-    # fully seen too: only a dump taken as an ordinary user hides capabilities.
-    complete = not any(e.access_denied for e in entries)
+    # fully seen too: a dump taken as an ordinary user, or without -vv, hides them.
+    complete = not any(e.access_denied for e in entries) and any(e.capabilities_seen for e in entries)
     return Reading(
         host,
         KernelFacts(
@@ -150,9 +164,31 @@ def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
     )
 
 
+_FLAGS_GROUP = re.compile(r"IOMMU group ([^,\s]*)")
 _MAIL_QUOTE = re.compile(r"^(?:>[ ]?)+")  # "> " or ">> " before each line of a reply
-_HEX_DUMP = re.compile(r"^[0-9a-f]{2,3}: (?:[0-9a-f]{2} ?){1,16}$")  # lspci -x, -xxx, -xxxx
+_HEX_DUMP = re.compile(r"^(?P<at>[0-9a-f]{2,3}): (?P<bytes>(?:[0-9a-f]{2} ?){1,16})$")  # -x, -xxx, -xxxx
 _NOT_A_DEVICE = "not a device line such as '0000:00:1f.3 Audio device [0403]: Intel ...'; skipped"
+
+
+# A dump does not say what machine it came from; the root complex does. Vendors whose
+# functions on a root bus mean an ARM SoC or server (their add-in cards sit below ports).
+_ARM_ROOT_VENDORS = {
+    "1957": "Freescale",  # NXP Layerscape
+    "1def": "Ampere",
+    "17cb": "Qualcomm",
+    "1d87": "Rockchip",
+    "19e5": "Huawei",  # HiSilicon Kunpeng
+    "177d": "Cavium",
+}
+
+
+def _arch(entries: list[_Entry]) -> Arch:
+    on_root_bus = [e for e in entries if e.bdf.bus == 0]
+    arm = any(
+        e.ids.split(":")[0] in _ARM_ROOT_VENDORS or e.name.startswith(tuple(_ARM_ROOT_VENDORS.values()))
+        for e in on_root_bus
+    )
+    return Arch.ARM if arm else Arch.X86
 
 
 def _entries(text: str, source: str, problems: list[InputProblem]) -> list[_Entry]:
@@ -168,7 +204,11 @@ def _entries(text: str, source: str, problems: list[InputProblem]) -> list[_Entr
         if not line.strip():
             current = None
             continue
-        if line.startswith("pcilib:") or _HEX_DUMP.match(line):
+        if line.startswith("pcilib:"):
+            continue
+        if (hex_line := _HEX_DUMP.match(line)) is not None:
+            if current is not None:
+                _hex_line(current, hex_line, number, problems, source)
             continue
         if not line[0].isspace():
             match = _HEADER.match(line)
@@ -195,6 +235,23 @@ def _entries(text: str, source: str, problems: list[InputProblem]) -> list[_Entr
     return entries
 
 
+def _hex_line(
+    entry: _Entry, line: re.Match[str], number: int, problems: list[InputProblem], source: str
+) -> None:
+    """One line of lspci's hex dump: the function's config space, 16 bytes at a time."""
+    at, data = int(line["at"], 16), bytes.fromhex(line["bytes"])
+    if at != len(entry.config):
+        problems.append(
+            InputProblem(
+                f"{source}:{number}", f"hex dump of {entry.bdf} skips to {at:#x}; the rest is not used"
+            )
+        )
+        entry.config.clear()
+        entry.config.extend(b"\xff")  # never a whole header again: the hex is not used
+        return
+    entry.config.extend(data)
+
+
 def _header(match: re.Match[str], number: int, source: str) -> _Entry:
     bdf_text = match["bdf"]
     if bdf_text.count(":") == 1:  # the domain, if any, is the path's (-PP -D) or 0000
@@ -210,7 +267,8 @@ def _header(match: re.Match[str], number: int, source: str) -> _Entry:
         prog = _PROG_IF.search(rest)
         entry.class_code = int(match["cc"], 16) << 8 | (int(prog["pi"], 16) if prog else 0)
         entry.bridge = match["cc"].lower() in ("0604", "0609")
-    else:
+    else:  # a dump without -n: the class by its name, for those the audit tells apart
+        entry.class_code = _CLASS_NAMES.get(match["class"].strip(), 0) << 8
         entry.bridge = match["class"].strip() in ("PCI bridge", "CardBus bridge")
     ids = _IDS.search(rest)
     if ids:
@@ -226,7 +284,10 @@ def _header(match: re.Match[str], number: int, source: str) -> _Entry:
 def _body_line(entry: _Entry, line: str, capability: str, source: str, line_number: int) -> None:
     if line.startswith("Capabilities: <access denied>"):
         entry.access_denied = True
+    elif line.startswith("Status: Cap-"):
+        entry.capabilities_seen = not entry.access_denied  # it has none
     elif line.startswith("Capabilities:"):
+        entry.capabilities_seen = True
         express = _EXPRESS.match(line)
         if express:
             entry.kind = next(
@@ -234,8 +295,9 @@ def _body_line(entry: _Entry, line: str, capability: str, source: str, line_numb
             )
         elif "Address Translation Service" in line:
             entry.ats = True
-    elif line.startswith("IOMMU group:"):
-        number = line.split(":", 1)[1].strip()
+    elif line.startswith("IOMMU group:") or (line.startswith("Flags:") and "IOMMU group " in line):
+        # -vv and more: a line of its own; -v: the end of "Flags: bus master, ..., IOMMU group 7"
+        number = line.split(":", 1)[1].strip() if line[0] == "I" else _FLAGS_GROUP.findall(line)[-1]
         if not (number.isascii() and number.isdigit() and len(number) <= 9):
             raise InputError(
                 source,
@@ -271,6 +333,31 @@ def _body_line(entry: _Entry, line: str, capability: str, source: str, line_numb
             entry.sriov[key] = int(value)
 
 
+def _from_config(e: _Entry, cfg: ConfigSpace, problems: list[InputProblem], source: str) -> None:
+    """What the hex dump's bytes say, decoded as from sysfs: they are what lspci printed its
+    text from, so they win where they reach (the header always; capabilities with -xxx;
+    ACS, ATS and SR-IOV, which live in extended space, with -xxxx)."""
+    problems.extend(InputProblem(f"{source}:{e.line}", f"config space of {e.bdf}: {p}") for p in cfg.problems)
+    if e.ids == "0000:0000" and cfg.vendor != 0xFFFF:  # VFs read all ones; lspci -nn has the truth
+        e.ids = f"{cfg.vendor:04x}:{cfg.device:04x}"
+    e.class_code = cfg.class_code
+    e.bridge = cfg.is_bridge_header
+    e.secondary = cfg.secondary_bus
+    if cfg.header_only:
+        return
+    e.capabilities_seen = True
+    e.access_denied = False
+    e.kind = PORT_KINDS.get(cfg.port_type, Kind.ENDPOINT) if cfg.port_type is not None else None
+    e.flr = cfg.flr or cfg.af_flr
+    e.pm_reset = cfg.pm_reset and CAP_PM in cfg.capabilities
+    e.phantom_supported, e.phantom_enabled = cfg.phantom_functions, bool(cfg.phantom_functions)
+    if cfg.size > CONVENTIONAL_SIZE:
+        e.acs_cap, e.acs_ctl = (cfg.acs.capability, cfg.acs.control) if cfg.acs else (None, None)
+        e.ats = cfg.ats
+        vfs = cfg.sriov
+        e.sriov = {"Number of VFs": vfs.num_vfs, "VF offset": vfs.offset, "stride": vfs.stride} if vfs else {}
+
+
 def _functions(entries: list[_Entry], source: str) -> dict[Bdf, Function]:
     bridges = {(e.bdf.segment, e.secondary): e for e in entries if e.secondary is not None}
     physfn: dict[Bdf, Bdf] = {}
@@ -294,8 +381,13 @@ def _functions(entries: list[_Entry], source: str) -> dict[Bdf, Function]:
             kinds[e.bdf] = Kind.ROOT_PORT if parent is None else Kind.PCIE_TO_PCI_BRIDGE
         elif any(kinds.get(b) is Kind.PCIE_TO_PCI_BRIDGE for b in ancestors(e.bdf, parents.get)):
             kinds[e.bdf] = Kind.PCI_ENDPOINT
+        elif parent is None:
+            # On a root bus and no PCI Express capability shown: conventional PCI to the
+            # kernel (no ACS, grouped with its slot's other functions). With capabilities
+            # hidden that is also the fail-closed reading.
+            kinds[e.bdf] = Kind.PCI_ENDPOINT
         else:
-            kinds[e.bdf] = Kind.ENDPOINT if parent is not None else Kind.RC_ENDPOINT
+            kinds[e.bdf] = Kind.ENDPOINT
     functions = {}
     for e in entries:
         resets = tuple(m for m, on in (("flr", e.flr), ("pm", e.pm_reset)) if on)

@@ -234,6 +234,13 @@ class Function:
     def label(self) -> str:
         return f"{self.bdf} ({self.name})" if self.name else str(self.bdf)
 
+    @property
+    def root_complex_part(self) -> bool:
+        """A host bridge or the IOMMU itself (classes 06/00 and 08/06): infrastructure
+        Linux may leave out of every IOMMU group (AMD's IOMMU does not translate its own
+        root complex) and that is never given to a guest."""
+        return self.class_code >> 8 in (0x0600, 0x0806)
+
     def phantom_rids(self) -> tuple[Bdf, ...]:
         """Requester IDs this function also uses through phantom functions.
 
@@ -295,10 +302,14 @@ class Topology(Mapping[Bdf, Function]):
     def _behind_pci_bridge(self, fn: Function) -> bool:
         return any(b.kind is Kind.PCIE_TO_PCI_BRIDGE for b in self.path_to_root(fn.bdf))
 
-    def renamed(self, names: Mapping[Bdf, str]) -> Topology:
-        """The same topology with display names set; names change no structure, so the
-        checks of a new topology are not run again (they cost on hosts of 10,000 functions)."""
-        functions = {b: replace(f, name=names[b]) if b in names else f for b, f in self.functions.items()}
+    def renamed(self, names: Mapping[Bdf, str], ids: Mapping[Bdf, str] | None = None) -> Topology:
+        """The same topology with display names (and IDs) set; they change no structure, so
+        the checks of a new topology are not run again (they cost on hosts of 10,000 functions)."""
+        ids = ids or {}
+        functions = {
+            b: replace(f, name=names.get(b, f.name), ids=ids.get(b, f.ids)) if b in names or b in ids else f
+            for b, f in self.functions.items()
+        }
         new = object.__new__(Topology)
         object.__setattr__(new, "functions", functions)
         return new
