@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Audit, as_nobody, audit_reading, bdf, example
+from pciguard.formats.platform_file import build_host
 from pciguard.model import Feature
 from pciguard.platforms.linux import read_host
 from pciguard.platforms.linux.config import parse_config
@@ -214,6 +215,28 @@ def test_an_ordinary_users_view_says_what_it_hides(tree: Callable[..., Path]) ->
     report = audit_reading(reading)
     assert "derivation-skipped" in finding_codes(report)
     assert report.groups and all(g.number is not None for g in report.groups)  # the kernel's groups hold
+
+
+def test_functions_an_ordinary_user_cannot_see_into_are_grouped_as_unisolated(
+    tree: Callable[..., Path],
+) -> None:
+    """Two Intel root-complex integrated functions of one device, with the IOMMU off:
+    read as root, the kernel's RCiEP quirk isolates them; read as an ordinary user
+    their port type is unseen, and the planned groups must not split them."""
+    spec = {
+        "name": "chipset",
+        "devices": [
+            {"bdf": "0000:00:14.0", "kind": "rc-endpoint", "id": "8086:a36d", "reset": ["flr"]},
+            {"bdf": "0000:00:14.2", "kind": "rc-endpoint", "id": "8086:a36f", "reset": ["flr"]},
+        ],
+    }
+    host = build_host(spec, {}, "chipset")
+
+    def planned(**kernel: object) -> list[int]:
+        return sorted(len(g.members) for g in audit_reading(read_host(str(tree(host, **kernel)))).groups)
+
+    assert planned() == [1, 1]
+    assert planned(header_only=True) == [2]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")

@@ -1302,7 +1302,9 @@ def _kind(raw: _Raw, parent: _Raw | None, children: list[_Raw], raws: dict[Bdf, 
             return Kind.SWITCH_UPSTREAM
         return Kind.PCIE_TO_PCI_BRIDGE
     if parent is None:
-        return Kind.RC_ENDPOINT
+        # On a root bus with its capabilities unseen: counted conventional (no ACS, grouped
+        # with its slot's other functions), the reading that claims no isolation.
+        return Kind.PCI_ENDPOINT
     return Kind.PCI_ENDPOINT if _behind_pci_bridge(raw, raws) else Kind.ENDPOINT
 
 
