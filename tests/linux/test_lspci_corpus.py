@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from conftest import CORPUS, audit_reading
+from pciguard.cli.main import app
 from pciguard.formats.lspci import parse_lspci
 from pciguard.model import Bdf
 from pciguard.model.groups import derive_groups
@@ -67,3 +69,14 @@ def test_every_dump_in_the_corpus_is_audited_without_a_traceback(name: str) -> N
     assert "groups-differ" not in codes  # the derivation agrees wherever it is compared
     assert report.arch == ("arm" if "arm64" in name else "x86")
     assert "uncovered-devices" not in codes or "arm64" in name  # AMD's IOMMU and root complex are in no group
+
+
+def test_a_laptops_report_fits_a_screen_and_verbose_says_everything() -> None:
+    runner = CliRunner(env={"COLUMNS": "100"})
+    dump = str(DUMPS / "macbook-titan-ridge-root.txt")
+    short = runner.invoke(app, ["audit", "--lspci", dump]).stdout
+    full = runner.invoke(app, ["audit", "--lspci", dump, "--verbose"]).stdout
+    assert len(short.splitlines()) < 70 < len(full.splitlines())
+    assert short.count("could raise any interrupt") == 1  # said once, above the table
+    assert "EVERY" in short and "EVERY" not in full
+    assert "03:00.0 AMD/ATI Navi 14 [Radeon RX 5500/5500M / Pro 5500M] [1002:7340]" in " ".join(short.split())
