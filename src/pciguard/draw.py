@@ -8,7 +8,7 @@ from pathlib import Path
 import graphviz
 
 from pciguard.errors import InputError
-from pciguard.report import AuditReport, Verdict, reason_label
+from pciguard.report import BRIDGE_KINDS, AuditReport, Verdict, reason_label
 
 COLOURS = {  # (border, fill)
     Verdict.READY: ("#2e7d32", "#e8f5e9"),
@@ -16,7 +16,6 @@ COLOURS = {  # (border, fill)
     Verdict.NOT_ASSIGNABLE: ("#c62828", "#ffebee"),
     Verdict.BRIDGES_ONLY: ("#757575", "#f5f5f5"),
 }
-BRIDGE_KINDS = {"root-port", "switch-upstream", "switch-downstream", "pcie-to-pci-bridge"}
 
 
 def _node_id(bdf: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pciguard.model import Host
+from pciguard.model.pci import UNKNOWN_IDS
 
 DATABASES = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"), Path("/usr/share/pci.ids"))
 
@@ -96,6 +97,3 @@ def name_devices(host: Host, databases: Iterable[Path] = DATABASES) -> Host:
     named = {b: names[f.ids] for b, f in host.topology.items() if not f.name and f.ids in names}
     identified = {b: ids[f.name] for b, f in host.topology.items() if f.ids == UNKNOWN_IDS and f.name in ids}
     return replace(host, topology=host.topology.renamed(named, identified))
-
-
-UNKNOWN_IDS = "0000:0000"

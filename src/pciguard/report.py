@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from enum import StrEnum
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from pydantic import BaseModel
 
@@ -34,7 +34,9 @@ from pciguard.model.acs_quirks import KERNEL_RELEASE, quirk_decision
 from pciguard.model.groups import acs_enabled, acs_never_asked
 from pciguard.model.kernel import PCIBACK, QUARANTINE_DRIVERS, KernelFacts, XenQuarantine
 from pciguard.model.ownership import State
-from pciguard.toolstack import Toolstack
+
+if TYPE_CHECKING:  # the audit of a real host never loads the toolstack
+    from pciguard.toolstack import Toolstack
 
 SCHEMA_VERSION: Final = 3
 
@@ -61,6 +63,9 @@ class Finding(BaseModel):
 class ReasonEntry(BaseModel):
     code: str
     message: str
+
+
+BRIDGE_KINDS = frozenset(k.value for k in Kind if k.is_bridge)  # DeviceEntry.kind of ports and bridges
 
 
 class DeviceEntry(BaseModel):

@@ -69,6 +69,15 @@ def test_every_dump_in_the_corpus_is_audited_without_a_traceback(name: str) -> N
     assert "groups-differ" not in codes  # the derivation agrees wherever it is compared
     assert report.arch == ("arm" if "arm64" in name else "x86")
     assert "uncovered-devices" not in codes or "arm64" in name  # AMD's IOMMU and root complex are in no group
+    root_complex = sorted(
+        n.message.split()[0] for g in report.groups for n in g.notes if n.code == "root-complex"
+    )
+    assert root_complex == (["0000:00:00.0", "0000:00:00.2"] if "amd" in name else [])
+    skipped = [f.message for f in report.findings if f.code == "derivation-skipped"]
+    assert bool(skipped) == (SOURCES[name]["taken"] == "user")
+    assert all("lspci was not run as root" in m for m in skipped)
+    msi = " ".join(f.message for f in report.findings if f.code == "msi-not-isolated")
+    assert ("which MSI controller" in msi) == ("arm64" in name)
 
 
 def test_a_laptops_report_fits_a_screen_and_verbose_says_everything() -> None:

@@ -13,9 +13,10 @@ from rich.text import Text
 
 from pciguard.checks import HOST_CRITICAL, Options, RmrrPolicy
 from pciguard.cli.common import STATE_DIR, Exit, emit_json, err, error, input_errors, linux_reading, out
-from pciguard.model import Kind
+from pciguard.model.pci import UNKNOWN_IDS
 from pciguard.pciids import name_devices, short_name
 from pciguard.report import (
+    BRIDGE_KINDS,
     REASON_LABELS,
     AuditReport,
     DeviceEntry,
@@ -28,7 +29,6 @@ from pciguard.report import (
     first_clause,
     linux_holder,
 )
-from pciguard.toolstack import Toolstack
 
 VERDICT_STYLE = {
     Verdict.READY: "bold green",
@@ -112,6 +112,7 @@ def command(
         if platform is not None:
             from pciguard.formats.platform_file import load_platform  # only for a simulated host
             from pciguard.platforms.sim import SimPlatform
+            from pciguard.toolstack import Toolstack
 
             host = load_platform(platform)
             report = audit(Toolstack(SimPlatform(host), options), str(platform))
@@ -244,7 +245,6 @@ def _render_limitations(report: AuditReport, verbose: bool) -> None:
 # A reason names the device it is about; with that name taken out, the same words for
 # every device shown are one host-wide reason, said once above the table.
 _DEVICE = "\x00device\x00"
-_BRIDGE_KINDS = {k.value for k in Kind if k.is_bridge}
 
 
 def _template(reason: ReasonEntry, members: list[DeviceEntry]) -> tuple[str, str | None]:
@@ -257,7 +257,7 @@ def _template(reason: ReasonEntry, members: list[DeviceEntry]) -> tuple[str, str
 
 def _host_wide(groups: list[GroupEntry]) -> set[str]:
     """Reasons given, in the same words, for every device of every group shown."""
-    endpoints = [m for g in groups for m in g.members if m.kind not in _BRIDGE_KINDS]
+    endpoints = [m for g in groups for m in g.members if m.kind not in BRIDGE_KINDS]
     if len(endpoints) < 2:
         return set()
     common: set[str] | None = None
@@ -305,7 +305,7 @@ def _short_bdfs(report: AuditReport) -> Callable[[str], str]:
 
 def _device_line(m: DeviceEntry, short: Callable[[str], str], verbose: bool, bdf: bool = True) -> str:
     name = (m.name if verbose else short_name(m.name)) or m.kind
-    ids = "" if m.ids == "0000:0000" or m.ids in name else f" [{m.ids}]"
+    ids = "" if m.ids == UNKNOWN_IDS or m.ids in name else f" [{m.ids}]"
     owner = f" ({_owner(m)})" if verbose or m.state != "host" else ""  # the host's drivers: --verbose
     return f"{short(m.bdf) + ' ' if bdf else ''}{name}{ids}{owner}"
 

@@ -5,34 +5,57 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
+from importlib import import_module
 from pathlib import Path
 
 import typer
 
 from pciguard import __version__
-from pciguard.cli import audit, enforce, guard, policy, schema, simulate, snapshot, verify
 from pciguard.cli.common import EXIT_CODES, Exit, typer_app
 from pciguard.model.kernel import printable
 
-app = typer_app(
-    name="pciguard",
-    help="Keep PCI devices given to virtual machines away from memory and interrupts they do not own.",
-    no_args_is_help=True,
-    epilog=EXIT_CODES,
-)
-app.command("audit", epilog=EXIT_CODES)(audit.command)
-app.command("simulate", epilog=EXIT_CODES)(simulate.command)
-app.command("verify", epilog=EXIT_CODES)(verify.command)
-app.command("snapshot", epilog=EXIT_CODES)(snapshot.command)
-app.command("schema", epilog=EXIT_CODES)(schema.command)
-app.command("quarantine", epilog=EXIT_CODES)(enforce.quarantine)
-app.command("unquarantine", epilog=EXIT_CODES)(enforce.unquarantine)
-app.command("assign", epilog=EXIT_CODES)(enforce.assign)
-app.command("release", epilog=EXIT_CODES)(enforce.release)
-app.command("recover", epilog=EXIT_CODES)(enforce.recover)
-app.command("journal", epilog=EXIT_CODES)(enforce.journal)
-app.add_typer(policy.app, name="policy")
-app.add_typer(guard.app, name="guard")
+# Each command's module and function. Only the command that runs is imported (the audit
+# of a host must not pay for the verifier's imports); `pciguard --help` imports them all.
+COMMANDS = {
+    "audit": ("audit", "command"),
+    "simulate": ("simulate", "command"),
+    "verify": ("verify", "command"),
+    "snapshot": ("snapshot", "command"),
+    "schema": ("schema", "command"),
+    "quarantine": ("enforce", "quarantine"),
+    "unquarantine": ("enforce", "unquarantine"),
+    "assign": ("enforce", "assign"),
+    "release": ("enforce", "release"),
+    "recover": ("enforce", "recover"),
+    "journal": ("enforce", "journal"),
+}
+GROUPS = ("policy", "guard")  # commands with subcommands: each module's Typer app
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The command line, with every command or only the one named."""
+    app = typer_app(
+        name="pciguard",
+        help="Keep PCI devices given to virtual machines away from memory and interrupts they do not own.",
+        no_args_is_help=True,
+        epilog=EXIT_CODES,
+    )
+    app.callback()(_root)
+    for name, (module, function) in COMMANDS.items():
+        if only in (None, name):
+            app.command(name, epilog=EXIT_CODES)(getattr(import_module(f"pciguard.cli.{module}"), function))
+    for name in GROUPS:
+        if only in (None, name):
+            app.add_typer(import_module(f"pciguard.cli.{name}").app, name=name)
+    return app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """``app``, the whole command line, built when first asked for (tests, --help)."""
+    if name != "app":
+        raise AttributeError(name)
+    built = globals()["app"] = build_app()
+    return built
 
 
 def _version(value: bool) -> None:
@@ -41,7 +64,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
@@ -50,12 +72,22 @@ def _root(
     """pciguard: audit, simulate and verify PCI device isolation."""
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command a command line runs: None (build them all) for --help, a typo or
+    nothing at all; "" (none) for --version."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None and "--version" in argv and "--help" not in argv:
+        return ""
+    return first if first in COMMANDS or first in GROUPS else None
+
+
 def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so that every ``finally`` (the guard giving probing back,
     # the journal's lock) runs.
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        app()
+        run = globals().get("app") or build_app(_command_in(sys.argv[1:]))
+        run()
     except KeyboardInterrupt:
         sys.stderr.write("pciguard: interrupted\n")
         raise SystemExit(130) from None

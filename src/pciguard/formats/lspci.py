@@ -29,7 +29,7 @@ from pciguard.model import (
     Topology,
 )
 from pciguard.model.kernel import InputProblem, KernelFacts, Unreadable, printable
-from pciguard.model.pci import ancestors
+from pciguard.model.pci import UNKNOWN_IDS, ancestors
 from pciguard.platforms.linux.config import (
     CAP_PM,
     CONVENTIONAL_SIZE,
@@ -89,7 +89,7 @@ class _Entry:
     bdf: Bdf
     line: int
     class_code: int = 0
-    ids: str = "0000:0000"
+    ids: str = UNKNOWN_IDS
     name: str = ""
     bridge: bool = False
     secondary: int | None = None
@@ -147,7 +147,7 @@ def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
                 source, "no 'IOMMU group' lines (old pciutils, or no IOMMU)", "the kernel's IOMMU groups"
             )
         )
-    if all(e.ids == "0000:0000" for e in entries):
+    if all(e.ids == UNKNOWN_IDS for e in entries):
         unreadable.append(Unreadable(source, "lspci was run without -nn", "vendor and device IDs"))
     host = Host(Path(source).name, topology=topology, arch=_arch(entries), iommus=units, kernel_groups=groups)
     # A function without a PCI Express capability (a host bridge, conventional PCI) is
@@ -338,7 +338,7 @@ def _from_config(e: _Entry, cfg: ConfigSpace, problems: list[InputProblem], sour
     text from, so they win where they reach (the header always; capabilities with -xxx;
     ACS, ATS and SR-IOV, which live in extended space, with -xxxx)."""
     problems.extend(InputProblem(f"{source}:{e.line}", f"config space of {e.bdf}: {p}") for p in cfg.problems)
-    if e.ids == "0000:0000" and cfg.vendor != 0xFFFF:  # VFs read all ones; lspci -nn has the truth
+    if e.ids == UNKNOWN_IDS and cfg.vendor != 0xFFFF:  # VFs read all ones; lspci -nn has the truth
         e.ids = f"{cfg.vendor:04x}:{cfg.device:04x}"
     e.class_code = cfg.class_code
     e.bridge = cfg.is_bridge_header

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntFlag, StrEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from pciguard.errors import TopologyError
 
@@ -16,6 +16,15 @@ _BDF_RE = re.compile(
 
 
 _ADDRESSES: dict[int, Bdf] = {}
+
+
+UNKNOWN_IDS = "0000:0000"  # a function's vendor:device when nothing showed them
+
+
+@lru_cache(maxsize=1 << 16)
+def _bdf_text(value: int) -> str:
+    """Reports write each address many times over; formatting it once is enough."""
+    return f"{value >> 16:04x}:{value >> 8 & 0xFF:02x}:{value >> 3 & 0x1F:02x}.{value & 7}"
 
 
 class Bdf(int):
@@ -95,8 +104,7 @@ class Bdf(int):
         return (self.segment, self.bus, self.device)
 
     def __str__(self) -> str:
-        value = int(self)
-        return f"{value >> 16:04x}:{value >> 8 & 0xFF:02x}:{value >> 3 & 0x1F:02x}.{value & 7}"
+        return _bdf_text(int(self))
 
 
 class Kind(StrEnum):
@@ -215,7 +223,7 @@ class Function:
     kind: Kind
     parent: Bdf | None = None  # the port or bridge above; None on a root bus
     name: str = ""
-    ids: str = "0000:0000"  # vendor:device
+    ids: str = UNKNOWN_IDS  # vendor:device
     class_code: int = 0
     driver: str | None = None  # host driver bound now
     acs: AcsCapability | None = None
