@@ -1,18 +1,18 @@
 """The audit report: host findings and a verdict per IOMMU group. Pure.
 
-The pydantic models below *are* the JSON schema of ``pciguard audit --json``
-(``docs/json-schema.md`` is generated from them; ``schema_version`` changes when a
-field changes meaning).
+The dataclasses below *are* the JSON schema of ``pciguard audit --json``
+(``docs/schemas/audit.schema.json`` is generated from them through pydantic, which only
+JSON output, input and the schema load: the table of a large host should not pay for
+it; ``schema_version`` changes when a field changes meaning).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final, Literal
-
-from pydantic import BaseModel
+from functools import cache
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pciguard.checks import (
     CONTRADICTED_GROUP,
@@ -54,13 +54,15 @@ class Verdict(StrEnum):
     BRIDGES_ONLY = "bridges-only"  # infrastructure; stays with the host
 
 
-class Finding(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class Finding:
     code: str
     severity: Severity
     message: str
 
 
-class ReasonEntry(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class ReasonEntry:
     code: str
     message: str
 
@@ -68,7 +70,8 @@ class ReasonEntry(BaseModel):
 BRIDGE_KINDS = frozenset(k.value for k in Kind if k.is_bridge)  # DeviceEntry.kind of ports and bridges
 
 
-class DeviceEntry(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class DeviceEntry:
     bdf: str
     name: str
     ids: str
@@ -84,7 +87,8 @@ class DeviceEntry(BaseModel):
     reasons: list[ReasonEntry]
 
 
-class GroupEntry(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class GroupEntry:
     number: int | None  # None: the devices no IOMMU group holds
     domain: str | None  # the kernel's default domain type (DMA, DMA-FQ, identity, ...)
     verdict: Verdict
@@ -97,25 +101,29 @@ class GroupEntry(BaseModel):
     planned: bool = False
 
 
-class Limitation(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class Limitation:
     path: str
     why: str
     hides: str
 
 
-class InputProblemEntry(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class InputProblemEntry:
     path: str
     message: str
 
 
-class IommuEntry(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class IommuEntry:
     name: str
     dma_remapping: str  # enabled, disabled, absent, unknown
     interrupt_remapping: str
     msi_controller: str | None  # ARM: the MSI controller behind the SMMU
 
 
-class FirmwareEntry(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class FirmwareEntry:
     """What the firmware's IOMMU table says, as read on a real host."""
 
     table: str | None  # DMAR or IVRS; None: there is none, or it could not be read
@@ -124,22 +132,48 @@ class FirmwareEntry(BaseModel):
     preboot_dma_protection: bool | None  # None: could not tell
 
 
-class AuditReport(BaseModel):
+@dataclass(kw_only=True, slots=True)
+class AuditReport:
     schema_version: Literal[3] = SCHEMA_VERSION
     host: str
     arch: str
     source: str
     findings: list[Finding]
-    iommus: list[IommuEntry] = []  # the remapping units in use, with what each does
+    iommus: list[IommuEntry] = field(default_factory=list)  # the remapping units in use, with what each does
     firmware: FirmwareEntry | None = None  # None: not audited from a real host
     unsafe_overrides: list[str]
     groups: list[GroupEntry]
-    limitations: list[Limitation] = []  # what could not be read, and what that hides
-    input_problems: list[InputProblemEntry] = []  # malformed input the audit worked around
+    limitations: list[Limitation] = field(default_factory=list)  # what could not be read, and what that hides
+    input_problems: list[InputProblemEntry] = field(
+        default_factory=list
+    )  # malformed input the audit worked around
 
     @property
     def critical(self) -> bool:
         return any(f.severity is Severity.CRITICAL for f in self.findings)
+
+
+@cache
+def _adapter() -> Any:
+    from pydantic import TypeAdapter  # only JSON in or out, and the schema, need it
+
+    return TypeAdapter(AuditReport)
+
+
+def report_json(report: AuditReport) -> str:
+    return str(_adapter().dump_json(report, indent=2).decode())
+
+
+def load_report(text: str | bytes) -> AuditReport:
+    """A report as ``pciguard audit --json`` prints it, checked against its schema
+    (pydantic's ValidationError names what does not fit)."""
+    report: AuditReport = _adapter().validate_json(text)
+    return report
+
+
+def report_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = _adapter().json_schema()
+    return schema
 
 
 # What each reason is, in a few words, for the default table and the drawing (the
@@ -270,9 +304,7 @@ def host_findings(host: Host, options: Options) -> list[Finding]:
 def _device_entry(host: Host, bdf: Bdf, holder: Holder, reasons: list[Reason]) -> DeviceEntry:
     fn = host.topology.functions[bdf]
     unit = host.iommu_of(bdf)
-    # model_construct: the values are ours and already typed; validating 10,000 entries
-    # would cost a noticeable part of an audit of a large host.
-    return DeviceEntry.model_construct(
+    return DeviceEntry(
         bdf=str(bdf),
         name=fn.name,
         ids=fn.ids,
@@ -285,7 +317,7 @@ def _device_entry(host: Host, bdf: Bdf, holder: Holder, reasons: list[Reason]) -
         external=host.topology.is_behind_external_port(bdf),
         iommu=unit.name if unit else None,
         requester_ids=[str(r) for r in sorted(host.requester_ids(bdf))],
-        reasons=[ReasonEntry.model_construct(code=r.code, message=r.message) for r in reasons],
+        reasons=[ReasonEntry(code=r.code, message=r.message) for r in reasons],
     )
 
 
@@ -441,15 +473,13 @@ def _group_entry(
         verdict = Verdict.READY_AFTER_QUARANTINE
     else:
         verdict = Verdict.READY
-    return GroupEntry.model_construct(
+    return GroupEntry(
         number=None if ungrouped else group.number,
         domain=group.domain.value if group.domain else None,
         verdict=verdict,
         members=[_device_entry(host, b, holders[b], per_device[b]) for b in present],  # type: ignore[arg-type]
         must_quarantine=to_quarantine if verdict is not Verdict.NOT_ASSIGNABLE else [],
-        reasons=[
-            ReasonEntry.model_construct(code=r.code, message=r.message) for r in dict.fromkeys(blockers)
-        ],
+        reasons=[ReasonEntry(code=r.code, message=r.message) for r in dict.fromkeys(blockers)],
         notes=_ungrouped_notes(host, group) if ungrouped else group_notes(host, group, facts),
         planned=planned,
     )
@@ -462,7 +492,7 @@ def _ungrouped_notes(host: Host, group: IommuGroup) -> list[ReasonEntry]:
         if fn.root_complex_part:
             what = "the IOMMU itself" if fn.class_code >> 8 == 0x0806 else "a host bridge"
             notes.append(
-                ReasonEntry.model_construct(
+                ReasonEntry(
                     code="root-complex",
                     message=f"{b} is part of the root complex ({what}): the kernel put it in no IOMMU "
                     "group; it stays with the host",

@@ -23,7 +23,7 @@ from pciguard.errors import InputError
 from pciguard.platforms.linux import read_host
 from pciguard.platforms.linux import snapshot as snapshot_module
 from pciguard.platforms.linux.snapshot import load_snapshot, read_snapshot, take_snapshot
-from pciguard.report import Verdict
+from pciguard.report import Verdict, report_json
 
 GPU = "0000:01:00.0"
 
@@ -56,7 +56,7 @@ def _judge(root: Path) -> str:
     with deadline(20):
         reading = read_host(str(root))
         report = audit_reading(reading)
-        report.model_dump_json()  # and the report can be written out
+        report_json(report)  # and the report can be written out
     said = [str(p) for p in (*reading.facts.problems, *reading.facts.unreadable)]
     gpu = next((b for b in reading.host.topology if str(b) == GPU), None)
     return json.dumps(

@@ -28,6 +28,7 @@ from pciguard.report import (
     audit_host,
     first_clause,
     linux_holder,
+    report_json,
 )
 
 VERDICT_STYLE = {
@@ -131,7 +132,7 @@ def command(
             write_svg(report, svg)
             err.print(f"drew the topology to {svg}")  # stderr: the report (JSON too) stays whole
     if json_output:
-        emit_json(report.model_dump_json(indent=2))
+        emit_json(report_json(report))
     else:
         render(report, show_all, verbose)
     if report.critical:

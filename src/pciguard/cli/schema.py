@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import StrEnum
+from typing import Any
 
 import typer
-from pydantic import BaseModel
 
 from pciguard.cli.common import out
 
@@ -20,14 +21,14 @@ class Document(StrEnum):
 def schema_text(document: Document) -> str:
     from pciguard.formats.platform_file import PlatformFile
     from pciguard.formats.scenario_file import ScenarioFile
-    from pciguard.report import AuditReport
+    from pciguard.report import report_schema
 
-    models: dict[Document, type[BaseModel]] = {
-        Document.AUDIT: AuditReport,
-        Document.PLATFORM: PlatformFile,
-        Document.SCENARIO: ScenarioFile,
+    schemas: dict[Document, Callable[[], dict[str, Any]]] = {
+        Document.AUDIT: report_schema,
+        Document.PLATFORM: PlatformFile.model_json_schema,
+        Document.SCENARIO: ScenarioFile.model_json_schema,
     }
-    return json.dumps(models[document].model_json_schema(), indent=2, sort_keys=True) + "\n"
+    return json.dumps(schemas[document](), indent=2, sort_keys=True) + "\n"
 
 
 def command(
