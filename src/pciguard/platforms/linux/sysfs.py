@@ -118,6 +118,7 @@ class NotSafeToRead(OSError):
 LARGEST_ATTRIBUTE = 64 << 10
 STANDARD_BARS = 6  # the first lines of a function's ``resource`` file
 IORESOURCE_MEM = 0x200  # include/linux/ioport.h
+_UNASSIGNED_RESOURCE = " ".join(["0x0000000000000000"] * 3)  # a `resource` line for an unused BAR
 _CHUNK = 64 << 10
 # O_NONBLOCK: a FIFO must not hold the reader at open (it is refused after).
 _READ = os.O_RDONLY | os.O_NONBLOCK
@@ -795,6 +796,8 @@ class _Reader:
             return ()
         bars = []
         for number, line in enumerate(text.splitlines()[:STANDARD_BARS]):
+            if line == _UNASSIGNED_RESOURCE:  # most of them: said at once
+                continue
             try:
                 start, end, flags = (int(word, 16) for word in line.split())
             except ValueError:
