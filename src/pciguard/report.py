@@ -523,7 +523,9 @@ def group_notes(host: Host, group: IommuGroup, facts: KernelFacts | None) -> lis
             if f.bdf in quirked or acs_enabled(topo, f):
                 continue
             if f.kind is Kind.PCIE_TO_PCI_BRIDGE:
-                leaky[str(f.bdf)] = "a PCIe-to-PCI bridge: conventional PCI below it shares requester IDs"
+                leaky[str(f.bdf)] = (
+                    "a PCIe-to-PCI bridge, so the conventional PCI devices below it share requester IDs"
+                )
             elif f.kind in (Kind.ROOT_PORT, Kind.SWITCH_DOWNSTREAM):
                 leaky[str(f.bdf)] = (
                     f"a {f.kind.value} {without}: devices below it {reach} each other directly"

@@ -4,16 +4,17 @@ hiding anything."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from pathlib import Path
 
 import pytest
 
 from conftest import EXAMPLES
-from pciguard.formats.scenario_file import load_scenario, parse_scenario
+from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
 from pciguard.simulate import run as simulate
 from pciguard.verify.counterexample import dump, scenario_document
-from pciguard.verify.explorer import Explorer
+from pciguard.verify.explorer import Explorer, State
 
 VERIFY = EXAMPLES / "verify"
 LEGACY = sorted((VERIFY / "legacy").glob("*.yaml"))
@@ -44,12 +45,17 @@ def test_each_legacy_flaw_is_caught_and_its_trace_replays(path: Path, tmp_path: 
     counterexample_replays(path, tmp_path)
 
 
+REDUCTIONS = ("symmetry", "independence", "messages")
+# Every combination but all on (the test above): each reduction alone, each left out, none.
+COMBINATIONS = [c for c in itertools.product((False, True), repeat=len(REDUCTIONS)) if not all(c)]
+
+
 @pytest.mark.parametrize("path", LEGACY, ids=lambda p: p.stem)
-@pytest.mark.parametrize(("symmetry", "independence"), [(False, False), (True, False), (False, True)])
-def test_reductions_never_hide_a_violation(
-    path: Path, tmp_path: Path, symmetry: bool, independence: bool
-) -> None:
-    counterexample_replays(path, tmp_path, symmetry=symmetry, independence=independence)
+@pytest.mark.parametrize(
+    "on", COMBINATIONS, ids=lambda c: "+".join(n for n, o in zip(REDUCTIONS, c, strict=True) if o) or "none"
+)
+def test_reductions_never_hide_a_violation(path: Path, tmp_path: Path, on: tuple[bool, ...]) -> None:
+    counterexample_replays(path, tmp_path, **dict(zip(REDUCTIONS, on, strict=True)))
 
 
 def test_every_flaw_has_a_verify_scenario() -> None:
@@ -154,8 +160,9 @@ explore: {devices: [0000:01:00.0, 0000:02:00.0], operations: [make-assignable, a
 """
 
 
-def brute_force_count(explorer: Explorer) -> int:
-    """Every reachable state, compared whole (no fingerprints, no reductions)."""
+def brute_force_states(explorer: Explorer) -> set[State]:
+    """Every reachable state, compared whole (no fingerprints; the explorer's reductions
+    must all be off)."""
     seen = {explorer.initial}
     todo = deque([explorer.initial])
     while todo:
@@ -166,16 +173,47 @@ def brute_force_count(explorer: Explorer) -> int:
             if successor not in seen:
                 seen.add(successor)
                 todo.append(successor)
-    return len(seen)
+    return seen
+
+
+def unreduced(scenario: Scenario) -> Explorer:
+    return Explorer(scenario, symmetry=False, independence=False, messages=False)
 
 
 def test_state_count_matches_an_independent_brute_force_count() -> None:
     scenario = parse_scenario(TINY, "tiny.yaml", VERIFY)
-    result = Explorer(scenario, symmetry=False, independence=False).run()
+    result = unreduced(scenario).run()
     assert result.verdict == "pass"
-    expected = brute_force_count(Explorer(scenario, symmetry=False, independence=False))
+    expected = len(brute_force_states(unreduced(scenario)))
     assert result.stats.states == expected
     assert expected > 100  # the tiny scenario is not trivial
+
+
+def test_the_messages_reduction_merges_exactly_the_states_that_differ_in_a_failures_words() -> None:
+    """Counted apart: the unreduced states, with each operation in flight told only
+    whether it failed and how many of its steps stuck."""
+    scenario = parse_scenario(TINY, "tiny.yaml", VERIFY)
+
+    def without_words(state: State) -> tuple[object, ...]:
+        cursors = frozenset(
+            (c.plan, c.phase, c.steps, c.index, c.undo, c.failure is None, len(c.stuck))
+            for c in state.in_flight
+        )
+        return (state.platform, state.ledger, cursors, state.faults)
+
+    states = brute_force_states(unreduced(scenario))
+    merged = Explorer(scenario, symmetry=False, independence=False, messages=True).run()
+    assert merged.verdict == "pass"
+    assert merged.stats.states == len({without_words(s) for s in states}) < len(states)
+
+
+@pytest.mark.parametrize("path", REFERENCE, ids=lambda p: p.stem)
+def test_each_reduction_keeps_the_verdict_of_the_reference_suite(path: Path) -> None:
+    scenario = load_scenario(path)
+    every = Explorer(scenario).run().verdict
+    assert every == "pass"
+    for reduction in REDUCTIONS:
+        assert Explorer(scenario, **{reduction: False}).run().verdict == every, reduction
 
 
 def test_limits_stop_the_search() -> None:

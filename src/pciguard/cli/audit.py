@@ -276,7 +276,11 @@ def _why(g: GroupEntry, verbose: bool, host_wide: set[str], short: Callable[[str
         lines = [f"- {r.message}" for r in g.reasons] if verbose else _short_reasons(g, host_wide, short)
     elif g.must_quarantine:
         lines = ["quarantine together: " + ", ".join(map(short, g.must_quarantine))]
-    lines += [f"note: {n.message if verbose else short(first_clause(n.message))}" for n in g.notes]
+    # A missing-ACS note's first clause says it all ("00:14 is a multi-function device
+    # without ACS"); other notes need their whole sentence.
+    for n in g.notes:
+        said = n.message if verbose else short(first_clause(n.message) if n.code == "no-acs" else n.message)
+        lines.append(f"note: {said}")
     return "\n".join(lines)
 
 

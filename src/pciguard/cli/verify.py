@@ -31,6 +31,11 @@ def command(
         "--independence/--no-independence",
         help="Advance only one of several operations that touch disjoint devices and VMs.",
     ),
+    messages: bool = typer.Option(
+        True,
+        "--messages/--no-messages",
+        help="Merge states whose operations in flight differ only in the words of a failure.",
+    ),
     max_states: int | None = typer.Option(
         None, "--max-states", min=1, help="Stop after this many states.", metavar="N"
     ),
@@ -55,7 +60,12 @@ def command(
         if loaded.explore is None:
             raise typer.BadParameter(f"{scenario} has no 'explore' section", param_hint="SCENARIO")
     explorer = Explorer(
-        loaded, symmetry=symmetry, independence=independence, max_states=max_states, time_limit=time_limit
+        loaded,
+        symmetry=symmetry,
+        independence=independence,
+        messages=messages,
+        max_states=max_states,
+        time_limit=time_limit,
     )
     live = Live(Text(""), console=err, transient=True, refresh_per_second=4)
     if err.is_terminal and not json_output:
@@ -73,7 +83,7 @@ def command(
     if json_output:
         emit_json(json.dumps(_as_json(result, written), indent=2))
     else:
-        _render(result, written, symmetry, independence)
+        _render(result, written, {"symmetry": symmetry, "independence": independence, "messages": messages})
     raise typer.Exit(_exit_code(result, loaded.expect_violations))
 
 
@@ -125,9 +135,9 @@ def _as_json(result: Result, written: Path | None) -> dict[str, object]:
     }
 
 
-def _render(result: Result, written: Path | None, symmetry: bool, independence: bool) -> None:
+def _render(result: Result, written: Path | None, reductions_on: dict[str, bool]) -> None:
     stats = result.stats
-    reductions = ", ".join(n for n, on in (("symmetry", symmetry), ("independence", independence)) if on)
+    reductions = ", ".join(name for name, on in reductions_on.items() if on)
     out.print(
         f"{stats.states:,} distinct states, {stats.transitions:,} transitions, depth "
         f"{stats.depth}, {stats.seconds:.2f} s ({stats.states_per_second:,.0f} states/s), "

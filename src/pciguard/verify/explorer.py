@@ -18,7 +18,12 @@ Reductions, each switchable:
   a state that mixes the progress of disjoint operations breaks nothing that the same
   progress of each alone would not. An operation therefore starts while others are in
   flight only if it overlaps one of them, and of several mutually disjoint operations
-  in flight only the first is advanced.
+  in flight only the first is advanced;
+- **messages**: an operation in flight carries the words of its first failure (and of
+  FORWARD steps that failed after it), which the toolstack only writes into the outcome
+  the search drops; what steers it is whether there was a failure and how many steps
+  stuck. Those words are left out of the state, so two states that differ only there
+  are one.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pciguard.toolstack import Cursor, LedgerSnapshot, Plan, Step
 from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
+FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
 
 Renaming = dict[Any, Any]
 
@@ -125,6 +131,7 @@ class Explorer:
         *,
         symmetry: bool = True,
         independence: bool = True,
+        messages: bool = True,
         max_states: int | None = None,
         time_limit: float | None = None,
         on_progress: Callable[[Stats], None] | None = None,
@@ -132,6 +139,7 @@ class Explorer:
         self.scenario = scenario
         self.explore = scenario.explore or Exploration(devices=(), operations=())
         self.independence = independence
+        self.messages = messages
         self.max_states = max_states
         self.time_limit = time_limit
         self.on_progress = on_progress
@@ -144,7 +152,7 @@ class Explorer:
         self.initial = State(
             self.platform.snapshot(),
             self.toolstack.snapshot(self.tracked),
-            frozenset(replay.in_flight.values()),
+            frozenset(self._kept(c) for c in replay.in_flight.values()),
             self.explore.faults,
         )
         self.vms = tuple(name for name, _ in scenario.vms)
@@ -207,7 +215,15 @@ class Explorer:
         intern = self._interned.setdefault
         sim = SimSnapshot._make(intern(part, part) for part in self.platform.snapshot())
         ledger = self.toolstack.snapshot(self.tracked)
-        return State(sim, intern(ledger, ledger), frozenset(cursors), faults)
+        return State(sim, intern(ledger, ledger), frozenset(self._kept(c) for c in cursors), faults)
+
+    def _kept(self, cursor: Cursor) -> Cursor:
+        """The operation in flight as the state keeps it (the messages reduction: a
+        failure's words replaced by one word, see the module docstring)."""
+        if not self.messages or (cursor.failure is None and not cursor.stuck):
+            return cursor
+        failure = None if cursor.failure is None else FAILED
+        return replace(cursor, failure=failure, stuck=(FAILED,) * len(cursor.stuck))
 
     # -- transitions -----------------------------------------------------------
     def actions(self, state: State) -> list[Action]:
