@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Verifier figures: distinct states, transitions, states per second, peak memory and
-time to verdict on the reference suite (every reduction on), the symmetry reduction
-on the symmetric scenario, and time to catch each legacy flaw.
+"""Verifier figures: time to verdict, distinct states, transitions, CPU seconds and
+peak memory on the reference suite (every reduction on), each reduction on and off,
+the symmetry reduction on the symmetric scenario, the large scenarios, and each legacy
+flaw's time to its counterexample. Targets (this 2-core machine, idle): ref-workstation
+in at most 2 s, the suite in at most 4 s, examples/verify/large/aliases.yaml in at most
+20 s.
 
-Each run is its own `pciguard verify --json` process, so peak memory is its own.
+Each run is its own `pciguard verify --json` process, so its memory and CPU are its own.
 Usage: python3 bench/verify.py [--quick] [--large] [--breakdown]
   --quick skips the per-reduction comparison; --large adds examples/verify/large/;
   --breakdown also shows where a transition's time goes (the workstation scenario
@@ -13,17 +16,23 @@ Usage: python3 bench/verify.py [--quick] [--large] [--breakdown]
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VERIFY = ROOT / "examples" / "verify"
-TARGET_STATES_PER_SECOND = 50_000
+TARGETS = {"ref-workstation": 2.0, "suite": 4.0, "aliases": 20.0}  # seconds to a verdict
 TARGET_SYMMETRY_RATIO = 10
+REDUCTIONS = ("symmetry", "independence", "messages")
 
 
 def verify(path: Path, *flags: str) -> dict[str, object]:
+    """One run: its JSON verdict, with the wall and CPU time of the whole process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
     done = subprocess.run(
         [
             sys.executable,
@@ -41,65 +50,78 @@ def verify(path: Path, *flags: str) -> dict[str, object]:
         check=False,
         cwd=ROOT,
     )
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode not in (0, 1):
         raise SystemExit(f"{path.name}: exit {done.returncode}\n{done.stderr}")
-    return json.loads(done.stdout)
+    result: dict[str, object] = json.loads(done.stdout)
+    result["wall"] = wall
+    result["cpu"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result
+
+
+HEADER = (
+    f"{'scenario':<44} {'verdict':<10} {'to verdict':>10} {'states':>9} {'transitions':>11} "
+    f"{'CPU s':>7} {'MiB':>6}"
+)
 
 
 def row(name: str, r: dict[str, object]) -> str:
     return (
-        f"{name:<42} {r['verdict']:<10} {r['states']:>9,} {r['transitions']:>11,} "
-        f"{r['states_per_second']:>10,} {r['peak_rss_mib']:>8} {r['seconds']:>9}"
+        f"{name:<44} {r['verdict']:<10} {r['wall']:>9.2f}s {r['states']:>9,} {r['transitions']:>11,} "
+        f"{r['cpu']:>7.2f} {r['peak_rss_mib']:>6}"
     )
+
+
+def against(what: str, seconds: float) -> str:
+    target = TARGETS[what]
+    verdict = "met" if seconds <= target else "NOT met"
+    return f"{what}: {seconds:.1f} s to a verdict (target {target:g} s: {verdict})"
 
 
 def main() -> None:
-    header = (
-        f"{'scenario':<42} {'verdict':<10} {'states':>9} {'transitions':>11} "
-        f"{'states/s':>10} {'MiB':>8} {'seconds':>9}"
-    )
     print("Reference suite, every reduction on:")
-    print(header)
-    rates = []
+    print(HEADER)
+    suite = {}
     for path in sorted(VERIFY.glob("ref-*.yaml")):
-        r = verify(path)
-        rates.append((r["states"], r["seconds"]))
-        print(row(path.stem, r))
-    total_states = sum(s for s, _ in rates)
-    total_seconds = sum(t for _, t in rates)
-    rate = total_states / total_seconds
-    print(
-        f"suite: {total_states:,} states in {total_seconds:.1f} s = {rate:,.0f} states/s "
-        f"(target {TARGET_STATES_PER_SECOND:,}: {'met' if rate >= TARGET_STATES_PER_SECOND else 'NOT met'})"
-    )
+        suite[path.stem] = verify(path)
+        print(row(path.stem, suite[path.stem]))
+    total = sum(float(r["wall"]) for r in suite.values())  # type: ignore[arg-type]
+    states = sum(int(r["states"]) for r in suite.values())  # type: ignore[call-overload]
+    print(f"suite: {states:,} states; " + against("suite", total))
+    print(against("ref-workstation", float(suite["ref-workstation"]["wall"])))  # type: ignore[arg-type]
 
     print("\nSymmetry on the symmetric scenario:")
-    print(header)
+    print(HEADER)
     symmetric = VERIFY / "ref-symmetric.yaml"
-    with_symmetry = verify(symmetric)
-    without = verify(symmetric, "--no-symmetry")
+    with_symmetry, without = verify(symmetric), verify(symmetric, "--no-symmetry")
     print(row("ref-symmetric", with_symmetry))
     print(row("ref-symmetric --no-symmetry", without))
-    ratio = without["states"] / with_symmetry["states"]
+    ratio = int(without["states"]) / int(with_symmetry["states"])  # type: ignore[call-overload]
     print(
         f"symmetry: {ratio:.1f}x fewer states (target {TARGET_SYMMETRY_RATIO}x: "
         f"{'met' if ratio >= TARGET_SYMMETRY_RATIO else 'NOT met'})"
     )
     if "--quick" not in sys.argv:
-        print("\nEach reduction alone on the reference workstation scenario:")
-        print(header)
+        print("\nEach reduction left out, and all of them, on the reference workstation scenario:")
+        print(HEADER)
         workstation = VERIFY / "ref-workstation.yaml"
-        for flags in ([], ["--no-symmetry"], ["--no-independence"], ["--no-symmetry", "--no-independence"]):
+        print(row("ref-workstation (every reduction)", suite["ref-workstation"]))
+        for flags in ([f"--no-{r}"] for r in REDUCTIONS):
             print(row("ref-workstation " + " ".join(flags), verify(workstation, *flags)))
+        print(row("ref-workstation, none", verify(workstation, *(f"--no-{r}" for r in REDUCTIONS))))
 
     if "--large" in sys.argv:
         print("\nLarger scenarios (minutes):")
-        print(header)
+        print(HEADER)
         for path in sorted((VERIFY / "large").glob("*.yaml")):
-            print(row(path.stem, verify(path)))
+            large = verify(path)
+            print(row(path.stem, large))
+            if path.stem in TARGETS:
+                print(against(path.stem, float(large["wall"])))  # type: ignore[arg-type]
 
     print("\nLegacy flaws, time to the shortest counterexample:")
-    print(header)
+    print(HEADER)
     for path in sorted((VERIFY / "legacy").glob("*.yaml")):
         print(row(path.stem, verify(path)))
 
