@@ -138,22 +138,16 @@ def orbits(path: Path) -> None:
     """States without symmetry, each merged with its images under every renaming of
     interchangeable VMs (and devices): the exact count the reduction could reach."""
     import itertools
-    from collections import deque
 
     from pciguard.formats.scenario_file import load_scenario
     from pciguard.verify.explorer import Explorer, Symmetry, rename
 
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "verify")]  # the tests' brute force
+    from test_explorer import brute_force_states
+
     scenario = load_scenario(path)
     plain = Explorer(scenario, symmetry=False)
-    seen, todo = {plain.initial}, deque([plain.initial])
-    while todo:
-        state = todo.popleft()
-        plain.load(state)
-        for action in plain.actions(state):
-            successor, _ = plain.apply(state, action)
-            if successor not in seen:
-                seen.add(successor)
-                todo.append(successor)
+    seen = brute_force_states(plain)
     classes = Symmetry(scenario, plain.explore.devices)
     groups = [*classes.vm_classes, *classes.device_classes]
     renamings = [

@@ -161,8 +161,8 @@ explore: {devices: [0000:01:00.0, 0000:02:00.0], operations: [make-assignable, a
 
 
 def brute_force_states(explorer: Explorer) -> set[State]:
-    """Every reachable state, compared whole (no fingerprints; the explorer's reductions
-    must all be off)."""
+    """Every state the explorer's actions reach, compared whole: no fingerprints, and no
+    canonical renaming (whatever reductions the explorer applies to its actions)."""
     seen = {explorer.initial}
     todo = deque([explorer.initial])
     while todo:
