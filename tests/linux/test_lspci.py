@@ -334,3 +334,14 @@ def test_lspci_hex_dumps_are_decoded_as_config_space(spec: dict[str, Any]) -> No
     from_hex = parse_lspci(text_stripped_to_hex(dump), "hex")
     assert shown_by_lspci(from_hex.host) == shown_by_lspci(host)
     assert from_hex.facts.topology_complete
+
+
+def test_a_hex_dump_with_a_gap_is_named_once_and_not_used() -> None:
+    lines = PLAIN.splitlines()
+    header = "00: 86 80 3c a3 07 04 10 00 f0 00 04 06 10 00 81 00"
+    rest = [f"{at:02x}: " + " ".join(["00"] * 16) for at in range(0x20, 0x100, 0x10)]  # 10: is missing
+    gapped = "\n".join([*lines[:2], header, *rest, *lines[2:]])
+    reading = parse_lspci(gapped, "gap.txt")
+    (problem,) = [p for p in reading.facts.problems if "hex dump" in p.message]
+    assert problem.path == "gap.txt:4" and "skips to 0x20" in problem.message
+    assert reading.host.topology[bdf("0000:00:1c.4")].kind.is_bridge  # the text still holds

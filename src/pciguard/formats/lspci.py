@@ -107,6 +107,7 @@ class _Entry:
     access_denied: bool = False
     capabilities_seen: bool = False  # a capability line, "Status: Cap-", or the hex beyond the header
     config: bytearray = field(default_factory=bytearray)  # from -x/-xxx/-xxxx, when the dump has it
+    hex_broken: bool = False  # its hex dump skipped lines: none of it is used
 
 
 def parse_lspci(text: str, source: str = "<lspci>") -> Reading:
@@ -239,15 +240,17 @@ def _hex_line(
     entry: _Entry, line: re.Match[str], number: int, problems: list[InputProblem], source: str
 ) -> None:
     """One line of lspci's hex dump: the function's config space, 16 bytes at a time."""
+    if entry.hex_broken:
+        return
     at, data = int(line["at"], 16), bytes.fromhex(line["bytes"])
     if at != len(entry.config):
         problems.append(
             InputProblem(
-                f"{source}:{number}", f"hex dump of {entry.bdf} skips to {at:#x}; the rest is not used"
+                f"{source}:{number}", f"hex dump of {entry.bdf} skips to {at:#x}; its hex is not used"
             )
         )
         entry.config.clear()
-        entry.config.extend(b"\xff")  # never a whole header again: the hex is not used
+        entry.hex_broken = True
         return
     entry.config.extend(data)
 
