@@ -55,8 +55,8 @@ _VENDOR_SPELLINGS = re.compile(
 
 
 def short_name(name: str) -> str:
-    """ "Advanced Micro Devices, Inc. [AMD/ATI] Navi 14" -> "AMD/ATI Navi 14",
-    "Intel Corporation Comet Lake ..." -> "Intel Comet Lake ..."."""
+    """A name as people say it: AMD's bracketed short name for "Advanced Micro Devices,
+    Inc. [AMD/ATI]", and no "Corporation", "Inc." or "Co., Ltd." after a vendor."""
     return _VENDOR_SPELLINGS.sub(lambda m: m["short"] or "", name)
 
 

@@ -143,10 +143,9 @@ class AuditReport:
     firmware: FirmwareEntry | None = None  # None: not audited from a real host
     unsafe_overrides: list[str]
     groups: list[GroupEntry]
-    limitations: list[Limitation] = field(default_factory=list)  # what could not be read, and what that hides
-    input_problems: list[InputProblemEntry] = field(
-        default_factory=list
-    )  # malformed input the audit worked around
+    # What could not be read and what that hides; malformed input the audit worked around.
+    limitations: list[Limitation] = field(default_factory=list)
+    input_problems: list[InputProblemEntry] = field(default_factory=list)
 
     @property
     def critical(self) -> bool:
@@ -190,7 +189,7 @@ REASON_LABELS = {
 
 
 def first_clause(message: str) -> str:
-    """ "X has no reset method: a guest's state would survive it" -> "X has no reset method"."""
+    """The words before the first ": " or "; " (a reason's what, without its why)."""
     cut = min((i for i in (message.find(": "), message.find("; ")) if i > 0), default=len(message))
     return message[:cut]
 
