@@ -115,10 +115,21 @@ def _handled(line: bytes) -> None:
     assert isinstance(answer, dict) and isinstance(answer.get("ok"), bool)
 
 
+def _lspci_hex(config: bytes) -> bytes:
+    """One function's entry as `lspci -xxxx` prints it: 16 bytes a line after their offset."""
+    lines = [
+        f"{at:02x}: " + " ".join(f"{b:02x}" for b in config[at : at + 16]) for at in range(0, len(config), 16)
+    ]
+    return "\n".join(
+        ["00:1c.0 PCI bridge [0604]: Intel Corporation Root Port [8086:a33c]", *lines, ""]
+    ).encode()
+
+
 def targets() -> list[Target]:
     platform_seeds = _seed_files("*.yaml")
     scenario_seeds = _seed_files("scenarios/*.yaml")
     lspci_seeds = [p.read_bytes() for p in sorted((TESTS / "corpus" / "lspci").glob("*.txt"))]
+    lspci_seeds += [_lspci_hex(config) for config in _config_seeds()]  # -xxxx: read as config space
     policy_seeds = [p.read_bytes() for p in sorted((TESTS / "corpus" / "policy" / "good").glob("*.rules"))]
     requests = [b'{"op": "list"}', b'{"op": "reject", "device": "0000:03:00.0"}', b'{"op": "watch"}']
     return [

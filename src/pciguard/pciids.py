@@ -7,7 +7,7 @@ database the report shows vendor:device IDs only.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,32 +17,41 @@ from pciguard.model.pci import UNKNOWN_IDS
 DATABASES = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"), Path("/usr/share/pci.ids"))
 
 
+def _devices(databases: Iterable[Path]) -> Iterator[tuple[str, str, str, str]]:
+    """(vendor ID, vendor name, device ID, device name) of each device the first database
+    found lists, in its order (vendors by ID)."""
+    path = next((p for p in databases if p.is_file()), None)
+    if path is None:
+        return
+    vendor_id, vendor_name = "", ""
+    with path.open(encoding="utf-8", errors="replace") as db:
+        for line in db:
+            if line.startswith("C "):
+                return  # the class list follows the vendors
+            if not line.strip() or line.startswith("#"):
+                continue
+            if not line.startswith("\t"):
+                vendor_id, _, vendor_name = line.rstrip().partition("  ")
+            elif not line.startswith("\t\t"):
+                device_id, _, device_name = line.strip().partition("  ")
+                yield vendor_id, vendor_name, device_id, device_name
+
+
 def lookup(ids: Iterable[str], databases: Iterable[Path] = DATABASES) -> dict[str, str]:
     """``vendor:device`` -> "Vendor Device", for the IDs the database knows."""
     wanted: dict[str, set[str]] = {}
     for pair in ids:
         vendor, _, device = pair.partition(":")
         wanted.setdefault(vendor, set()).add(device)
-    path = next((p for p in databases if p.is_file()), None)
-    if path is None or not wanted:
+    if not wanted:
         return {}
     names: dict[str, str] = {}
-    vendor_id, vendor_name = "", ""
     last_vendor = max(wanted)  # the database lists vendors in order: stop after the last one
-    with path.open(encoding="utf-8", errors="replace") as db:
-        for line in db:
-            if line.startswith("C "):
-                break  # the class list follows the vendors
-            if not line.strip() or line.startswith("#"):
-                continue
-            if not line.startswith("\t"):
-                vendor_id, _, vendor_name = line.rstrip().partition("  ")
-                if vendor_id > last_vendor:
-                    break
-            elif not line.startswith("\t\t") and vendor_id in wanted:
-                device_id, _, device_name = line.strip().partition("  ")
-                if device_id in wanted[vendor_id]:
-                    names[f"{vendor_id}:{device_id}"] = f"{short_name(vendor_name)} {device_name}"
+    for vendor_id, vendor_name, device_id, device_name in _devices(databases):
+        if vendor_id > last_vendor:
+            break
+        if device_id in wanted.get(vendor_id, ()):
+            names[f"{vendor_id}:{device_id}"] = f"{short_name(vendor_name)} {device_name}"
     return names
 
 
@@ -64,24 +73,13 @@ def ids_by_name(names: Iterable[str], databases: Iterable[Path] = DATABASES) -> 
     """lspci's "Vendor Device" name -> ``vendor:device``, for names the database gives
     to one device only (a dump taken without -nn names devices but shows no IDs)."""
     wanted = set(names)
-    path = next((p for p in databases if p.is_file()), None)
-    if path is None or not wanted:
+    if not wanted:
         return {}
     found: dict[str, set[str]] = {}
-    vendor_id, vendor_name = "", ""
-    with path.open(encoding="utf-8", errors="replace") as db:
-        for line in db:
-            if line.startswith("C "):
-                break
-            if not line.strip() or line.startswith("#"):
-                continue
-            if not line.startswith("\t"):
-                vendor_id, _, vendor_name = line.rstrip().partition("  ")
-            elif not line.startswith("\t\t"):
-                device_id, _, device_name = line.strip().partition("  ")
-                name = f"{vendor_name} {device_name}"
-                if name in wanted:
-                    found.setdefault(name, set()).add(f"{vendor_id}:{device_id}")
+    for vendor_id, vendor_name, device_id, device_name in _devices(databases):
+        name = f"{vendor_name} {device_name}"
+        if name in wanted:
+            found.setdefault(name, set()).add(f"{vendor_id}:{device_id}")
     return {name: next(iter(ids)) for name, ids in found.items() if len(ids) == 1}
 
 

@@ -134,6 +134,12 @@ def test_bad_dumps_name_the_line(text: str, message: str, line: int) -> None:
             "not a device line",
             1,
         ),
+        (  # lspci -v: the group number at the end of the Flags line
+            "00:02.0 VGA compatible controller [0300]: Intel [8086:3e92]\n"
+            "\tFlags: bus master, fast devsel, latency 0, IOMMU group 9999999999\n",
+            "names no group",
+            2,
+        ),
     ],
 )
 def test_malformed_dumps_name_the_line(text: str, message: str, line: int) -> None:

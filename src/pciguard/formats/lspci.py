@@ -31,12 +31,11 @@ from pciguard.model import (
 from pciguard.model.kernel import InputProblem, KernelFacts, Unreadable, printable
 from pciguard.model.pci import UNKNOWN_IDS, ancestors
 from pciguard.platforms.linux.config import (
-    CAP_PM,
     CONVENTIONAL_SIZE,
     HEADER_SIZE,
-    PORT_KINDS,
     ConfigSpace,
     parse_config,
+    reset_methods_from_config,
 )
 from pciguard.platforms.linux.sysfs import Reading
 
@@ -350,9 +349,10 @@ def _from_config(e: _Entry, cfg: ConfigSpace, problems: list[InputProblem], sour
         return
     e.capabilities_seen = True
     e.access_denied = False
-    e.kind = PORT_KINDS.get(cfg.port_type, Kind.ENDPOINT) if cfg.port_type is not None else None
-    e.flr = cfg.flr or cfg.af_flr
-    e.pm_reset = cfg.pm_reset and CAP_PM in cfg.capabilities
+    e.kind = cfg.kind() if cfg.port_type is not None else None  # else placed as the text's are
+    methods = reset_methods_from_config(cfg, on_root_bus=True, alone_on_bus=False)  # bus resets: below
+    e.flr = "flr" in methods or "af_flr" in methods
+    e.pm_reset = "pm" in methods
     e.phantom_supported, e.phantom_enabled = cfg.phantom_functions, bool(cfg.phantom_functions)
     if cfg.size > CONVENTIONAL_SIZE:
         e.acs_cap, e.acs_ctl = (cfg.acs.capability, cfg.acs.control) if cfg.acs else (None, None)
