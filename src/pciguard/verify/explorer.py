@@ -18,7 +18,10 @@ Reductions, each switchable:
   a state that mixes the progress of disjoint operations breaks nothing that the same
   progress of each alone would not. An operation therefore starts while others are in
   flight only if it overlaps one of them, and of several mutually disjoint operations
-  in flight only the first is advanced;
+  in flight only the first is advanced. A VM's crash counts as an operation of one
+  step whose footprint is the VM and the devices pointing at it: it is not interleaved
+  with the steps of operations it cannot affect (each state it would reach is also
+  reached by crashing first, so this saves transitions, not states);
 - **messages**: an operation in flight carries the words of its first failure (and of
   FORWARD steps that failed after it), which the toolstack only writes into the outcome
   the search drops; what steers it is whether there was a failure and how many steps
@@ -161,6 +164,7 @@ class Explorer:
         self._interned: dict[Any, Any] = {}
         self._checked: dict[tuple[Any, Any], list[Violation]] = {}
         self._startable: dict[tuple[Any, Any], list[tuple[str, Bdf | None, str | None, Plan]]] = {}
+        self._crash_footprints: dict[tuple[Any, ...], frozenset[Any]] = {}
         self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
 
@@ -251,7 +255,11 @@ class Explorer:
                 out.append(Action("fail", key=key))
         domains = self.platform.domains()
         if "crash" in ops:
-            out += [Action("crash", vm=v) for v in self.vms if domains[v].state is DomainState.RUNNING]
+            out += [
+                Action("crash", vm=v)
+                for v in self.vms
+                if domains[v].state is DomainState.RUNNING and self._may_crash(state, v, busy)
+            ]
         if "hotplug" in ops and room:
             out += [
                 Action("hotplug", device=d)
@@ -301,6 +309,39 @@ class Explorer:
             return True
         footprint = self._footprint(plan)
         return any(not footprint.isdisjoint(other) for other in busy)
+
+    def _may_crash(self, state: State, vm: str, busy: list[frozenset[Any]]) -> bool:
+        """A crash is an operation of one step: with the independence reduction it
+        happens while others are in flight only if it touches what one of them touches
+        (it changes the VM's state alone, which the toolstack reads only for an
+        operation naming the VM, and invariants only beside the devices pointing at it)."""
+        if not self.independence or not busy:
+            return True
+        key = (state.platform, state.ledger, vm)
+        footprint = self._crash_footprints.get(key)
+        if footprint is None:
+            plan = Plan("crash", self._pointing_at(vm), vm, (), None)
+            footprint = self._crash_footprints[key] = self._footprint(plan)
+        return any(not footprint.isdisjoint(other) for other in busy)
+
+    def _pointing_at(self, vm: str) -> tuple[Bdf, ...]:
+        """The devices the loaded platform or ledger points at ``vm`` from: contexts,
+        caches, interrupt entries, exposure, firmware mappings, records."""
+        host, sim = self.scenario.host, self.platform.snapshot()
+        rids = {
+            entry[0]
+            for name in POINTER_FIELDS
+            for entry in getattr(sim, name)
+            if entry[1] == vm or (isinstance(entry[1], (tuple, frozenset)) and vm in entry[1])
+        }
+        devices = {d for rid in rids for d in host.owner_of_rid(rid)}
+        devices |= {bdf for d in sim.domains if d.name == vm for bdf, _ in d.reserved}
+        devices |= {
+            bdf
+            for bdf, rec in self.toolstack.ledger.items()
+            if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
+        }
+        return tuple(sorted(devices))
 
     def _arguments(self, op: str) -> list[tuple[Bdf | None, str | None]]:
         domains = self.platform.domains()
