@@ -4,6 +4,7 @@ shortest trace to a violation and write it as a scenario ``simulate`` replays.""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,14 @@ def command(
     time_limit: float | None = typer.Option(
         None, "--time-limit", min=0.1, help="Stop after this many seconds.", metavar="SECONDS"
     ),
+    workers: int = typer.Option(
+        1,
+        "--workers",
+        min=1,
+        max=64,
+        help="Explore with this many processes, each owning a share of the states (Linux: forked).",
+        metavar="N",
+    ),
     out_file: Path | None = typer.Option(
         None,
         "--out",
@@ -59,6 +68,10 @@ def command(
         loaded = load_scenario(scenario)
         if loaded.explore is None:
             raise typer.BadParameter(f"{scenario} has no 'explore' section", param_hint="SCENARIO")
+    if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
+        raise typer.BadParameter(
+            "this system cannot fork worker processes; use --workers 1", param_hint="--workers"
+        )
     explorer = Explorer(
         loaded,
         symmetry=symmetry,
@@ -66,10 +79,12 @@ def command(
         messages=messages,
         max_states=max_states,
         time_limit=time_limit,
+        workers=workers,
     )
-    live = Live(Text(""), console=err, transient=True, refresh_per_second=4)
+    # Refreshed by the search itself: a refreshing thread would be running when workers fork.
+    live = Live(Text(""), console=err, transient=True, auto_refresh=False)
     if err.is_terminal and not json_output:
-        explorer.on_progress = lambda stats: live.update(Text(_progress(stats)))
+        explorer.on_progress = lambda stats: live.update(Text(_progress(stats)), refresh=True)
         with live:
             result = explorer.run()
     else:
@@ -81,9 +96,10 @@ def command(
         written = out_file or Path(f"{loaded.name}-counterexample.yaml")
         written.write_text(dump(document), encoding="utf-8")
     if json_output:
-        emit_json(json.dumps(_as_json(result, written), indent=2))
+        emit_json(json.dumps(_as_json(result, written, workers), indent=2))
     else:
-        _render(result, written, {"symmetry": symmetry, "independence": independence, "messages": messages})
+        reductions = {"symmetry": symmetry, "independence": independence, "messages": messages}
+        _render(result, written, reductions, workers)
     raise typer.Exit(_exit_code(result, loaded.expect_violations))
 
 
@@ -116,12 +132,13 @@ def _figures(stats: Stats) -> dict[str, float | int]:
     }
 
 
-def _as_json(result: Result, written: Path | None) -> dict[str, object]:
+def _as_json(result: Result, written: Path | None, workers: int) -> dict[str, object]:
     found = result.counterexample
     return {
         "verdict": result.verdict,
         "reason": result.reason,
         **_figures(result.stats),
+        "workers": workers,
         "counterexample": None
         if found is None
         else {
@@ -135,13 +152,14 @@ def _as_json(result: Result, written: Path | None) -> dict[str, object]:
     }
 
 
-def _render(result: Result, written: Path | None, reductions_on: dict[str, bool]) -> None:
+def _render(result: Result, written: Path | None, reductions_on: dict[str, bool], workers: int) -> None:
     stats = result.stats
     reductions = ", ".join(name for name, on in reductions_on.items() if on)
     out.print(
         f"{stats.states:,} distinct states, {stats.transitions:,} transitions, depth "
         f"{stats.depth}, {stats.seconds:.2f} s ({stats.states_per_second:,.0f} states/s), "
         f"peak memory {stats.peak_rss_mib:.0f} MiB; reductions: {reductions or 'none'}"
+        + (f"; {workers} workers" if workers > 1 else "")
     )
     if result.verdict == "pass":
         out.print(Text("PASS: every invariant holds in every reachable state", "bold green"))

@@ -31,10 +31,12 @@ Reductions, each switchable:
 
 from __future__ import annotations
 
+import gc
 import resource
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, NamedTuple
 
@@ -62,6 +64,26 @@ class State(NamedTuple):
     ledger: LedgerSnapshot
     in_flight: frozenset[Cursor]
     faults: int  # failures left to inject
+
+
+class Parent(NamedTuple):
+    """Where a state was first reached from: the fingerprint of the state before and the
+    action taken, with the renaming that made the result canonical."""
+
+    fingerprint: int
+    action: Action
+    renaming: Renaming
+
+
+class Successor(NamedTuple):
+    """One transition out of a state, as the search sees it."""
+
+    action: Action
+    raw: State  # as the toolstack left it
+    state: State  # canonical: what the search stores
+    fingerprint: int
+    renaming: Renaming  # raw -> canonical names
+    misuse: bool  # the platform refused a call: a violation, new state or not
 
 
 @dataclass(frozen=True)
@@ -137,6 +159,7 @@ class Explorer:
         messages: bool = True,
         max_states: int | None = None,
         time_limit: float | None = None,
+        workers: int = 1,
         on_progress: Callable[[Stats], None] | None = None,
     ) -> None:
         self.scenario = scenario
@@ -145,6 +168,7 @@ class Explorer:
         self.messages = messages
         self.max_states = max_states
         self.time_limit = time_limit
+        self.workers = workers
         self.on_progress = on_progress
         self.platform, self.toolstack = build(scenario)
         self._units: dict[Bdf, list[Bdf]] = {}
@@ -416,37 +440,54 @@ class Explorer:
         return new, broken
 
     # -- search ------------------------------------------------------------------
-    def run(self) -> Result:
-        started = time.perf_counter()
-        stats = Stats()
+    def successors(self, state: State) -> Iterator[Successor]:
+        """Every transition out of ``state``. While one is looked at, the state it reached
+        is the one loaded, so ``_check(successor.raw)`` judges it."""
+        self.load(state)
+        for action in self.actions(state):
+            raw, broken = self.apply(state, action)
+            canonical, renaming = self._canonical(raw)
+            yield Successor(action, raw, canonical, hash(canonical), renaming, bool(broken))
+
+    def start(self) -> tuple[State, list[Violation]]:
+        """The initial state as the search stores it, and what it breaks."""
         initial, self._initial_renaming = self._canonical(self.initial)
-        root = hash(initial)
-        parents: dict[int, tuple[int, Action, Renaming] | None] = {root: None}
         self.load(initial)
-        first = check_all(self.toolstack, self.platform)
-        stats.states = 1
+        return initial, check_all(self.toolstack, self.platform)
+
+    def run(self) -> Result:
+        with rare_collections():
+            if self.workers > 1:  # one process per core, each owning a share of the states
+                from pciguard.verify.partitioned import Forked, run_partitioned
+
+                return run_partitioned(self, Forked, self.workers)
+            return self._run()
+
+    def _run(self) -> Result:
+        started = time.perf_counter()
+        stats = Stats(states=1)
+        initial, first = self.start()
         if first:
             return self._done("violation", stats, started, Counterexample([], first))
+        root = hash(initial)
+        parents: dict[int, Parent | None] = {root: None}
         frontier: deque[tuple[State, int, int]] = deque([(initial, root, 0)])
         next_report = started + 1.0
         while frontier:
             state, fingerprint, depth = frontier.popleft()
-            self.load(state)
-            for action in self.actions(state):
-                raw, broken = self.apply(state, action)
+            for step in self.successors(state):
                 stats.transitions += 1
-                if broken:  # the platform caught a misuse: a violation, new state or not
-                    return self._violation(stats, started, self._trace(parents, fingerprint, action))
-                successor, renaming = self._canonical(raw)
-                print_ = hash(successor)
-                if print_ in parents:
+                if step.misuse:  # the platform caught a misuse: a violation, new state or not
+                    trace = self._trace(parents.__getitem__, fingerprint, step.action)
+                    return self._violation(stats, started, trace)
+                if step.fingerprint in parents:
                     continue
-                parents[print_] = (fingerprint, action, renaming)
+                parents[step.fingerprint] = Parent(fingerprint, step.action, step.renaming)
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
-                if self._check(raw):
-                    return self._violation(stats, started, self._trace(parents, print_))
-                frontier.append((successor, print_, depth + 1))
+                if self._check(step.raw):
+                    return self._violation(stats, started, self._trace(parents.__getitem__, step.fingerprint))
+                frontier.append((step.state, step.fingerprint, depth + 1))
             now = time.perf_counter()
             if self.max_states is not None and stats.states >= self.max_states:
                 return self._done("incomplete", stats, started, reason=f"--max-states {self.max_states}")
@@ -506,16 +547,15 @@ class Explorer:
         return self.symmetry.canonical(state)
 
     def _trace(
-        self, parents: dict[int, tuple[int, Action, Renaming] | None], last: int, then: Action | None = None
+        self, parent_of: Callable[[int], Parent | None], last: int, then: Action | None = None
     ) -> list[Action]:
         """The actions from the initial state to ``last`` (and ``then``, taken from it),
-        renamed back into concrete names."""
+        renamed back into concrete names; ``parent_of`` looks up where a state came from."""
         path: list[tuple[Action, Renaming]] = []
-        entry = parents[last]
+        entry = parent_of(last)
         while entry is not None:
-            parent, action, renaming = entry
-            path.append((action, renaming))
-            entry = parents[parent]
+            path.append((entry.action, entry.renaming))
+            entry = parent_of(entry.fingerprint)
         path.reverse()
         # to_concrete maps the names of the stored (canonical) state to the names the
         # concrete run has; each step's renaming raw -> canonical is undone on the way.
@@ -527,6 +567,23 @@ class Explorer:
         if then is not None:
             concrete.append(rename(then, to_concrete))
         return concrete
+
+
+@contextmanager
+def rare_collections() -> Iterator[None]:
+    """The search makes millions of objects that live until it ends, and few cycles: at
+    its default thresholds the cycle collector rescans them again and again (10-15% of
+    the time). During a search: what exists before it is never scanned (frozen, which
+    also spares forked workers copying those pages), young objects every 200,000
+    allocations, older ones rarely."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(200_000, 100, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _then_undo(to_concrete: Renaming, renaming: Renaming) -> Renaming:

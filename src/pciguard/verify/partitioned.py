@@ -1,0 +1,361 @@
+"""The search split over workers by fingerprint, level by level.
+
+Each worker owns the states whose fingerprint falls in its partition
+(``fingerprint % workers``): it alone keeps their parents and expands them. A level
+runs in two rounds: every worker expands its frontier, keeping what it owns and
+addressing the rest to their owners; then every worker takes in what was addressed to
+it, keeping what it has not seen. The coordinator only routes, counts and decides; it
+holds no state. A worker is a ``Partition``; an executor runs them: in this process
+(``InProcess``) or one forked process per worker (``Forked``). Running them on many
+machines needs only another executor (docs/verifier.md).
+
+Breadth first level by level, the first level with a violation yields a shortest trace.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple, Protocol
+
+from pciguard.platforms.sim import SimSnapshot
+from pciguard.verify.explorer import (
+    Action,
+    Counterexample,
+    Explorer,
+    Parent,
+    Renaming,
+    Result,
+    State,
+    Stats,
+)
+
+
+class Arrival(NamedTuple):
+    """A successor addressed to the worker that owns its fingerprint."""
+
+    fingerprint: int
+    state: State
+    parent: Parent
+
+
+class Found(NamedTuple):
+    """A violation a level met: the new state that breaks an invariant, or the state a
+    platform misuse was taken from, with the action."""
+
+    fingerprint: int
+    then: Action | None = None
+
+
+@dataclass
+class Level:
+    """What one worker did in one level."""
+
+    transitions: int = 0
+    new: int = 0  # states it had not seen
+    found: Found | None = None
+    peak_rss_mib: float = 0.0
+    outboxes: dict[int, list[Arrival]] = field(default_factory=dict)  # worker -> arrivals
+
+
+class Partition:
+    """One worker's share of the search."""
+
+    def __init__(self, explorer: Explorer, index: int, count: int) -> None:
+        self.explorer, self.index, self.count = explorer, index, count
+        self.parents: dict[int, Parent | None] = {}
+        self.frontier: list[tuple[State, int]] = []
+
+    def seed(self, state: State, fingerprint: int) -> None:
+        self.parents[fingerprint] = None
+        self.frontier.append((state, fingerprint))
+
+    def expand(self, deadline: float | None) -> Level:
+        """Judge each state of the frontier, then expand it: successors this worker owns
+        join the next frontier if new, the others go into the level's outboxes. States
+        are judged when expanded, not when reached, so each worker judges only states it
+        owns (its caches of invariants and plans then hold its own share); a level still
+        judges every state of one depth before any of the next. Stops past ``deadline``."""
+        level = Level()
+        frontier, self.frontier = self.frontier, []
+        explorer, count = self.explorer, self.count
+        for state, fingerprint in frontier:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            explorer.load(state)
+            if explorer._check(state):
+                level.found = Found(fingerprint)
+                return level
+            for step in explorer.successors(state):
+                level.transitions += 1
+                if step.misuse:
+                    level.found = Found(fingerprint, step.action)
+                    return level
+                parent = Parent(fingerprint, step.action, step.renaming)
+                owner = owner_of(step.state, count)
+                if owner == self.index:
+                    self._keep(Arrival(step.fingerprint, step.state, parent), level)
+                else:
+                    level.outboxes.setdefault(owner, []).append(Arrival(step.fingerprint, step.state, parent))
+        return level
+
+    def receive(self, arrivals: list[Arrival]) -> Level:
+        """Take in the successors other workers reached that this one owns."""
+        level = Level()
+        for arrival in arrivals:
+            self._keep(arrival, level)
+        return level
+
+    def _keep(self, arrival: Arrival, level: Level) -> None:
+        if arrival.fingerprint not in self.parents:
+            self.parents[arrival.fingerprint] = arrival.parent
+            self.frontier.append((arrival.state, arrival.fingerprint))
+            level.new += 1
+
+    def parent(self, fingerprint: int) -> Parent | bool | None:
+        """Where the state came from (None: it is the initial state); False if another
+        worker owns it."""
+        return self.parents.get(fingerprint, False)
+
+
+def owner_of(state: State, count: int) -> int:
+    """The partition a state belongs to: by its platform and ledger, so the states that
+    share them (and the invariants and plans judged on them) stay with one worker."""
+    return hash((state.platform, state.ledger)) % count
+
+
+class Executor(Protocol):
+    """Runs the partitions. Each call runs on every partition at once and returns each
+    one's answer, in partition order."""
+
+    count: int
+
+    def seed(self, index: int, state: State, fingerprint: int) -> None: ...
+    def level(self, deadline: float | None) -> list[Level]: ...
+    def parent(self, fingerprint: int) -> Parent | None: ...
+    def close(self) -> float: ...  # the workers' peak memory, MiB in all
+
+
+def route(expanded: list[Level], count: int) -> list[list[Arrival]]:
+    """Every outbox of a level's expansion, gathered by the worker it is addressed to."""
+    inboxes: list[list[Arrival]] = [[] for _ in range(count)]
+    for level in expanded:
+        for owner, arrivals in level.outboxes.items():
+            inboxes[owner].extend(arrivals)
+        level.outboxes = {}
+    return inboxes
+
+
+def merged(expanded: Level, received: Level) -> Level:
+    return Level(
+        expanded.transitions + received.transitions,
+        expanded.new + received.new,
+        expanded.found or received.found,
+    )
+
+
+def _owned(answers: list[Parent | bool | None]) -> Parent | None:
+    """The answer of the one partition that holds a state (traces are rare: every
+    partition is asked)."""
+    (found,) = [a for a in answers if a is not False]
+    assert not isinstance(found, bool)
+    return found
+
+
+class InProcess:
+    """Every partition in this process, one after the other: the partitioning without
+    the parallelism (tests compare it with the plain search)."""
+
+    def __init__(self, explorer: Explorer, count: int) -> None:
+        self.count = count
+        self.partitions = [Partition(explorer, i, count) for i in range(count)]
+
+    def seed(self, index: int, state: State, fingerprint: int) -> None:
+        self.partitions[index].seed(state, fingerprint)
+
+    def level(self, deadline: float | None) -> list[Level]:
+        expanded = [p.expand(deadline) for p in self.partitions]
+        inboxes = route(expanded, self.count)
+        return [
+            merged(e, p.receive(inbox))
+            for e, p, inbox in zip(expanded, self.partitions, inboxes, strict=True)
+        ]
+
+    def parent(self, fingerprint: int) -> Parent | None:
+        return _owned([p.parent(fingerprint) for p in self.partitions])
+
+    def close(self) -> float:
+        return 0.0
+
+
+class Channel:
+    """One direction between two workers. A state is made of parts that recur in state
+    after state (platform tables, the ledger, the operations in flight), so each part
+    crosses once and is named by its number after that: a state travels as a row of
+    small integers, which pickles in microseconds where the whole state takes hundreds."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[Any, int] = {}  # sender: part -> number
+        self.parts: list[Any] = []  # receiver: number -> part
+
+    def number(self, part: Any, new: list[Any]) -> int:
+        found = self.numbers.get(part)
+        if found is None:
+            found = self.numbers[part] = len(self.numbers)
+            new.append(part)
+        return found
+
+    def encode(self, arrivals: list[Arrival]) -> bytes:
+        new: list[Any] = []
+        number = self.number
+        rows = [
+            (
+                a.fingerprint,
+                tuple(number(part, new) for part in a.state.platform),
+                number(a.state.ledger, new),
+                number(a.state.in_flight, new),
+                a.state.faults,
+                a.parent.fingerprint,
+                number(a.parent.action, new),
+                number(frozenset(a.parent.renaming.items()), new),
+            )
+            for a in arrivals
+        ]
+        return pickle.dumps((new, rows), pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, blob: bytes) -> list[Arrival]:
+        new, rows = pickle.loads(blob)
+        parts = self.parts
+        parts.extend(new)
+        return [
+            Arrival(
+                fingerprint,
+                State(SimSnapshot._make(parts[n] for n in platform), parts[ledger], parts[in_flight], faults),
+                Parent(parent, parts[action], dict(parts[renaming])),
+            )
+            for fingerprint, platform, ledger, in_flight, faults, parent, action, renaming in rows
+        ]
+
+
+def _serve(partition: Partition, connection: Connection) -> None:
+    """A forked worker: answer the coordinator's requests until told to stop. Outboxes
+    travel as one blob per receiving worker, which the coordinator forwards unread."""
+    sending = [Channel() for _ in range(partition.count)]
+    receiving = [Channel() for _ in range(partition.count)]
+    while True:
+        request, argument = connection.recv()
+        if request == "expand":
+            level = partition.expand(argument)
+            blobs = {owner: sending[owner].encode(arrivals) for owner, arrivals in level.outboxes.items()}
+            level.outboxes = {}
+            connection.send((level, blobs))
+        elif request == "receive":
+            arrivals = [a for source, blob in argument for a in receiving[source].decode(blob)]
+            connection.send(partition.receive(arrivals))
+        elif request == "seed":
+            partition.seed(*argument)
+            connection.send(None)
+        elif request == "parent":
+            connection.send(partition.parent(argument))
+        else:
+            connection.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            return
+
+
+class Forked:
+    """One forked process per partition, each with its own copy of the explorer (the
+    toolstack, the platform and their caches), talking over pipes. Forking keeps one hash
+    seed across workers, so a fingerprint names the same owner in each."""
+
+    def __init__(self, explorer: Explorer, count: int) -> None:
+        self.count = count
+        context = multiprocessing.get_context("fork")
+        self.connections: list[Connection] = []
+        self.processes = []
+        for index in range(count):
+            mine, theirs = context.Pipe()
+            process = context.Process(
+                target=_serve, args=(Partition(explorer, index, count), theirs), daemon=True
+            )
+            process.start()
+            theirs.close()
+            self.connections.append(mine)
+            self.processes.append(process)
+
+    def _ask(self, index: int, request: str, argument: Any = None) -> Any:
+        self.connections[index].send((request, argument))
+        return self.connections[index].recv()
+
+    def seed(self, index: int, state: State, fingerprint: int) -> None:
+        self._ask(index, "seed", (state, fingerprint))
+
+    def level(self, deadline: float | None) -> list[Level]:
+        for connection in self.connections:
+            connection.send(("expand", deadline))
+        answers = [connection.recv() for connection in self.connections]
+        inboxes: list[list[tuple[int, bytes]]] = [[] for _ in range(self.count)]
+        for source, (_, blobs) in enumerate(answers):
+            for owner, blob in blobs.items():
+                inboxes[owner].append((source, blob))
+        for connection, inbox in zip(self.connections, inboxes, strict=True):
+            connection.send(("receive", inbox))
+        received = [connection.recv() for connection in self.connections]
+        return [merged(expanded, got) for (expanded, _), got in zip(answers, received, strict=True)]
+
+    def parent(self, fingerprint: int) -> Parent | None:
+        return _owned([self._ask(i, "parent", fingerprint) for i in range(self.count)])
+
+    def close(self) -> float:
+        peaks = [self._ask(i, "stop") for i in range(self.count)]
+        for process in self.processes:
+            process.join()
+        return float(sum(peaks))
+
+
+def run_partitioned(
+    explorer: Explorer, executor_of: Callable[[Explorer, int], Executor], workers: int
+) -> Result:
+    """The search, split over ``workers`` partitions run by the executor ``executor_of``
+    builds. The explorer's limits apply between levels and, for time, within one."""
+    started = time.perf_counter()
+    stats = Stats(states=1)
+    initial, first = explorer.start()
+    if first:
+        return explorer._done("violation", stats, started, Counterexample([], first))
+    executor = executor_of(explorer, workers)
+    try:
+        executor.seed(owner_of(initial, workers), initial, hash(initial))
+        deadline = None if explorer.time_limit is None else time.monotonic() + explorer.time_limit
+        while True:
+            levels = executor.level(deadline)
+            stats.transitions += sum(level.transitions for level in levels)
+            new = sum(level.new for level in levels)
+            stats.states += new
+            stats.depth += 1 if new else 0
+            found = [level.found for level in levels if level.found is not None]
+            if found:
+                chosen = min(found, key=lambda f: f.fingerprint)  # the same one every run
+                trace = explorer._trace(executor.parent, chosen.fingerprint, chosen.then)
+                return explorer._violation(stats, started, trace)
+            if deadline is not None and time.monotonic() >= deadline:  # the level may be cut short
+                reason = f"--time-limit {explorer.time_limit:g}s"
+                return explorer._done("incomplete", stats, started, reason=reason)
+            if not new:
+                return explorer._done("pass", stats, started)
+            if explorer.max_states is not None and stats.states >= explorer.max_states:
+                return explorer._done(
+                    "incomplete", stats, started, reason=f"--max-states {explorer.max_states}"
+                )
+            if explorer.on_progress is not None:
+                stats.seconds = time.perf_counter() - started
+                explorer.on_progress(stats)
+    finally:  # the result holds ``stats``: the workers' memory is added to the coordinator's
+        stats.peak_rss_mib += executor.close()
+
+
+__all__ = ["Arrival", "Forked", "InProcess", "Partition", "Renaming", "run_partitioned"]

@@ -1,0 +1,71 @@
+"""The search split by fingerprint over workers finds what the plain search finds: the
+same states, transitions and depth, the same verdicts, shortest counterexamples that
+replay, and the limits still stop it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_explorer import CONCURRENT, LEGACY, TINY, counterexample_replays
+
+from conftest import EXAMPLES
+from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
+from pciguard.verify.explorer import Explorer, Parent, Result
+from pciguard.verify.partitioned import Arrival, Channel, InProcess, run_partitioned
+
+VERIFY = EXAMPLES / "verify"
+SMALL = [
+    parse_scenario(TINY, "tiny.yaml", VERIFY),
+    parse_scenario(CONCURRENT, "concurrent.yaml", VERIFY),
+    load_scenario(VERIFY / "ref-symmetric.yaml"),
+    load_scenario(VERIFY / "ref-rmrr-relaxed.yaml"),
+    load_scenario(VERIFY / "ref-teardown-race.yaml"),
+]
+
+
+def figures(result: Result) -> tuple[object, ...]:
+    return result.verdict, result.stats.states, result.stats.transitions, result.stats.depth
+
+
+@pytest.mark.parametrize("scenario", SMALL, ids=lambda s: s.name)
+def test_partitions_reach_exactly_the_states_of_the_plain_search(scenario: Scenario) -> None:
+    plain = figures(Explorer(scenario).run())
+    assert plain[0] == "pass"
+    for partitions in (1, 2, 3):
+        assert figures(run_partitioned(Explorer(scenario), InProcess, partitions)) == plain, partitions
+    assert figures(Explorer(scenario, workers=2).run()) == plain, "forked"
+
+
+@pytest.mark.parametrize("path", LEGACY, ids=lambda p: p.stem)
+def test_forked_workers_catch_each_legacy_flaw_with_a_shortest_trace(path: Path, tmp_path: Path) -> None:
+    counterexample_replays(path, tmp_path, workers=2)
+    scenario = load_scenario(path)
+    plain, split = Explorer(scenario).run(), Explorer(scenario, workers=2).run()
+    assert plain.counterexample is not None and split.counterexample is not None
+    assert len(split.counterexample.actions) == len(plain.counterexample.actions)
+
+
+def test_the_limits_stop_forked_workers() -> None:
+    scenario = load_scenario(VERIFY / "ref-workstation.yaml")
+    by_states = Explorer(scenario, workers=2, max_states=500).run()
+    assert by_states.verdict == "incomplete" and by_states.stats.states >= 500
+    assert "--max-states" in by_states.reason
+    by_time = Explorer(scenario, workers=2, time_limit=0.5).run()
+    assert by_time.verdict == "incomplete" and "--time-limit" in by_time.reason
+    assert by_time.stats.seconds < 10
+
+
+def test_a_state_crosses_between_workers_as_numbers_once_its_parts_are_known() -> None:
+    explorer = Explorer(parse_scenario(TINY, "tiny.yaml", VERIFY))
+    initial, _ = explorer.start()
+    arrivals = [
+        Arrival(step.fingerprint, step.state, Parent(hash(initial), step.action, step.renaming))
+        for step in explorer.successors(initial)
+    ]
+    sender, receiver = Channel(), Channel()
+    first = sender.encode(arrivals)
+    again = sender.encode(arrivals)
+    assert receiver.decode(first) == arrivals
+    assert receiver.decode(again) == arrivals
+    assert len(again) < len(first) / 3  # the parts crossed with the first batch
