@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Verifier figures: time to verdict, distinct states, transitions, CPU seconds and
 peak memory on the reference suite (every reduction on), each reduction on and off,
-the symmetry reduction on the symmetric scenario, the large scenarios, and each legacy
+the symmetry reduction on the symmetric scenario, ref-workstation with one worker per
+core (at least two), the large scenarios, and each legacy
 flaw's time to its counterexample. Targets (this 2-core machine, idle): ref-workstation
 in at most 2 s, the suite in at most 4 s, examples/verify/large/aliases.yaml in at most
 20 s.
 
 Each run is its own `pciguard verify --json` process, so its memory and CPU are its own.
 Usage: python3 bench/verify.py [--quick] [--large] [--orbits] [--breakdown]
-  --quick skips the per-reduction comparison; --large adds examples/verify/large/;
+  --quick skips the per-reduction comparison; --large adds examples/verify/large/
+  (with workers, each stopped after ten minutes);
   --orbits counts the exact orbits of ref-workstation's states under its symmetries
   (every state without the symmetry reduction, merged with its renamings), to show how
   far the symmetry reduction's canonical forms are from exact;
@@ -19,6 +21,7 @@ Usage: python3 bench/verify.py [--quick] [--large] [--orbits] [--breakdown]
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -30,6 +33,9 @@ VERIFY = ROOT / "examples" / "verify"
 TARGETS = {"ref-workstation": 2.0, "suite": 4.0, "aliases": 20.0}  # seconds to a verdict
 TARGET_SYMMETRY_RATIO = 10
 REDUCTIONS = ("symmetry", "independence", "messages")
+WORKERS = max(2, min(4, os.cpu_count() or 1))
+PARALLEL = ("--workers", str(WORKERS))
+LARGE_LIMIT = 600  # seconds: the large scenarios' target is a verdict within ten minutes
 
 
 def verify(path: Path, *flags: str) -> dict[str, object]:
@@ -114,14 +120,21 @@ def main() -> None:
             print(row("ref-workstation " + " ".join(flags), verify(workstation, *flags)))
         print(row("ref-workstation, none", verify(workstation, *(f"--no-{r}" for r in REDUCTIONS))))
 
+    print("\nWorkers (one process per core, each owning a share of the states):")
+    print(HEADER)
+    print(row("ref-workstation", suite["ref-workstation"]))
+    print(row(f"ref-workstation --workers {WORKERS}", verify(VERIFY / "ref-workstation.yaml", *PARALLEL)))
+
     if "--large" in sys.argv:
-        print("\nLarger scenarios (minutes):")
+        print(f"\nLarger scenarios ({WORKERS} workers, at most {LARGE_LIMIT // 60} minutes each):")
         print(HEADER)
         for path in sorted((VERIFY / "large").glob("*.yaml")):
-            large = verify(path)
+            large = verify(path, *PARALLEL, "--time-limit", str(LARGE_LIMIT))
             print(row(path.stem, large))
             if path.stem in TARGETS:
                 print(against(path.stem, float(large["wall"])))  # type: ignore[arg-type]
+            elif large["verdict"] == "incomplete":
+                print(f"{path.stem}: no verdict within {LARGE_LIMIT // 60} minutes (target: a verdict)")
 
     print("\nLegacy flaws, time to the shortest counterexample:")
     print(HEADER)

@@ -4,6 +4,7 @@ replay, and the limits still stop it."""
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from test_explorer import CONCURRENT, LEGACY, TINY, counterexample_replays
 from conftest import EXAMPLES
 from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
 from pciguard.verify.explorer import Explorer, Parent, Result
-from pciguard.verify.partitioned import Arrival, Channel, InProcess, run_partitioned
+from pciguard.verify.partitioned import Arrival, Channel, InProcess, Partition, WorkerFailed, run_partitioned
 
 VERIFY = EXAMPLES / "verify"
 SMALL = [
@@ -69,3 +70,13 @@ def test_a_state_crosses_between_workers_as_numbers_once_its_parts_are_known() -
     assert receiver.decode(first) == arrivals
     assert receiver.decode(again) == arrivals
     assert len(again) < len(first) / 3  # the parts crossed with the first batch
+
+
+def test_a_worker_that_fails_is_named_and_the_others_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: object, deadline: object) -> None:
+        raise MemoryError("no room for the frontier")
+
+    monkeypatch.setattr(Partition, "expand", broken)
+    with pytest.raises(WorkerFailed, match="a verifier worker failed: MemoryError: no room for the frontier"):
+        Explorer(parse_scenario(TINY, "tiny.yaml", VERIFY), workers=2).run()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]

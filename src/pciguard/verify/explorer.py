@@ -186,9 +186,11 @@ class Explorer:
         self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
         self.symmetry = Symmetry(scenario, self.explore.devices) if symmetry else None
         self._interned: dict[Any, Any] = {}
-        self._checked: dict[tuple[Any, Any], list[Violation]] = {}
-        self._startable: dict[tuple[Any, Any], list[tuple[str, Bdf | None, str | None, Plan]]] = {}
+        self._startable: dict[tuple[Any, Any], tuple[tuple[str, Bdf | None, str | None, Plan], ...]] = {}
+        self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
         self._crash_footprints: dict[tuple[Any, ...], frozenset[Any]] = {}
+        self._actions: dict[Action, Action] = {}
+        self._renamings: dict[frozenset[Any], Renaming] = {}
         self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
 
@@ -240,10 +242,19 @@ class Explorer:
         self._loaded = state
 
     def capture(self, cursors: Iterable[Cursor], faults: int) -> State:
+        """The loaded state as one value. Its parts recur in state after state and are
+        interned: the frontier shares them, and the caches keyed by them compare them by
+        identity instead of field by field."""
         intern = self._interned.setdefault
         sim = SimSnapshot._make(intern(part, part) for part in self.platform.snapshot())
         ledger = self.toolstack.snapshot(self.tracked)
-        return State(sim, intern(ledger, ledger), frozenset(self._kept(c) for c in cursors), faults)
+        flights = frozenset(self._kept(c) for c in cursors)
+        return State(intern(sim, sim), intern(ledger, ledger), intern(flights, flights), faults)
+
+    def _shared(self, value: Any) -> Any:
+        """``value``, or the equal value met before: caches kept per platform and ledger
+        hold the same plans and footprints again and again."""
+        return self._interned.setdefault(value, value)
 
     def _kept(self, cursor: Cursor) -> Cursor:
         """The operation in flight as the state keeps it (the messages reduction: a
@@ -294,13 +305,13 @@ class Explorer:
             ]
         return out
 
-    def _startable_plans(self, state: State) -> list[tuple[str, Bdf | None, str | None, Plan]]:
+    def _startable_plans(self, state: State) -> tuple[tuple[str, Bdf | None, str | None, Plan], ...]:
         """The operations the toolstack would start in the loaded ``state``, with their
         plans. Planning reads only the platform and the ledger: each pair is planned once."""
         key = (state.platform, state.ledger)
         found = self._startable.get(key)
         if found is None:
-            found = []
+            startable = []
             for op in BEGIN_OPS:
                 if op not in self.explore.operations:
                     continue
@@ -309,8 +320,8 @@ class Explorer:
                         plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
                     except (RefusedError, PlatformMisuse, KeyError):
                         continue
-                    found.append((op, device, vm, plan))
-            self._startable[key] = found
+                    startable.append(self._shared((op, device, vm, self._shared(plan))))
+            found = self._startable[key] = self._shared(tuple(startable))
         return found
 
     def _may_fail_by_itself(self, step: Step) -> bool:
@@ -345,7 +356,7 @@ class Explorer:
         footprint = self._crash_footprints.get(key)
         if footprint is None:
             plan = Plan("crash", self._pointing_at(vm), vm, (), None)
-            footprint = self._crash_footprints[key] = self._footprint(plan)
+            footprint = self._crash_footprints[key] = self._shared(self._footprint(plan))
         return any(not footprint.isdisjoint(other) for other in busy)
 
     def _pointing_at(self, vm: str) -> tuple[Bdf, ...]:
@@ -378,8 +389,10 @@ class Explorer:
         return [(d, None) for d in present]
 
     def _advancable(self, cursors: frozenset[Cursor]) -> list[Cursor]:
+        if len(cursors) < 2:
+            return list(cursors)
         ordered = sorted(cursors, key=lambda c: repr(key_of(c)))
-        if not self.independence or len(ordered) < 2:
+        if not self.independence:
             return ordered
         prints = {id(c): self._footprint(c.plan) for c in ordered}
         independent = [
@@ -449,6 +462,12 @@ class Explorer:
             canonical, renaming = self._canonical(raw)
             yield Successor(action, raw, canonical, hash(canonical), renaming, bool(broken))
 
+    def link(self, fingerprint: int, step: Successor) -> Parent:
+        """Where ``step`` came from, as the search keeps it for every state: the action
+        and the renaming are shared with every other link that has them."""
+        renaming = self._renamings.setdefault(frozenset(step.renaming.items()), step.renaming)
+        return Parent(fingerprint, self._actions.setdefault(step.action, step.action), renaming)
+
     def start(self) -> tuple[State, list[Violation]]:
         """The initial state as the search stores it, and what it breaks."""
         initial, self._initial_renaming = self._canonical(self.initial)
@@ -482,7 +501,7 @@ class Explorer:
                     return self._violation(stats, started, trace)
                 if step.fingerprint in parents:
                     continue
-                parents[step.fingerprint] = Parent(fingerprint, step.action, step.renaming)
+                parents[step.fingerprint] = self.link(fingerprint, step)
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
                 if self._check(step.raw):
@@ -538,7 +557,7 @@ class Explorer:
         key = (state.platform, state.ledger)
         found = self._checked.get(key)
         if found is None:
-            found = self._checked[key] = check_all(self.toolstack, self.platform)
+            found = self._checked[key] = self._shared(tuple(check_all(self.toolstack, self.platform)))
         return list(found)
 
     def _canonical(self, state: State) -> tuple[State, Renaming]:

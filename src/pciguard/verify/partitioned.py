@@ -14,6 +14,7 @@ Breadth first level by level, the first level with a violation yields a shortest
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import pickle
 import resource
@@ -96,7 +97,7 @@ class Partition:
                 if step.misuse:
                     level.found = Found(fingerprint, step.action)
                     return level
-                parent = Parent(fingerprint, step.action, step.renaming)
+                parent = explorer.link(fingerprint, step)
                 owner = owner_of(step.state, count)
                 if owner == self.index:
                     self._keep(Arrival(step.fingerprint, step.state, parent), level)
@@ -202,6 +203,7 @@ class Channel:
     def __init__(self) -> None:
         self.numbers: dict[Any, int] = {}  # sender: part -> number
         self.parts: list[Any] = []  # receiver: number -> part
+        self.renamings: dict[int, Renaming] = {}  # receiver: number -> the renaming as a dict
 
     def number(self, part: Any, new: list[Any]) -> int:
         found = self.numbers.get(part)
@@ -232,45 +234,69 @@ class Channel:
         new, rows = pickle.loads(blob)
         parts = self.parts
         parts.extend(new)
+
+        def renaming(number: int) -> Renaming:
+            found = self.renamings.get(number)
+            if found is None:
+                found = self.renamings[number] = dict(parts[number])
+            return found
+
         return [
             Arrival(
                 fingerprint,
                 State(SimSnapshot._make(parts[n] for n in platform), parts[ledger], parts[in_flight], faults),
-                Parent(parent, parts[action], dict(parts[renaming])),
+                Parent(parent, parts[action], renaming(renamed)),
             )
-            for fingerprint, platform, ledger, in_flight, faults, parent, action, renaming in rows
+            for fingerprint, platform, ledger, in_flight, faults, parent, action, renamed in rows
         ]
 
 
+class WorkerFailed(RuntimeError):
+    """A worker process stopped with an error (a bug, or out of memory)."""
+
+
 def _serve(partition: Partition, connection: Connection) -> None:
-    """A forked worker: answer the coordinator's requests until told to stop. Outboxes
-    travel as one blob per receiving worker, which the coordinator forwards unread."""
+    """A forked worker: answer the coordinator's requests until told to stop, each
+    answer ("ok", value) or ("failed", what went wrong)."""
+    try:
+        _answer(partition, connection)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM reached the coordinator too, which says so
+    except Exception as exc:
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+
+
+def _answer(partition: Partition, connection: Connection) -> None:
+    """Outboxes travel as one blob per receiving worker, which the coordinator forwards
+    unread."""
     sending = [Channel() for _ in range(partition.count)]
     receiving = [Channel() for _ in range(partition.count)]
     while True:
         request, argument = connection.recv()
+        answer: Any = None
         if request == "expand":
             level = partition.expand(argument)
             blobs = {owner: sending[owner].encode(arrivals) for owner, arrivals in level.outboxes.items()}
             level.outboxes = {}
-            connection.send((level, blobs))
+            answer = (level, blobs)
         elif request == "receive":
-            arrivals = [a for source, blob in argument for a in receiving[source].decode(blob)]
-            connection.send(partition.receive(arrivals))
+            answer = partition.receive(
+                [a for source, blob in argument for a in receiving[source].decode(blob)]
+            )
         elif request == "seed":
             partition.seed(*argument)
-            connection.send(None)
         elif request == "parent":
-            connection.send(partition.parent(argument))
-        else:
-            connection.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            answer = partition.parent(argument)
+        elif request == "stop":
+            connection.send(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
             return
+        connection.send(("ok", answer))
 
 
 class Forked:
     """One forked process per partition, each with its own copy of the explorer (the
     toolstack, the platform and their caches), talking over pipes. Forking keeps one hash
-    seed across workers, so a fingerprint names the same owner in each."""
+    seed across workers, so a state names the same owner in each."""
 
     def __init__(self, explorer: Explorer, count: int) -> None:
         self.count = count
@@ -287,9 +313,21 @@ class Forked:
             self.connections.append(mine)
             self.processes.append(process)
 
+    @staticmethod
+    def _reply(connection: Connection) -> Any:
+        try:
+            status, value = connection.recv()
+        except (EOFError, OSError):
+            raise WorkerFailed(
+                "a verifier worker exited without answering (killed, or out of memory?)"
+            ) from None
+        if status != "ok":
+            raise WorkerFailed(f"a verifier worker failed: {value}")
+        return value
+
     def _ask(self, index: int, request: str, argument: Any = None) -> Any:
         self.connections[index].send((request, argument))
-        return self.connections[index].recv()
+        return self._reply(self.connections[index])
 
     def seed(self, index: int, state: State, fingerprint: int) -> None:
         self._ask(index, "seed", (state, fingerprint))
@@ -297,24 +335,31 @@ class Forked:
     def level(self, deadline: float | None) -> list[Level]:
         for connection in self.connections:
             connection.send(("expand", deadline))
-        answers = [connection.recv() for connection in self.connections]
+        answers = [self._reply(connection) for connection in self.connections]
         inboxes: list[list[tuple[int, bytes]]] = [[] for _ in range(self.count)]
         for source, (_, blobs) in enumerate(answers):
             for owner, blob in blobs.items():
                 inboxes[owner].append((source, blob))
         for connection, inbox in zip(self.connections, inboxes, strict=True):
             connection.send(("receive", inbox))
-        received = [connection.recv() for connection in self.connections]
+        received = [self._reply(connection) for connection in self.connections]
         return [merged(expanded, got) for (expanded, _), got in zip(answers, received, strict=True)]
 
     def parent(self, fingerprint: int) -> Parent | None:
         return _owned([self._ask(i, "parent", fingerprint) for i in range(self.count)])
 
     def close(self) -> float:
-        peaks = [self._ask(i, "stop") for i in range(self.count)]
+        """Stop every worker; their peak memory, in MiB, summed (what a failed one used
+        is not known)."""
+        peaks = 0.0
+        for index in range(self.count):
+            with contextlib.suppress(WorkerFailed, OSError):
+                peaks += self._ask(index, "stop")
         for process in self.processes:
-            process.join()
-        return float(sum(peaks))
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+        return peaks
 
 
 def run_partitioned(
