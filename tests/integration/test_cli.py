@@ -175,6 +175,23 @@ def test_verify_json_and_exit_codes(tmp_path: Path) -> None:
     assert found.exit_code == 1
 
 
+def test_verify_with_workers_says_so_and_finds_the_same_states() -> None:
+    secure = str(EXAMPLES / "verify" / "ref-symmetric.yaml")
+    alone = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
+    split = runner.invoke(app, ["verify", secure, "--json", "--workers", "2"])
+    assert split.exit_code == 0, split.output
+    figures = json.loads(split.stdout)
+    assert (figures["workers"], alone["workers"]) == (2, 1)
+    assert (figures["verdict"], figures["states"], figures["transitions"]) == (
+        alone["verdict"],
+        alone["states"],
+        alone["transitions"],
+    )
+    shown = runner.invoke(app, ["verify", secure, "--workers", "2"])
+    assert "; 2 workers" in shown.output and "PASS" in shown.output
+    assert runner.invoke(app, ["verify", secure, "--workers", "0"]).exit_code == 2
+
+
 def test_verify_needs_an_explore_section() -> None:
     result = runner.invoke(app, ["verify", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
     assert result.exit_code == 2 and "no 'explore' section" in result.output

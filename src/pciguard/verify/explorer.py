@@ -20,8 +20,8 @@ Reductions, each switchable:
   flight only if it overlaps one of them, and of several mutually disjoint operations
   in flight only the first is advanced. A VM's crash counts as an operation of one
   step whose footprint is the VM and the devices pointing at it: it is not interleaved
-  with the steps of operations it cannot affect (each state it would reach is also
-  reached by crashing first, so this saves transitions, not states);
+  with the steps of operations it cannot affect (what it would reach is also reached by
+  crashing first: mostly this saves transitions);
 - **messages**: an operation in flight carries the words of its first failure (and of
   FORWARD steps that failed after it), which the toolstack only writes into the outcome
   the search drops; what steers it is whether there was a failure and how many steps

@@ -1,15 +1,16 @@
-"""The search split over workers by fingerprint, level by level.
+"""The search split over workers, level by level.
 
-Each worker owns the states whose fingerprint falls in its partition
-(``fingerprint % workers``): it alone keeps their parents and expands them. A level
-runs in two rounds: every worker expands its frontier, keeping what it owns and
-addressing the rest to their owners; then every worker takes in what was addressed to
-it, keeping what it has not seen. The coordinator only routes, counts and decides; it
-holds no state. A worker is a ``Partition``; an executor runs them: in this process
-(``InProcess``) or one forked process per worker (``Forked``). Running them on many
-machines needs only another executor (docs/verifier.md).
+Each worker owns the states whose platform and ledger hash into its partition
+(``owner_of``): it alone keeps their fingerprints and parents, judges and expands
+them. A level runs in two rounds: every worker expands its frontier, keeping what it
+owns and addressing the rest to their owners; then every worker takes in what was
+addressed to it, keeping what it has not seen. The coordinator only routes, counts and
+decides; it holds no state. A worker is a ``Partition``; an executor runs them: in this
+process (``InProcess``) or one forked process per worker (``Forked``). Running them on
+many machines needs only another executor (docs/verifier.md).
 
-Breadth first level by level, the first level with a violation yields a shortest trace.
+Level by level, every state of one depth is judged before any of the next: the first
+level with a violation yields a shortest trace.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from pciguard.verify.explorer import (
 
 
 class Arrival(NamedTuple):
-    """A successor addressed to the worker that owns its fingerprint."""
+    """A successor addressed to the worker that owns it."""
 
     fingerprint: int
     state: State
@@ -60,7 +61,6 @@ class Level:
     transitions: int = 0
     new: int = 0  # states it had not seen
     found: Found | None = None
-    peak_rss_mib: float = 0.0
     outboxes: dict[int, list[Arrival]] = field(default_factory=dict)  # worker -> arrivals
 
 
@@ -153,6 +153,7 @@ def route(expanded: list[Level], count: int) -> list[list[Arrival]]:
 
 
 def merged(expanded: Level, received: Level) -> Level:
+    """One worker's level: what it expanded and what it took in."""
     return Level(
         expanded.transitions + received.transitions,
         expanded.new + received.new,
@@ -403,4 +404,4 @@ def run_partitioned(
         stats.peak_rss_mib += executor.close()
 
 
-__all__ = ["Arrival", "Forked", "InProcess", "Partition", "Renaming", "run_partitioned"]
+__all__ = ["Arrival", "Channel", "Forked", "InProcess", "Partition", "WorkerFailed", "run_partitioned"]
