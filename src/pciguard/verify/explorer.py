@@ -189,7 +189,6 @@ class Explorer:
         self._startable: dict[tuple[Any, Any], tuple[tuple[str, Bdf | None, str | None, Plan], ...]] = {}
         self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
         self._crash_footprints: dict[tuple[Any, ...], frozenset[Any]] = {}
-        self._actions: dict[Action, Action] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
         self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
@@ -253,7 +252,7 @@ class Explorer:
 
     def _shared(self, value: Any) -> Any:
         """``value``, or the equal value met before: caches kept per platform and ledger
-        hold the same plans and footprints again and again."""
+        hold the same plans and footprints again and again, parent links the same actions."""
         return self._interned.setdefault(value, value)
 
     def _kept(self, cursor: Cursor) -> Cursor:
@@ -466,7 +465,7 @@ class Explorer:
         """Where ``step`` came from, as the search keeps it for every state: the action
         and the renaming are shared with every other link that has them."""
         renaming = self._renamings.setdefault(frozenset(step.renaming.items()), step.renaming)
-        return Parent(fingerprint, self._actions.setdefault(step.action, step.action), renaming)
+        return Parent(fingerprint, self._shared(step.action), renaming)
 
     def start(self) -> tuple[State, list[Violation]]:
         """The initial state as the search stores it, and what it breaks."""
