@@ -88,17 +88,25 @@ def against(what: str, seconds: float) -> str:
     return f"{what}: {seconds:.1f} s to a verdict (target {target:g} s: {verdict})"
 
 
-def main() -> None:
-    print("Reference suite, every reduction on:")
+def reference_suite(*flags: str) -> dict[str, dict[str, object]]:
+    """Every reference scenario run with ``flags``: a row each, then the suite's total
+    and ref-workstation against their targets."""
     print(HEADER)
     suite = {}
+    shown = " ".join(flags)
     for path in sorted(VERIFY.glob("ref-*.yaml")):
-        suite[path.stem] = verify(path)
-        print(row(path.stem, suite[path.stem]))
+        suite[path.stem] = verify(path, *flags)
+        print(row(f"{path.stem} {shown}".rstrip(), suite[path.stem]))
     total = sum(float(r["wall"]) for r in suite.values())  # type: ignore[arg-type]
     states = sum(int(r["states"]) for r in suite.values())  # type: ignore[call-overload]
-    print(f"suite: {states:,} states; " + against("suite", total))
+    print(f"suite{', ' + shown if shown else ''}: {states:,} states; " + against("suite", total))
     print(against("ref-workstation", float(suite["ref-workstation"]["wall"])))  # type: ignore[arg-type]
+    return suite
+
+
+def main() -> None:
+    print("Reference suite, every reduction on:")
+    suite = reference_suite()
 
     print("\nSymmetry on the symmetric scenario:")
     print(HEADER)
@@ -121,17 +129,7 @@ def main() -> None:
         print(row("ref-workstation, none", verify(workstation, *(f"--no-{r}" for r in REDUCTIONS))))
 
     print(f"\nThe reference suite with {WORKERS} workers (one process each, owning a share of the states):")
-    print(HEADER)
-    split = {}
-    for path in sorted(VERIFY.glob("ref-*.yaml")):
-        split[path.stem] = verify(path, *PARALLEL)
-        print(row(f"{path.stem} --workers {WORKERS}", split[path.stem]))
-    total = sum(float(r["wall"]) for r in split.values())  # type: ignore[arg-type]
-    print(f"suite, {WORKERS} workers: " + against("suite", total))
-    print(
-        f"ref-workstation, {WORKERS} workers: "
-        + against("ref-workstation", float(split["ref-workstation"]["wall"]))
-    )  # type: ignore[arg-type]
+    reference_suite(*PARALLEL)
 
     if "--large" in sys.argv:
         print(f"\nLarger scenarios ({WORKERS} workers, at most {LARGE_LIMIT // 60} minutes each):")

@@ -341,8 +341,7 @@ class Explorer:
         disjoint operations add no state that matters (see the module docstring)."""
         if not self.independence or not busy:
             return True
-        footprint = self._footprint(plan)
-        return any(not footprint.isdisjoint(other) for other in busy)
+        return _overlaps(self._footprint(plan), busy)
 
     def _may_crash(self, state: State, vm: str, busy: list[frozenset[Any]]) -> bool:
         """A crash is an operation of one step: with the independence reduction it
@@ -356,7 +355,7 @@ class Explorer:
         if footprint is None:
             plan = Plan("crash", self._pointing_at(vm), vm, (), None)
             footprint = self._crash_footprints[key] = self._shared(self._footprint(plan))
-        return any(not footprint.isdisjoint(other) for other in busy)
+        return _overlaps(footprint, busy)
 
     def _pointing_at(self, vm: str) -> tuple[Bdf, ...]:
         """The devices the loaded platform or ledger points at ``vm`` from: contexts,
@@ -585,6 +584,11 @@ class Explorer:
         if then is not None:
             concrete.append(rename(then, to_concrete))
         return concrete
+
+
+def _overlaps(footprint: frozenset[Any], busy: list[frozenset[Any]]) -> bool:
+    """Whether ``footprint`` touches what one of the operations in flight touches."""
+    return any(not footprint.isdisjoint(other) for other in busy)
 
 
 @contextmanager

@@ -97,12 +97,12 @@ class Partition:
                 if step.misuse:
                     level.found = Found(fingerprint, step.action)
                     return level
-                parent = explorer.link(fingerprint, step)
+                arrival = Arrival(step.fingerprint, step.state, explorer.link(fingerprint, step))
                 owner = owner_of(step.state, count)
                 if owner == self.index:
-                    self._keep(Arrival(step.fingerprint, step.state, parent), level)
+                    self._keep(arrival, level)
                 else:
-                    level.outboxes.setdefault(owner, []).append(Arrival(step.fingerprint, step.state, parent))
+                    level.outboxes.setdefault(owner, []).append(arrival)
         return level
 
     def receive(self, arrivals: list[Arrival]) -> Level:
