@@ -252,16 +252,16 @@ def test_a_platform_misuse_into_a_known_state_is_still_a_violation(monkeypatch: 
     was new."""
     from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation
 
-    real_apply = Explorer.apply
+    real_run = Explorer._run_action
     calls = {"n": 0}
 
-    def misuse_on_the_third(self: Explorer, state: object, action: object) -> object:
+    def misuse_on_the_third(self: Explorer, state: object, action: object, log: object = None) -> object:
         calls["n"] += 1
         if calls["n"] == 3:  # back to the state it came from, with a misuse caught
-            return state, [Violation(PLATFORM_CONTRACT, None, "released what it does not own")]
-        return real_apply(self, state, action)  # type: ignore[arg-type]
+            return state, [Violation(PLATFORM_CONTRACT, None, "released what it does not own")], None
+        return real_run(self, state, action, log)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Explorer, "apply", misuse_on_the_third)
+    monkeypatch.setattr(Explorer, "_run_action", misuse_on_the_third)
     monkeypatch.setattr(
         Explorer, "replay", lambda self, trace: ([], [Violation(PLATFORM_CONTRACT, None, "x")])
     )

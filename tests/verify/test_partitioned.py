@@ -72,9 +72,16 @@ def test_a_state_crosses_between_workers_as_numbers_once_its_parts_are_known() -
     assert len(again) < len(first) / 3  # the parts crossed with the first batch
 
 
-def test_a_worker_that_fails_is_named_and_the_others_stop(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: object, deadline: object) -> None:
-        raise MemoryError("no room for the frontier")
+@pytest.mark.parametrize("failing", [{0, 1}, {0}], ids=["every-worker", "the-first"])
+def test_a_worker_that_fails_is_named_and_the_others_stop(
+    monkeypatch: pytest.MonkeyPatch, failing: set[int]
+) -> None:
+    expand = Partition.expand
+
+    def broken(self: Partition, deadline: float | None) -> object:
+        if self.index in failing:
+            raise MemoryError("no room for the frontier")
+        return expand(self, deadline)
 
     monkeypatch.setattr(Partition, "expand", broken)
     with pytest.raises(WorkerFailed, match="a verifier worker failed: MemoryError: no room for the frontier"):

@@ -37,6 +37,11 @@ def command(
         "--messages/--no-messages",
         help="Merge states whose operations in flight differ only in the words of a failure.",
     ),
+    memo: bool = typer.Option(
+        True,
+        "--memo/--no-memo",
+        help="Run a transition once for each set of values it reads; others reuse its outcome (exact).",
+    ),
     max_states: int | None = typer.Option(
         None, "--max-states", min=1, help="Stop after this many states.", metavar="N"
     ),
@@ -77,6 +82,7 @@ def command(
         symmetry=symmetry,
         independence=independence,
         messages=messages,
+        memo=memo,
         max_states=max_states,
         time_limit=time_limit,
         workers=workers,

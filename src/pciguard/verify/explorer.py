@@ -36,7 +36,7 @@ import resource
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, NamedTuple
 
@@ -50,6 +50,7 @@ from pciguard.policy import Decision
 from pciguard.simulate import Replay, build
 from pciguard.toolstack import Cursor, LedgerSnapshot, Plan, Step
 from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
+from pciguard.verify.memo import Log, Memo, Undetermined, parts, watching
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
@@ -75,6 +76,27 @@ class Parent(NamedTuple):
     renaming: Renaming
 
 
+class Choice(NamedTuple):
+    """Something that may start, with what it touches."""
+
+    action: Action
+    footprint: frozenset[Any]
+
+
+class Moves(NamedTuple):
+    """What the operations in flight touch, and their next calls (made or failing)."""
+
+    busy: list[frozenset[Any]]
+    actions: tuple[Action, ...]
+
+
+class Chances(NamedTuple):
+    """The crashes and hot-plugs that may happen in a platform-and-ledger pair."""
+
+    crashes: tuple[Choice, ...]
+    hotplugs: tuple[Choice, ...]
+
+
 class Successor(NamedTuple):
     """One transition out of a state, as the search sees it."""
 
@@ -97,6 +119,15 @@ class Action:
     vm: str | None = None
     key: tuple[Any, ...] = ()  # the operation in flight (advance, fail)
     free: bool = False  # fail: a reset of a device whose resets may fail (no fault spent)
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:  # actions key caches: hashed once
+        object.__setattr__(
+            self, "_hash", hash((self.kind, self.op, self.device, self.vm, self.key, self.free))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         if self.kind in ("advance", "fail"):
@@ -160,6 +191,8 @@ class Explorer:
         max_states: int | None = None,
         time_limit: float | None = None,
         workers: int = 1,
+        memo: bool = True,
+        check_memo: bool = False,
         on_progress: Callable[[Stats], None] | None = None,
     ) -> None:
         self.scenario = scenario
@@ -169,6 +202,8 @@ class Explorer:
         self.max_states = max_states
         self.time_limit = time_limit
         self.workers = workers
+        self.memo = Memo() if memo else None
+        self.check_memo = check_memo
         self.on_progress = on_progress
         self.platform, self.toolstack = build(scenario)
         self._units: dict[Bdf, list[Bdf]] = {}
@@ -186,10 +221,15 @@ class Explorer:
         self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
         self.symmetry = Symmetry(scenario, self.explore.devices) if symmetry else None
         self._interned: dict[Any, Any] = {}
-        self._startable: dict[tuple[Any, Any], tuple[tuple[str, Bdf | None, str | None, Plan], ...]] = {}
+        self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
         self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
-        self._crash_footprints: dict[tuple[Any, ...], frozenset[Any]] = {}
+        self._chanced: dict[tuple[Any, Any], Chances] = {}
+        self._moved: dict[
+            tuple[frozenset[Cursor], bool], tuple[list[frozenset[Any]], tuple[Action, ...]]
+        ] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
+        self._cursors: dict[int, tuple[Cursor, Cursor]] = {}
+        self._flights: dict[tuple[Any, ...], tuple[frozenset[Cursor], Cursor | None, frozenset[Cursor]]] = {}
         self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
 
@@ -265,48 +305,31 @@ class Explorer:
 
     # -- transitions -----------------------------------------------------------
     def actions(self, state: State) -> list[Action]:
-        """What may happen next (the state must be loaded)."""
-        cursors, faults = state.in_flight, state.faults
-        out: list[Action] = []
-        ops = self.explore.operations
-        room = len(cursors) < self.explore.concurrency
-        busy = [self._footprint(c.plan) for c in cursors]
-        if room:
-            out += [
-                Action("begin", op, device, vm)
-                for op, device, vm, plan in self._startable_plans(state)
-                if self._may_start(plan, busy)
+        """What may happen next."""
+        chances = self._chances(state)
+        busy, moves = self._moves(state.in_flight, state.faults > 0)
+        room = len(state.in_flight) < self.explore.concurrency
+        begins = self._begins(state) if room else ()
+        hotplugs = chances.hotplugs if room else ()
+        if self.independence and busy:
+            # What starts (an operation, a crash, a hot-plug) while others are in flight
+            # must touch what one of them touches (the module docstring).
+            return [
+                *(action for action, footprint in begins if _overlaps(footprint, busy)),
+                *moves,
+                *(action for action, footprint in chances.crashes if _overlaps(footprint, busy)),
+                *(action for action, footprint in hotplugs if _overlaps(footprint, busy)),
             ]
-        for cursor in self._advancable(cursors):
-            key = key_of(cursor)
-            out.append(Action("advance", key=key))
-            step = cursor.next_step
-            if step is None or step.call not in STEPS:  # only a platform step can fail
-                continue
-            if self._may_fail_by_itself(step):
-                out.append(Action("fail", key=key, free=True))
-            elif faults:
-                out.append(Action("fail", key=key))
-        domains = self.platform.domains()
-        if "crash" in ops:
-            out += [
-                Action("crash", vm=v)
-                for v in self.vms
-                if domains[v].state is DomainState.RUNNING and self._may_crash(state, v, busy)
-            ]
-        if "hotplug" in ops and room:
-            out += [
-                Action("hotplug", device=d)
-                for d in self.hotplug
-                if not self.platform.present(d)
-                and self._parent_present(d)
-                and self._may_start(Plan("hotplug", (d,), None, (), None), busy)
-            ]
-        return out
+        return [
+            *(action for action, _ in begins),
+            *moves,
+            *(action for action, _ in chances.crashes),
+            *(action for action, _ in hotplugs),
+        ]
 
-    def _startable_plans(self, state: State) -> tuple[tuple[str, Bdf | None, str | None, Plan], ...]:
-        """The operations the toolstack would start in the loaded ``state``, with their
-        plans. Planning reads only the platform and the ledger: each pair is planned once."""
+    def _begins(self, state: State) -> tuple[Choice, ...]:
+        """The operations the toolstack would start in ``state``'s platform and ledger,
+        with their footprints. Planning reads only those: each pair is planned once."""
         key = (state.platform, state.ledger)
         found = self._startable.get(key)
         if found is None:
@@ -314,13 +337,87 @@ class Explorer:
             for op in BEGIN_OPS:
                 if op not in self.explore.operations:
                     continue
-                for device, vm in self._arguments(op):
-                    try:
-                        plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
-                    except (RefusedError, PlatformMisuse, KeyError):
-                        continue
-                    startable.append(self._shared((op, device, vm, self._shared(plan))))
+                for device, vm in self._arguments(state, op):
+                    footprint = self._planned(state, op, device, vm)
+                    if footprint is not None:
+                        startable.append(self._shared(Choice(Action("begin", op, device, vm), footprint)))
             found = self._startable[key] = self._shared(tuple(startable))
+        return found
+
+    def _planned(self, state: State, op: str, device: Bdf | None, vm: str | None) -> frozenset[Any] | None:
+        """The footprint of the toolstack's plan for ``op`` in ``state``, or None if it
+        refuses. A plan made once is not made again for a state that agrees with the
+        first on what planning read (see ``memo``)."""
+        signature = ("plan", op, device, vm)
+        before = parts(state.platform, state.ledger)
+        if self.memo is not None:
+            outcome = self.memo.find(signature, before)
+            if outcome is not None:
+                footprint: frozenset[Any] | None = outcome.result
+                return footprint
+        self.load(state)
+        log = Log()
+        try:
+            with watching(self.platform, self.toolstack, log):
+                plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
+            footprint = self._shared(self._footprint(plan))
+        except (RefusedError, PlatformMisuse, KeyError):
+            footprint = None
+        if self.memo is not None:
+            self.memo.store(signature, log, before, before, footprint)  # planning changes nothing
+        return footprint
+
+    def _chances(self, state: State) -> Chances:
+        """The crashes and hot-plugs that may happen in ``state``'s platform and ledger,
+        whatever is in flight, with their footprints (each pair looked at once)."""
+        key = (state.platform, state.ledger)
+        found = self._chanced.get(key)
+        if found is None:
+            sim, ops = state.platform, self.explore.operations
+            crashes: tuple[Choice, ...] = ()
+            if "crash" in ops:
+                running = {d.name for d in sim.domains if d.state is DomainState.RUNNING}
+                crashes = tuple(
+                    Choice(Action("crash", vm=v), self._crash_footprint(state, v))
+                    for v in self.vms
+                    if v in running
+                )
+            hotplugs: tuple[Choice, ...] = ()
+            if "hotplug" in ops:
+                parents = {d: self.scenario.host.topology[d].parent for d in self.hotplug}
+                hotplugs = tuple(
+                    Choice(
+                        Action("hotplug", device=d), self._footprint(Plan("hotplug", (d,), None, (), None))
+                    )
+                    for d in self.hotplug
+                    if d not in sim.present and (parents[d] is None or parents[d] in sim.present)
+                )
+            found = self._chanced[key] = self._shared(
+                Chances(tuple(map(self._shared, crashes)), tuple(map(self._shared, hotplugs)))
+            )
+        return found
+
+    def _moves(
+        self, cursors: frozenset[Cursor], may_inject: bool
+    ) -> tuple[list[frozenset[Any]], tuple[Action, ...]]:
+        """The footprints of the operations in flight, and their next calls (made or
+        failing): they depend on the cursors alone."""
+        key = (cursors, may_inject)
+        found = self._moved.get(key)
+        if found is None:
+            moves: list[Action] = []
+            for cursor in self._advancable(cursors):
+                key_ = key_of(cursor)
+                moves.append(Action("advance", key=key_))
+                step = cursor.next_step
+                if step is None or step.call not in STEPS:  # only a platform step can fail
+                    continue
+                if self._may_fail_by_itself(step):
+                    moves.append(Action("fail", key=key_, free=True))
+                elif may_inject:
+                    moves.append(Action("fail", key=key_))
+            busy = [self._footprint(c.plan) for c in cursors]
+            found = self._moved[key] = Moves(busy, tuple(map(self._shared, moves)))
         return found
 
     def _may_fail_by_itself(self, step: Step) -> bool:
@@ -331,36 +428,19 @@ class Explorer:
             and self.scenario.host.topology[step.device].reset_may_fail
         )
 
-    def _parent_present(self, device: Bdf) -> bool:
-        parent = self.scenario.host.topology[device].parent
-        return parent is None or self.platform.present(parent)
+    def _crash_footprint(self, state: State, vm: str) -> frozenset[Any]:
+        """A crash is an operation of one step: its footprint is the VM and the devices
+        pointing at it (it changes the VM's state alone, which the toolstack reads only
+        for an operation naming the VM, and invariants only beside those devices)."""
+        plan = Plan("crash", self._pointing_at(state, vm), vm, (), None)
+        footprint: frozenset[Any] = self._shared(self._footprint(plan))
+        return footprint
 
-    def _may_start(self, plan: Plan, busy: list[frozenset[Any]]) -> bool:
-        """With the independence reduction, an operation starts while others are in
-        flight only if it touches what one of them touches: the interleavings of
-        disjoint operations add no state that matters (see the module docstring)."""
-        if not self.independence or not busy:
-            return True
-        return _overlaps(self._footprint(plan), busy)
-
-    def _may_crash(self, state: State, vm: str, busy: list[frozenset[Any]]) -> bool:
-        """A crash is an operation of one step: with the independence reduction it
-        happens while others are in flight only if it touches what one of them touches
-        (it changes the VM's state alone, which the toolstack reads only for an
-        operation naming the VM, and invariants only beside the devices pointing at it)."""
-        if not self.independence or not busy:
-            return True
-        key = (state.platform, state.ledger, vm)
-        footprint = self._crash_footprints.get(key)
-        if footprint is None:
-            plan = Plan("crash", self._pointing_at(vm), vm, (), None)
-            footprint = self._crash_footprints[key] = self._shared(self._footprint(plan))
-        return _overlaps(footprint, busy)
-
-    def _pointing_at(self, vm: str) -> tuple[Bdf, ...]:
-        """The devices the loaded platform or ledger points at ``vm`` from: contexts,
-        caches, interrupt entries, exposure, firmware mappings, records."""
-        host, sim = self.scenario.host, self.platform.snapshot()
+    def _pointing_at(self, state: State, vm: str) -> tuple[Bdf, ...]:
+        """The devices ``state``'s platform or ledger points at ``vm`` from: contexts,
+        caches, interrupt entries, exposure, firmware mappings, records (those the state
+        leaves out belong to no VM)."""
+        host, sim = self.scenario.host, state.platform
         rids = {
             entry[0]
             for name in POINTER_FIELDS
@@ -370,19 +450,18 @@ class Explorer:
         devices = {d for rid in rids for d in host.owner_of_rid(rid)}
         devices |= {bdf for d in sim.domains if d.name == vm for bdf, _ in d.reserved}
         devices |= {
-            bdf
-            for bdf, rec in self.toolstack.ledger.items()
-            if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
+            bdf for bdf, rec in state.ledger.records if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
         }
         return tuple(sorted(devices))
 
-    def _arguments(self, op: str) -> list[tuple[Bdf | None, str | None]]:
-        domains = self.platform.domains()
+    def _arguments(self, state: State, op: str) -> list[tuple[Bdf | None, str | None]]:
+        sim = state.platform
+        domains = {d.name: d.state for d in sim.domains}
         if op == "destroy":
-            return [(None, v) for v in self.vms if domains[v].state is not DomainState.DESTROYED]
-        present = [d for d in self.explore.devices if self.platform.present(d)]
+            return [(None, v) for v in self.vms if domains[v] is not DomainState.DESTROYED]
+        present = [d for d in self.explore.devices if d in sim.present]
         if op == "assign":
-            running = [v for v in self.vms if domains[v].state is DomainState.RUNNING]
+            running = [v for v in self.vms if domains[v] is DomainState.RUNNING]
             return [(d, v) for d in present for v in running]
         return [(d, None) for d in present]
 
@@ -414,51 +493,125 @@ class Explorer:
 
     def apply(self, state: State, action: Action) -> tuple[State, list[Violation]]:
         """Take ``action`` from ``state``; return the new state and what it breaks."""
+        new, broken, _ = self._run_action(state, action)
+        return new, broken
+
+    def _run_action(
+        self, state: State, action: Action, log: Log | None = None
+    ) -> tuple[State, list[Violation], Cursor | None]:
+        """Run ``action`` from ``state`` on the real toolstack and platform (seen through
+        ``log``, if given); return the new state, what it breaks, and the cursor the
+        action left in flight (None if its operation ended, or for a crash)."""
         self.load(state)
         self._loaded = None  # the action changes what is loaded
         cursors, faults = state.in_flight, state.faults
         in_flight = {key_of(c): c for c in cursors}
         broken: list[Violation] = []
+        result: Cursor | None = None
         try:
-            if action.kind == "begin":
-                plan = self.toolstack.plan(
-                    action.op, action.device, action.vm, with_group=self.explore.whole_groups
-                )
-                cursor = self.toolstack.begin(plan)
-                in_flight[key_of(cursor)] = cursor
-            elif action.kind == "hotplug":
-                assert action.device is not None
-                self.platform.plug(action.device)
-                self.toolstack.device_appeared(action.device)
-                cursor = self.toolstack.begin(self.toolstack.plan_hotplug(action.device))
-                in_flight[key_of(cursor)] = cursor
-            elif action.kind == "crash":
-                assert action.vm is not None
-                self.platform.crash_domain(action.vm)
-            else:
-                cursor = in_flight.pop(action.key)
-                if action.kind == "fail":
-                    step = cursor.next_step
-                    assert step is not None
-                    self.platform.inject(step.call, step.device)
-                    faults -= 0 if action.free else 1
-                result = self.toolstack.advance(cursor)
-                if isinstance(result, Cursor):
-                    in_flight[key_of(result)] = result
+            with nullcontext() if log is None else watching(self.platform, self.toolstack, log):
+                if action.kind == "begin":
+                    plan = self.toolstack.plan(
+                        action.op, action.device, action.vm, with_group=self.explore.whole_groups
+                    )
+                    result = self.toolstack.begin(plan)
+                elif action.kind == "hotplug":
+                    assert action.device is not None
+                    self.platform.plug(action.device)
+                    self.toolstack.device_appeared(action.device)
+                    result = self.toolstack.begin(self.toolstack.plan_hotplug(action.device))
+                elif action.kind == "crash":
+                    assert action.vm is not None
+                    self.platform.crash_domain(action.vm)
+                else:
+                    cursor = in_flight.pop(action.key)
+                    if action.kind == "fail":
+                        step = cursor.next_step
+                        assert step is not None
+                        self.platform.inject(step.call, step.device)
+                        faults -= 0 if action.free else 1
+                    advanced = self.toolstack.advance(cursor)
+                    result = advanced if isinstance(advanced, Cursor) else None
         except PlatformMisuse as exc:
             broken.append(Violation(PLATFORM_CONTRACT, action.device, str(exc)))
+        if result is not None:
+            result = self._kept(result)
+            in_flight[key_of(result)] = result
         new = self.capture(in_flight.values(), faults)
-        return new, broken
+        # What a restore of ``new`` would leave differs only in what no step reads
+        # (the spent fault rule, the call log, the toolstack's notes): cleared, ``new``
+        # counts as loaded.
+        self.platform.faults.clear()
+        self.platform.log.clear()
+        self.toolstack.notes.clear()
+        self._loaded = new
+        return new, broken, result
 
     # -- search ------------------------------------------------------------------
     def successors(self, state: State) -> Iterator[Successor]:
-        """Every transition out of ``state``. While one is looked at, the state it reached
-        is the one loaded, so ``_check(successor.raw)`` judges it."""
-        self.load(state)
+        """Every transition out of ``state``."""
         for action in self.actions(state):
-            raw, broken = self.apply(state, action)
+            raw, misuse = self._successor(state, action)
             canonical, renaming = self._canonical(raw)
-            yield Successor(action, raw, canonical, hash(canonical), renaming, bool(broken))
+            yield Successor(action, raw, canonical, hash(canonical), renaming, misuse)
+
+    def _successor(self, state: State, action: Action) -> tuple[State, bool]:
+        """The state ``action`` leads to from ``state``, and whether the platform refused a
+        call on the way. A run whose reads another run agreed with is not run again (see
+        ``memo``); with ``check_memo``, it is, and the two must agree."""
+        if self.memo is None:
+            new, broken = self.apply(state, action)
+            return new, bool(broken)
+        before = parts(state.platform, state.ledger)
+        signature = self._signature(state, action)
+        outcome = self.memo.find(signature, before)
+        if outcome is None:
+            log = Log()
+            new, broken, result = self._run_action(state, action, log)
+            if not broken:  # a misuse is a violation: the search stops there
+                self.memo.store(signature, log, before, parts(new.platform, new.ledger), result)
+            return new, bool(broken)
+        after = self.memo.after(before, outcome, self._shared)
+        moved = action.key if action.kind in ("advance", "fail") else None
+        new = State(
+            self._shared(SimSnapshot._make(after[: len(SimSnapshot._fields)])),
+            self._shared(LedgerSnapshot(after[-2], after[-1])),
+            self._flights_after(state.in_flight, moved, outcome.result),
+            state.faults - (1 if action.kind == "fail" and not action.free else 0),
+        )
+        if self.check_memo:
+            real, broken = self.apply(state, action)
+            if broken or real != new:
+                raise Undetermined(f"{action}: the remembered outcome differs from a run")
+        return new, False
+
+    def _flights_after(
+        self, in_flight: frozenset[Cursor], moved: tuple[Any, ...] | None, result: Cursor | None
+    ) -> frozenset[Cursor]:
+        """``in_flight`` without the operation ``moved`` and with ``result``; remembered
+        by identity (the entry holds both, so their ids stay theirs): hashing cursors
+        again costs more than a transition's other work."""
+        key = (id(in_flight), moved, id(result))
+        found = self._flights.get(key)
+        if found is None or found[0] is not in_flight or found[1] is not result:
+            cursors = {key_of(c): c for c in in_flight}
+            if moved is not None:
+                del cursors[moved]
+            if result is not None:
+                cursors[key_of(result)] = result
+            found = self._flights[key] = (in_flight, result, self._shared(frozenset(cursors.values())))
+        return found[2]
+
+    def _signature(self, state: State, action: Action) -> Any:
+        """What a run of ``action`` depends on besides the tables: the action, and the
+        operation it advances (by the identity of the one object equal cursors share)."""
+        if action.kind in ("advance", "fail"):
+            (cursor,) = (c for c in state.in_flight if key_of(c) == action.key)
+            known = self._cursors.get(id(cursor))
+            if known is None:  # the entry keeps ``cursor`` alive: its id stays its own
+                known = self._cursors[id(cursor)] = (cursor, self._shared(cursor))
+            return (action, id(known[1]))
+        return action
 
     def link(self, fingerprint: int, step: Successor) -> Parent:
         """Where ``step`` came from, as the search keeps it for every state: the action
@@ -549,12 +702,13 @@ class Explorer:
         return Result(verdict, stats, counterexample, reason)
 
     def _check(self, state: State) -> list[Violation]:
-        """The invariants over the loaded ``state``. They read only the platform and the
+        """The invariants over ``state``. They read only the platform and the
         ledger, which many states share (differing in operations in flight or faults
         left): each pair is checked once."""
         key = (state.platform, state.ledger)
         found = self._checked.get(key)
         if found is None:
+            self.load(state)
             found = self._checked[key] = self._shared(tuple(check_all(self.toolstack, self.platform)))
         return list(found)
 
@@ -629,7 +783,7 @@ def rename(value: Any, mapping: Renaming) -> Any:
     if isinstance(value, frozenset):
         return frozenset(rename(v, mapping) for v in value)
     if isinstance(value, (Cursor, Plan, Step, Action, Decision)) and is_dataclass(value):
-        changes = {f.name: rename(getattr(value, f.name), mapping) for f in fields(value)}
+        changes = {f.name: rename(getattr(value, f.name), mapping) for f in fields(value) if f.init}
         return replace(value, **changes)
     return value
 
@@ -645,6 +799,9 @@ class Symmetry:
     _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
     _vm_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
     _part_memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    _holdings_memo: dict[tuple[Any, Any], dict[str, tuple[str, str]]] = field(default_factory=dict)
+    _flights_memo: dict[frozenset[Cursor], dict[str, str]] = field(default_factory=dict)
+    _placeholder: Renaming = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -657,6 +814,7 @@ class Symmetry:
         for name, iommu in self.scenario.vms:
             by_context.setdefault(iommu, []).append(name)
         self.vm_classes = [sorted(c) for c in by_context.values() if len(c) > 1]
+        self._placeholder = {vm: "·" for c in self.vm_classes for vm in c}
 
     def _shape(self, d: Bdf) -> Any:
         """What makes devices interchangeable; None if ``d`` can only be itself."""
@@ -693,17 +851,20 @@ class Symmetry:
     def canonical(self, state: State) -> tuple[State, Renaming]:
         if not self.active:
             return state, {}
-        placeholder = {vm: "·" for c in self.vm_classes for vm in c}
         renaming: Renaming = {}
-        for vms in self.vm_classes:
-            by_vm = sorted(vms, key=lambda vm: self._vm_signature(state, vm, placeholder))
-            renaming.update({raw: canon for raw, canon in zip(by_vm, vms, strict=True) if raw != canon})
+        if self.vm_classes:
+            held = self._vm_holdings(state)
+            flights = self._vm_flights(state.in_flight)
+            for vms in self.vm_classes:
+                by_vm = sorted(vms, key=lambda vm: (*held[vm], flights[vm]))
+                renaming.update({raw: canon for raw, canon in zip(by_vm, vms, strict=True) if raw != canon})
         for devices in self.device_classes:
             by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming))
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
         if not renaming:
             return state, {}
-        # ``rename``, remembered: the same parts recur in state after state.
+        # ``rename``, remembered: the same platforms, ledgers, parts and cursors recur in
+        # state after state.
         memo = self._memo.setdefault(frozenset(renaming.items()), {})
 
         def renamed(value: Any) -> Any:
@@ -712,13 +873,40 @@ class Symmetry:
                 found = memo[value] = rename(value, renaming)
             return found
 
-        ledger = state.ledger
-        return State(
-            SimSnapshot._make(renamed(part) for part in state.platform),
-            LedgerSnapshot(frozenset(renamed(entry) for entry in ledger.records), renamed(ledger.torn_down)),
-            frozenset(renamed(c) for c in state.in_flight),
-            state.faults,
-        ), renaming
+        platform = memo.get(state.platform)
+        if platform is None:
+            platform = memo[state.platform] = SimSnapshot._make(renamed(part) for part in state.platform)
+        ledger = memo.get(state.ledger)
+        if ledger is None:
+            records = frozenset(renamed(entry) for entry in state.ledger.records)
+            ledger = memo[state.ledger] = LedgerSnapshot(records, renamed(state.ledger.torn_down))
+        return State(platform, ledger, renamed(state.in_flight), state.faults), renaming
+
+    def _vm_holdings(self, state: State) -> dict[str, tuple[str, str]]:
+        """Each symmetric VM's domain and what points at it (``_vm_signature``), for a
+        platform-and-ledger pair (remembered)."""
+        key = (state.platform, state.ledger)
+        found = self._holdings_memo.get(key)
+        if found is None:
+            found = self._holdings_memo[key] = {
+                vm: self._vm_signature(state, vm, self._placeholder)[:2] for c in self.vm_classes for vm in c
+            }
+        return found
+
+    def _vm_flights(self, cursors: frozenset[Cursor]) -> dict[str, str]:
+        """Each symmetric VM's operations in flight (``_vm_signature``), remembered."""
+        found = self._flights_memo.get(cursors)
+        if found is None:
+            state = State(
+                SimSnapshot._make(frozenset() for _ in SimSnapshot._fields),
+                LedgerSnapshot(frozenset(), frozenset()),
+                cursors,
+                0,
+            )
+            found = self._flights_memo[cursors] = {
+                vm: self._vm_signature(state, vm, self._placeholder)[2] for c in self.vm_classes for vm in c
+            }
+        return found
 
     def _device_signature(self, state: State, d: Bdf, names: Renaming) -> str:
         """Everything about ``d`` in ``state``, with device names erased ("self" for

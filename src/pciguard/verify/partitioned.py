@@ -353,9 +353,16 @@ class Forked:
         """Stop every worker; their peak memory, in MiB, summed (what a failed one used
         is not known)."""
         peaks = 0.0
-        for index in range(self.count):
-            with contextlib.suppress(WorkerFailed, OSError):
-                peaks += self._ask(index, "stop")
+        for connection in self.connections:
+            with contextlib.suppress(WorkerFailed, OSError, EOFError):
+                connection.send(("stop", None))
+                # A worker that answered a level another one failed in still has that
+                # answer pending: the last reply is the one to "stop".
+                for _ in range(3):
+                    answer = self._reply(connection)
+                    if isinstance(answer, float):
+                        peaks += answer
+                        break
         for process in self.processes:
             process.join(timeout=5)
             if process.is_alive():

@@ -16,7 +16,7 @@ Like iommufd's selftests, the platform checks its caller: contract violations ra
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -134,6 +134,23 @@ def _add(table: dict[Any, frozenset[str]], key: Any, names: Iterable[str]) -> No
     """Add ``names`` to the set a table holds for ``key``: what the platform's caches
     and devices gather only grows until something clears it."""
     table[key] = table.get(key, frozenset()).union(names)
+
+
+class _DomainsView(Mapping[str, DomainInfo]):
+    __slots__ = ("_domains",)
+
+    def __init__(self, domains: Mapping[str, _Domain]) -> None:
+        self._domains = domains
+
+    def __getitem__(self, name: str) -> DomainInfo:
+        dom = self._domains[name]
+        return DomainInfo(name, dom.state, dom.iommu_context)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._domains)
+
+    def __len__(self) -> int:
+        return len(self._domains)
 
 
 class SimPlatform:
@@ -271,7 +288,9 @@ class SimPlatform:
         return self._host
 
     def domains(self) -> Mapping[str, DomainInfo]:
-        return {n: DomainInfo(n, d.state, d.iommu_context) for n, d in self._domains.items()}
+        """The domains as they are now: a view, read at once (a lookup reads one
+        domain, so the verifier sees a step depend on that domain alone)."""
+        return _DomainsView(self._domains)
 
     def present(self, device: Bdf) -> bool:
         return device in self._present

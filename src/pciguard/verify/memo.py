@@ -1,0 +1,381 @@
+"""Transitions remembered by what they read.
+
+A transition runs the real toolstack on the simulated platform, and both are
+deterministic: what a step does depends only on the action, the operation in flight and
+the parts of the platform and the ledger it looks at. So each transition is run once
+with every table of the platform and the ledger seen through a recorder, which notes
+the cells it reads (in order, each at its first read) and the cells it may change. The
+outcome — the final value of every changed cell and the operation's next cursor — is
+kept under the values the read cells had. Another state that agrees on those cells
+makes the same run, so its successor is that state with the same cells changed: no
+restore, no run, no snapshot.
+
+The reads are kept as a tree per action: from each node, per cell read next, a branch
+per value; a node where a run stopped reading holds its outcome. The order of reads may
+differ between runs that read the same cells (a table's entries are walked in the order
+they were made, which restoring a state does not fix), so a lookup follows every branch
+the state agrees with. A run that reads the same cells with the same values as another
+but ends differently read something the recorder cannot see, or is not deterministic:
+that raises ``Undetermined`` instead of keeping a wrong entry.
+
+A cell is one entry of a table (a requester ID's context entry, a device's ledger
+record, a domain), a table's set of keys (``KEYS``, read by iterating it) or the whole
+table (``ALL``, read by walking its items, and changed as a whole when its values are
+objects changed in place). The VMs whose teardown finished are read and changed as a
+whole by every step (the toolstack keeps them in an attribute, not a table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+from pciguard.platforms.sim import SimPlatform, SimSnapshot
+from pciguard.toolstack import LedgerSnapshot, Toolstack
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+ABSENT = _Marker("ABSENT")  # the value of a cell whose table has no such key
+KEYS = _Marker("KEYS")  # the cell of a table's set of keys
+ALL = _Marker("ALL")  # the cell of a whole table
+
+
+class Table(NamedTuple):
+    """One table of the state: where it lives and how its part of a state is read."""
+
+    position: int  # its part in ``parts(state)``
+    owner: str  # platform | toolstack
+    attribute: str
+    is_set: bool  # a set of keys (present, driver bound, ATS enabled) rather than a mapping
+    mutable: bool  # its values are objects changed in place: fetching one may change it
+
+
+#: The platform's tables, in ``SimSnapshot`` order, then the ledger's records.
+TABLES = (
+    *(
+        Table(
+            i,
+            "platform",
+            "_" + name,
+            name in ("present", "driver", "ats"),
+            name in ("domains", "stale"),
+        )
+        for i, name in enumerate(SimSnapshot._fields)
+    ),
+    Table(len(SimSnapshot._fields), "toolstack", "ledger", False, True),
+)
+TORN_DOWN = len(TABLES)  # the toolstack's torn-down VMs: read and written whole
+Cell = tuple[int, Any]  # (table index, key | KEYS | ALL)
+Parts = tuple[Any, ...]
+
+
+def parts(platform: SimSnapshot, ledger: LedgerSnapshot) -> Parts:
+    return (*platform, ledger.records, ledger.torn_down)
+
+
+class Undetermined(RuntimeError):
+    """A step's reads contradict an earlier run with the same values read so far: it
+    read something the recorder does not see, or it is not deterministic."""
+
+
+class Outcome(NamedTuple):
+    """What one run did: each changed table's changes, and the next cursor."""
+
+    changes: tuple[tuple[int, Any], ...]  # (table, ALL part | ((key, value), ...))
+    result: Any  # the operation's next cursor, or None once it ended
+
+
+class _Node:
+    """What runs read next after the same reads with the same values: per cell, the
+    node each value leads to; and the outcome of a run that read nothing more."""
+
+    __slots__ = ("branches", "outcome")
+
+    def __init__(self) -> None:
+        self.branches: dict[Cell, dict[int, _Node]] = {}
+        self.outcome: Outcome | None = None
+
+
+class Log:
+    """What one run read (in order, each cell at its first read) and may have changed.
+    A cell changed before it is read is not a read: its value came from the run."""
+
+    __slots__ = ("reads", "seen", "touched")
+
+    def __init__(self) -> None:
+        self.reads: list[Cell] = [(TORN_DOWN, ALL)]
+        self.seen: set[Cell] = {(TORN_DOWN, ALL)}
+        self.touched: set[Cell] = {(TORN_DOWN, ALL)}
+
+    def read(self, cell: Cell) -> None:
+        if cell not in self.seen:
+            self.seen.add(cell)
+            self.reads.append(cell)
+
+    def touch(self, cell: Cell) -> None:
+        self.seen.add(cell)
+        self.touched.add(cell)
+
+
+class _WatchedMap:
+    """A mapping of the platform or the ledger as a step sees it: every access noted."""
+
+    __slots__ = ("_data", "_log", "_mutable", "_table")
+
+    def __init__(self, data: dict[Any, Any], table: Table, log: Log) -> None:
+        self._data, self._table, self._log, self._mutable = data, table.position, log, table.mutable
+
+    def _fetch(self, key: Any) -> None:
+        self._log.read((self._table, key))
+        if self._mutable:
+            self._log.touch((self._table, key))
+
+    def _change(self, key: Any) -> None:
+        self._log.read((self._table, key))  # these calls return or check what was there
+        self._log.touch((self._table, key))
+
+    def __getitem__(self, key: Any) -> Any:
+        self._fetch(key)
+        return self._data[key]
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._fetch(key)
+        return self._data.get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self._log.read((self._table, key))
+        return key in self._data
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._log.touch((self._table, key))
+        self._data[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        self._change(key)
+        del self._data[key]
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._change(key)
+        return self._data.pop(key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._change(key)
+        return self._data.setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        new = dict(*args, **kwargs)
+        for key in new:
+            self._log.touch((self._table, key))
+        self._data.update(new)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._log.read((self._table, KEYS))
+        return iter(self._data)
+
+    def keys(self) -> Any:
+        self._log.read((self._table, KEYS))
+        return self._data.keys()
+
+    def __len__(self) -> int:
+        self._log.read((self._table, KEYS))
+        return len(self._data)
+
+    def items(self) -> Any:
+        self._whole()
+        return self._data.items()
+
+    def values(self) -> Any:
+        self._whole()
+        return self._data.values()
+
+    def _whole(self) -> None:
+        self._log.read((self._table, ALL))
+        if self._mutable:
+            self._log.touch((self._table, ALL))
+
+
+class _WatchedSet:
+    """A set of the platform as a step sees it: every access noted."""
+
+    __slots__ = ("_data", "_log", "_table")
+
+    def __init__(self, data: set[Any], table: Table, log: Log) -> None:
+        self._data, self._table, self._log = data, table.position, log
+
+    def __contains__(self, key: Any) -> bool:
+        self._log.read((self._table, key))
+        return key in self._data
+
+    def add(self, key: Any) -> None:
+        self._log.touch((self._table, key))
+        self._data.add(key)
+
+    def discard(self, key: Any) -> None:
+        self._log.touch((self._table, key))
+        self._data.discard(key)
+
+    def remove(self, key: Any) -> None:
+        self._log.read((self._table, key))
+        self._log.touch((self._table, key))
+        self._data.remove(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._log.read((self._table, ALL))
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        self._log.read((self._table, ALL))
+        return len(self._data)
+
+
+@contextmanager
+def watching(platform: SimPlatform, toolstack: Toolstack, log: Log) -> Iterator[None]:
+    """Run the block with every table of ``platform`` and ``toolstack`` seen through
+    ``log``; the tables themselves are put back afterwards."""
+    owners = {"platform": platform, "toolstack": toolstack}
+    saved = [(owners[t.owner], t.attribute, getattr(owners[t.owner], t.attribute)) for t in TABLES]
+    try:
+        for table, (owner, attribute, data) in zip(TABLES, saved, strict=True):
+            watched = _WatchedSet(data, table, log) if table.is_set else _WatchedMap(data, table, log)
+            setattr(owner, attribute, watched)
+        yield
+    finally:
+        for owner, attribute, data in saved:
+            setattr(owner, attribute, data)
+
+
+class Memo:
+    """Outcomes of runs, per action, under the values of the cells each run read.
+
+    The tree branches on the identity of each value read: the values of a state's
+    parts are interned here (equal values are one object, kept alive by the tables),
+    so a branch is taken without hashing a record or a domain again."""
+
+    def __init__(self) -> None:
+        self._roots: dict[Any, _Node] = {}
+        self._parts: dict[Any, Any] = {}
+        self._values: dict[Any, Any] = {}
+        self._dicts: dict[int, dict[Any, Any]] = {}
+        self._keys: dict[int, frozenset[Any]] = {}
+        self._after: dict[tuple[int, int], Any] = {}
+        self.hits = 0
+        self.runs = 0
+
+    # -- reading a state's cells ---------------------------------------------------
+    def _part(self, part: Any) -> Any:
+        """The one object of the parts equal to ``part`` (frozensets keep their hash)."""
+        return self._parts.setdefault(part, part)
+
+    def _as_dict(self, index: int, part: Any) -> dict[Any, Any]:
+        """A mapping part as a dict of interned values (``part`` interned)."""
+        found = self._dicts.get(id(part))
+        if found is None:
+            entries = ((d.name, d) for d in part) if index == 0 else part  # domains: by name
+            intern = self._values.setdefault
+            found = self._dicts[id(part)] = {key: intern(value, value) for key, value in entries}
+        return found
+
+    def value(self, state_parts: Parts, cell: Cell) -> Any:
+        """The value ``cell`` has in a state, as an interned object."""
+        index, key = cell
+        part = self._part(state_parts[index])
+        if key is ALL:
+            return part
+        if index < len(TABLES) and TABLES[index].is_set:
+            return key in part
+        if key is KEYS:
+            keys = self._keys.get(id(part))
+            if keys is None:
+                keys = self._keys[id(part)] = self._part(frozenset(self._as_dict(index, part)))
+            return keys
+        return self._as_dict(index, part).get(key, ABSENT)
+
+    # -- looking up and storing ------------------------------------------------------
+    def find(self, action: Any, state_parts: Parts) -> Outcome | None:
+        """The outcome of a run of ``action`` that read only cells on which the state
+        agrees with it, if one was kept."""
+        root = self._roots.get(action)
+        if root is None:
+            return None
+        value, pending = self.value, [root]
+        while pending:
+            node = pending.pop()
+            if node.outcome is not None:
+                self.hits += 1
+                return node.outcome
+            for cell, children in node.branches.items():
+                child = children.get(id(value(state_parts, cell)))
+                if child is not None:
+                    pending.append(child)
+        return None
+
+    def store(self, action: Any, log: Log, before: Parts, after: Parts, result: Any) -> Outcome:
+        """Keep the outcome of a run from ``before`` to ``after`` that read and
+        touched what ``log`` holds."""
+        self.runs += 1
+        outcome = Outcome(self._changes(log, after), result)
+        node = self._roots.get(action)
+        if node is None:
+            node = self._roots[action] = _Node()
+        for cell in log.reads:
+            children = node.branches.setdefault(cell, {})
+            slot = id(self.value(before, cell))
+            child = children.get(slot)
+            if child is None:
+                child = children[slot] = _Node()
+            node = child
+        if node.outcome is not None and node.outcome != outcome:
+            raise Undetermined(f"{action}: two runs read the same values and ended differently")
+        node.outcome = outcome
+        return outcome
+
+    def _changes(self, log: Log, after: Parts) -> tuple[tuple[int, Any], ...]:
+        by_table: dict[int, Any] = {}
+        for index, key in log.touched:
+            if key is ALL:
+                by_table[index] = ALL
+            elif by_table.get(index) is not ALL:
+                by_table.setdefault(index, {})[key] = self.value(after, (index, key))
+        return tuple(
+            (index, self._part(after[index]) if keyed is ALL else tuple(sorted(keyed.items(), key=repr)))
+            for index, keyed in sorted(by_table.items())
+        )
+
+    # -- the state after -------------------------------------------------------------
+    def after(self, state_parts: Parts, outcome: Outcome, intern: Callable[[Any], Any]) -> Parts:
+        """``state_parts`` with ``outcome``'s changes made (each new part interned)."""
+        new = list(state_parts)
+        for index, change in outcome.changes:
+            part = new[index]
+            if isinstance(change, tuple):
+                part = self._part(part)
+                key = (id(part), id(change))  # both kept alive: the part here, the change in the tree
+                found = self._after.get(key)
+                if found is None:
+                    found = self._after[key] = self._part(intern(self._changed(index, part, change)))
+                new[index] = found
+            else:
+                new[index] = change
+        return tuple(new)
+
+    def _changed(self, index: int, part: Any, changes: tuple[tuple[Any, Any], ...]) -> Any:
+        if TABLES[index].is_set:
+            members = set(part)
+            for key, present in changes:
+                (members.add if present else members.discard)(key)
+            return frozenset(members)
+        entries = dict(self._as_dict(index, part))
+        for key, value in changes:
+            if value is ABSENT:
+                entries.pop(key, None)
+            else:
+                entries[key] = value
+        return frozenset(entries.values() if index == 0 else entries.items())
