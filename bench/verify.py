@@ -9,7 +9,8 @@ in at most 2 s, the suite in at most 4 s, examples/verify/large/aliases.yaml in 
 
 Each run is its own `pciguard verify --json` process, so its memory and CPU are its own.
 Usage: python3 bench/verify.py [--quick] [--large] [--orbits] [--breakdown]
-  --quick skips the per-reduction comparison; --large adds examples/verify/large/
+  --quick skips the per-reduction comparison (and the run without remembered
+  outcomes, --no-memo); --large adds examples/verify/large/
   (with workers, each stopped after ten minutes);
   --orbits counts the exact orbits of ref-workstation's states under its symmetries
   (every state without the symmetry reduction, merged with its renamings), to show how
@@ -127,6 +128,8 @@ def main() -> None:
         for flags in ([f"--no-{r}"] for r in REDUCTIONS):
             print(row("ref-workstation " + " ".join(flags), verify(workstation, *flags)))
         print(row("ref-workstation, none", verify(workstation, *(f"--no-{r}" for r in REDUCTIONS))))
+        # Not a reduction: the same states, each transition's outcome reused or run.
+        print(row("ref-workstation --no-memo", verify(workstation, "--no-memo")))
 
     print(f"\nThe reference suite with {WORKERS} workers (one process each, owning a share of the states):")
     reference_suite(*PARALLEL)
@@ -181,11 +184,11 @@ def orbits(path: Path) -> None:
     )
 
 
-# What a transition is made of, by the explorer's and toolstack's own functions.
+# What a transition is made of, by the explorer's, memo's and toolstack's own functions.
 PARTS = {
     "restore a state (platform and ledger)": "load",
-    "the toolstack's step (advance or begin)": ("advance", "begin"),
-    "snapshot the result": "capture",
+    "run the toolstack's step (outcome not known)": "_run_action",
+    "find and make a remembered outcome": ("find", "after"),
     "symmetry: canonical renaming": "_canonical",
     "invariants (once per platform and ledger)": "_check",
     "what may happen next": "actions",
@@ -210,7 +213,7 @@ def breakdown(path: Path) -> None:
         spent = sum(
             cumulative
             for (filename, _, name), (_, _, _, cumulative, _) in stats.items()
-            if name in wanted and ("explorer" in filename or "toolstack" in filename)
+            if name in wanted and any(part in filename for part in ("explorer", "memo", "toolstack"))
         )
         print(f"  {label:<44} {spent / total:6.1%}")
 

@@ -802,6 +802,8 @@ class Symmetry:
     _holdings_memo: dict[tuple[Any, Any], dict[str, tuple[str, str]]] = field(default_factory=dict)
     _flights_memo: dict[frozenset[Cursor], dict[str, str]] = field(default_factory=dict)
     _placeholder: Renaming = field(default_factory=dict)
+    _device_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _local_memo: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -859,7 +861,8 @@ class Symmetry:
                 by_vm = sorted(vms, key=lambda vm: (*held[vm], flights[vm]))
                 renaming.update({raw: canon for raw, canon in zip(by_vm, vms, strict=True) if raw != canon})
         for devices in self.device_classes:
-            by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming))
+            names_key = frozenset(renaming.items())
+            by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming, names_key))
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
         if not renaming:
             return state, {}
@@ -908,26 +911,44 @@ class Symmetry:
             }
         return found
 
-    def _device_signature(self, state: State, d: Bdf, names: Renaming) -> str:
+    def _device_signature(self, state: State, d: Bdf, names: Renaming, names_key: frozenset[Any]) -> str:
         """Everything about ``d`` in ``state``, with device names erased ("self" for
-        ``d``, "other" for the rest of its class) and VM names mapped by ``names``."""
-        erase: Renaming = names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
-        local = [sorted(repr(rename(e, erase)) for e in self._mentioning(part, d)) for part in state.platform]
-        record = [rename(rec, erase) for bdf, rec in state.ledger.records if bdf == d]
-        flights = sorted(
-            repr(
-                (
-                    c.plan.operation,
-                    c.phase.value,
-                    c.index,
-                    names.get(c.plan.vm, c.plan.vm),
-                    c.plan.devices.index(d),
+        ``d``, "other" for the rest of its class) and VM names mapped by ``names``
+        (``names_key`` is ``names`` as a key). Each part is remembered by the state parts
+        it comes from."""
+        key = (state.platform, state.ledger, d, names_key)
+        held = self._device_memo.get(key)
+        if held is None:
+            erase: Renaming = names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
+            local = [self._local(part, d, names_key, erase) for part in state.platform]
+            record = [rename(rec, erase) for bdf, rec in state.ledger.records if bdf == d]
+            held = self._device_memo[key] = f"({local!r}, {record!r}, "
+        key = (state.in_flight, d, names_key)
+        flights = self._device_memo.get(key)
+        if flights is None:
+            flights = self._device_memo[key] = repr(
+                sorted(
+                    repr(
+                        (
+                            c.plan.operation,
+                            c.phase.value,
+                            c.index,
+                            names.get(c.plan.vm, c.plan.vm),
+                            c.plan.devices.index(d),
+                        )
+                    )
+                    for c in state.in_flight
+                    if d in c.plan.devices
                 )
             )
-            for c in state.in_flight
-            if d in c.plan.devices
-        )
-        return repr((local, record, flights))
+        return f"{held}{flights})"  # repr((local, record, flights))
+
+    def _local(self, part: frozenset[Any], d: Bdf, names_key: frozenset[Any], erase: Renaming) -> list[str]:
+        key = (part, d, names_key)
+        found = self._local_memo.get(key)
+        if found is None:
+            found = self._local_memo[key] = sorted(repr(rename(e, erase)) for e in self._mentioning(part, d))
+        return found
 
     def _mentioning(self, part: frozenset[Any], d: Bdf) -> tuple[Any, ...]:
         """The entries of a state part that name ``d`` (parts recur: remembered)."""
