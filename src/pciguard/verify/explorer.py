@@ -923,10 +923,10 @@ class Symmetry:
             local = [self._local(part, d, names_key, erase) for part in state.platform]
             record = [rename(rec, erase) for bdf, rec in state.ledger.records if bdf == d]
             held = self._device_memo[key] = f"({local!r}, {record!r}, "
-        key = (state.in_flight, d, names_key)
-        flights = self._device_memo.get(key)
+        flights_key = (state.in_flight, d, names_key)
+        flights = self._device_memo.get(flights_key)
         if flights is None:
-            flights = self._device_memo[key] = repr(
+            flights = self._device_memo[flights_key] = repr(
                 sorted(
                     repr(
                         (
