@@ -132,3 +132,27 @@ def test_runs_that_read_the_same_cells_in_another_order_are_found_either_way() -
     assert memo.find("act", state("vm3")) is None  # b differs: no run read that
     with pytest.raises(Undetermined, match="ended differently"):
         memo.store("act", first, state("vm2"), state("vm2"), result="another end")
+
+
+def test_caches_cleared_and_outcomes_forgotten_along_the_way_change_no_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long search keeps its caches and remembered outcomes within bounds by clearing
+    them; with bounds so small that it clears them again and again, it still reaches
+    exactly the same states."""
+    import pciguard.verify.explorer as explorer_module
+
+    scenario = load_scenario(VERIFY / "ref-hotplug-race.yaml")
+    keeping = Explorer(scenario)
+    kept = keeping.run()
+    monkeypatch.setattr(explorer_module, "CACHE_ENTRIES", 50)
+    monkeypatch.setattr(explorer_module, "MEMO_READS", 200)
+    clearing = Explorer(scenario, check_memo=True)
+    cleared = clearing.run()
+    assert (cleared.verdict, cleared.stats.states, cleared.stats.transitions) == (
+        kept.verdict,
+        kept.stats.states,
+        kept.stats.transitions,
+    )
+    assert clearing.memo is not None and keeping.memo is not None
+    assert clearing.memo.runs > keeping.memo.runs  # what it forgot, it ran again

@@ -56,6 +56,10 @@ BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arri
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
 
 Renaming = dict[Any, Any]
+#: Bounds on what a search keeps besides its states (``Explorer._trim``): about 400 MiB
+#: of caches, and about 200 MiB of remembered outcomes.
+CACHE_ENTRIES = 500_000
+MEMO_READS = 2_000_000
 
 
 class State(NamedTuple):
@@ -229,6 +233,7 @@ class Explorer:
         ] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
         self._cursors: dict[int, tuple[Cursor, Cursor]] = {}
+        self._expanded = 0
         self._flights: dict[tuple[Any, ...], tuple[frozenset[Cursor], Cursor | None, frozenset[Cursor]]] = {}
         self._loaded: State | None = None
         self._initial_renaming: Renaming = {}
@@ -550,10 +555,32 @@ class Explorer:
     # -- search ------------------------------------------------------------------
     def successors(self, state: State) -> Iterator[Successor]:
         """Every transition out of ``state``."""
+        self._expanded += 1
+        if not self._expanded % 1024:
+            self._trim()
         for action in self.actions(state):
             raw, misuse = self._successor(state, action)
             canonical, renaming = self._canonical(raw)
             yield Successor(action, raw, canonical, hash(canonical), renaming, misuse)
+
+    def _trim(self) -> None:
+        """Keep the caches within a bound: past it, what may be computed again is
+        cleared (so a long search's memory goes to its states), and past another the
+        remembered outcomes are forgotten and found again by running."""
+        caches = [
+            self._checked,
+            self._chanced,
+            self._startable,
+            self._moved,
+            self._flights,
+            *(self.symmetry.caches() if self.symmetry else ()),
+            *(self.memo.caches() if self.memo else ()),
+        ]
+        if sum(map(len, caches)) > CACHE_ENTRIES:
+            for cache in caches:
+                cache.clear()
+        if self.memo is not None and self.memo.size > MEMO_READS:
+            self.memo.reset()
 
     def _successor(self, state: State, action: Action) -> tuple[State, bool]:
         """The state ``action`` leads to from ``state``, and whether the platform refused a
@@ -910,6 +937,18 @@ class Symmetry:
                 vm: self._vm_signature(state, vm, self._placeholder)[2] for c in self.vm_classes for vm in c
             }
         return found
+
+    def caches(self) -> list[dict[Any, Any]]:
+        """The memos of renamings and signatures: any may be cleared at any time."""
+        return [
+            self._memo,
+            self._vm_memo,
+            self._part_memo,
+            self._holdings_memo,
+            self._flights_memo,
+            self._device_memo,
+            self._local_memo,
+        ]
 
     def _device_signature(self, state: State, d: Bdf, names: Renaming, names_key: frozenset[Any]) -> str:
         """Everything about ``d`` in ``state``, with device names erased ("self" for

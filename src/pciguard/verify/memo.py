@@ -94,14 +94,34 @@ class Outcome(NamedTuple):
 
 
 class _Node:
-    """What runs read next after the same reads with the same values: per cell, the
-    node each value leads to; and the outcome of a run that read nothing more."""
+    """What runs read next after the same reads with the same values, and the outcome of
+    a run that read nothing more. Most nodes have one branch (a run reads on where the
+    one before read), kept in three slots: the cell, the identity of its value, the next
+    node; further branches go in ``more``, by cell and value."""
 
-    __slots__ = ("branches", "outcome")
+    __slots__ = ("cell", "child", "more", "outcome", "value")
 
     def __init__(self) -> None:
-        self.branches: dict[Cell, dict[int, _Node]] = {}
+        self.cell: Cell | None = None
+        self.value = 0
+        self.child: _Node | None = None
+        self.more: dict[Cell, dict[int, _Node]] | None = None
         self.outcome: Outcome | None = None
+
+    def branch(self, cell: Cell, value: int) -> _Node:
+        """The node after reading ``cell`` with ``value`` (made if new)."""
+        if self.cell is None:
+            self.cell, self.value, self.child = cell, value, _Node()
+        if self.cell == cell and self.value == value:
+            assert self.child is not None
+            return self.child
+        if self.more is None:
+            self.more = {}
+        children = self.more.setdefault(cell, {})
+        child = children.get(value)
+        if child is None:
+            child = children[value] = _Node()
+        return child
 
 
 class Log:
@@ -260,14 +280,23 @@ class Memo:
     so a branch is taken without hashing a record or a domain again."""
 
     def __init__(self) -> None:
+        self.hits = 0
+        self.runs = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every outcome (to bound memory: they are found again by running)."""
+        self.size = 0  # reads kept in the tree: a bound on its nodes
         self._roots: dict[Any, _Node] = {}
         self._parts: dict[Any, Any] = {}
         self._values: dict[Any, Any] = {}
         self._dicts: dict[int, dict[Any, Any]] = {}
         self._keys: dict[int, frozenset[Any]] = {}
         self._after: dict[tuple[int, int], Any] = {}
-        self.hits = 0
-        self.runs = 0
+
+    def caches(self) -> list[dict[Any, Any]]:
+        """What may be cleared at any time without forgetting an outcome."""
+        return [self._after, self._dicts, self._keys]
 
     # -- reading a state's cells ---------------------------------------------------
     def _part(self, part: Any) -> Any:
@@ -311,27 +340,26 @@ class Memo:
             if node.outcome is not None:
                 self.hits += 1
                 return node.outcome
-            for cell, children in node.branches.items():
-                child = children.get(id(value(state_parts, cell)))
-                if child is not None:
-                    pending.append(child)
+            if node.cell is not None and id(value(state_parts, node.cell)) == node.value:
+                pending.append(node.child)  # type: ignore[arg-type]  # set with the cell
+            if node.more is not None:
+                for cell, children in node.more.items():
+                    child = children.get(id(value(state_parts, cell)))
+                    if child is not None:
+                        pending.append(child)
         return None
 
     def store(self, action: Any, log: Log, before: Parts, after: Parts, result: Any) -> Outcome:
         """Keep the outcome of a run from ``before`` to ``after`` that read and
         touched what ``log`` holds."""
         self.runs += 1
+        self.size += len(log.reads)
         outcome = Outcome(self._changes(log, after), result)
         node = self._roots.get(action)
         if node is None:
             node = self._roots[action] = _Node()
         for cell in log.reads:
-            children = node.branches.setdefault(cell, {})
-            slot = id(self.value(before, cell))
-            child = children.get(slot)
-            if child is None:
-                child = children[slot] = _Node()
-            node = child
+            node = node.branch(cell, id(self.value(before, cell)))
         if node.outcome is not None and node.outcome != outcome:
             raise Undetermined(f"{action}: two runs read the same values and ended differently")
         node.outcome = outcome
