@@ -7,6 +7,10 @@ A state is the platform's snapshot, the ledger's snapshot, the operations in fli
 fingerprint (their hash); each remembers its parent's fingerprint and the action that
 led to it, so the first violation found comes with a shortest trace.
 
+A transition seen before, by the cells of the platform and the ledger it read, is not
+run again: its outcome is applied (``memo``; exact, switchable, checked against runs by
+the tests).
+
 Reductions, each switchable:
 
 - **symmetry**: interchangeable devices (same shape, alone in their IOMMU group, behind
@@ -228,9 +232,7 @@ class Explorer:
         self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
         self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
         self._chanced: dict[tuple[Any, Any], Chances] = {}
-        self._moved: dict[
-            tuple[frozenset[Cursor], bool], tuple[list[frozenset[Any]], tuple[Action, ...]]
-        ] = {}
+        self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
         self._cursors: dict[int, tuple[Cursor, Cursor]] = {}
         self._expanded = 0
@@ -363,7 +365,7 @@ class Explorer:
         self.load(state)
         log = Log()
         try:
-            with watching(self.platform, self.toolstack, log):
+            with nullcontext() if self.memo is None else watching(self.platform, self.toolstack, log):
                 plan = self.toolstack.plan(op, device, vm, with_group=self.explore.whole_groups)
             footprint = self._shared(self._footprint(plan))
         except (RefusedError, PlatformMisuse, KeyError):
