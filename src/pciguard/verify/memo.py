@@ -73,6 +73,7 @@ TABLES = (
     Table(len(SimSnapshot._fields), "toolstack", "ledger", False, True),
 )
 TORN_DOWN = len(TABLES)  # the toolstack's torn-down VMs: read and written whole
+DOMAINS = SimSnapshot._fields.index("domains")  # a part of DomainSnapshot values, keyed by name
 Cell = tuple[int, Any]  # (table index, key | KEYS | ALL)
 Parts = tuple[Any, ...]
 
@@ -307,7 +308,7 @@ class Memo:
         """A mapping part as a dict of interned values (``part`` interned)."""
         found = self._dicts.get(id(part))
         if found is None:
-            entries = ((d.name, d) for d in part) if index == 0 else part  # domains: by name
+            entries = ((d.name, d) for d in part) if index == DOMAINS else part
             intern = self._values.setdefault
             found = self._dicts[id(part)] = {key: intern(value, value) for key, value in entries}
         return found
@@ -406,4 +407,4 @@ class Memo:
                 entries.pop(key, None)
             else:
                 entries[key] = value
-        return frozenset(entries.values() if index == 0 else entries.items())
+        return frozenset(entries.values() if index == DOMAINS else entries.items())
