@@ -536,7 +536,7 @@ class Explorer:
                         step = cursor.next_step
                         assert step is not None
                         self.platform.inject(step.call, step.device)
-                        faults -= 0 if action.free else 1
+                        faults -= _faults_spent(action)
                     advanced = self.toolstack.advance(cursor)
                     result = advanced if isinstance(advanced, Cursor) else None
         except PlatformMisuse as exc:
@@ -606,7 +606,7 @@ class Explorer:
             self._shared(SimSnapshot._make(after[: len(SimSnapshot._fields)])),
             self._shared(LedgerSnapshot(after[-2], after[-1])),
             self._flights_after(state.in_flight, moved, outcome.result),
-            state.faults - (1 if action.kind == "fail" and not action.free else 0),
+            state.faults - _faults_spent(action),
         )
         if self.check_memo:
             real, broken = self.apply(state, action)
@@ -769,6 +769,11 @@ class Explorer:
         return concrete
 
 
+def _faults_spent(action: Action) -> int:
+    """An injected failure spends one of the faults left; a reset that may fail, none."""
+    return 1 if action.kind == "fail" and not action.free else 0
+
+
 def _overlaps(footprint: frozenset[Any], busy: list[frozenset[Any]]) -> bool:
     """Whether ``footprint`` touches what one of the operations in flight touches."""
     return any(not footprint.isdisjoint(other) for other in busy)
@@ -915,28 +920,30 @@ class Symmetry:
         return State(platform, ledger, renamed(state.in_flight), state.faults), renaming
 
     def _vm_holdings(self, state: State) -> dict[str, tuple[str, str]]:
-        """Each symmetric VM's domain and what points at it (``_vm_signature``), for a
+        """Each symmetric VM's domain and what points at it (``_vm_held``), for a
         platform-and-ledger pair (remembered)."""
         key = (state.platform, state.ledger)
         found = self._holdings_memo.get(key)
         if found is None:
             found = self._holdings_memo[key] = {
-                vm: self._vm_signature(state, vm, self._placeholder)[:2] for c in self.vm_classes for vm in c
+                vm: self._vm_held(state, vm) for c in self.vm_classes for vm in c
             }
         return found
 
     def _vm_flights(self, cursors: frozenset[Cursor]) -> dict[str, str]:
-        """Each symmetric VM's operations in flight (``_vm_signature``), remembered."""
+        """Each symmetric VM's operations in flight, as words (remembered)."""
         found = self._flights_memo.get(cursors)
         if found is None:
-            state = State(
-                SimSnapshot._make(frozenset() for _ in SimSnapshot._fields),
-                LedgerSnapshot(frozenset(), frozenset()),
-                cursors,
-                0,
-            )
             found = self._flights_memo[cursors] = {
-                vm: self._vm_signature(state, vm, self._placeholder)[2] for c in self.vm_classes for vm in c
+                vm: repr(
+                    sorted(
+                        repr((c.plan.operation, c.plan.devices, c.phase.value, c.index))
+                        for c in cursors
+                        if c.plan.vm == vm
+                    )
+                )
+                for c in self.vm_classes
+                for vm in c
             }
         return found
 
@@ -999,10 +1006,11 @@ class Symmetry:
             found = self._part_memo[key] = tuple(e for e in part if _mentions(e, d))
         return found
 
-    def _vm_signature(self, state: State, vm: str, placeholder: Renaming) -> tuple[str, str, str]:
-        """Everything that points at ``vm``, with VM names erased. Each part is remembered
-        by the state parts it comes from: they recur in state after state."""
-        sim, ledger, cursors = state.platform, state.ledger, state.in_flight
+    def _vm_held(self, state: State, vm: str) -> tuple[str, str]:
+        """``vm``'s domain and everything that points at it, with VM names erased. Each
+        part is remembered by the state parts it comes from: they recur in state after
+        state."""
+        sim, ledger, placeholder = state.platform, state.ledger, self._placeholder
         memo = self._vm_memo
         key: tuple[Any, ...] = (sim.domains, vm)
         domain = memo.get(key)
@@ -1025,17 +1033,7 @@ class Symmetry:
                 if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
             )
             pointers = memo[key] = repr((entries, records, vm in ledger.torn_down))
-        key = (cursors, vm)
-        flights = memo.get(key)
-        if flights is None:
-            flights = memo[key] = repr(
-                sorted(
-                    repr((c.plan.operation, c.plan.devices, c.phase.value, c.index))
-                    for c in cursors
-                    if c.plan.vm == vm
-                )
-            )
-        return (domain, pointers, flights)
+        return (domain, pointers)
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
