@@ -12,8 +12,9 @@ import pytest
 from conftest import EXAMPLES
 from pciguard.formats.scenario_file import load_scenario
 from pciguard.platforms.sim import SimPlatform
+from pciguard.toolstack import LedgerSnapshot
 from pciguard.verify.explorer import Explorer
-from pciguard.verify.memo import ALL, KEYS, TABLES, TORN_DOWN, Log, Memo, Undetermined, watching
+from pciguard.verify.memo import ALL, KEYS, TABLES, TORN_DOWN, Lens, Log, Memo, Undetermined, watching
 
 VERIFY = EXAMPLES / "verify"
 REFERENCE = sorted(VERIFY.glob("ref-*.yaml"))
@@ -122,14 +123,17 @@ def test_runs_that_read_the_same_cells_in_another_order_are_found_either_way() -
     def state(b: str) -> tuple[frozenset[object], ...]:
         return (*empty[:context], frozenset({("a", "vm1"), ("b", b)}), *empty[context + 1 :])
 
+    def lens(parts: tuple[frozenset[object], ...]) -> Lens:
+        return memo.lens(parts[:-2], LedgerSnapshot(parts[-2], parts[-1]))
+
     first, second = Log(), Log()
     for log, order in ((first, ("a", "b")), (second, ("b", "a"))):
         for key in order:
             log.read((context, key))
     kept = memo.store("act", first, state("vm2"), state("vm2"), result="done")
-    assert memo.find("act", state("vm2")) == kept
+    assert memo.find("act", lens(state("vm2"))) == kept
     assert memo.store("act", second, state("vm2"), state("vm2"), result="done") == kept
-    assert memo.find("act", state("vm3")) is None  # b differs: no run read that
+    assert memo.find("act", lens(state("vm3"))) is None  # b differs: no run read that
     with pytest.raises(Undetermined, match="ended differently"):
         memo.store("act", first, state("vm2"), state("vm2"), result="another end")
 

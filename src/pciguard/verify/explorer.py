@@ -53,8 +53,17 @@ from pciguard.platforms.sim import POINTER_FIELDS, SimSnapshot
 from pciguard.policy import Decision
 from pciguard.simulate import Replay, build
 from pciguard.toolstack import Cursor, LedgerSnapshot, Plan, Step
-from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation, check_all
-from pciguard.verify.memo import Log, Memo, Undetermined, parts, watching
+from pciguard.verify.invariants import (
+    PLATFORM_CONTRACT,
+    Unit,
+    Violation,
+    check_all,
+    check_unit,
+    guests_of,
+    in_order,
+    units,
+)
+from pciguard.verify.memo import Lens, Log, Memo, Undetermined, parts, watching
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
@@ -231,6 +240,7 @@ class Explorer:
         self._interned: dict[Any, Any] = {}
         self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
         self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
+        self._judged: dict[frozenset[str], list[tuple[str, Unit]]] = {}
         self._chanced: dict[tuple[Any, Any], Chances] = {}
         self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
@@ -238,6 +248,7 @@ class Explorer:
         self._expanded = 0
         self._flights: dict[tuple[Any, ...], tuple[frozenset[Cursor], Cursor | None, frozenset[Cursor]]] = {}
         self._loaded: State | None = None
+        self._last_lens: tuple[Any, Any, Lens] = (None, None, [])
         self._initial_renaming: Renaming = {}
 
     # -- state handling ---------------------------------------------------------
@@ -358,7 +369,7 @@ class Explorer:
         signature = ("plan", op, device, vm)
         before = parts(state.platform, state.ledger)
         if self.memo is not None:
-            outcome = self.memo.find(signature, before)
+            outcome = self.memo.find(signature, self._lens(state))
             if outcome is not None:
                 footprint: frozenset[Any] | None = outcome.result
                 return footprint
@@ -583,6 +594,7 @@ class Explorer:
                 cache.clear()
         if self.memo is not None and self.memo.size > MEMO_READS:
             self.memo.reset()
+            self._last_lens = (None, None, [])  # the ids it holds were the forgotten values'
 
     def _successor(self, state: State, action: Action) -> tuple[State, bool]:
         """The state ``action`` leads to from ``state``, and whether the platform refused a
@@ -593,7 +605,7 @@ class Explorer:
             return new, bool(broken)
         before = parts(state.platform, state.ledger)
         signature = self._signature(state, action)
-        outcome = self.memo.find(signature, before)
+        outcome = self.memo.find(signature, self._lens(state))
         if outcome is None:
             log = Log()
             new, broken, result = self._run_action(state, action, log)
@@ -613,6 +625,16 @@ class Explorer:
             if broken or real != new:
                 raise Undetermined(f"{action}: the remembered outcome differs from a run")
         return new, False
+
+    def _lens(self, state: State) -> Lens:
+        """The memo's lens on ``state``'s platform and ledger (the last one is kept:
+        every action of a state, and its judgement, look through the same)."""
+        assert self.memo is not None
+        platform, ledger, lens = self._last_lens
+        if platform is not state.platform or ledger is not state.ledger:
+            lens = self.memo.lens(state.platform, state.ledger)
+            self._last_lens = (state.platform, state.ledger, lens)
+        return lens
 
     def _flights_after(
         self, in_flight: frozenset[Cursor], moved: tuple[Any, ...] | None, result: Cursor | None
@@ -737,9 +759,41 @@ class Explorer:
         key = (state.platform, state.ledger)
         found = self._checked.get(key)
         if found is None:
-            self.load(state)
-            found = self._checked[key] = self._shared(tuple(check_all(self.toolstack, self.platform)))
+            found = self._checked[key] = self._shared(tuple(self._judge(state)))
         return list(found)
+
+    def _judge(self, state: State) -> list[Violation]:
+        """The invariants over ``state``, unit by unit (a device, a group, a guest): a
+        unit's verdict is remembered by the cells it read, like a transition's outcome,
+        and the state is restored only to judge a unit no state agreeing with it had."""
+        if self.memo is None:
+            self.load(state)
+            return check_all(self.toolstack, self.platform)
+        before = parts(state.platform, state.ledger)
+        names = frozenset(d.name for d in state.platform.domains)
+        judged = self._judged.get(names)
+        if judged is None:
+            judged = self._judged[names] = [
+                ("judge", unit) for unit in units(self.platform, guests_of(names))
+            ]
+        found: list[Violation] = []
+        lens = self._lens(state)
+        for key in judged:
+            outcome = self.memo.find(key, lens)
+            if outcome is None:
+                self.load(state)
+                log = Log()
+                with watching(self.platform, self.toolstack, log):
+                    broken = check_unit(self.toolstack, self.platform, key[1])
+                log.touched.clear()  # a judgement changes nothing
+                outcome = self.memo.store(key, log, before, before, tuple(broken))
+            found.extend(outcome.result)
+        found = in_order(found)
+        if self.check_memo:
+            self.load(state)
+            if found != check_all(self.toolstack, self.platform):
+                raise Undetermined("the remembered verdicts differ from judging the state")
+        return found
 
     def _canonical(self, state: State) -> tuple[State, Renaming]:
         if self.symmetry is None:

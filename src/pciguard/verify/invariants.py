@@ -11,11 +11,13 @@ asks what an untrusted requester ID *could* reach now.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from pciguard.checks import RmrrPolicy
 from pciguard.model import Bar, Bdf
+from pciguard.model.groups import IommuGroup
 from pciguard.model.ownership import State
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState
 from pciguard.platforms.sim import SimPlatform
@@ -32,7 +34,6 @@ class Violation:
         return f"[{self.invariant}] {self.message}"
 
 
-Check = Callable[["View"], list[Violation]]
 #: Not a check of a state: the platform caught the toolstack misusing it.
 PLATFORM_CONTRACT = "platform-contract"
 GUEST_STATES = (State.ASSIGNING, State.ASSIGNED, State.RELEASING)
@@ -52,115 +53,126 @@ def allowed_owners(rec: DeviceRecord) -> set[str]:
             return {QUARANTINE}
 
 
-@dataclass
-class View:
-    """What several invariants need, computed once per state."""
+class Device(NamedTuple):
+    """One device as the device-level invariants see it."""
 
     ts: Toolstack
     sim: SimPlatform
-    checked: list[tuple[Bdf, DeviceRecord]] = field(default_factory=list)
-    holdings: dict[str, set[Bdf]] = field(default_factory=dict)
-    present: list[Bdf] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        # Devices the toolstack has taken from the host: their DMA is not trusted.
-        # Devices no enabled IOMMU covers are left out: nothing can contain them, which
-        # the audit reports as critical, and the toolstack will neither quarantine nor
-        # assign them.
-        sim = self.sim
-        self.checked = [
-            (bdf, rec)
-            for bdf, rec in sorted(self.ts.ledger.items())
-            if rec.state not in (State.HOST, State.REMOVED)
-            and sim.present(bdf)
-            and sim.host.dma_translated(bdf)
-        ]
-        self.holdings = sim.guest_holdings()
-        self.present = sim.present_devices()
+    bdf: Bdf
+    rec: DeviceRecord | None  # its ledger record, if the toolstack knows it
+    present: bool
+    # Its record if the toolstack has taken it from the host and it is present with an
+    # IOMMU translating its DMA: its DMA is then not trusted. Devices no enabled IOMMU
+    # covers are left out: nothing can contain them, which the audit reports as
+    # critical, and the toolstack will neither quarantine nor assign them.
+    taken: DeviceRecord | None
+    holders: tuple[str, ...]  # the guests its requester IDs or its exposure reach
 
 
-def dma_containment(view: View) -> list[Violation]:
-    ts, sim = view.ts, view.sim
+class Holding(NamedTuple):
+    """One guest holding something of one device (see ``SimPlatform.guests_holding``
+    and ``reserved_mappings``)."""
+
+    ts: Toolstack
+    sim: SimPlatform
+    vm: str
+    bdf: Bdf
+
+
+def _device(ts: Toolstack, sim: SimPlatform, bdf: Bdf) -> Device:
+    rec = ts.ledger.get(bdf)
+    present = sim.present(bdf)
+    taken = (
+        rec
+        if rec is not None
+        and rec.state not in (State.HOST, State.REMOVED)
+        and present
+        and sim.host.dma_translated(bdf)
+        else None
+    )
+    return Device(ts, sim, bdf, rec, present, taken, tuple(sorted(sim.guests_holding(bdf))))
+
+
+def dma_containment(d: Device) -> list[Violation]:
+    rec = d.taken
+    if rec is None:
+        return []
+    allowed = allowed_owners(rec)
+    if d.ts.options.rmrr is RmrrPolicy.RELAXED:
+        # Firmware 1:1 regions mapped into a guest (accepted and reported) are in its
+        # page tables, so every device of that guest can reach them.
+        allowed.add("firmware")
     out = []
-    for bdf, rec in view.checked:
-        allowed = allowed_owners(rec)
-        if ts.options.rmrr is RmrrPolicy.RELAXED:
-            # Firmware 1:1 regions mapped into a guest (accepted and reported) are in its
-            # page tables, so every device of that guest can reach them.
-            allowed.add("firmware")
-        for domain, what in sorted(sim.reachable(bdf)):
-            peer = what.startswith("BAR of")
-            if peer and (rec.state not in GUEST_STATES or domain == QUARANTINE):
-                continue  # idle devices next to a guest's: see docs/invariants.md
-            if domain not in allowed:
-                out.append(
-                    Violation(
-                        "dma-containment",
-                        bdf,
-                        f"DMA from {bdf} ({rec.state.value}{' to ' + rec.vm if rec.vm else ''}) "
-                        f"can land in {domain} {what}",
-                    )
-                )
-    return out
-
-
-def no_host_return(view: View) -> list[Violation]:
-    sim = view.sim
-    out = []
-    for bdf, rec in view.checked:
-        if not rec.state.assignable:
-            continue
-        host_rids = [r for r, d in sim.contexts(bdf).items() if d == HOST]
-        if sim.host_driver_bound(bdf) or host_rids:
-            how = (
-                "a host driver is bound"
-                if sim.host_driver_bound(bdf)
-                else (f"requester ID {host_rids[0]} translates through the host's domain")
-            )
-            out.append(Violation("no-host-return", bdf, f"{bdf} is assignable ({rec.state.value}) but {how}"))
-    return out
-
-
-def fail_closed_assign(view: View) -> list[Violation]:
-    ts, sim = view.ts, view.sim
-    out = []
-    domains = sim.domains()
-    for vm, devices in sorted(view.holdings.items()):
-        if domains[vm].state is not DomainState.RUNNING:
-            continue
-        for bdf in sorted(devices):
-            rec = ts.ledger.get(bdf)
-            if rec is None or rec.state not in GUEST_STATES or rec.vm != vm:
-                state = rec.state.value if rec else "unknown"
-                out.append(
-                    Violation(
-                        "fail-closed-assign",
-                        bdf,
-                        f"{vm} is still running with mappings of {bdf}, which is {state}; "
-                        f"{vm} should have been crashed",
-                    )
-                )
-    for bdf, rec in view.checked:
-        if rec.state is State.QUARANTINED and sim.hardware_owner(bdf) != QUARANTINE:
+    for domain, what in sorted(d.sim.reachable(d.bdf)):
+        peer = what.startswith("BAR of")
+        if peer and (rec.state not in GUEST_STATES or domain == QUARANTINE):
+            continue  # idle devices next to a guest's: see docs/invariants.md
+        if domain not in allowed:
             out.append(
                 Violation(
-                    "fail-closed-assign",
-                    bdf,
-                    f"{bdf} is quarantined in the ledger but held by {sim.hardware_owner(bdf)}",
+                    "dma-containment",
+                    d.bdf,
+                    f"DMA from {d.bdf} ({rec.state.value}{' to ' + rec.vm if rec.vm else ''}) "
+                    f"can land in {domain} {what}",
                 )
             )
     return out
 
 
-def check_before_expose(view: View) -> list[Violation]:
-    ts, sim = view.ts, view.sim
-    out = []
-    for vm, devices in sorted(view.holdings.items()):
-        for bdf in sorted(devices):
-            why = _unfit_for_a_guest(sim, bdf, ts.options.allow_unsafe_interrupts, ts.options.rmrr)
-            if why is not None:
-                out.append(Violation("check-before-expose", bdf, f"{bdf} reached {vm} although {why}"))
-    return out
+def no_host_return(d: Device) -> list[Violation]:
+    rec, sim = d.taken, d.sim
+    if rec is None or not rec.state.assignable:
+        return []
+    host_rids = [r for r, owner in sim.contexts(d.bdf).items() if owner == HOST]
+    if not sim.host_driver_bound(d.bdf) and not host_rids:
+        return []
+    how = (
+        "a host driver is bound"
+        if sim.host_driver_bound(d.bdf)
+        else f"requester ID {host_rids[0]} translates through the host's domain"
+    )
+    return [Violation("no-host-return", d.bdf, f"{d.bdf} is assignable ({rec.state.value}) but {how}")]
+
+
+def quarantine_held(d: Device) -> list[Violation]:
+    """A device the ledger has quarantined is held by the quarantine (part of
+    fail-closed-assign)."""
+    rec, sim = d.taken, d.sim
+    if rec is None or rec.state is not State.QUARANTINED or sim.hardware_owner(d.bdf) == QUARANTINE:
+        return []
+    return [
+        Violation(
+            "fail-closed-assign",
+            d.bdf,
+            f"{d.bdf} is quarantined in the ledger but held by {sim.hardware_owner(d.bdf)}",
+        )
+    ]
+
+
+def fail_closed_assign(h: Holding) -> list[Violation]:
+    """A running guest holds nothing of a device the ledger does not give it."""
+    if h.sim.domains()[h.vm].state is not DomainState.RUNNING:
+        return []
+    rec = h.ts.ledger.get(h.bdf)
+    if rec is not None and rec.state in GUEST_STATES and rec.vm == h.vm:
+        return []
+    state = rec.state.value if rec else "unknown"
+    return [
+        Violation(
+            "fail-closed-assign",
+            h.bdf,
+            f"{h.vm} is still running with mappings of {h.bdf}, which is {state}; "
+            f"{h.vm} should have been crashed",
+        )
+    ]
+
+
+def check_before_expose(h: Holding) -> list[Violation]:
+    options = h.ts.options
+    why = _unfit_for_a_guest(h.sim, h.bdf, options.allow_unsafe_interrupts, options.rmrr)
+    if why is None:
+        return []
+    return [Violation("check-before-expose", h.bdf, f"{h.bdf} reached {h.vm} although {why}")]
 
 
 def _unfit_for_a_guest(sim: SimPlatform, bdf: Bdf, unsafe_interrupts: bool, rmrr: RmrrPolicy) -> str | None:
@@ -188,226 +200,201 @@ def _unfit_for_a_guest(sim: SimPlatform, bdf: Bdf, unsafe_interrupts: bool, rmrr
     return None
 
 
-def msi_isolation(view: View) -> list[Violation]:
-    ts, sim = view.ts, view.sim
-    out = []
-    for bdf, rec in view.checked:
-        if rec.vm is None and not rec.guest_touched:
-            continue  # never under a guest's control: its interrupts are the host's own
-        targets = sim.msi_targets(bdf)
-        if "*" in targets and ts.options.allow_unsafe_interrupts:
-            continue  # the unsafe override is in force and reported
-        stray = targets - allowed_owners(rec)
-        if stray:
-            where = "any domain" if "*" in stray else ", ".join(sorted(stray))
-            out.append(
-                Violation("msi-isolation", bdf, f"{bdf} ({rec.state.value}) can raise interrupts in {where}")
-            )
-    return out
+def msi_isolation(d: Device) -> list[Violation]:
+    rec, sim = d.taken, d.sim
+    if rec is None or (rec.vm is None and not rec.guest_touched):
+        return []  # never under a guest's control: its interrupts are the host's own
+    targets = sim.msi_targets(d.bdf)
+    if "*" in targets and d.ts.options.allow_unsafe_interrupts:
+        return []  # the unsafe override is in force and reported
+    stray = targets - allowed_owners(rec)
+    if not stray:
+        return []
+    where = "any domain" if "*" in stray else ", ".join(sorted(stray))
+    return [Violation("msi-isolation", d.bdf, f"{d.bdf} ({rec.state.value}) can raise interrupts in {where}")]
 
 
-def group_unity(view: View) -> list[Violation]:
-    sim = view.sim
-    out = []
-    for group in sim.host.groups:
-        owners: dict[str, Bdf] = {}
-        for member in group.members:
-            if not sim.present(member) or sim.host.topology[member].kind.is_bridge:
-                continue
-            owner = sim.hardware_owner(member)
-            if owner not in (None, QUARANTINE):
-                owners.setdefault(owner, member)
-        if len(owners) > 1:
-            held = ", ".join(f"{m} by {o}" for o, m in sorted(owners.items()))
-            out.append(Violation("group-unity", group.members[0], f"{group} is split between owners: {held}"))
-    return out
-
-
-def hotplug_quarantine(view: View) -> list[Violation]:
-    ts, sim = view.ts, view.sim
-    out = []
-    for bdf, rec in sorted(ts.ledger.items()):
-        decision = rec.decision
-        if decision is None or not sim.present(bdf) or not sim.host.dma_translated(bdf):
+def group_unity(sim: SimPlatform, group: IommuGroup) -> list[Violation]:
+    owners: dict[str, Bdf] = {}
+    for member in group.members:
+        if not sim.present(member) or sim.host.topology[member].kind.is_bridge:
             continue
-        risky = sim.host.topology.is_behind_external_port(bdf) or sim.host.topology[bdf].kind.is_bridge
-        # Memory through the IOMMU; peer writes inside a group are group-unity's concern.
-        reaches_host = any(d == HOST and not w.startswith("BAR of") for d, w in sim.reachable(bdf))
-        if rec.state is State.PENDING and reaches_host:
-            out.append(
-                Violation("hotplug-quarantine", bdf, f"{bdf} can DMA to the host before the policy decided")
+        owner = sim.hardware_owner(member)
+        if owner not in (None, QUARANTINE):
+            owners.setdefault(owner, member)
+    if len(owners) <= 1:
+        return []
+    held = ", ".join(f"{m} by {o}" for o, m in sorted(owners.items()))
+    return [Violation("group-unity", group.members[0], f"{group} is split between owners: {held}")]
+
+
+def hotplug_quarantine(d: Device) -> list[Violation]:
+    rec, sim, bdf = d.rec, d.sim, d.bdf
+    if rec is None or rec.decision is None or not d.present or not sim.host.dma_translated(bdf):
+        return []
+    risky = sim.host.topology.is_behind_external_port(bdf) or sim.host.topology[bdf].kind.is_bridge
+    # Memory through the IOMMU; peer writes inside a group are group-unity's concern.
+    reaches_host = any(owner == HOST and not w.startswith("BAR of") for owner, w in sim.reachable(bdf))
+    if rec.state is State.PENDING and reaches_host:
+        return [Violation("hotplug-quarantine", bdf, f"{bdf} can DMA to the host before the policy decided")]
+    if rec.state in (State.HOST, State.ADMITTING) and risky and not rec.decision.explicit:
+        return [
+            Violation(
+                "hotplug-quarantine",
+                bdf,
+                f"hot-plugged {bdf} on an untrusted port was handed to the host by "
+                f"'{rec.decision.rule}', not by a rule that names it",
             )
-        elif rec.state in (State.HOST, State.ADMITTING) and risky and not decision.explicit:
-            out.append(
-                Violation(
-                    "hotplug-quarantine",
-                    bdf,
-                    f"hot-plugged {bdf} on an untrusted port was handed to the host by "
-                    f"'{decision.rule}', not by a rule that names it",
-                )
-            )
-    return out
+        ]
+    return []
 
 
-def context_up_front(view: View) -> list[Violation]:
-    sim = view.sim
-    out = []
-    for vm, devices in sorted(view.holdings.items()):
-        if devices and not sim.context_declared_up_front(vm):
-            out.append(
-                Violation(
-                    "context-up-front",
-                    min(devices),
-                    f"{', '.join(map(str, sorted(devices)))} reached {vm}, which was created "
-                    "without an IOMMU context",
-                )
-            )
-    return out
-
-
-def flush_on_change(view: View) -> list[Violation]:
-    return _stale_caches(view, "flush-on-change", view.sim.stale_entries, "the IOTLB")
-
-
-def atc_flush(view: View) -> list[Violation]:
-    """No device-TLB (ATS) entry outlives an ownership change, like the IOTLB's."""
-    return _stale_caches(view, "atc-flush", view.sim.stale_device_tlb, "the device-TLB (ATS)")
-
-
-def _stale_caches(
-    view: View, invariant: str, stale_of: Callable[[Bdf], dict[Bdf, set[str]]], cache: str
-) -> list[Violation]:
-    """Devices at rest whose ``cache`` still translates through a previous owner."""
-    out = []
-    for bdf, rec in view.checked:
-        if rec.state.in_flight:
-            continue
-        for rid, domains in sorted(stale_of(bdf).items()):
-            out.append(
-                Violation(
-                    invariant,
-                    bdf,
-                    f"a stale entry of {cache} lets requester ID {rid} of {bdf} ({rec.state.value}) "
-                    f"still translate through {', '.join(sorted(domains))}",
-                )
-            )
-    return out
-
-
-def all_requester_ids(view: View) -> list[Violation]:
-    sim = view.sim
-    out = []
-    for bdf, rec in view.checked:
-        if rec.state.in_flight or rec.state is State.PENDING:
-            continue
-        # No context entry and the quarantine both hold DMA; anything else must match.
-        contexts = {rid: d or QUARANTINE for rid, d in sim.contexts(bdf).items()}
-        own = contexts[bdf]
-        for rid, domain in contexts.items():
-            if domain != own:
-                out.append(
-                    Violation(
-                        "all-requester-ids",
-                        bdf,
-                        f"requester ID {rid} of {bdf} still translates through {domain} "
-                        f"while {bdf} itself is with {own}",
-                    )
-                )
-    return out
-
-
-def clean_handover(view: View) -> list[Violation]:
-    """A device reaches a new owner only once a reset wiped what the last one left in it."""
-    sim = view.sim
-    out = []
-    for bdf in view.present:
-        owners = [o for o in (sim.exposed_to(bdf), HOST if sim.host_driver_bound(bdf) else None) if o]
-        for owner in owners:
-            left = sim.carried_state(bdf) - {owner}
-            if left:
-                out.append(
-                    Violation(
-                        "clean-handover",
-                        bdf,
-                        f"{bdf} reached {owner} still carrying the state of {', '.join(sorted(left))} "
-                        "(programmed DMA, queues, buffers): no reset wiped it",
-                    )
-                )
-    return out
-
-
-def sink_isolation(view: View) -> list[Violation]:
-    """A device in the scratch sink reads back only what it, for its own owners, wrote."""
-    sim = view.sim
-    out = []
-    for bdf in view.present:
-        programmed_by = sim.carried_state(bdf)
-        if not programmed_by:
-            continue  # nobody has programmed it since its reset: it reads nothing
-        for rid, written_for in sorted(sim.scratch_pages_read(bdf).items()):
-            foreign = written_for - programmed_by
-            if foreign:
-                out.append(
-                    Violation(
-                        "sink-isolation",
-                        bdf,
-                        f"{bdf} (programmed by {', '.join(sorted(programmed_by))}) can read through "
-                        f"{rid} a scratch page holding data of {', '.join(sorted(foreign))}",
-                    )
-                )
-    return out
-
-
-def ats_untrusted(view: View) -> list[Violation]:
-    """Untrusted devices (behind an external port) never have ATS on: a translated
-    request is not translated again, so it could reach any physical address."""
-    sim = view.sim
+def context_up_front(h: Holding) -> list[Violation]:
+    if h.sim.context_declared_up_front(h.vm):
+        return []
     return [
         Violation(
-            "ats-untrusted",
-            bdf,
-            f"{bdf}, behind an external port, has ATS enabled: its translated requests bypass the IOMMU",
+            "context-up-front",
+            h.bdf,
+            f"{h.bdf} reached {h.vm}, which was created without an IOMMU context",
         )
-        for bdf in view.present
-        if sim.ats_enabled(bdf) and sim.host.topology.is_behind_external_port(bdf)
     ]
 
 
-def reserved_exact(view: View) -> list[Violation]:
+def flush_on_change(d: Device) -> list[Violation]:
+    return _stale_caches(d, "flush-on-change", d.sim.stale_entries, "the IOTLB")
+
+
+def atc_flush(d: Device) -> list[Violation]:
+    """No device-TLB (ATS) entry outlives an ownership change, like the IOTLB's."""
+    return _stale_caches(d, "atc-flush", d.sim.stale_device_tlb, "the device-TLB (ATS)")
+
+
+def _stale_caches(
+    d: Device, invariant: str, stale_of: Callable[[Bdf], dict[Bdf, set[str]]], cache: str
+) -> list[Violation]:
+    """A device at rest whose ``cache`` still translates through a previous owner."""
+    rec = d.taken
+    if rec is None or rec.state.in_flight:
+        return []
+    return [
+        Violation(
+            invariant,
+            d.bdf,
+            f"a stale entry of {cache} lets requester ID {rid} of {d.bdf} ({rec.state.value}) "
+            f"still translate through {', '.join(sorted(domains))}",
+        )
+        for rid, domains in sorted(stale_of(d.bdf).items())
+    ]
+
+
+def all_requester_ids(d: Device) -> list[Violation]:
+    rec = d.taken
+    if rec is None or rec.state.in_flight or rec.state is State.PENDING:
+        return []
+    # No context entry and the quarantine both hold DMA; anything else must match.
+    contexts = {rid: owner or QUARANTINE for rid, owner in d.sim.contexts(d.bdf).items()}
+    own = contexts[d.bdf]
+    return [
+        Violation(
+            "all-requester-ids",
+            d.bdf,
+            f"requester ID {rid} of {d.bdf} still translates through {domain} "
+            f"while {d.bdf} itself is with {own}",
+        )
+        for rid, domain in contexts.items()
+        if domain != own
+    ]
+
+
+def clean_handover(d: Device) -> list[Violation]:
+    """A device reaches a new owner only once a reset wiped what the last one left in it."""
+    if not d.present:
+        return []
+    sim = d.sim
+    owners = [o for o in (sim.exposed_to(d.bdf), HOST if sim.host_driver_bound(d.bdf) else None) if o]
+    out = []
+    for owner in owners:
+        left = sim.carried_state(d.bdf) - {owner}
+        if left:
+            out.append(
+                Violation(
+                    "clean-handover",
+                    d.bdf,
+                    f"{d.bdf} reached {owner} still carrying the state of {', '.join(sorted(left))} "
+                    "(programmed DMA, queues, buffers): no reset wiped it",
+                )
+            )
+    return out
+
+
+def sink_isolation(d: Device) -> list[Violation]:
+    """A device in the scratch sink reads back only what it, for its own owners, wrote."""
+    programmed_by = d.sim.carried_state(d.bdf) if d.present else frozenset()
+    if not programmed_by:
+        return []  # nobody has programmed it since its reset: it reads nothing
+    out = []
+    for rid, written_for in sorted(d.sim.scratch_pages_read(d.bdf).items()):
+        foreign = written_for - programmed_by
+        if foreign:
+            out.append(
+                Violation(
+                    "sink-isolation",
+                    d.bdf,
+                    f"{d.bdf} (programmed by {', '.join(sorted(programmed_by))}) can read through "
+                    f"{rid} a scratch page holding data of {', '.join(sorted(foreign))}",
+                )
+            )
+    return out
+
+
+def ats_untrusted(d: Device) -> list[Violation]:
+    """Untrusted devices (behind an external port) never have ATS on: a translated
+    request is not translated again, so it could reach any physical address."""
+    if not (d.present and d.sim.ats_enabled(d.bdf) and d.sim.host.topology.is_behind_external_port(d.bdf)):
+        return []
+    return [
+        Violation(
+            "ats-untrusted",
+            d.bdf,
+            f"{d.bdf}, behind an external port, has ATS enabled: its translated requests bypass the IOMMU",
+        )
+    ]
+
+
+def reserved_exact(sim: SimPlatform, vm: str) -> list[Violation]:
     """A running guest's firmware 1:1 mappings are regions of devices that translate
     through it, and overlap no region of a device that does not."""
-    sim = view.sim
+    if sim.domains()[vm].state is not DomainState.RUNNING:
+        return []
+    mappings = sim.reserved_mappings(vm)
+    if not mappings:
+        return []
+    present = sim.present_devices()
+    held = {b for b in present if vm in sim.contexts(b).values()}
     out = []
-    domains = sim.domains()
-    for vm in sorted(view.holdings):
-        if domains[vm].state is not DomainState.RUNNING:
+    for bdf, region in sorted(mappings, key=lambda m: (m[0], m[1].start)):
+        if bdf not in held or region not in sim.host.topology[bdf].reserved_regions:
+            out.append(
+                Violation(
+                    "reserved-exact",
+                    bdf,
+                    f"the firmware region {region} of {bdf} is mapped in {vm}, which does not hold {bdf}",
+                )
+            )
             continue
-        mappings = sim.reserved_mappings(vm)
-        if not mappings:
-            continue
-        held = {b for b in view.present if vm in sim.contexts(b).values()}
-        for bdf, region in sorted(mappings, key=lambda m: (m[0], m[1].start)):
-            if bdf not in held or region not in sim.host.topology[bdf].reserved_regions:
+        for other in present:
+            if other in held:
+                continue
+            if any(region.overlaps(r) for r in sim.host.topology[other].reserved_regions):
                 out.append(
                     Violation(
                         "reserved-exact",
                         bdf,
-                        f"the firmware region {region} of {bdf} is mapped in {vm}, which does not hold {bdf}",
+                        f"the firmware region {region} mapped in {vm} for {bdf} overlaps a region "
+                        f"of {other}, which {vm} does not hold",
                     )
                 )
-                continue
-            for other in view.present:
-                if other in held:
-                    continue
-                if any(region.overlaps(r) for r in sim.host.topology[other].reserved_regions):
-                    out.append(
-                        Violation(
-                            "reserved-exact",
-                            bdf,
-                            f"the firmware region {region} mapped in {vm} for {bdf} overlaps a region "
-                            f"of {other}, which {vm} does not hold",
-                        )
-                    )
     return out
 
 
@@ -416,74 +403,153 @@ def _pages(bars: tuple[Bar, ...]) -> list[tuple[int, int]]:
     return [(bar.start >> 12, bar.end >> 12) for bar in bars]
 
 
-def shared_resources(view: View) -> list[Violation]:
+def shared_resources(d: Device) -> list[Violation]:
     """A device exposed to a guest shares no BAR page and no INTx line with a device of
     another owner. Judged from the BARs and lines themselves, not the host model's pairs."""
-    sim = view.sim
+    sim, bdf = d.sim, d.bdf
+    guest = sim.exposed_to(bdf) if d.present else None
+    if guest is None:
+        return []
     topology = sim.host.topology
+    fn = topology[bdf]
     out = []
-    for bdf in view.present:
-        guest = sim.exposed_to(bdf)
-        if guest is None:
+    for other in sim.present_devices():
+        owner = sim.hardware_owner(other)
+        if other == bdf or owner in (None, QUARANTINE, guest):
             continue
-        fn = topology[bdf]
-        for other in view.present:
-            owner = sim.hardware_owner(other)
-            if other == bdf or owner in (None, QUARANTINE, guest):
-                continue
-            theirs = topology[other]
-            same_page = any(
-                first <= their_last and their_first <= last
-                for first, last in _pages(fn.bars)
-                for their_first, their_last in _pages(theirs.bars)
-            )
-            # A bridge's own line (PME, AER) is the host's whatever: it ties no owners together.
-            same_line = fn.intx is not None and fn.intx == theirs.intx and not theirs.kind.is_bridge
-            if same_page or same_line:
-                what = "a BAR page" if same_page else f"the legacy interrupt line {fn.intx}"
-                out.append(
-                    Violation(
-                        "shared-resources",
-                        bdf,
-                        f"{bdf} is exposed to {guest} but shares {what} with {other}, held by {owner}",
-                    )
+        theirs = topology[other]
+        same_page = any(
+            first <= their_last and their_first <= last
+            for first, last in _pages(fn.bars)
+            for their_first, their_last in _pages(theirs.bars)
+        )
+        # A bridge's own line (PME, AER) is the host's whatever: it ties no owners together.
+        same_line = fn.intx is not None and fn.intx == theirs.intx and not theirs.kind.is_bridge
+        if same_page or same_line:
+            what = "a BAR page" if same_page else f"the legacy interrupt line {fn.intx}"
+            out.append(
+                Violation(
+                    "shared-resources",
+                    bdf,
+                    f"{bdf} is exposed to {guest} but shares {what} with {other}, held by {owner}",
                 )
+            )
     return out
 
 
-def vm_lifecycle(view: View) -> list[Violation]:
+def vm_lifecycle(ts: Toolstack, sim: SimPlatform, vm: str) -> list[Violation]:
     """A VM whose teardown has finished runs no more."""
-    ts, sim = view.ts, view.sim
-    domains = sim.domains()
-    out = []
-    for vm in sorted(ts.torn_down):
-        if domains[vm].state is DomainState.RUNNING:
-            held = ", ".join(map(str, sorted(view.holdings.get(vm, ())))) or "nothing"
-            out.append(Violation("vm-lifecycle", None, f"{vm} was torn down but still runs, holding {held}"))
-    return out
+    if vm not in ts.torn_down or sim.domains()[vm].state is not DomainState.RUNNING:
+        return []
+    held = sorted(
+        {
+            *(b for b in sim.present_devices() if vm in sim.guests_holding(b)),
+            *(b for b, _ in sim.reserved_mappings(vm)),
+        }
+    )
+    return [
+        Violation(
+            "vm-lifecycle",
+            None,
+            f"{vm} was torn down but still runs, holding {', '.join(map(str, held)) or 'nothing'}",
+        )
+    ]
 
 
-INVARIANTS: dict[str, Check] = {
-    "dma-containment": dma_containment,
-    "no-host-return": no_host_return,
-    "fail-closed-assign": fail_closed_assign,
-    "check-before-expose": check_before_expose,
-    "msi-isolation": msi_isolation,
-    "group-unity": group_unity,
-    "hotplug-quarantine": hotplug_quarantine,
-    "context-up-front": context_up_front,
-    "flush-on-change": flush_on_change,
-    "all-requester-ids": all_requester_ids,
-    "clean-handover": clean_handover,
-    "sink-isolation": sink_isolation,
-    "atc-flush": atc_flush,
-    "ats-untrusted": ats_untrusted,
-    "reserved-exact": reserved_exact,
-    "shared-resources": shared_resources,
-    "vm-lifecycle": vm_lifecycle,
-}
+#: Every invariant, in the order reports list what breaks them.
+INVARIANTS = (
+    "dma-containment",
+    "no-host-return",
+    "fail-closed-assign",
+    "check-before-expose",
+    "msi-isolation",
+    "group-unity",
+    "hotplug-quarantine",
+    "context-up-front",
+    "flush-on-change",
+    "all-requester-ids",
+    "clean-handover",
+    "sink-isolation",
+    "atc-flush",
+    "ats-untrusted",
+    "reserved-exact",
+    "shared-resources",
+    "vm-lifecycle",
+)
+DEVICE_CHECKS: tuple[Callable[[Device], list[Violation]], ...] = (
+    dma_containment,
+    no_host_return,
+    quarantine_held,
+    msi_isolation,
+    hotplug_quarantine,
+    flush_on_change,
+    all_requester_ids,
+    clean_handover,
+    sink_isolation,
+    atc_flush,
+    ats_untrusted,
+    shared_resources,
+)
+HOLDING_CHECKS: tuple[Callable[[Holding], list[Violation]], ...] = (
+    fail_closed_assign,
+    check_before_expose,
+    context_up_front,
+)
+
+
+class Unit(NamedTuple):
+    """A part of a state the invariants judge on its own: one device (with what guests
+    hold of it), one IOMMU group, or one guest (its firmware mappings and lifecycle).
+    The verifier remembers each unit's verdict by the cells it read (``memo``)."""
+
+    scope: str  # device | group | guest
+    subject: Any  # the device's BDF, the group's index, the guest's name
+
+
+def units(sim: SimPlatform, guests: Iterable[str]) -> list[Unit]:
+    """Every unit of a platform whose guests are among ``guests``."""
+    host = sim.host
+    return [
+        *(Unit("device", bdf) for bdf in sorted(host.topology)),
+        *(Unit("group", index) for index in range(len(host.groups))),
+        *(Unit("guest", vm) for vm in sorted(guests)),
+    ]
+
+
+def check_unit(ts: Toolstack, sim: SimPlatform, unit: Unit) -> list[Violation]:
+    """What ``unit`` breaks (a guest that does not exist breaks nothing)."""
+    if unit.scope == "device":
+        d = _device(ts, sim, unit.subject)
+        holdings = [Holding(ts, sim, vm, d.bdf) for vm in d.holders]
+        return [
+            *(v for check in DEVICE_CHECKS for v in check(d)),
+            *(v for h in holdings for check in HOLDING_CHECKS for v in check(h)),
+        ]
+    if unit.scope == "group":
+        return group_unity(sim, sim.host.groups[unit.subject])
+    vm = unit.subject
+    if vm not in sim.domains():
+        return []
+    # Firmware mappings hold what they map, whether or not anything else of it reaches vm.
+    mapped = sorted({bdf for bdf, _ in sim.reserved_mappings(vm)})
+    return [
+        *(v for bdf in mapped for check in HOLDING_CHECKS for v in check(Holding(ts, sim, vm, bdf))),
+        *reserved_exact(sim, vm),
+        *vm_lifecycle(ts, sim, vm),
+    ]
+
+
+def in_order(violations: Iterable[Violation]) -> list[Violation]:
+    """Violations by invariant, each once (a holding may be seen from both its device
+    and its guest)."""
+    rank = {name: i for i, name in enumerate(INVARIANTS)}
+    return sorted(dict.fromkeys(violations), key=lambda v: rank.get(v.invariant, len(rank)))
+
+
+def guests_of(domains: Iterable[str]) -> list[str]:
+    """The guests among the names of the domains."""
+    return [name for name in domains if name not in (HOST, QUARANTINE)]
 
 
 def check_all(ts: Toolstack, sim: SimPlatform) -> list[Violation]:
-    view = View(ts, sim)
-    return [v for check in INVARIANTS.values() for v in check(view)]
+    return in_order(v for unit in units(sim, guests_of(sim.domains())) for v in check_unit(ts, sim, unit))

@@ -72,10 +72,12 @@ TABLES = (
     ),
     Table(len(SimSnapshot._fields), "toolstack", "ledger", False, True),
 )
+RECORDS = len(SimSnapshot._fields)  # the ledger's records: the last table
 TORN_DOWN = len(TABLES)  # the toolstack's torn-down VMs: read and written whole
 DOMAINS = SimSnapshot._fields.index("domains")  # a part of DomainSnapshot values, keyed by name
 Cell = tuple[int, Any]  # (table index, key | KEYS | ALL)
 Parts = tuple[Any, ...]
+Lens = list[dict[Any, int]]  # per part: cell key -> identity of the cell's value
 
 
 def parts(platform: SimSnapshot, ledger: LedgerSnapshot) -> Parts:
@@ -294,10 +296,12 @@ class Memo:
         self._dicts: dict[int, dict[Any, Any]] = {}
         self._keys: dict[int, frozenset[Any]] = {}
         self._after: dict[tuple[int, int], Any] = {}
+        self._lenses: dict[int, dict[Any, int]] = {}
+        self._platform_lenses: dict[int, tuple[tuple[Any, ...], list[dict[Any, int]]]] = {}
 
     def caches(self) -> list[dict[Any, Any]]:
         """What may be cleared at any time without forgetting an outcome."""
-        return [self._after, self._dicts, self._keys]
+        return [self._after, self._dicts, self._keys, self._lenses, self._platform_lenses]
 
     # -- reading a state's cells ---------------------------------------------------
     def _part(self, part: Any) -> Any:
@@ -314,38 +318,73 @@ class Memo:
         return found
 
     def value(self, state_parts: Parts, cell: Cell) -> Any:
-        """The value ``cell`` has in a state, as an interned object."""
+        """The value ``cell`` has in a state, as an interned object (a set's member:
+        True, else ``ABSENT``, as a mapping's missing key)."""
         index, key = cell
         part = self._part(state_parts[index])
         if key is ALL:
             return part
         if index < len(TABLES) and TABLES[index].is_set:
-            return key in part
+            return True if key in part else ABSENT
         if key is KEYS:
-            keys = self._keys.get(id(part))
-            if keys is None:
-                keys = self._keys[id(part)] = self._part(frozenset(self._as_dict(index, part)))
-            return keys
+            return self._keys_of(index, part)
         return self._as_dict(index, part).get(key, ABSENT)
 
+    def _keys_of(self, index: int, part: Any) -> frozenset[Any]:
+        keys = self._keys.get(id(part))
+        if keys is None:
+            keys = self._keys[id(part)] = self._part(frozenset(self._as_dict(index, part)))
+        return keys
+
+    def lens(self, platform: tuple[Any, ...], ledger: LedgerSnapshot) -> Lens:
+        """A state's cells as lookups see them: per part, the identity of each cell's
+        value by key (``KEYS`` and ``ALL`` included; a missing key is ``ABSENT``).
+        Made once per part, and once per platform (the entry keeps it, so its id stays
+        its own), and shared by every lookup in states that have them."""
+        found = self._platform_lenses.get(id(platform))
+        if found is None:
+            ids = [self._ids(index, self._part(part)) for index, part in enumerate(platform)]
+            found = self._platform_lenses[id(platform)] = (platform, ids)
+        return [
+            *found[1],
+            self._ids(RECORDS, self._part(ledger.records)),
+            self._ids(TORN_DOWN, self._part(ledger.torn_down)),
+        ]
+
+    def _ids(self, index: int, part: Any) -> dict[Any, int]:
+        found = self._lenses.get(id(part))
+        if found is None:
+            if index == TORN_DOWN:
+                found = {}
+            elif TABLES[index].is_set:
+                found = dict.fromkeys(part, id(True))
+            else:
+                found = {key: id(value) for key, value in self._as_dict(index, part).items()}
+                found[KEYS] = id(self._keys_of(index, part))
+            found[ALL] = id(part)
+            self._lenses[id(part)] = found
+        return found
+
     # -- looking up and storing ------------------------------------------------------
-    def find(self, action: Any, state_parts: Parts) -> Outcome | None:
+    def find(self, action: Any, lens: Lens) -> Outcome | None:
         """The outcome of a run of ``action`` that read only cells on which the state
-        agrees with it, if one was kept."""
+        (seen through its ``lens``) agrees with it, if one was kept."""
         root = self._roots.get(action)
         if root is None:
             return None
-        value, pending = self.value, [root]
+        absent, pending = id(ABSENT), [root]
         while pending:
             node = pending.pop()
             if node.outcome is not None:
                 self.hits += 1
                 return node.outcome
-            if node.cell is not None and id(value(state_parts, node.cell)) == node.value:
-                pending.append(node.child)  # type: ignore[arg-type]  # set with the cell
+            if node.cell is not None:
+                index, key = node.cell
+                if lens[index].get(key, absent) == node.value:
+                    pending.append(node.child)  # type: ignore[arg-type]  # set with the cell
             if node.more is not None:
-                for cell, children in node.more.items():
-                    child = children.get(id(value(state_parts, cell)))
+                for (index, key), children in node.more.items():
+                    child = children.get(lens[index].get(key, absent))
                     if child is not None:
                         pending.append(child)
         return None
@@ -399,7 +438,7 @@ class Memo:
         if TABLES[index].is_set:
             members = set(part)
             for key, present in changes:
-                (members.add if present else members.discard)(key)
+                (members.discard if present is ABSENT else members.add)(key)
             return frozenset(members)
         entries = dict(self._as_dict(index, part))
         for key, value in changes:

@@ -351,20 +351,20 @@ class SimPlatform:
     def context_declared_up_front(self, domain: str) -> bool:
         return self._domain(domain).declared_up_front
 
-    def guest_holdings(self) -> dict[str, set[Bdf]]:
-        """For each guest, the devices with anything in it: exposure, a context entry,
-        an interrupt remapping entry or a reserved-region mapping."""
-        out: dict[str, set[Bdf]] = {n: set() for n in self._domains if n not in (HOST, QUARANTINE)}
-        for bdf in self._present:
-            for rid in self._host.requester_ids(bdf):
-                for table in (self._context, self._irte):
-                    if table.get(rid) in out:
-                        out[table[rid]].add(bdf)
-        for bdf, dom in self._exposed.items():
-            out[dom].add(bdf)
-        for name in out:
-            out[name].update(bdf for bdf, _ in self._domains[name].reserved)
-        return out
+    def guests_holding(self, device: Bdf) -> set[str]:
+        """The guests with anything of the device: its exposure, or (while it is present)
+        a context or interrupt remapping entry of one of its requester IDs. Firmware
+        mappings are each guest's own: ``reserved_mappings``."""
+        found = {self._exposed.get(device)}
+        if device in self._present:
+            for rid in self._host.requester_ids(device):
+                found.add(self._context.get(rid))
+                found.add(self._irte.get(rid))
+        return {
+            name
+            for name in found
+            if name is not None and name not in (HOST, QUARANTINE) and name in self._domains
+        }
 
     def reserved_mappings(self, domain: str) -> set[tuple[Bdf, ReservedRegion]]:
         return set(self._domains[domain].reserved)
