@@ -82,19 +82,35 @@ def test_the_recorder_notes_reads_in_order_and_what_may_change() -> None:
         list(platform._domains.values())  # domains are changed in place: every one may change
         assert rid in platform._present  # membership of one device: a read, nothing changes
     assert log.reads == [
-        (TORN_DOWN, ALL),
         (context.position, rid),
         (domains.position, KEYS),
         (domains.position, ALL),
         (present.position, rid),
     ]
     assert log.touched == {
-        (TORN_DOWN, ALL),
         (context.position, rid),
         (context.position, "fresh"),
         (domains.position, ALL),
     }
     assert isinstance(platform._context, dict)  # the tables themselves are back
+
+
+def test_the_torn_down_vms_are_one_cell_read_by_any_use_and_changed_by_assigning_them() -> None:
+    explorer = Explorer(load_scenario(VERIFY / "ref-workstation.yaml"))
+    platform, toolstack = explorer.platform, explorer.toolstack
+    log = Log()
+    with watching(platform, toolstack, log):
+        pass
+    assert log.reads == [] and log.touched == set() and toolstack.torn_down == frozenset()
+    with watching(platform, toolstack, log):
+        assert "vm1" not in toolstack.torn_down
+    assert log.reads == [(TORN_DOWN, ALL)] and log.touched == set()
+    assert isinstance(toolstack.torn_down, frozenset)  # put back
+    log = Log()
+    with watching(platform, toolstack, log):
+        toolstack.torn_down |= {"vm1"}
+    assert log.reads == [(TORN_DOWN, ALL)] and log.touched == {(TORN_DOWN, ALL)}
+    assert toolstack.torn_down == frozenset({"vm1"})  # the step's value is kept
 
 
 def test_a_step_that_reads_what_the_recorder_cannot_see_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:

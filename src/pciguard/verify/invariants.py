@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from pciguard.checks import RmrrPolicy
 from pciguard.model import Bar, Bdf
 from pciguard.model.groups import IommuGroup
+from pciguard.model.host import Host
 from pciguard.model.ownership import State
 from pciguard.platforms.base import HOST, QUARANTINE, DomainState
 from pciguard.platforms.sim import SimPlatform
@@ -214,10 +215,15 @@ def msi_isolation(d: Device) -> list[Violation]:
     return [Violation("msi-isolation", d.bdf, f"{d.bdf} ({rec.state.value}) can raise interrupts in {where}")]
 
 
+def _endpoints(host: Host, group: IommuGroup) -> list[Bdf]:
+    """The members of ``group`` that are not bridges (a bridge holds no memory)."""
+    return [member for member in group.members if not host.topology[member].kind.is_bridge]
+
+
 def group_unity(sim: SimPlatform, group: IommuGroup) -> list[Violation]:
     owners: dict[str, Bdf] = {}
-    for member in group.members:
-        if not sim.present(member) or sim.host.topology[member].kind.is_bridge:
+    for member in _endpoints(sim.host, group):
+        if not sim.present(member):
             continue
         owner = sim.hardware_owner(member)
         if owner not in (None, QUARANTINE):
@@ -413,11 +419,9 @@ def shared_resources(d: Device) -> list[Violation]:
     topology = sim.host.topology
     fn = topology[bdf]
     out = []
-    for other in sim.present_devices():
-        owner = sim.hardware_owner(other)
-        if other == bdf or owner in (None, QUARANTINE, guest):
+    for other, theirs in sorted(topology.items()):
+        if other == bdf:
             continue
-        theirs = topology[other]
         same_page = any(
             first <= their_last and their_first <= last
             for first, last in _pages(fn.bars)
@@ -425,7 +429,10 @@ def shared_resources(d: Device) -> list[Violation]:
         )
         # A bridge's own line (PME, AER) is the host's whatever: it ties no owners together.
         same_line = fn.intx is not None and fn.intx == theirs.intx and not theirs.kind.is_bridge
-        if same_page or same_line:
+        if not (same_page or same_line) or not sim.present(other):
+            continue
+        owner = sim.hardware_owner(other)
+        if owner not in (None, QUARANTINE, guest):
             what = "a BAR page" if same_page else f"the legacy interrupt line {fn.intx}"
             out.append(
                 Violation(
@@ -511,7 +518,12 @@ def units(sim: SimPlatform, guests: Iterable[str]) -> list[Unit]:
     host = sim.host
     return [
         *(Unit("device", bdf) for bdf in sorted(host.topology)),
-        *(Unit("group", index) for index in range(len(host.groups))),
+        # A group of one device (bridges aside) is never split: no unit.
+        *(
+            Unit("group", index)
+            for index, group in enumerate(host.groups)
+            if len(_endpoints(host, group)) > 1
+        ),
         *(Unit("guest", vm) for vm in sorted(guests)),
     ]
 

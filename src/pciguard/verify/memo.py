@@ -21,8 +21,8 @@ that raises ``Undetermined`` instead of keeping a wrong entry.
 A cell is one entry of a table (a requester ID's context entry, a device's ledger
 record, a domain), a table's set of keys (``KEYS``, read by iterating it) or the whole
 table (``ALL``, read by walking its items, and changed as a whole when its values are
-objects changed in place). The VMs whose teardown finished are read and changed as a
-whole by every step (the toolstack keeps them in an attribute, not a table).
+objects changed in place). The VMs whose teardown finished are one cell, read by any
+use and changed by assigning it (the toolstack keeps them in an attribute, not a table).
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ class Log:
     __slots__ = ("reads", "seen", "touched")
 
     def __init__(self) -> None:
-        self.reads: list[Cell] = [(TORN_DOWN, ALL)]
-        self.seen: set[Cell] = {(TORN_DOWN, ALL)}
-        self.touched: set[Cell] = {(TORN_DOWN, ALL)}
+        self.reads: list[Cell] = []
+        self.seen: set[Cell] = set()
+        self.touched: set[Cell] = set()
 
     def read(self, cell: Cell) -> None:
         if cell not in self.seen:
@@ -259,20 +259,54 @@ class _WatchedSet:
         return len(self._data)
 
 
+class _WatchedWhole:
+    """The toolstack's torn-down VMs as a step sees them: any use reads the whole. A
+    step changes them by assigning a new value (``|=``), which ``watching`` notes."""
+
+    __slots__ = ("_data", "_log")
+
+    def __init__(self, data: frozenset[str], log: Log) -> None:
+        self._data, self._log = data, log
+
+    def _read(self) -> frozenset[str]:
+        self._log.read((TORN_DOWN, ALL))
+        return self._data
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._read()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return len(self._read())
+
+    def __or__(self, other: frozenset[str]) -> frozenset[str]:
+        return self._read() | other
+
+
 @contextmanager
 def watching(platform: SimPlatform, toolstack: Toolstack, log: Log) -> Iterator[None]:
     """Run the block with every table of ``platform`` and ``toolstack`` seen through
-    ``log``; the tables themselves are put back afterwards."""
+    ``log``; the tables themselves are put back afterwards (the torn-down VMs too,
+    unless the block assigned them: then that is a change)."""
     owners = {"platform": platform, "toolstack": toolstack}
     saved = [(owners[t.owner], t.attribute, getattr(owners[t.owner], t.attribute)) for t in TABLES]
+    torn_down = toolstack.torn_down
+    watched_torn_down = _WatchedWhole(torn_down, log)
     try:
         for table, (owner, attribute, data) in zip(TABLES, saved, strict=True):
             watched = _WatchedSet(data, table, log) if table.is_set else _WatchedMap(data, table, log)
             setattr(owner, attribute, watched)
+        setattr(toolstack, "torn_down", watched_torn_down)  # noqa: B010  # not its declared type
         yield
     finally:
         for owner, attribute, data in saved:
             setattr(owner, attribute, data)
+        if toolstack.torn_down is watched_torn_down:  # type: ignore[comparison-overlap]
+            toolstack.torn_down = torn_down
+        else:
+            log.touch((TORN_DOWN, ALL))
 
 
 class Memo:
