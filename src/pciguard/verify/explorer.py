@@ -240,6 +240,7 @@ class Explorer:
         self._interned: dict[Any, Any] = {}
         self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
         self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
+        self._canonicals: dict[State, tuple[State, int, Renaming]] = {}
         self._judged: dict[frozenset[str], list[tuple[str, Unit]]] = {}
         self._chanced: dict[tuple[Any, Any], Chances] = {}
         self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
@@ -573,14 +574,18 @@ class Explorer:
             self._trim()
         for action in self.actions(state):
             raw, misuse = self._successor(state, action)
-            canonical, renaming = self._canonical(raw)
-            yield Successor(action, raw, canonical, hash(canonical), renaming, misuse)
+            known = self._canonicals.get(raw)  # states are often reached again as they were
+            if known is None:
+                canonical, renaming = self._canonical(raw)
+                known = self._canonicals[raw] = (canonical, hash(canonical), renaming)
+            yield Successor(action, raw, *known, misuse)
 
     def _trim(self) -> None:
         """Keep the caches within a bound: past it, what may be computed again is
         cleared (so a long search's memory goes to its states), and past another the
         remembered outcomes are forgotten and found again by running."""
         caches = [
+            self._canonicals,
             self._checked,
             self._chanced,
             self._startable,
@@ -890,8 +895,10 @@ class Symmetry:
     _holdings_memo: dict[tuple[Any, Any], dict[str, tuple[str, str]]] = field(default_factory=dict)
     _flights_memo: dict[frozenset[Cursor], dict[str, str]] = field(default_factory=dict)
     _placeholder: Renaming = field(default_factory=dict)
-    _device_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
-    _local_memo: dict[tuple[Any, ...], list[str]] = field(default_factory=dict)
+    _device_memo: dict[tuple[Any, ...], tuple[str, ...]] = field(default_factory=dict)
+    _flights_words: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _erase_memo: dict[tuple[Bdf, frozenset[Any]], Renaming] = field(default_factory=dict)
+    _local_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -1010,25 +1017,31 @@ class Symmetry:
             self._holdings_memo,
             self._flights_memo,
             self._device_memo,
+            self._flights_words,
+            self._erase_memo,
             self._local_memo,
         ]
 
-    def _device_signature(self, state: State, d: Bdf, names: Renaming, names_key: frozenset[Any]) -> str:
+    def _device_signature(
+        self, state: State, d: Bdf, names: Renaming, names_key: frozenset[Any]
+    ) -> tuple[tuple[str, ...], str]:
         """Everything about ``d`` in ``state``, with device names erased ("self" for
         ``d``, "other" for the rest of its class) and VM names mapped by ``names``
-        (``names_key`` is ``names`` as a key). Each part is remembered by the state parts
-        it comes from."""
+        (``names_key`` is ``names`` as a key): per part of the platform the entries
+        naming ``d``, its ledger record, its operations in flight. Each is remembered by
+        the part it comes from; they are compared as they are, never printed whole."""
         key = (state.platform, state.ledger, d, names_key)
         held = self._device_memo.get(key)
         if held is None:
-            erase: Renaming = names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
-            local = [self._local(part, d, names_key, erase) for part in state.platform]
-            record = [rename(rec, erase) for bdf, rec in state.ledger.records if bdf == d]
-            held = self._device_memo[key] = f"({local!r}, {record!r}, "
+            erase = self._erasing(d, names, names_key)
+            held = self._device_memo[key] = (
+                *(self._local(part, d, names_key, erase) for part in state.platform),
+                self._local(state.ledger.records, d, names_key, erase, own=True),
+            )
         flights_key = (state.in_flight, d, names_key)
-        flights = self._device_memo.get(flights_key)
+        flights = self._flights_words.get(flights_key)
         if flights is None:
-            flights = self._device_memo[flights_key] = repr(
+            flights = self._flights_words[flights_key] = repr(
                 sorted(
                     repr(
                         (
@@ -1043,13 +1056,27 @@ class Symmetry:
                     if d in c.plan.devices
                 )
             )
-        return f"{held}{flights})"  # repr((local, record, flights))
+        return (held, flights)
 
-    def _local(self, part: frozenset[Any], d: Bdf, names_key: frozenset[Any], erase: Renaming) -> list[str]:
+    def _erasing(self, d: Bdf, names: Renaming, names_key: frozenset[Any]) -> Renaming:
+        key = (d, names_key)
+        found = self._erase_memo.get(key)
+        if found is None:
+            found = self._erase_memo[key] = (
+                names | {o: "other" for c in self.device_classes for o in c} | {d: "self"}
+            )
+        return found
+
+    def _local(
+        self, part: frozenset[Any], d: Bdf, names_key: frozenset[Any], erase: Renaming, own: bool = False
+    ) -> str:
+        """The entries of ``part`` naming ``d`` (``own``: the ledger's record of ``d``
+        alone), erased, as one word."""
         key = (part, d, names_key)
         found = self._local_memo.get(key)
         if found is None:
-            found = self._local_memo[key] = sorted(repr(rename(e, erase)) for e in self._mentioning(part, d))
+            entries = [e for e in part if e[0] is d] if own else self._mentioning(part, d)
+            found = self._local_memo[key] = repr(sorted(repr(rename(e, erase)) for e in entries))
         return found
 
     def _mentioning(self, part: frozenset[Any], d: Bdf) -> tuple[Any, ...]:
