@@ -192,6 +192,46 @@ def test_verify_with_workers_says_so_and_finds_the_same_states() -> None:
     assert runner.invoke(app, ["verify", secure, "--workers", "0"]).exit_code == 2
 
 
+def test_verify_explores_several_scenarios_in_turn_with_one_verdict_each(tmp_path: Path) -> None:
+    secure, legacy = (
+        EXAMPLES / "verify" / "ref-symmetric.yaml",
+        EXAMPLES / "verify" / "legacy" / "xsa-442.yaml",
+    )
+    alone = json.loads(runner.invoke(app, ["verify", str(secure), "--json"]).stdout)
+    both = runner.invoke(app, ["verify", str(secure), str(legacy), "--json", "--out", str(tmp_path)])
+    assert both.exit_code == 0, both.output  # a pass, and the violation xsa-442 declares
+    first, second = json.loads(both.stdout)
+    assert (first["scenario"], first["verdict"], first["states"]) == (str(secure), "pass", alone["states"])
+    assert second["verdict"] == "violation"
+    assert second["counterexample"]["file"] == str(tmp_path / "xsa-442-counterexample.yaml")
+    assert (tmp_path / "xsa-442-counterexample.yaml").exists()
+    shown = runner.invoke(app, ["verify", str(secure), str(legacy), "--out", str(tmp_path)])
+    assert f"{secure}:" in shown.output and "2 scenarios: 1 pass, 1 violation" in shown.output
+    # One exit code: a search a limit stopped, unless a violation nobody expected was found.
+    undeclared = tmp_path / "undeclared.yaml"
+    undeclared.write_text(
+        legacy.read_text().replace("platform: ../../", f"platform: {EXAMPLES}/").split("expect_violations")[0]
+    )
+    mixed = runner.invoke(
+        app, ["verify", str(secure), str(undeclared), "--max-states", "5", "--out", str(tmp_path)]
+    )
+    assert mixed.exit_code == 4 and "2 scenarios: 2 incomplete" in mixed.output
+    worst = runner.invoke(
+        app, ["verify", str(undeclared), str(secure), "--max-states", "5000", "--out", str(tmp_path)]
+    )
+    assert worst.exit_code == 1, worst.output
+
+
+def test_verify_reads_every_scenario_before_exploring_any(tmp_path: Path) -> None:
+    secure = EXAMPLES / "verify" / "ref-symmetric.yaml"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    result = runner.invoke(app, ["verify", str(secure), str(broken), "--json"])
+    assert result.exit_code == 2 and "broken.yaml" in result.output and '"verdict"' not in result.output
+    one_file = runner.invoke(app, ["verify", str(secure), str(secure), "--out", str(tmp_path / "t.yaml")])
+    assert one_file.exit_code == 2 and "not a directory" in one_file.output
+
+
 def test_verify_needs_an_explore_section() -> None:
     result = runner.invoke(app, ["verify", str(EXAMPLES / "scenarios" / "xsa-302.yaml")])
     assert result.exit_code == 2 and "no 'explore' section" in result.output

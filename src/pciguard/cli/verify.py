@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import typer
 from rich.live import Live
@@ -15,12 +15,16 @@ from rich.text import Text
 from pciguard.cli.common import Exit, emit_json, err, input_errors, out
 
 if TYPE_CHECKING:  # imported when the command runs: every pciguard start would pay for them
+    from pciguard.formats.scenario_file import Scenario
     from pciguard.verify.explorer import Result, Stats
 
 
 def command(
-    scenario: Path = typer.Argument(
-        ..., help="A scenario file with an 'explore' section.", dir_okay=False, metavar="SCENARIO"
+    scenarios: list[Path] = typer.Argument(
+        ...,
+        help="Scenario files with an 'explore' section; several are explored one after another.",
+        dir_okay=False,
+        metavar="SCENARIO",
     ),
     symmetry: bool = typer.Option(
         True,
@@ -43,10 +47,10 @@ def command(
         help="Run a transition once for each set of values it reads; others reuse its outcome (exact).",
     ),
     max_states: int | None = typer.Option(
-        None, "--max-states", min=1, help="Stop after this many states.", metavar="N"
+        None, "--max-states", min=1, help="Stop after this many states (each scenario).", metavar="N"
     ),
     time_limit: float | None = typer.Option(
-        None, "--time-limit", min=0.1, help="Stop after this many seconds.", metavar="SECONDS"
+        None, "--time-limit", min=0.1, help="Stop after this many seconds (each scenario).", metavar="SECONDS"
     ),
     workers: int = typer.Option(
         1,
@@ -59,33 +63,84 @@ def command(
     out_file: Path | None = typer.Option(
         None,
         "--out",
-        help="Where to write a counterexample (default: NAME-counterexample.yaml here).",
-        metavar="FILE",
+        help="Where to write a counterexample (default: NAME-counterexample.yaml here); "
+        "with several scenarios, a directory to write them in.",
+        metavar="FILE|DIR",
     ),
-    json_output: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    json_output: bool = typer.Option(
+        False, "--json", help="Print the verdict as JSON (several scenarios: a list, one each)."
+    ),
 ) -> None:
     """Explore every interleaving of operations, failures, crashes and hot-plugs."""
     from pciguard.formats.scenario_file import load_scenario
-    from pciguard.verify.counterexample import dump, scenario_document
-    from pciguard.verify.explorer import Explorer
 
-    with input_errors():
-        loaded = load_scenario(scenario)
-        if loaded.explore is None:
-            raise typer.BadParameter(f"{scenario} has no 'explore' section", param_hint="SCENARIO")
+    if len(scenarios) > 1 and out_file is not None and not out_file.is_dir():
+        raise typer.BadParameter(
+            f"{out_file} is not a directory: with several scenarios, --out names where to write "
+            "their counterexamples",
+            param_hint="--out",
+        )
     if workers > 1 and "fork" not in multiprocessing.get_all_start_methods():
         raise typer.BadParameter(
             "this system cannot fork worker processes; use --workers 1", param_hint="--workers"
         )
+    loaded = []
+    with input_errors():  # every file is read before any search: a typo fails at once
+        for path in scenarios:
+            scenario = load_scenario(path)
+            if scenario.explore is None:
+                raise typer.BadParameter(f"{path} has no 'explore' section", param_hint="SCENARIO")
+            loaded.append(scenario)
+    settings = Settings(symmetry, independence, messages, memo, max_states, time_limit, workers)
+    codes, reports = [], []
+    several = len(scenarios) > 1
+    for path, scenario in zip(scenarios, loaded, strict=True):
+        if several and not json_output:
+            out.print(Text(f"{path}:", "bold"))
+        target = (out_file or Path()) / f"{scenario.name}-counterexample.yaml" if several else out_file
+        result, written = _explore(scenario, settings, target, json_output)
+        reports.append({"scenario": str(path), **_as_json(result, written, workers)})
+        codes.append(_exit_code(result, scenario.expect_violations))
+    if json_output:
+        emit_json(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    elif several:
+        verdicts = [str(r["verdict"]) for r in reports]
+        tally = ", ".join(
+            f"{verdicts.count(v)} {v}" for v in ("pass", "violation", "incomplete") if v in verdicts
+        )
+        out.print(f"{len(scenarios)} scenarios: {tally}")
+    raise typer.Exit(_worst(codes))
+
+
+class Settings(NamedTuple):
+    """How every scenario of one ``pciguard verify`` is explored."""
+
+    symmetry: bool
+    independence: bool
+    messages: bool
+    memo: bool
+    max_states: int | None
+    time_limit: float | None
+    workers: int
+
+
+def _explore(
+    scenario: Scenario, settings: Settings, out_file: Path | None, json_output: bool
+) -> tuple[Result, Path | None]:
+    """Explore one scenario; print its verdict unless the output is JSON. Returns the
+    result and where its counterexample was written."""
+    from pciguard.verify.counterexample import dump, scenario_document
+    from pciguard.verify.explorer import Explorer
+
     explorer = Explorer(
-        loaded,
-        symmetry=symmetry,
-        independence=independence,
-        messages=messages,
-        memo=memo,
-        max_states=max_states,
-        time_limit=time_limit,
-        workers=workers,
+        scenario,
+        symmetry=settings.symmetry,
+        independence=settings.independence,
+        messages=settings.messages,
+        memo=settings.memo,
+        max_states=settings.max_states,
+        time_limit=settings.time_limit,
+        workers=settings.workers,
     )
     # Refreshed by the search itself: a refreshing thread would be running when workers fork.
     live = Live(Text(""), console=err, transient=True, auto_refresh=False)
@@ -98,15 +153,26 @@ def command(
     written = None
     if result.counterexample is not None:
         keys, _ = explorer.replay(result.counterexample.actions)
-        document = scenario_document(loaded, result.counterexample, keys)
-        written = out_file or Path(f"{loaded.name}-counterexample.yaml")
+        document = scenario_document(scenario, result.counterexample, keys)
+        written = out_file or Path(f"{scenario.name}-counterexample.yaml")
         written.write_text(dump(document), encoding="utf-8")
-    if json_output:
-        emit_json(json.dumps(_as_json(result, written, workers), indent=2))
-    else:
-        reductions = {"symmetry": symmetry, "independence": independence, "messages": messages}
-        _render(result, written, reductions, workers)
-    raise typer.Exit(_exit_code(result, loaded.expect_violations))
+    if not json_output:
+        reductions = {
+            "symmetry": settings.symmetry,
+            "independence": settings.independence,
+            "messages": settings.messages,
+        }
+        _render(result, written, reductions, settings.workers)
+    return result, written
+
+
+def _worst(codes: list[int]) -> int:
+    """One exit code for several scenarios: an unexpected violation first, then an
+    expectation unmet, then a search a limit stopped."""
+    for code in (Exit.FINDINGS, Exit.UNMET, Exit.INCOMPLETE):
+        if code in codes:
+            return code
+    return Exit.OK
 
 
 def _exit_code(result: Result, expected: frozenset[str] | None) -> int:
