@@ -69,6 +69,7 @@ BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arri
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
 
 Renaming = dict[Any, Any]
+NO_RENAMING: Renaming = {}  # one object for the many states already canonical; never changed
 #: Bounds on what a search keeps besides its states (``Explorer._trim``): about 400 MiB
 #: of caches, and about 200 MiB of remembered outcomes.
 CACHE_ENTRIES = 500_000
@@ -802,7 +803,7 @@ class Explorer:
 
     def _canonical(self, state: State) -> tuple[State, Renaming]:
         if self.symmetry is None:
-            return state, {}
+            return state, NO_RENAMING
         return self.symmetry.canonical(state)
 
     def _trace(
@@ -947,7 +948,7 @@ class Symmetry:
 
     def canonical(self, state: State) -> tuple[State, Renaming]:
         if not self.active:
-            return state, {}
+            return state, NO_RENAMING
         renaming: Renaming = {}
         if self.vm_classes:
             held = self._vm_holdings(state)
@@ -960,7 +961,7 @@ class Symmetry:
             by_dev = sorted(devices, key=lambda d: self._device_signature(state, d, renaming, names_key))
             renaming.update({raw: canon for raw, canon in zip(by_dev, devices, strict=True) if raw != canon})
         if not renaming:
-            return state, {}
+            return state, NO_RENAMING
         # ``rename``, remembered: the same platforms, ledgers, parts and cursors recur in
         # state after state.
         memo = self._memo.setdefault(frozenset(renaming.items()), {})
