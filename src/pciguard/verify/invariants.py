@@ -483,17 +483,21 @@ INVARIANTS = (
     "shared-resources",
     "vm-lifecycle",
 )
-DEVICE_CHECKS: tuple[Callable[[Device], list[Violation]], ...] = (
+#: Device-level invariants of a device the toolstack has taken (``Device.taken``), and
+#: of any present device; each also says nothing of a device that is neither.
+TAKEN_CHECKS: tuple[Callable[[Device], list[Violation]], ...] = (
     dma_containment,
     no_host_return,
     quarantine_held,
     msi_isolation,
-    hotplug_quarantine,
     flush_on_change,
     all_requester_ids,
+    atc_flush,
+)
+PRESENT_CHECKS: tuple[Callable[[Device], list[Violation]], ...] = (
+    hotplug_quarantine,
     clean_handover,
     sink_isolation,
-    atc_flush,
     ats_untrusted,
     shared_resources,
 )
@@ -516,27 +520,42 @@ class Unit(NamedTuple):
 def units(sim: SimPlatform, guests: Iterable[str]) -> list[Unit]:
     """Every unit of a platform whose guests are among ``guests``."""
     host = sim.host
-    return [
-        *(Unit("device", bdf) for bdf in sorted(host.topology)),
-        # A group of one device (bridges aside) is never split: no unit.
-        *(
-            Unit("group", index)
-            for index, group in enumerate(host.groups)
-            if len(_endpoints(host, group)) > 1
-        ),
-        *(Unit("guest", vm) for vm in sorted(guests)),
-    ]
+    found = _HOST_UNITS.get(id(host))
+    if found is None:
+        if len(_HOST_UNITS) > 16:
+            _HOST_UNITS.clear()
+        found = _HOST_UNITS[id(host)] = (
+            host,
+            [
+                *(Unit("device", bdf) for bdf in sorted(host.topology)),
+                # A group of one device (bridges aside) is never split: no unit.
+                *(
+                    Unit("group", i)
+                    for i, group in enumerate(host.groups)
+                    if len(_endpoints(host, group)) > 1
+                ),
+            ],
+        )
+    return [*found[1], *(Unit("guest", vm) for vm in sorted(guests))]
+
+
+#: The device and group units of each host lately judged (a host is immutable; the
+#: entry keeps it, so its id stays its own).
+_HOST_UNITS: dict[int, tuple[Host, list[Unit]]] = {}
 
 
 def check_unit(ts: Toolstack, sim: SimPlatform, unit: Unit) -> list[Violation]:
     """What ``unit`` breaks (a guest that does not exist breaks nothing)."""
     if unit.scope == "device":
         d = _device(ts, sim, unit.subject)
-        holdings = [Holding(ts, sim, vm, d.bdf) for vm in d.holders]
-        return [
-            *(v for check in DEVICE_CHECKS for v in check(d)),
-            *(v for h in holdings for check in HOLDING_CHECKS for v in check(h)),
-        ]
+        found: list[Violation] = []
+        for check in (TAKEN_CHECKS if d.taken is not None else ()) + (PRESENT_CHECKS if d.present else ()):
+            found += check(d)
+        for vm in d.holders:
+            holding = Holding(ts, sim, vm, d.bdf)
+            for held in HOLDING_CHECKS:
+                found += held(holding)
+        return found
     if unit.scope == "group":
         return group_unity(sim, sim.host.groups[unit.subject])
     vm = unit.subject
@@ -554,8 +573,10 @@ def check_unit(ts: Toolstack, sim: SimPlatform, unit: Unit) -> list[Violation]:
 def in_order(violations: Iterable[Violation]) -> list[Violation]:
     """Violations by invariant, each once (a holding may be seen from both its device
     and its guest)."""
-    rank = {name: i for i, name in enumerate(INVARIANTS)}
-    return sorted(dict.fromkeys(violations), key=lambda v: rank.get(v.invariant, len(rank)))
+    return sorted(dict.fromkeys(violations), key=lambda v: _RANK.get(v.invariant, len(_RANK)))
+
+
+_RANK = {name: i for i, name in enumerate(INVARIANTS)}
 
 
 def guests_of(domains: Iterable[str]) -> list[str]:

@@ -88,7 +88,6 @@ class Partition:
         for state, fingerprint in frontier:
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            explorer.load(state)
             if explorer._check(state):
                 level.found = Found(fingerprint)
                 return level
