@@ -146,12 +146,12 @@ def test_runs_that_read_the_same_cells_in_another_order_are_found_either_way() -
     for log, order in ((first, ("a", "b")), (second, ("b", "a"))):
         for key in order:
             log.read((context, key))
-    kept = memo.store("act", first, state("vm2"), state("vm2"), result="done")
+    kept = memo.store("act", first, lens(state("vm2")), state("vm2"), result="done")
     assert memo.find("act", lens(state("vm2"))) == kept
-    assert memo.store("act", second, state("vm2"), state("vm2"), result="done") == kept
+    assert memo.store("act", second, lens(state("vm2")), state("vm2"), result="done") == kept
     assert memo.find("act", lens(state("vm3"))) is None  # b differs: no run read that
     with pytest.raises(Undetermined, match="ended differently"):
-        memo.store("act", first, state("vm2"), state("vm2"), result="another end")
+        memo.store("act", first, lens(state("vm2")), state("vm2"), result="another end")
 
 
 def test_caches_cleared_and_outcomes_forgotten_along_the_way_change_no_state(

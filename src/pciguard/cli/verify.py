@@ -113,7 +113,8 @@ def command(
 
 
 class Settings(NamedTuple):
-    """How every scenario of one ``pciguard verify`` is explored."""
+    """How every scenario of one ``pciguard verify`` is explored: the explorer's
+    keyword arguments."""
 
     symmetry: bool
     independence: bool
@@ -132,16 +133,7 @@ def _explore(
     from pciguard.verify.counterexample import dump, scenario_document
     from pciguard.verify.explorer import Explorer
 
-    explorer = Explorer(
-        scenario,
-        symmetry=settings.symmetry,
-        independence=settings.independence,
-        messages=settings.messages,
-        memo=settings.memo,
-        max_states=settings.max_states,
-        time_limit=settings.time_limit,
-        workers=settings.workers,
-    )
+    explorer = Explorer(scenario, **settings._asdict())
     # Refreshed by the search itself: a refreshing thread would be running when workers fork.
     live = Live(Text(""), console=err, transient=True, auto_refresh=False)
     if err.is_terminal and not json_output:

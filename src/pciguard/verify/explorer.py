@@ -369,7 +369,6 @@ class Explorer:
         refuses. A plan made once is not made again for a state that agrees with the
         first on what planning read (see ``memo``)."""
         signature = ("plan", op, device, vm)
-        before = parts(state.platform, state.ledger)
         if self.memo is not None:
             outcome = self.memo.find(signature, self._lens(state))
             if outcome is not None:
@@ -384,7 +383,7 @@ class Explorer:
         except (RefusedError, PlatformMisuse, KeyError):
             footprint = None
         if self.memo is not None:
-            self.memo.store(signature, log, before, before, footprint)  # planning changes nothing
+            self.memo.store(signature, log, self._lens(state), None, footprint)
         return footprint
 
     def _chances(self, state: State) -> Chances:
@@ -609,16 +608,15 @@ class Explorer:
         if self.memo is None:
             new, broken = self.apply(state, action)
             return new, bool(broken)
-        before = parts(state.platform, state.ledger)
         signature = self._signature(state, action)
         outcome = self.memo.find(signature, self._lens(state))
         if outcome is None:
             log = Log()
             new, broken, result = self._run_action(state, action, log)
             if not broken:  # a misuse is a violation: the search stops there
-                self.memo.store(signature, log, before, parts(new.platform, new.ledger), result)
+                self.memo.store(signature, log, self._lens(state), parts(new.platform, new.ledger), result)
             return new, bool(broken)
-        after = self.memo.after(before, outcome, self._shared)
+        after = self.memo.after(parts(state.platform, state.ledger), outcome, self._shared)
         moved = action.key if action.kind in ("advance", "fail") else None
         new = State(
             self._shared(SimSnapshot._make(after[: len(SimSnapshot._fields)])),
@@ -775,7 +773,6 @@ class Explorer:
         if self.memo is None:
             self.load(state)
             return check_all(self.toolstack, self.platform)
-        before = parts(state.platform, state.ledger)
         names = frozenset(d.name for d in state.platform.domains)
         judged = self._judged.get(names)
         if judged is None:
@@ -791,8 +788,7 @@ class Explorer:
                 log = Log()
                 with watching(self.platform, self.toolstack, log):
                     broken = check_unit(self.toolstack, self.platform, key[1])
-                log.touched.clear()  # a judgement changes nothing
-                outcome = self.memo.store(key, log, before, before, tuple(broken))
+                outcome = self.memo.store(key, log, lens, None, tuple(broken))
             found.extend(outcome.result)
         found = in_order(found)
         if self.check_memo:

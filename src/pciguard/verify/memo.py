@@ -58,6 +58,7 @@ class Table(NamedTuple):
     mutable: bool  # its values are objects changed in place: fetching one may change it
 
 
+RECORDS = len(SimSnapshot._fields)  # the ledger's records: the last table
 #: The platform's tables, in ``SimSnapshot`` order, then the ledger's records.
 TABLES = (
     *(
@@ -70,9 +71,8 @@ TABLES = (
         )
         for i, name in enumerate(SimSnapshot._fields)
     ),
-    Table(len(SimSnapshot._fields), "toolstack", "ledger", False, True),
+    Table(RECORDS, "toolstack", "ledger", False, True),
 )
-RECORDS = len(SimSnapshot._fields)  # the ledger's records: the last table
 TORN_DOWN = len(TABLES)  # the toolstack's torn-down VMs: read and written whole
 DOMAINS = SimSnapshot._fields.index("domains")  # a part of DomainSnapshot values, keyed by name
 Cell = tuple[int, Any]  # (table index, key | KEYS | ALL)
@@ -423,17 +423,20 @@ class Memo:
                         pending.append(child)
         return None
 
-    def store(self, action: Any, log: Log, before: Parts, after: Parts, result: Any) -> Outcome:
-        """Keep the outcome of a run from ``before`` to ``after`` that read and
-        touched what ``log`` holds."""
+    def store(self, action: Any, log: Log, before: Lens, after: Parts | None, result: Any) -> Outcome:
+        """Keep the outcome of a run from the state ``before`` looks at to ``after``
+        (None: a run that changes nothing, as a plan or a judgement) that read and
+        touched what ``log`` holds. The values read are taken through the same lens
+        lookups use, so both see a cell alike."""
         self.runs += 1
         self.size += len(log.reads)
-        outcome = Outcome(self._changes(log, after), result)
+        outcome = Outcome(() if after is None else self._changes(log, after), result)
         node = self._roots.get(action)
         if node is None:
             node = self._roots[action] = _Node()
-        for cell in log.reads:
-            node = node.branch(cell, id(self.value(before, cell)))
+        absent = id(ABSENT)
+        for index, key in log.reads:
+            node = node.branch((index, key), before[index].get(key, absent))
         if node.outcome is not None and node.outcome != outcome:
             raise Undetermined(f"{action}: two runs read the same values and ended differently")
         node.outcome = outcome
