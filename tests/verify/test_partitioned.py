@@ -72,6 +72,27 @@ def test_a_state_crosses_between_workers_as_numbers_once_its_parts_are_known() -
     assert len(again) < len(first) / 3  # the parts crossed with the first batch
 
 
+def test_a_worker_takes_in_the_parts_it_already_holds_as_its_own_objects() -> None:
+    """Caches and the memo compare parts by identity: an equal copy would miss them."""
+    sender, receiver = (Explorer(parse_scenario(TINY, "tiny.yaml", VERIFY)) for _ in range(2))
+    arrivals = []
+    for explorer in (sender, receiver):
+        initial, _ = explorer.start()
+        arrivals.append(
+            [
+                Arrival(step.fingerprint, step.state, Parent(hash(initial), step.action, step.renaming))
+                for step in explorer.successors(initial)
+            ]
+        )
+    sent, held = arrivals
+    received = Channel(receiver._shared).decode(Channel().encode(sent))
+    assert received == sent == held
+    for came, own in zip(received, held, strict=True):
+        assert came.state.platform is own.state.platform
+        assert came.state.ledger is own.state.ledger
+        assert came.state.in_flight is own.state.in_flight
+
+
 @pytest.mark.parametrize("failing", [{0, 1}, {0}], ids=["every-worker", "the-first"])
 def test_a_worker_that_fails_is_named_and_the_others_stop(
     monkeypatch: pytest.MonkeyPatch, failing: set[int]

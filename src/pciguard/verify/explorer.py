@@ -63,7 +63,7 @@ from pciguard.verify.invariants import (
     in_order,
     units,
 )
-from pciguard.verify.memo import Lens, Log, Memo, Undetermined, parts, watching
+from pciguard.verify.memo import Cell, Lens, Log, Memo, Outcome, Undetermined, parts, watching
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
@@ -83,6 +83,14 @@ class State(NamedTuple):
     ledger: LedgerSnapshot
     in_flight: frozenset[Cursor]
     faults: int  # failures left to inject
+
+
+class Verdict(NamedTuple):
+    """What a platform-and-ledger pair breaks, and what judged each of its units."""
+
+    violations: tuple[Violation, ...]
+    judged: list[tuple[str, Unit]] | None  # the units, as the memo knows them
+    outcomes: tuple[Outcome, ...]  # per unit: its verdict and the cells it read
 
 
 class Parent(NamedTuple):
@@ -237,10 +245,10 @@ class Explorer:
         )
         self.vms = tuple(name for name, _ in scenario.vms)
         self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
-        self.symmetry = Symmetry(scenario, self.explore.devices) if symmetry else None
         self._interned: dict[Any, Any] = {}
+        self.symmetry = Symmetry(scenario, self.explore.devices, self._shared) if symmetry else None
         self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
-        self._checked: dict[tuple[Any, Any], tuple[Violation, ...]] = {}
+        self._checked: dict[tuple[Any, Any], Verdict] = {}
         self._canonicals: dict[State, tuple[State, int, Renaming]] = {}
         self._judged: dict[frozenset[str], list[tuple[str, Unit]]] = {}
         self._chanced: dict[tuple[Any, Any], Chances] = {}
@@ -710,7 +718,7 @@ class Explorer:
                 parents[step.fingerprint] = self.link(fingerprint, step)
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
-                if self._check(step.raw):
+                if self._check(step.state, state):
                     return self._violation(stats, started, self._trace(parents.__getitem__, step.fingerprint))
                 frontier.append((step.state, step.fingerprint, depth + 1))
             now = time.perf_counter()
@@ -756,46 +764,57 @@ class Explorer:
         stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return Result(verdict, stats, counterexample, reason)
 
-    def _check(self, state: State) -> list[Violation]:
-        """The invariants over ``state``. They read only the platform and the
-        ledger, which many states share (differing in operations in flight or faults
-        left): each pair is checked once."""
+    def _check(self, state: State, before: State | None = None) -> list[Violation]:
+        """The invariants over ``state`` (reached from ``before``, if given). They read
+        only the platform and the ledger, which many states share (differing in
+        operations in flight or faults left): each pair is checked once."""
         key = (state.platform, state.ledger)
         found = self._checked.get(key)
         if found is None:
-            found = self._checked[key] = self._shared(tuple(self._judge(state)))
-        return list(found)
+            found = self._checked[key] = self._judge(state, before)
+        return list(found.violations)
 
-    def _judge(self, state: State) -> list[Violation]:
+    def _judge(self, state: State, before: State | None = None) -> Verdict:
         """The invariants over ``state``, unit by unit (a device, a group, a guest): a
         unit's verdict is remembered by the cells it read, like a transition's outcome,
-        and the state is restored only to judge a unit no state agreeing with it had."""
+        and the state is restored only to judge a unit no state agreeing with it had.
+        A unit whose cells all have the values they had in ``before``'s pair keeps
+        the verdict it had there (if it was judged)."""
         if self.memo is None:
             self.load(state)
-            return check_all(self.toolstack, self.platform)
+            return Verdict(self._shared(tuple(check_all(self.toolstack, self.platform))), None, ())
         names = frozenset(d.name for d in state.platform.domains)
         judged = self._judged.get(names)
         if judged is None:
             judged = self._judged[names] = [
                 ("judge", unit) for unit in units(self.platform, guests_of(names))
             ]
-        found: list[Violation] = []
         lens = self._lens(state)
-        for key in judged:
-            outcome = self.memo.find(key, lens)
+        kept: tuple[Outcome, ...] = ()
+        changed: set[Cell] = set()
+        if before is not None:
+            earlier = self._checked.get((before.platform, before.ledger))
+            if earlier is not None and earlier.judged is judged:
+                kept = earlier.outcomes
+                changed = self.memo.differ(self.memo.lens(before.platform, before.ledger), lens)
+        outcomes = []
+        for index, key in enumerate(judged):
+            outcome = kept[index] if kept and changed.isdisjoint(kept[index].reads) else None
+            if outcome is None:
+                outcome = self.memo.find(key, lens)
             if outcome is None:
                 self.load(state)
                 log = Log()
                 with watching(self.platform, self.toolstack, log):
                     broken = check_unit(self.toolstack, self.platform, key[1])
                 outcome = self.memo.store(key, log, lens, None, tuple(broken))
-            found.extend(outcome.result)
-        found = in_order(found)
+            outcomes.append(outcome)
+        found = in_order([v for outcome in outcomes for v in outcome.result])
         if self.check_memo:
             self.load(state)
             if found != check_all(self.toolstack, self.platform):
                 raise Undetermined("the remembered verdicts differ from judging the state")
-        return found
+        return Verdict(self._shared(tuple(found)), judged, tuple(outcomes))
 
     def _canonical(self, state: State) -> tuple[State, Renaming]:
         if self.symmetry is None:
@@ -884,6 +903,7 @@ class Symmetry:
 
     scenario: Scenario
     devices: tuple[Bdf, ...]
+    intern: Callable[[Any], Any] = lambda value: value
     device_classes: list[list[Bdf]] = field(default_factory=list)
     vm_classes: list[list[str]] = field(default_factory=list)
     _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
@@ -960,21 +980,25 @@ class Symmetry:
             return state, NO_RENAMING
         # ``rename``, remembered: the same platforms, ledgers, parts and cursors recur in
         # state after state.
-        memo = self._memo.setdefault(frozenset(renaming.items()), {})
+        memo, intern = self._memo.setdefault(frozenset(renaming.items()), {}), self.intern
 
         def renamed(value: Any) -> Any:
             found = memo.get(value)
             if found is None:
-                found = memo[value] = rename(value, renaming)
+                found = memo[value] = intern(rename(value, renaming))
             return found
 
         platform = memo.get(state.platform)
         if platform is None:
-            platform = memo[state.platform] = SimSnapshot._make(renamed(part) for part in state.platform)
+            platform = memo[state.platform] = intern(
+                SimSnapshot._make(renamed(part) for part in state.platform)
+            )
         ledger = memo.get(state.ledger)
         if ledger is None:
             records = frozenset(renamed(entry) for entry in state.ledger.records)
-            ledger = memo[state.ledger] = LedgerSnapshot(records, renamed(state.ledger.torn_down))
+            ledger = memo[state.ledger] = intern(
+                LedgerSnapshot(intern(records), renamed(state.ledger.torn_down))
+            )
         return State(platform, ledger, renamed(state.in_flight), state.faults), renaming
 
     def _vm_holdings(self, state: State) -> dict[str, tuple[str, str]]:

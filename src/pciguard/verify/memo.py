@@ -90,10 +90,13 @@ class Undetermined(RuntimeError):
 
 
 class Outcome(NamedTuple):
-    """What one run did: each changed table's changes, and the next cursor."""
+    """What one run did: each changed table's changes, and the next cursor (or the
+    plan's footprint, the unit's verdict); for a run that changes nothing, the cells it
+    read (any state that agrees with the run's on them has the same result)."""
 
     changes: tuple[tuple[int, Any], ...]  # (table, ALL part | ((key, value), ...))
     result: Any  # the operation's next cursor, or None once it ended
+    reads: frozenset[Cell] = frozenset()
 
 
 class _Node:
@@ -430,7 +433,10 @@ class Memo:
         lookups use, so both see a cell alike."""
         self.runs += 1
         self.size += len(log.reads)
-        outcome = Outcome(() if after is None else self._changes(log, after), result)
+        if after is None:
+            outcome = Outcome((), result, frozenset(log.reads))
+        else:
+            outcome = Outcome(self._changes(log, after), result)
         node = self._roots.get(action)
         if node is None:
             node = self._roots[action] = _Node()
@@ -453,6 +459,20 @@ class Memo:
             (index, self._part(after[index]) if keyed is ALL else tuple(sorted(keyed.items(), key=repr)))
             for index, keyed in sorted(by_table.items())
         )
+
+    @staticmethod
+    def differ(before: Lens, after: Lens) -> set[Cell]:
+        """The cells whose values differ between two states' lenses (a changed part's
+        ``ALL``, and its ``KEYS`` when keys came or went, among them)."""
+        absent, changed = id(ABSENT), set[Cell]()
+        for index, (old, new) in enumerate(zip(before, after, strict=True)):
+            if old is not new:
+                changed.update(
+                    (index, key)
+                    for key in old.keys() | new.keys()
+                    if old.get(key, absent) != new.get(key, absent)
+                )
+        return changed
 
     # -- the state after -------------------------------------------------------------
     def after(self, state_parts: Parts, outcome: Outcome, intern: Callable[[Any], Any]) -> Parts:

@@ -198,9 +198,12 @@ class Channel:
     """One direction between two workers. A state is made of parts that recur in state
     after state (platform tables, the ledger, the operations in flight), so each part
     crosses once and is named by its number after that: a state travels as a row of
-    small integers, which pickles in microseconds where the whole state takes hundreds."""
+    small integers, which pickles in microseconds where the whole state takes hundreds.
+    The receiver interns what arrives (``intern``): its caches and its memo compare parts
+    by identity, and an equal copy of a part it already holds would miss them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, intern: Callable[[Any], Any] = lambda part: part) -> None:
+        self.intern = intern
         self.numbers: dict[Any, int] = {}  # sender: part -> number
         self.parts: list[Any] = []  # receiver: number -> part
         self.renamings: dict[int, Renaming] = {}  # receiver: number -> the renaming as a dict
@@ -232,8 +235,8 @@ class Channel:
 
     def decode(self, blob: bytes) -> list[Arrival]:
         new, rows = pickle.loads(blob)
-        parts = self.parts
-        parts.extend(new)
+        parts, intern = self.parts, self.intern
+        parts.extend(map(intern, new))
 
         def renaming(number: int) -> Renaming:
             found = self.renamings.get(number)
@@ -244,7 +247,12 @@ class Channel:
         return [
             Arrival(
                 fingerprint,
-                State(SimSnapshot._make(parts[n] for n in platform), parts[ledger], parts[in_flight], faults),
+                State(
+                    intern(SimSnapshot._make(parts[n] for n in platform)),
+                    parts[ledger],
+                    parts[in_flight],
+                    faults,
+                ),
                 Parent(parent, parts[action], renaming(renamed)),
             )
             for fingerprint, platform, ledger, in_flight, faults, parent, action, renamed in rows
@@ -270,7 +278,7 @@ def _answer(partition: Partition, connection: Connection) -> None:
     """Outboxes travel as one blob per receiving worker, which the coordinator forwards
     unread."""
     sending = [Channel() for _ in range(partition.count)]
-    receiving = [Channel() for _ in range(partition.count)]
+    receiving = [Channel(partition.explorer._shared) for _ in range(partition.count)]
     while True:
         request, argument = connection.recv()
         answer: Any = None
