@@ -222,6 +222,32 @@ def test_verify_explores_several_scenarios_in_turn_with_one_verdict_each(tmp_pat
     assert worst.exit_code == 1, worst.output
 
 
+def test_verify_with_workers_explores_several_scenarios_at_once_with_the_same_verdicts(
+    tmp_path: Path,
+) -> None:
+    paths = [
+        str(EXAMPLES / "verify" / "ref-teardown-race.yaml"),
+        str(EXAMPLES / "verify" / "legacy" / "xsa-442.yaml"),
+        str(EXAMPLES / "verify" / "ref-symmetric.yaml"),
+    ]
+    in_turn = runner.invoke(app, ["verify", *paths, "--json", "--out", str(tmp_path)])
+    (tmp_path / "xsa-442-counterexample.yaml").unlink()
+    at_once = runner.invoke(app, ["verify", *paths, "--json", "--out", str(tmp_path), "--workers", "2"])
+    assert at_once.exit_code == in_turn.exit_code == 0, at_once.output
+
+    def figures(report: dict[str, object]) -> tuple[object, ...]:
+        return report["scenario"], report["verdict"], report["states"], report["transitions"]
+
+    reports = json.loads(at_once.stdout)
+    assert [figures(r) for r in reports] == [figures(r) for r in json.loads(in_turn.stdout)]
+    assert [r["workers"] for r in reports] == [1, 1, 1]  # one process each
+    assert reports[1]["counterexample"]["file"] == str(tmp_path / "xsa-442-counterexample.yaml")
+    assert (tmp_path / "xsa-442-counterexample.yaml").exists()
+    shown = runner.invoke(app, ["verify", *paths, "--out", str(tmp_path), "--workers", "2"])
+    assert [shown.output.index(f"{p}:") for p in paths] == sorted(shown.output.index(f"{p}:") for p in paths)
+    assert "3 scenarios: 2 pass, 1 violation" in shown.output
+
+
 def test_verify_reads_every_scenario_before_exploring_any(tmp_path: Path) -> None:
     secure = EXAMPLES / "verify" / "ref-symmetric.yaml"
     broken = tmp_path / "broken.yaml"

@@ -5,6 +5,9 @@ replay, and the limits still stop it."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,15 @@ from test_explorer import CONCURRENT, LEGACY, TINY, counterexample_replays
 from conftest import EXAMPLES
 from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
 from pciguard.verify.explorer import Explorer, Parent, Result
-from pciguard.verify.partitioned import Arrival, Channel, InProcess, Partition, WorkerFailed, run_partitioned
+from pciguard.verify.partitioned import (
+    Arrival,
+    Channel,
+    InProcess,
+    Partition,
+    WorkerFailed,
+    in_forked_processes,
+    run_partitioned,
+)
 
 VERIFY = EXAMPLES / "verify"
 SMALL = [
@@ -108,3 +119,37 @@ def test_a_worker_that_fails_is_named_and_the_others_stop(
     with pytest.raises(WorkerFailed, match="a verifier worker failed: MemoryError: no room for the frontier"):
         Explorer(parse_scenario(TINY, "tiny.yaml", VERIFY), workers=2).run()
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def _job(seconds: float, mark: Path) -> tuple[int, float, float]:
+    began = time.monotonic()
+    time.sleep(seconds)
+    mark.write_text(str(os.getpid()))
+    return os.getpid(), began, time.monotonic()
+
+
+def test_jobs_run_in_processes_of_their_own_at_most_so_many_at_once_and_answer_in_order(
+    tmp_path: Path,
+) -> None:
+    seconds = [0.4, 0.05, 0.05, 0.2]  # the first ends last
+    jobs = [partial(_job, s, tmp_path / str(i)) for i, s in enumerate(seconds)]
+    answers = list(in_forked_processes(jobs, 2))
+    assert [pid for pid, _, _ in answers] == [int((tmp_path / str(i)).read_text()) for i in range(4)]
+    assert len({pid for pid, _, _ in answers} | {os.getpid()}) == 5
+    for moment in sorted(began for _, began, _ in answers):
+        assert sum(began <= moment < ended for _, began, ended in answers) <= 2
+    assert answers[2][1] < answers[0][2]  # it did not wait for the first to end
+
+
+def _failing() -> None:
+    raise ValueError("no such device")
+
+
+def test_a_job_that_fails_is_named_and_the_rest_are_stopped(tmp_path: Path) -> None:
+    jobs = [partial(_job, 5, tmp_path / "slow"), _failing, partial(_job, 0, tmp_path / "never")]
+    started = time.monotonic()
+    with pytest.raises(WorkerFailed, match="ValueError: no such device"):
+        list(in_forked_processes(jobs, 2))
+    assert time.monotonic() - started < 4  # the slow one was not waited for
+    time.sleep(0.2)
+    assert not (tmp_path / "never").exists() and not (tmp_path / "slow").exists()

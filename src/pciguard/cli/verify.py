@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -22,7 +24,8 @@ if TYPE_CHECKING:  # imported when the command runs: every pciguard start would 
 def command(
     scenarios: list[Path] = typer.Argument(
         ...,
-        help="Scenario files with an 'explore' section; several are explored one after another.",
+        help="Scenario files with an 'explore' section; several are explored one after another "
+        "(with --workers N, N at a time).",
         dir_okay=False,
         metavar="SCENARIO",
     ),
@@ -57,7 +60,8 @@ def command(
         "--workers",
         min=1,
         max=64,
-        help="Explore with this many processes, each owning a share of the states (Linux: forked).",
+        help="Explore with this many processes (Linux: forked): one scenario's states shared among "
+        "them, or, with several scenarios, one scenario each.",
         metavar="N",
     ),
     out_file: Path | None = typer.Option(
@@ -94,12 +98,22 @@ def command(
     settings = Settings(symmetry, independence, messages, memo, max_states, time_limit, workers)
     codes, reports = [], []
     several = len(scenarios) > 1
-    for path, scenario in zip(scenarios, loaded, strict=True):
+    explored = _explored(loaded, settings, progress=err.is_terminal and not json_output)
+    for path, scenario, (result, document) in zip(scenarios, loaded, explored, strict=True):
         if several and not json_output:
             out.print(Text(f"{path}:", "bold"))
-        target = (out_file or Path()) / f"{scenario.name}-counterexample.yaml" if several else out_file
-        result, written = _explore(scenario, settings, target, json_output)
-        reports.append({"scenario": str(path), **_as_json(result, written, workers)})
+        written = None
+        if document is not None:
+            written = (
+                (out_file or Path()) / f"{scenario.name}-counterexample.yaml"
+                if several
+                else out_file or Path(f"{scenario.name}-counterexample.yaml")
+            )
+            written.write_text(document, encoding="utf-8")
+        used = 1 if several else workers  # several scenarios: one process each
+        if not json_output:
+            _render(result, written, settings, used)
+        reports.append({"scenario": str(path), **_as_json(result, written, used)})
         codes.append(_exit_code(result, scenario.expect_violations))
     if json_output:
         emit_json(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
@@ -125,37 +139,47 @@ class Settings(NamedTuple):
     workers: int
 
 
-def _explore(
-    scenario: Scenario, settings: Settings, out_file: Path | None, json_output: bool
-) -> tuple[Result, Path | None]:
-    """Explore one scenario; print its verdict unless the output is JSON. Returns the
-    result and where its counterexample was written."""
+class Explored(NamedTuple):
+    """One scenario's search: its result, and its counterexample (if it found one) as a
+    scenario ``simulate`` replays."""
+
+    result: Result
+    counterexample: str | None
+
+
+def _explored(scenarios: list[Scenario], settings: Settings, progress: bool) -> Iterator[Explored]:
+    """Each scenario's search, in order. Several with more than one worker: each is
+    explored by a forked process of its own (its figures its own), ``workers`` at a
+    time; otherwise one after another here, a search's workers sharing its states."""
+    if len(scenarios) > 1 and settings.workers > 1:
+        from pciguard.verify.partitioned import in_forked_processes
+
+        alone = settings._replace(workers=1)
+        jobs = [partial(_explore, scenario, alone, progress=False) for scenario in scenarios]
+        yield from in_forked_processes(jobs, settings.workers)
+        return
+    for scenario in scenarios:
+        yield _explore(scenario, settings, progress)
+
+
+def _explore(scenario: Scenario, settings: Settings, progress: bool) -> Explored:
+    """Explore one scenario (with a live progress line on the terminal, if ``progress``)."""
     from pciguard.verify.counterexample import dump, scenario_document
     from pciguard.verify.explorer import Explorer
 
     explorer = Explorer(scenario, **settings._asdict())
     # Refreshed by the search itself: a refreshing thread would be running when workers fork.
     live = Live(Text(""), console=err, transient=True, auto_refresh=False)
-    if err.is_terminal and not json_output:
+    if progress:
         explorer.on_progress = lambda stats: live.update(Text(_progress(stats)), refresh=True)
         with live:
             result = explorer.run()
     else:
         result = explorer.run()
-    written = None
-    if result.counterexample is not None:
-        keys, _ = explorer.replay(result.counterexample.actions)
-        document = scenario_document(scenario, result.counterexample, keys)
-        written = out_file or Path(f"{scenario.name}-counterexample.yaml")
-        written.write_text(dump(document), encoding="utf-8")
-    if not json_output:
-        reductions = {
-            "symmetry": settings.symmetry,
-            "independence": settings.independence,
-            "messages": settings.messages,
-        }
-        _render(result, written, reductions, settings.workers)
-    return result, written
+    if result.counterexample is None:
+        return Explored(result, None)
+    keys, _ = explorer.replay(result.counterexample.actions)
+    return Explored(result, dump(scenario_document(scenario, result.counterexample, keys)))
 
 
 def _worst(codes: list[int]) -> int:
@@ -216,8 +240,13 @@ def _as_json(result: Result, written: Path | None, workers: int) -> dict[str, ob
     }
 
 
-def _render(result: Result, written: Path | None, reductions_on: dict[str, bool], workers: int) -> None:
+def _render(result: Result, written: Path | None, settings: Settings, workers: int) -> None:
     stats = result.stats
+    reductions_on = {
+        "symmetry": settings.symmetry,
+        "independence": settings.independence,
+        "messages": settings.messages,
+    }
     reductions = ", ".join(name for name, on in reductions_on.items() if on)
     out.print(
         f"{stats.states:,} distinct states, {stats.transitions:,} transitions, depth "

@@ -20,10 +20,10 @@ import multiprocessing
 import pickle
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any, NamedTuple, Protocol
+from multiprocessing.connection import Connection, wait
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from pciguard.platforms.sim import SimSnapshot
 from pciguard.verify.explorer import (
@@ -263,6 +263,59 @@ class WorkerFailed(RuntimeError):
     """A worker process stopped with an error (a bug, or out of memory)."""
 
 
+def reply(connection: Connection) -> Any:
+    """A forked worker's answer, sent as ("ok", value) or ("failed", what went wrong)."""
+    try:
+        status, value = connection.recv()
+    except (EOFError, OSError):
+        raise WorkerFailed("a verifier worker exited without answering (killed, or out of memory?)") from None
+    if status != "ok":
+        raise WorkerFailed(f"a verifier worker failed: {value}")
+    return value
+
+
+Job = TypeVar("Job")
+
+
+def in_forked_processes(jobs: Sequence[Callable[[], Job]], at_once: int) -> Iterator[Job]:
+    """Each job run in a forked process of its own (so its memory and CPU figures are its
+    own), ``at_once`` at a time, in the order given; their results in that order, each
+    as soon as it and those before it are done."""
+    context = multiprocessing.get_context("fork")
+    process_of: dict[Connection, multiprocessing.process.BaseProcess] = {}  # those running
+    job_of: dict[Connection, int] = {}
+    done: dict[int, Job] = {}
+    started = given = 0
+    try:
+        while given < len(jobs):
+            while started < len(jobs) and len(process_of) < at_once:
+                mine, theirs = context.Pipe(duplex=False)
+                process = context.Process(target=_run_job, args=(jobs[started], theirs), daemon=True)
+                process.start()
+                theirs.close()
+                process_of[mine], job_of[mine] = process, started
+                started += 1
+            for ready in wait(list(process_of)):
+                assert isinstance(ready, Connection)
+                done[job_of.pop(ready)] = reply(ready)
+                process_of.pop(ready).join()
+            while given in done:
+                yield done.pop(given)
+                given += 1
+    finally:
+        for unfinished in process_of.values():
+            unfinished.terminate()
+
+
+def _run_job(job: Callable[[], Any], connection: Connection) -> None:
+    try:
+        connection.send(("ok", job()))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM reached the parent too, which says so
+    except Exception as exc:
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+
+
 def _serve(partition: Partition, connection: Connection) -> None:
     """A forked worker: answer the coordinator's requests until told to stop, each
     answer ("ok", value) or ("failed", what went wrong)."""
@@ -321,21 +374,9 @@ class Forked:
             self.connections.append(mine)
             self.processes.append(process)
 
-    @staticmethod
-    def _reply(connection: Connection) -> Any:
-        try:
-            status, value = connection.recv()
-        except (EOFError, OSError):
-            raise WorkerFailed(
-                "a verifier worker exited without answering (killed, or out of memory?)"
-            ) from None
-        if status != "ok":
-            raise WorkerFailed(f"a verifier worker failed: {value}")
-        return value
-
     def _ask(self, index: int, request: str, argument: Any = None) -> Any:
         self.connections[index].send((request, argument))
-        return self._reply(self.connections[index])
+        return reply(self.connections[index])
 
     def seed(self, index: int, state: State, fingerprint: int) -> None:
         self._ask(index, "seed", (state, fingerprint))
@@ -343,14 +384,14 @@ class Forked:
     def level(self, deadline: float | None) -> list[Level]:
         for connection in self.connections:
             connection.send(("expand", deadline))
-        answers = [self._reply(connection) for connection in self.connections]
+        answers = [reply(connection) for connection in self.connections]
         inboxes: list[list[tuple[int, bytes]]] = [[] for _ in range(self.count)]
         for source, (_, blobs) in enumerate(answers):
             for owner, blob in blobs.items():
                 inboxes[owner].append((source, blob))
         for connection, inbox in zip(self.connections, inboxes, strict=True):
             connection.send(("receive", inbox))
-        received = [self._reply(connection) for connection in self.connections]
+        received = [reply(connection) for connection in self.connections]
         return [merged(expanded, got) for (expanded, _), got in zip(answers, received, strict=True)]
 
     def parent(self, fingerprint: int) -> Parent | None:
@@ -366,7 +407,7 @@ class Forked:
                 # A worker that answered a level another one failed in still has that
                 # answer pending: the last reply is the one to "stop".
                 for _ in range(3):
-                    answer = self._reply(connection)
+                    answer = reply(connection)
                     if isinstance(answer, float):
                         peaks += answer
                         break
@@ -418,4 +459,14 @@ def run_partitioned(
         stats.peak_rss_mib += executor.close()
 
 
-__all__ = ["Arrival", "Channel", "Forked", "InProcess", "Partition", "WorkerFailed", "run_partitioned"]
+__all__ = [
+    "Arrival",
+    "Channel",
+    "Forked",
+    "InProcess",
+    "Partition",
+    "WorkerFailed",
+    "in_forked_processes",
+    "reply",
+    "run_partitioned",
+]
