@@ -916,6 +916,7 @@ class Symmetry:
     _flights_words: dict[tuple[Any, ...], str] = field(default_factory=dict)
     _erase_memo: dict[tuple[Bdf, frozenset[Any]], Renaming] = field(default_factory=dict)
     _local_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _words: dict[tuple[int, Any, str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -1041,6 +1042,7 @@ class Symmetry:
             self._flights_words,
             self._erase_memo,
             self._local_memo,
+            self._words,
         ]
 
     def _device_signature(
@@ -1110,9 +1112,9 @@ class Symmetry:
 
     def _vm_held(self, state: State, vm: str) -> tuple[str, str]:
         """``vm``'s domain and everything that points at it, with VM names erased. Each
-        part is remembered by the state parts it comes from: they recur in state after
-        state."""
-        sim, ledger, placeholder = state.platform, state.ledger, self._placeholder
+        part is remembered by the state parts it comes from, and each entry's word by the
+        entry: they recur in state after state."""
+        sim, ledger = state.platform, state.ledger
         memo = self._vm_memo
         key: tuple[Any, ...] = (sim.domains, vm)
         domain = memo.get(key)
@@ -1122,20 +1124,29 @@ class Symmetry:
         key = (*parts, ledger, vm)  # parts are interned: cheap keys
         pointers = memo.get(key)
         if pointers is None:
-            # entries (BDF or page, domain or domains) that name the VM
-            entries = sorted(
-                repr((i, rename(e, placeholder)))
-                for i, part in enumerate(parts)
-                for e in part
-                if e[1] == vm or (isinstance(e[1], (tuple, frozenset)) and vm in e[1])
-            )
-            records = sorted(
-                repr((b, rename(rec, placeholder)))
-                for b, rec in ledger.records
-                if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
-            )
+            word = self._vm_word
+            entries = sorted(w for i, part in enumerate(parts) for e in part if (w := word(i, e, vm)))
+            records = sorted(w for r in ledger.records if (w := word(-1, r, vm)))
             pointers = memo[key] = repr((entries, records, vm in ledger.torn_down))
         return (domain, pointers)
+
+    def _vm_word(self, index: int, entry: Any, vm: str) -> str:
+        """A pointer entry (BDF or page, domain or domains) of the platform part at
+        ``index``, or a ledger record (-1), as a word with VM names erased; "" if it does
+        not name ``vm``. Remembered: an entry recurs in part after part."""
+        key = (index, entry, vm)
+        found = self._words.get(key)
+        if found is None:
+            if index < 0:
+                named, erased = vm in (entry[1].vm, entry[1].context, entry[1].msi, entry[1].exposed), entry
+            else:
+                held = entry[1]
+                named, erased = (
+                    held == vm or (isinstance(held, (tuple, frozenset)) and vm in held),
+                    (index, entry),
+                )
+            found = self._words[key] = repr(rename(erased, self._placeholder)) if named else ""
+        return found
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
