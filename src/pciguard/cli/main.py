@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import traceback
@@ -99,6 +100,10 @@ def main() -> None:
             "please report it with the command you ran\n"
         )
         raise SystemExit(Exit.INTERNAL) from None
+    finally:
+        # What the command made is left to the operating system: collecting it as the
+        # interpreter exits would add a tenth to a search's time to its verdict.
+        gc.freeze()
 
 
 def _terminated(signum: int, frame: object) -> None:

@@ -3,7 +3,6 @@ shortest trace to a violation and write it as a scenario ``simulate`` replays.""
 
 from __future__ import annotations
 
-import gc
 import json
 import multiprocessing
 from collections.abc import Iterator
@@ -124,9 +123,6 @@ def command(
             f"{verdicts.count(v)} {v}" for v in ("pass", "violation", "incomplete") if v in verdicts
         )
         out.print(f"{len(scenarios)} scenarios: {tally}")
-    # The searches' objects are left to the operating system: collecting them as the
-    # interpreter exits would add a tenth to the time to the verdict.
-    gc.freeze()
     raise typer.Exit(_worst(codes))
 
 
