@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from pciguard.errors import InputError, TopologyError
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR
+from pciguard.paths import DEFAULT_STATE_DIR
 
 if TYPE_CHECKING:
     from pciguard.platforms.linux import Reading

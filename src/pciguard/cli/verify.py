@@ -99,7 +99,8 @@ def command(
     codes, reports = [], []
     several = len(scenarios) > 1
     explored = _explored(loaded, settings, progress=err.is_terminal and not json_output)
-    for path, scenario, (result, document) in zip(scenarios, loaded, explored, strict=True):
+    for path, scenario, found in zip(scenarios, loaded, explored, strict=True):
+        result, document = found
         if several and not json_output:
             out.print(Text(f"{path}:", "bold"))
         written = None
@@ -112,7 +113,7 @@ def command(
             written.write_text(document, encoding="utf-8")
         used = 1 if several else workers  # several scenarios: one process each
         if not json_output:
-            _render(result, written, settings, used)
+            _render(found, written, settings, used)
         reports.append({"scenario": str(path), **_as_json(result, written, used)})
         codes.append(_exit_code(result, scenario.expect_violations))
     if json_output:
@@ -240,7 +241,8 @@ def _as_json(result: Result, written: Path | None, workers: int) -> dict[str, ob
     }
 
 
-def _render(result: Result, written: Path | None, settings: Settings, workers: int) -> None:
+def _render(explored: Explored, written: Path | None, settings: Settings, workers: int) -> None:
+    result = explored.result
     stats = result.stats
     reductions_on = {
         "symmetry": settings.symmetry,
@@ -260,7 +262,7 @@ def _render(result: Result, written: Path | None, settings: Settings, workers: i
     if result.verdict == "incomplete":
         out.print(Text(f"INCOMPLETE: stopped by {result.reason}; no violation so far", "bold yellow"))
         return
-    assert result.counterexample is not None and written is not None
+    assert result.counterexample is not None and explored.counterexample is not None and written is not None
     out.print(Text(f"VIOLATION after {len(result.counterexample.actions)} steps:", "bold red"))
     for v in result.counterexample.violations:
         out.print(Text(f"  {v}", "red"))
@@ -270,5 +272,6 @@ def _render(result: Result, written: Path | None, settings: Settings, workers: i
 
     out.print(f"Counterexample written to {written}; replay it with: pciguard simulate {written}\n")
     with input_errors():
-        replayed = replay(parse_scenario(written.read_text(), str(written), written.parent))
+        # replayed from the document as written, not read back: the file may be /dev/null
+        replayed = replay(parse_scenario(explored.counterexample, str(written), written.parent))
     render_timeline(replayed, show_calls=True)

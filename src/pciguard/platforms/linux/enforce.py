@@ -21,8 +21,9 @@ from pciguard.checks import Options
 from pciguard.errors import RefusedError, StepFailed
 from pciguard.model import Bdf, DomainType, Host, Topology
 from pciguard.model.ownership import State
+from pciguard.paths import DEFAULT_STATE_DIR
 from pciguard.platforms.base import HOST, QUARANTINE, Platform
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, DeviceRow, Journal, Operation
+from pciguard.platforms.linux.journal import DeviceRow, Journal, Operation
 from pciguard.platforms.linux.platform import Command, LinuxPlatform, StepLog, Write
 from pciguard.platforms.linux.sysfs import CONSOLE_GPU, Fs
 from pciguard.platforms.xen.dom0 import MADE_ASSIGNABLE, read

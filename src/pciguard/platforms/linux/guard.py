@@ -46,9 +46,10 @@ from typing import Any, Protocol
 from pciguard.errors import PciguardError, StepFailed
 from pciguard.model import Bdf, Host
 from pciguard.model.kernel import QUARANTINE_DRIVERS, VFIO_PCI, ThunderboltDevice, printable
+from pciguard.paths import DEFAULT_STATE_DIR
 from pciguard.pciids import lookup, name_devices
 from pciguard.platforms.linux.enforce import Enforcer, Result
-from pciguard.platforms.linux.journal import DEFAULT_STATE_DIR, Journal
+from pciguard.platforms.linux.journal import Journal
 from pciguard.platforms.linux.sysfs import (
     AUTOPROBE,
     PCI_DEVICES,

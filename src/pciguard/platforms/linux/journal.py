@@ -23,8 +23,8 @@ from urllib.parse import quote
 
 from pciguard.errors import PciguardError
 from pciguard.model import Bdf
+from pciguard.paths import DEFAULT_STATE_DIR
 
-DEFAULT_STATE_DIR = Path("/var/lib/pciguard")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     bdf TEXT PRIMARY KEY,
