@@ -2,7 +2,8 @@
 """Verifier figures: time to verdict, distinct states, transitions, CPU seconds and
 peak memory on the reference suite (every reduction on), each reduction on and off,
 the symmetry reduction on the symmetric scenario, the suite again with one worker per
-core (at least two), the large scenarios, and each legacy
+core (at least two: one scenario's states shared among them, or as many scenarios at
+once, in the order given and with the largest first), the large scenarios, and each legacy
 flaw's time to its counterexample. Targets (this 2-core machine, idle): ref-workstation
 in at most 2 s, the suite in at most 4 s, examples/verify/large/aliases.yaml in at most
 20 s.

@@ -1137,15 +1137,13 @@ class Symmetry:
         key = (index, entry, vm)
         found = self._words.get(key)
         if found is None:
+            held = entry[1]
             if index < 0:
-                named, erased = vm in (entry[1].vm, entry[1].context, entry[1].msi, entry[1].exposed), entry
+                named = vm in (held.vm, held.context, held.msi, held.exposed)
             else:
-                held = entry[1]
-                named, erased = (
-                    held == vm or (isinstance(held, (tuple, frozenset)) and vm in held),
-                    (index, entry),
-                )
-            found = self._words[key] = repr(rename(erased, self._placeholder)) if named else ""
+                named = held == vm or (isinstance(held, (tuple, frozenset)) and vm in held)
+            erased = rename(entry if index < 0 else (index, entry), self._placeholder)
+            found = self._words[key] = repr(erased) if named else ""
         return found
 
 
