@@ -282,47 +282,53 @@ def in_forked_processes(jobs: Sequence[Callable[[], Job]], at_once: int) -> Iter
     own), ``at_once`` at a time, in the order given; their results in that order, each
     as soon as it and those before it are done."""
     context = multiprocessing.get_context("fork")
-    process_of: dict[Connection, multiprocessing.process.BaseProcess] = {}  # those running
-    job_of: dict[Connection, int] = {}
+    running: dict[Connection, Running] = {}
     done: dict[int, Job] = {}
     started = given = 0
     try:
         while given < len(jobs):
-            while started < len(jobs) and len(process_of) < at_once:
+            while started < len(jobs) and len(running) < at_once:
                 mine, theirs = context.Pipe(duplex=False)
                 process = context.Process(target=_run_job, args=(jobs[started], theirs), daemon=True)
                 process.start()
                 theirs.close()
-                process_of[mine], job_of[mine] = process, started
+                running[mine] = Running(started, process)
                 started += 1
-            for ready in wait(list(process_of)):
+            for ready in wait(list(running)):
                 assert isinstance(ready, Connection)
-                done[job_of.pop(ready)] = reply(ready)
-                process_of.pop(ready).join()
+                done[running[ready].job] = reply(ready)
+                running.pop(ready).process.join()
             while given in done:
                 yield done.pop(given)
                 given += 1
     finally:
-        for unfinished in process_of.values():
-            unfinished.terminate()
+        for unfinished in running.values():
+            unfinished.process.terminate()
+
+
+class Running(NamedTuple):
+    """A job in flight: its place among the jobs, and the process running it."""
+
+    job: int
+    process: multiprocessing.process.BaseProcess
 
 
 def _run_job(job: Callable[[], Any], connection: Connection) -> None:
-    try:
-        connection.send(("ok", job()))
-    except KeyboardInterrupt:
-        pass  # Ctrl-C or SIGTERM reached the parent too, which says so
-    except Exception as exc:
-        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+    _failures_reported(lambda: connection.send(("ok", job())), connection)
 
 
 def _serve(partition: Partition, connection: Connection) -> None:
     """A forked worker: answer the coordinator's requests until told to stop, each
     answer ("ok", value) or ("failed", what went wrong)."""
+    _failures_reported(lambda: _answer(partition, connection), connection)
+
+
+def _failures_reported(work: Callable[[], None], connection: Connection) -> None:
+    """Do a forked process's ``work``, sending ("failed", what went wrong) if it raises."""
     try:
-        _answer(partition, connection)
+        work()
     except KeyboardInterrupt:
-        pass  # Ctrl-C or SIGTERM reached the coordinator too, which says so
+        pass  # Ctrl-C or SIGTERM reached the parent too, which says so
     except Exception as exc:
         connection.send(("failed", f"{type(exc).__name__}: {exc}"))
 
@@ -467,6 +473,5 @@ __all__ = [
     "Partition",
     "WorkerFailed",
     "in_forked_processes",
-    "reply",
     "run_partitioned",
 ]
