@@ -56,7 +56,8 @@ else
 fi
 
 if [ "$job" = audit ]; then
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e .
+    # The audit needs no verifier: no compiling it (see setup.py).
+    PCIGUARD_COMPILE=0 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e .
     exec "$venv/bin/python" -m pciguard audit "$@"
 fi
 
@@ -64,6 +65,12 @@ if as_root && command -v apt-get >/dev/null; then
     if ! command -v lspci >/dev/null || ! command -v dot >/dev/null || ! ldconfig -p | grep -q 'libudev.so.1 '; then
         echo "== installing the Debian packages the tests use: pciutils, pci.ids, graphviz, libudev1 =="
         apt_install pciutils pci.ids graphviz libudev1
+    fi
+    # The install compiles the verifier (setup.py): a C compiler and this Python's headers.
+    if ! command -v cc >/dev/null || ! "$venv/bin/python" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+        echo "== installing what compiling the verifier needs: gcc, python3-dev =="
+        apt_install gcc python3-dev
     fi
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'

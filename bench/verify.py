@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Verifier figures: time to verdict, distinct states, transitions, CPU seconds and
-peak memory on the reference suite (every reduction on), each reduction on and off,
+peak memory on the reference suite (every reduction on), each reduction on and off
+(and the search as Python, when it runs compiled),
 the symmetry reduction on the symmetric scenario, the suite again with one worker per
 core (at least two: one scenario's states shared among them, or as many scenarios at
 once, in the order given and with the largest first), the large scenarios, and each legacy
@@ -50,19 +51,21 @@ CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECOD
 }
 
 
-def verify(path: Path, *flags: str) -> dict[str, object]:
-    """One run: its JSON verdict, with the wall and CPU time of the whole process."""
-    result = verify_all([path], "--out", "/dev/null", *flags)
+def verify(path: Path, *flags: str, as_python: bool = False) -> dict[str, object]:
+    """One run: its JSON verdict, with the wall and CPU time of the whole process
+    (``as_python``: the verifier's compiled modules left unused)."""
+    result = verify_all([path], "--out", "/dev/null", *flags, as_python=as_python)
     return result[0] | {"wall": result[0]["process_wall"], "cpu": result[0]["process_cpu"]}
 
 
-def verify_all(paths: list[Path], *flags: str) -> list[dict[str, object]]:
+def verify_all(paths: list[Path], *flags: str, as_python: bool = False) -> list[dict[str, object]]:
     """One ``pciguard verify`` process exploring ``paths`` in turn: each one's JSON
     verdict, each with the wall and CPU time of the whole process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     command = [sys.executable, "-m", "pciguard.cli.main", "verify", *map(str, paths), "--json", *flags]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT, env=CHILD_ENV)
+    env = CHILD_ENV | {"PCIGUARD_COMPILED": "0"} if as_python else CHILD_ENV
+    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode not in (0, 1, 4):  # 4: incomplete (a limit stopped it)
@@ -121,7 +124,9 @@ def reference_suite(*flags: str) -> dict[str, dict[str, object]]:
 
 
 def main() -> None:
-    verify(VERIFY / "ref-symmetric.yaml")  # compiles the modules once (see CHILD_ENV)
+    first = verify(VERIFY / "ref-symmetric.yaml")  # compiles the modules once (see CHILD_ENV)
+    compiled = first["compiled"]
+    print("The verifier runs " + ("compiled" if compiled else f"as Python: {first['why_not_compiled']}"))
     print("Reference suite, every reduction on:")
     suite = reference_suite()
 
@@ -146,6 +151,8 @@ def main() -> None:
         print(row("ref-workstation, none", verify(workstation, *(f"--no-{r}" for r in REDUCTIONS))))
         # Not a reduction: the same states, each transition's outcome reused or run.
         print(row("ref-workstation --no-memo", verify(workstation, "--no-memo")))
+        if compiled:  # the same modules, run as Python
+            print(row("ref-workstation, as Python", verify(workstation, as_python=True)))
 
     print(
         f"\nThe reference suite with {WORKERS} workers (each scenario alone: its states shared "

@@ -115,3 +115,9 @@ class PlatformMisuse(PciguardError):
     The simulated platform raises this at once (double ownership, releasing what is
     not owned, two owners in one IOMMU group...), the way iommufd's selftests do.
     """
+
+
+class Undetermined(RuntimeError):
+    """The verifier's memo: a step's reads contradict an earlier run with the same values
+    read so far: it read something the recorder does not see, or it is not deterministic.
+    A bug in the verifier or the toolstack, never a verdict."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,9 @@ from conftest import EXAMPLES
 from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
 from pciguard.simulate import run as simulate
 from pciguard.verify.counterexample import dump, scenario_document
-from pciguard.verify.explorer import Explorer, State
+from pciguard.verify.explorer import Action, Explorer, State
+from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation
+from pciguard.verify.memo import Log
 
 VERIFY = EXAMPLES / "verify"
 LEGACY = sorted((VERIFY / "legacy").glob("*.yaml"))
@@ -247,25 +250,25 @@ def test_a_scenario_with_an_unsafe_override_finishes() -> None:
     assert result.verdict == "pass", result.reason
 
 
-def test_a_platform_misuse_into_a_known_state_is_still_a_violation(monkeypatch: pytest.MonkeyPatch) -> None:
+class MisuseOnTheThirdRun(Explorer):
+    """Its third run goes back to the state it came from, with a misuse caught."""
+
+    runs = 0
+
+    def _run_action(self, state: State, action: Action, log: Log | None = None) -> Any:
+        self.runs += 1
+        if self.runs == 3:
+            return state, [Violation(PLATFORM_CONTRACT, None, "released what it does not own")], None
+        return super()._run_action(state, action, log)
+
+    def replay(self, trace: list[Action]) -> Any:
+        return [], [Violation(PLATFORM_CONTRACT, None, "x")]
+
+
+def test_a_platform_misuse_into_a_known_state_is_still_a_violation() -> None:
     """Regression: a platform-contract violation counted only when the state it led to
     was new."""
-    from pciguard.verify.invariants import PLATFORM_CONTRACT, Violation
-
-    real_run = Explorer._run_action
-    calls = {"n": 0}
-
-    def misuse_on_the_third(self: Explorer, state: object, action: object, log: object = None) -> object:
-        calls["n"] += 1
-        if calls["n"] == 3:  # back to the state it came from, with a misuse caught
-            return state, [Violation(PLATFORM_CONTRACT, None, "released what it does not own")], None
-        return real_run(self, state, action, log)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Explorer, "_run_action", misuse_on_the_third)
-    monkeypatch.setattr(
-        Explorer, "replay", lambda self, trace: ([], [Violation(PLATFORM_CONTRACT, None, "x")])
-    )
-    result = Explorer(load_scenario(VERIFY / "ref-symmetric.yaml")).run()
+    result = MisuseOnTheThirdRun(load_scenario(VERIFY / "ref-symmetric.yaml")).run()
     assert result.verdict == "violation"
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES
+from pciguard.errors import Undetermined
 from pciguard.formats.scenario_file import load_scenario
 from pciguard.platforms.sim import SimPlatform
 from pciguard.toolstack import LedgerSnapshot
 from pciguard.verify.explorer import Explorer
-from pciguard.verify.memo import ALL, KEYS, TABLES, TORN_DOWN, Lens, Log, Memo, Undetermined, watching
+from pciguard.verify.memo import ALL, KEYS, TABLES, TORN_DOWN, Lens, Log, Memo, watching
 
 VERIFY = EXAMPLES / "verify"
 REFERENCE = sorted(VERIFY.glob("ref-*.yaml"))
@@ -154,20 +155,15 @@ def test_runs_that_read_the_same_cells_in_another_order_are_found_either_way() -
         memo.store("act", first, lens(state("vm2")), state("vm2"), result="another end")
 
 
-def test_caches_cleared_and_outcomes_forgotten_along_the_way_change_no_state(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_caches_cleared_and_outcomes_forgotten_along_the_way_change_no_state() -> None:
     """A long search keeps its caches and remembered outcomes within bounds by clearing
     them; with bounds so small that it clears them again and again, it still reaches
     exactly the same states."""
-    import pciguard.verify.explorer as explorer_module
-
     scenario = load_scenario(VERIFY / "ref-hotplug-race.yaml")
     keeping = Explorer(scenario)
     kept = keeping.run()
-    monkeypatch.setattr(explorer_module, "CACHE_ENTRIES", 50)
-    monkeypatch.setattr(explorer_module, "MEMO_READS", 200)
     clearing = Explorer(scenario, check_memo=True)
+    clearing.cache_entries, clearing.memo_reads = 50, 200
     cleared = clearing.run()
     assert (cleared.verdict, cleared.stats.states, cleared.stats.transitions) == (
         kept.verdict,

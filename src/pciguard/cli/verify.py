@@ -14,7 +14,7 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from pciguard.cli.common import Exit, emit_json, err, input_errors, out
+from pciguard.cli.common import Exit, emit_json, err, error, input_errors, out
 
 if TYPE_CHECKING:  # imported when the command runs: every pciguard start would pay for them
     from pciguard.formats.scenario_file import Scenario
@@ -88,6 +88,13 @@ def command(
         raise typer.BadParameter(
             "this system cannot fork worker processes; use --workers 1", param_hint="--workers"
         )
+    from pciguard.verify import NOT_COMPILED
+    from pciguard.verify.compiled import required
+
+    refusal = required(NOT_COMPILED)
+    if refusal is not None:
+        error(refusal)
+        raise typer.Exit(Exit.BAD_INPUT)
     loaded = []
     with input_errors():  # every file is read before any search: a typo fails at once
         for path in scenarios:
@@ -222,12 +229,16 @@ def _figures(stats: Stats) -> dict[str, float | int]:
 
 
 def _as_json(result: Result, written: Path | None, workers: int) -> dict[str, object]:
+    from pciguard.verify import NOT_COMPILED
+
     found = result.counterexample
     return {
         "verdict": result.verdict,
         "reason": result.reason,
         **_figures(result.stats),
         "workers": workers,
+        "compiled": NOT_COMPILED is None,
+        "why_not_compiled": NOT_COMPILED,
         "counterexample": None
         if found is None
         else {
@@ -250,11 +261,14 @@ def _render(explored: Explored, written: Path | None, settings: Settings, worker
         "messages": settings.messages,
     }
     reductions = ", ".join(name for name, on in reductions_on.items() if on)
+    from pciguard.verify import NOT_COMPILED
+
     out.print(
         f"{stats.states:,} distinct states, {stats.transitions:,} transitions, depth "
         f"{stats.depth}, {stats.seconds:.2f} s ({stats.states_per_second:,.0f} states/s), "
         f"peak memory {stats.peak_rss_mib:.0f} MiB; reductions: {reductions or 'none'}"
         + (f"; {workers} workers" if workers > 1 else "")
+        + ("" if NOT_COMPILED is None else f"; run as Python: {NOT_COMPILED}")
     )
     if result.verdict == "pass":
         out.print(Text("PASS: every invariant holds in every reachable state", "bold green"))

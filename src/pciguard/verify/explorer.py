@@ -44,7 +44,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, NamedTuple
 
-from pciguard.errors import PlatformMisuse, RefusedError
+from mypy_extensions import mypyc_attr
+
+from pciguard.errors import PlatformMisuse, RefusedError, Undetermined
 from pciguard.formats.scenario_file import PARTIAL_OPS, Exploration, Scenario
 from pciguard.model import Bdf
 from pciguard.model.ownership import State as DeviceState
@@ -63,7 +65,7 @@ from pciguard.verify.invariants import (
     in_order,
     units,
 )
-from pciguard.verify.memo import Cell, Lens, Log, Memo, Outcome, Undetermined, parts, watching
+from pciguard.verify.memo import Cell, Lens, Log, Memo, Outcome, parts, watching
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
@@ -74,6 +76,44 @@ NO_RENAMING: Renaming = {}  # one object for the many states already canonical; 
 #: of caches, and about 200 MiB of remembered outcomes.
 CACHE_ENTRIES = 500_000
 MEMO_READS = 2_000_000
+
+
+@dataclass(frozen=True)
+class Action:
+    """One transition: start an operation, advance one (or make its next call fail),
+    crash a VM, or plug a device in."""
+
+    kind: str  # begin | advance | fail | crash | hotplug
+    op: str = ""
+    device: Bdf | None = None
+    vm: str | None = None
+    key: tuple[Any, ...] = ()  # the operation in flight (advance, fail)
+    free: bool = False  # fail: a reset of a device whose resets may fail (no fault spent)
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:  # actions key caches: hashed once
+        object.__setattr__(
+            self, "_hash", hash((self.kind, self.op, self.device, self.vm, self.key, self.free))
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, ...]:  # compiled, the default would set frozen fields
+        return Action, (self.kind, self.op, self.device, self.vm, self.key, self.free)
+
+    def __str__(self) -> str:
+        if self.kind in ("advance", "fail"):
+            what = describe_key(self.key)
+            if self.kind == "advance":
+                return f"{what}: next call"
+            return f"{what}: next call FAILS " + ("(a reset that may fail)" if self.free else "(injected)")
+        if self.kind == "crash":
+            return f"{self.vm} crashes"
+        if self.kind == "hotplug":
+            return f"{self.device} is plugged in"
+        target = f" -> {self.vm}" if self.op == "assign" else (f" {self.vm}" if self.vm else "")
+        return f"start {self.op}{' ' + str(self.device) if self.device else ''}{target}"
 
 
 class State(NamedTuple):
@@ -134,41 +174,6 @@ class Successor(NamedTuple):
     misuse: bool  # the platform refused a call: a violation, new state or not
 
 
-@dataclass(frozen=True)
-class Action:
-    """One transition: start an operation, advance one (or make its next call fail),
-    crash a VM, or plug a device in."""
-
-    kind: str  # begin | advance | fail | crash | hotplug
-    op: str = ""
-    device: Bdf | None = None
-    vm: str | None = None
-    key: tuple[Any, ...] = ()  # the operation in flight (advance, fail)
-    free: bool = False  # fail: a reset of a device whose resets may fail (no fault spent)
-    _hash: int = field(init=False, repr=False, compare=False, default=0)
-
-    def __post_init__(self) -> None:  # actions key caches: hashed once
-        object.__setattr__(
-            self, "_hash", hash((self.kind, self.op, self.device, self.vm, self.key, self.free))
-        )
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __str__(self) -> str:
-        if self.kind in ("advance", "fail"):
-            what = describe_key(self.key)
-            if self.kind == "advance":
-                return f"{what}: next call"
-            return f"{what}: next call FAILS " + ("(a reset that may fail)" if self.free else "(injected)")
-        if self.kind == "crash":
-            return f"{self.vm} crashes"
-        if self.kind == "hotplug":
-            return f"{self.device} is plugged in"
-        target = f" -> {self.vm}" if self.op == "assign" else (f" {self.vm}" if self.vm else "")
-        return f"start {self.op}{' ' + str(self.device) if self.device else ''}{target}"
-
-
 def key_of(cursor: Cursor) -> tuple[Any, ...]:
     plan = cursor.plan
     return (plan.operation, plan.devices, plan.vm)
@@ -206,7 +211,12 @@ class Result:
     reason: str = ""  # why an incomplete run stopped
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # tests and partitions refine it
 class Explorer:
+    #: Bounds a long search keeps its caches and remembered outcomes within.
+    cache_entries = CACHE_ENTRIES
+    memo_reads = MEMO_READS
+
     def __init__(
         self,
         scenario: Scenario,
@@ -602,10 +612,10 @@ class Explorer:
             *(self.symmetry.caches() if self.symmetry else ()),
             *(self.memo.caches() if self.memo else ()),
         ]
-        if sum(map(len, caches)) > CACHE_ENTRIES:
+        if sum(map(len, caches)) > self.cache_entries:
             for cache in caches:
                 cache.clear()
-        if self.memo is not None and self.memo.size > MEMO_READS:
+        if self.memo is not None and self.memo.size > self.memo_reads:
             self.memo.reset()
             self._last_lens = (None, None, [])  # the ids it holds were the forgotten values'
 

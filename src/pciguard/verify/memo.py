@@ -28,9 +28,11 @@ use and changed by assigning it (the toolstack keeps them in an attribute, not a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+from pciguard.errors import Undetermined
 from pciguard.platforms.sim import SimPlatform, SimSnapshot
 from pciguard.toolstack import LedgerSnapshot, Toolstack
 
@@ -82,11 +84,6 @@ Lens = list[dict[Any, int]]  # per part: cell key -> identity of the cell's valu
 
 def parts(platform: SimSnapshot, ledger: LedgerSnapshot) -> Parts:
     return (*platform, ledger.records, ledger.torn_down)
-
-
-class Undetermined(RuntimeError):
-    """A step's reads contradict an earlier run with the same values read so far: it
-    read something the recorder does not see, or it is not deterministic."""
 
 
 class Outcome(NamedTuple):
@@ -284,7 +281,7 @@ class _WatchedWhole:
     def __len__(self) -> int:
         return len(self._read())
 
-    def __or__(self, other: frozenset[str]) -> frozenset[str]:
+    def __or__(self, other: AbstractSet[str]) -> frozenset[str]:
         return self._read() | other
 
 
@@ -306,7 +303,7 @@ def watching(platform: SimPlatform, toolstack: Toolstack, log: Log) -> Iterator[
     finally:
         for owner, attribute, data in saved:
             setattr(owner, attribute, data)
-        if toolstack.torn_down is watched_torn_down:  # type: ignore[comparison-overlap]
+        if getattr(toolstack, "torn_down") is watched_torn_down:  # noqa: B009  # not its declared type
             toolstack.torn_down = torn_down
         else:
             log.touch((TORN_DOWN, ALL))
