@@ -3,11 +3,13 @@ reaching exactly what the same modules reach as Python."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,33 @@ def test_required_refuses_to_search_as_python(monkeypatch: pytest.MonkeyPatch) -
     assert "PCIGUARD_COMPILED=required" in done.output and "not compiled by this install" in done.output
     assert done.exception is None or isinstance(done.exception, SystemExit)
 
+
+
+def _build_script() -> Any:
+    """The project's setup.py as a module (imported, it builds nothing)."""
+    spec = importlib.util.spec_from_file_location("pciguard_build", SOURCES.parent / "setup.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [SystemExit(1), RuntimeError("unable to execute 'gcc'")],
+    ids=["mypyc-exits-on-a-type-error", "no-compiler"],
+)
+def test_a_build_that_cannot_compile_installs_the_modules_as_python(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], refusal: BaseException
+) -> None:
+    def mypycify(*args: object, **kwargs: object) -> list[object]:
+        raise refusal
+
+    monkeypatch.setitem(sys.modules, "mypyc.build", types.SimpleNamespace(mypycify=mypycify))
+    monkeypatch.setattr(sys, "argv", ["setup.py", "bdist_wheel"])
+    monkeypatch.delenv("PCIGUARD_COMPILE", raising=False)
+    assert _build_script().compiled_extensions() == []
+    assert "the verifier runs as Python" in capsys.readouterr().err
 
 SAME_AS_PYTHON = [
     *sorted((VERIFY / "legacy").glob("*.yaml")),
