@@ -87,7 +87,6 @@ def test_required_refuses_to_search_as_python(monkeypatch: pytest.MonkeyPatch) -
     assert done.exception is None or isinstance(done.exception, SystemExit)
 
 
-
 def _build_script() -> Any:
     """The project's setup.py as a module (imported, it builds nothing)."""
     spec = importlib.util.spec_from_file_location("pciguard_build", SOURCES.parent / "setup.py")
@@ -113,6 +112,7 @@ def test_a_build_that_cannot_compile_installs_the_modules_as_python(
     monkeypatch.delenv("PCIGUARD_COMPILE", raising=False)
     assert _build_script().compiled_extensions() == []
     assert "the verifier runs as Python" in capsys.readouterr().err
+
 
 SAME_AS_PYTHON = [
     *sorted((VERIFY / "legacy").glob("*.yaml")),
