@@ -11,7 +11,8 @@ in at most 2 s, the suite in at most 4 s, examples/verify/large/aliases.yaml in 
 
 Each run is its own `pciguard verify --json` process, so its memory and CPU are its own;
 the suite is also run as one process exploring every scenario in turn (its wall time is
-the suite's time to verdict). Compiled modules are kept between runs.
+the suite's time to verdict), and ref-workstation alone and as two searches at once
+(how much the cores slow each other). Compiled modules are kept between runs.
 Usage: python3 bench/verify.py [--quick] [--large] [--orbits] [--breakdown]
   --quick skips the per-reduction comparison (and the run without remembered
   outcomes, --no-memo); --large adds examples/verify/large/
@@ -159,6 +160,7 @@ def main() -> None:
         f"among them; together: {WORKERS} scenarios at once, one process each):"
     )
     reference_suite(*PARALLEL)
+    side_by_side(VERIFY / "ref-workstation.yaml")
 
     if "--large" in sys.argv:
         print(f"\nLarger scenarios ({WORKERS} workers, at most {LARGE_LIMIT // 60} minutes each):")
@@ -180,6 +182,26 @@ def main() -> None:
         orbits(VERIFY / "ref-workstation.yaml")
     if "--breakdown" in sys.argv:
         breakdown(VERIFY / "ref-workstation.yaml")
+
+
+def side_by_side(path: Path) -> None:
+    """The same search alone and as two processes at once: how much slower each runs
+    when both cores are busy (the most two workers could gain is bounded by it)."""
+    command = [sys.executable, "-m", "pciguard.cli.main", "verify", str(path), "--json", "--out", "/dev/null"]
+    alone = float(verify(path)["wall"])  # type: ignore[arg-type]
+    started = time.perf_counter()
+    both = [
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=ROOT, env=CHILD_ENV) for _ in range(WORKERS)
+    ]
+    walls = []
+    for process in both:
+        process.wait()
+        walls.append(time.perf_counter() - started)
+    slower = max(walls) / alone
+    print(
+        f"{path.stem}: {alone:.2f} s alone, {' and '.join(f'{w:.2f}' for w in walls)} s as {WORKERS} "
+        f"at once ({slower:.2f}x): {WORKERS} workers take it at best to {slower / WORKERS:.0%} of one process"
+    )
 
 
 def orbits(path: Path) -> None:
