@@ -1,6 +1,6 @@
 """The search split over workers, level by level.
 
-Each worker owns the states whose platform and ledger hash into its partition
+Each worker owns the states whose ledger records hash into its partition
 (``owner_of``): it alone keeps their fingerprints and parents, judges and expands
 them. A level runs in two rounds: every worker expands its frontier, keeping what it
 owns and addressing the rest to their owners; then every worker takes in what was
@@ -124,9 +124,12 @@ class Partition:
 
 
 def owner_of(state: State, count: int) -> int:
-    """The partition a state belongs to: by its platform and ledger, so the states that
-    share them (and the invariants and plans judged on them) stay with one worker."""
-    return hash((state.platform, state.ledger)) % count
+    """The partition a state belongs to: by the ledger's records (who holds each device),
+    so the states that share them stay with one worker, and with them every
+    platform-and-ledger pair (judged, planned and renamed once) and most runs of the
+    toolstack, which read the records: a successor keeps its parent's records more often
+    than its pair, and the worker that learnt an outcome meets it again."""
+    return hash(state.ledger.records) % count
 
 
 class Executor(Protocol):
