@@ -59,12 +59,16 @@ def verify(path: Path, *flags: str, as_python: bool = False) -> dict[str, object
     return result[0] | {"wall": result[0]["process_wall"], "cpu": result[0]["process_cpu"]}
 
 
+def verify_command(paths: list[Path], *flags: str) -> list[str]:
+    return [sys.executable, "-m", "pciguard.cli.main", "verify", *map(str, paths), "--json", *flags]
+
+
 def verify_all(paths: list[Path], *flags: str, as_python: bool = False) -> list[dict[str, object]]:
     """One ``pciguard verify`` process exploring ``paths`` in turn: each one's JSON
     verdict, each with the wall and CPU time of the whole process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    command = [sys.executable, "-m", "pciguard.cli.main", "verify", *map(str, paths), "--json", *flags]
+    command = verify_command(paths, *flags)
     env = CHILD_ENV | {"PCIGUARD_COMPILED": "0"} if as_python else CHILD_ENV
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT, env=env)
     wall = time.perf_counter() - started
@@ -187,7 +191,7 @@ def main() -> None:
 def side_by_side(path: Path) -> None:
     """The same search alone and as two processes at once: how much slower each runs
     when both cores are busy (the most two workers could gain is bounded by it)."""
-    command = [sys.executable, "-m", "pciguard.cli.main", "verify", str(path), "--json", "--out", "/dev/null"]
+    command = verify_command([path], "--out", "/dev/null")
     alone = float(verify(path)["wall"])  # type: ignore[arg-type]
     started = time.perf_counter()
     both = [

@@ -1,6 +1,6 @@
 """The lab's fixtures, a plugin tests/conftest.py loads: every machine boots once per
-test session, as many at a time as the host has cores (one virtual CPU each), and each test reads what its
-guest brought back.
+test session, as many at a time as the host has cores (one virtual CPU each), and
+each test reads what its guest brought back.
 
 Without QEMU and no way to install it (not root), the lab tests are skipped with the
 reason; with ``PCIGUARD_LAB=required`` (as in CI) that is a failure instead.
