@@ -189,8 +189,9 @@ def main() -> None:
 
 
 def side_by_side(path: Path) -> None:
-    """The same search alone and as two processes at once: how much slower each runs
-    when both cores are busy (the most two workers could gain is bounded by it)."""
+    """The same search alone, then as one process per worker at once, right after: how
+    much slower each runs when every core is busy (what the workers can gain is
+    bounded by it)."""
     command = verify_command([path], "--out", "/dev/null")
     alone = float(verify(path)["wall"])  # type: ignore[arg-type]
     started = time.perf_counter()
