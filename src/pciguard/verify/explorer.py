@@ -265,6 +265,10 @@ class Explorer:
         self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
         self._cursors: dict[int, tuple[Cursor, Cursor]] = {}
+        self._pointer_memo: dict[tuple[str, frozenset[Any], str], frozenset[Bdf]] = {}
+        self._footprints: dict[tuple[tuple[Bdf, ...], str | None], frozenset[Any]] = {}
+        self._crashes = {vm: Action("crash", vm=vm) for vm in self.vms}
+        self._hotplugs = {d: Action("hotplug", device=d) for d in self.hotplug}
         self._expanded = 0
         self._flights: dict[tuple[Any, ...], tuple[frozenset[Cursor], Cursor | None, frozenset[Cursor]]] = {}
         self._loaded: State | None = None
@@ -415,7 +419,7 @@ class Explorer:
             if "crash" in ops:
                 running = {d.name for d in sim.domains if d.state is DomainState.RUNNING}
                 crashes = tuple(
-                    Choice(Action("crash", vm=v), self._crash_footprint(state, v))
+                    Choice(self._crashes[v], self._crash_footprint(state, v))
                     for v in self.vms
                     if v in running
                 )
@@ -423,9 +427,7 @@ class Explorer:
             if "hotplug" in ops:
                 parents = {d: self.scenario.host.topology[d].parent for d in self.hotplug}
                 hotplugs = tuple(
-                    Choice(
-                        Action("hotplug", device=d), self._footprint(Plan("hotplug", (d,), None, (), None))
-                    )
+                    Choice(self._hotplugs[d], self._footprint(Plan("hotplug", (d,), None, (), None)))
                     for d in self.hotplug
                     if d not in sim.present and (parents[d] is None or parents[d] in sim.present)
                 )
@@ -477,19 +479,33 @@ class Explorer:
         """The devices ``state``'s platform or ledger points at ``vm`` from: contexts,
         caches, interrupt entries, exposure, firmware mappings, records (those the state
         leaves out belong to no VM)."""
-        host, sim = self.scenario.host, state.platform
-        rids = {
-            entry[0]
-            for name in POINTER_FIELDS
-            for entry in getattr(sim, name)
-            if entry[1] == vm or (isinstance(entry[1], (tuple, frozenset)) and vm in entry[1])
-        }
-        devices = {d for rid in rids for d in host.owner_of_rid(rid)}
+        sim = state.platform
+        devices = {d for name in POINTER_FIELDS for d in self._pointers(name, getattr(sim, name), vm)}
         devices |= {bdf for d in sim.domains if d.name == vm for bdf, _ in d.reserved}
-        devices |= {
-            bdf for bdf, rec in state.ledger.records if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
-        }
+        devices |= self._pointers("records", state.ledger.records, vm)
         return tuple(sorted(devices))
+
+    def _pointers(self, name: str, part: frozenset[Any], vm: str) -> frozenset[Bdf]:
+        """The devices whose entries in one part (a ``POINTER_FIELDS`` table, or the
+        ledger's "records") point at ``vm``, remembered by the part: a new state changes
+        a few parts and keeps the rest."""
+        key = (name, part, vm)
+        found = self._pointer_memo.get(key)
+        if found is None:
+            if name == "records":
+                found = frozenset(
+                    bdf for bdf, rec in part if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
+                )
+            else:
+                host = self.scenario.host
+                found = frozenset(
+                    d
+                    for rid, held in part
+                    if held == vm or (isinstance(held, (tuple, frozenset)) and vm in held)
+                    for d in host.owner_of_rid(rid)
+                )
+            self._pointer_memo[key] = found
+        return found
 
     def _arguments(self, state: State, op: str) -> list[tuple[Bdf | None, str | None]]:
         sim = state.platform
@@ -518,15 +534,20 @@ class Explorer:
 
     def _footprint(self, plan: Plan) -> frozenset[Any]:
         """What an operation touches: its devices' IOMMU groups, its VM, and in scratch
-        mode the sink pages its devices reach (the platform may share one page)."""
-        host = self.scenario.host
-        groups = {host.group_of(u).number for d in plan.devices for u in self._unit(d)}
-        pages = (
-            {self.platform.scratch_page(r) for d in plan.devices for r in host.requester_ids(d)}
-            if self.scenario.quarantine_mode == "scratch"
-            else set()
-        )
-        return frozenset({*groups, *pages, *([plan.vm] if plan.vm else [])})
+        mode the sink pages its devices reach (the platform may share one page). All
+        are the host's and the platform's make, not state: remembered by devices and VM."""
+        key = (plan.devices, plan.vm)
+        found = self._footprints.get(key)
+        if found is None:
+            host = self.scenario.host
+            groups = {host.group_of(u).number for d in plan.devices for u in self._unit(d)}
+            pages = (
+                {self.platform.scratch_page(r) for d in plan.devices for r in host.requester_ids(d)}
+                if self.scenario.quarantine_mode == "scratch"
+                else set()
+            )
+            found = self._footprints[key] = frozenset({*groups, *pages, *([plan.vm] if plan.vm else [])})
+        return found
 
     def apply(self, state: State, action: Action) -> tuple[State, list[Violation]]:
         """Take ``action`` from ``state``; return the new state and what it breaks."""
@@ -609,6 +630,7 @@ class Explorer:
             self._startable,
             self._moved,
             self._flights,
+            self._pointer_memo,
             *(self.symmetry.caches() if self.symmetry else ()),
             *(self.memo.caches() if self.memo else ()),
         ]
@@ -927,6 +949,7 @@ class Symmetry:
     _erase_memo: dict[tuple[Bdf, frozenset[Any]], Renaming] = field(default_factory=dict)
     _local_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
     _words: dict[tuple[int, Any, str], str] = field(default_factory=dict)
+    _part_words_memo: dict[tuple[int, frozenset[Any], str], tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shapes: dict[Any, list[Bdf]] = {}
@@ -1053,6 +1076,7 @@ class Symmetry:
             self._erase_memo,
             self._local_memo,
             self._words,
+            self._part_words_memo,
         ]
 
     def _device_signature(
@@ -1134,11 +1158,20 @@ class Symmetry:
         key = (*parts, ledger, vm)  # parts are interned: cheap keys
         pointers = memo.get(key)
         if pointers is None:
-            word = self._vm_word
-            entries = sorted(w for i, part in enumerate(parts) for e in part if (w := word(i, e, vm)))
-            records = sorted(w for r in ledger.records if (w := word(-1, r, vm)))
+            entries = sorted(w for i, part in enumerate(parts) for w in self._part_words(i, part, vm))
+            records = sorted(self._part_words(-1, ledger.records, vm))
             pointers = memo[key] = repr((entries, records, vm in ledger.torn_down))
         return (domain, pointers)
+
+    def _part_words(self, index: int, part: frozenset[Any], vm: str) -> tuple[str, ...]:
+        """The words (``_vm_word``) of the entries of one part that name ``vm``,
+        remembered by the part: a new state changes a few parts and keeps the rest."""
+        key = (index, part, vm)
+        found = self._part_words_memo.get(key)
+        if found is None:
+            word = self._vm_word
+            found = self._part_words_memo[key] = tuple(w for e in part if (w := word(index, e, vm)))
+        return found
 
     def _vm_word(self, index: int, entry: Any, vm: str) -> str:
         """A pointer entry (BDF or page, domain or domains) of the platform part at

@@ -64,17 +64,27 @@ class Level:
     outboxes: dict[int, list[Arrival]] = field(default_factory=dict)  # worker -> arrivals
 
 
+class Waiting(NamedTuple):
+    """A state of the frontier, and the state this worker reached it from (None if
+    another worker did): judged against it, the invariants that read only what the
+    step left alone keep their verdicts."""
+
+    state: State
+    fingerprint: int
+    before: State | None
+
+
 class Partition:
     """One worker's share of the search."""
 
     def __init__(self, explorer: Explorer, index: int, count: int) -> None:
         self.explorer, self.index, self.count = explorer, index, count
         self.parents: dict[int, Parent | None] = {}
-        self.frontier: list[tuple[State, int]] = []
+        self.frontier: list[Waiting] = []
 
     def seed(self, state: State, fingerprint: int) -> None:
         self.parents[fingerprint] = None
-        self.frontier.append((state, fingerprint))
+        self.frontier.append(Waiting(state, fingerprint, None))
 
     def expand(self, deadline: float | None) -> Level:
         """Judge each state of the frontier, then expand it: successors this worker owns
@@ -85,10 +95,10 @@ class Partition:
         level = Level()
         frontier, self.frontier = self.frontier, []
         explorer, count = self.explorer, self.count
-        for state, fingerprint in frontier:
+        for state, fingerprint, before in frontier:
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            if explorer._check(state):
+            if explorer._check(state, before):
                 level.found = Found(fingerprint)
                 return level
             for step in explorer.successors(state):
@@ -99,7 +109,7 @@ class Partition:
                 arrival = Arrival(step.fingerprint, step.state, explorer.link(fingerprint, step))
                 owner = owner_of(step.state, count)
                 if owner == self.index:
-                    self._keep(arrival, level)
+                    self._keep(arrival, level, state)
                 else:
                     level.outboxes.setdefault(owner, []).append(arrival)
         return level
@@ -111,10 +121,10 @@ class Partition:
             self._keep(arrival, level)
         return level
 
-    def _keep(self, arrival: Arrival, level: Level) -> None:
+    def _keep(self, arrival: Arrival, level: Level, before: State | None = None) -> None:
         if arrival.fingerprint not in self.parents:
             self.parents[arrival.fingerprint] = arrival.parent
-            self.frontier.append((arrival.state, arrival.fingerprint))
+            self.frontier.append(Waiting(arrival.state, arrival.fingerprint, before))
             level.new += 1
 
     def parent(self, fingerprint: int) -> Parent | bool | None:
