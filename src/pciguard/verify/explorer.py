@@ -493,17 +493,10 @@ class Explorer:
         found = self._pointer_memo.get(key)
         if found is None:
             if name == "records":
-                found = frozenset(
-                    bdf for bdf, rec in part if vm in (rec.vm, rec.context, rec.msi, rec.exposed)
-                )
+                found = frozenset(bdf for bdf, rec in part if _record_names(rec, vm))
             else:
                 host = self.scenario.host
-                found = frozenset(
-                    d
-                    for rid, held in part
-                    if held == vm or (isinstance(held, (tuple, frozenset)) and vm in held)
-                    for d in host.owner_of_rid(rid)
-                )
+                found = frozenset(d for rid, held in part if _names(held, vm) for d in host.owner_of_rid(rid))
             self._pointer_memo[key] = found
         return found
 
@@ -631,6 +624,7 @@ class Explorer:
             self._moved,
             self._flights,
             self._pointer_memo,
+            self._footprints,
             *(self.symmetry.caches() if self.symmetry else ()),
             *(self.memo.caches() if self.memo else ()),
         ]
@@ -1180,14 +1174,20 @@ class Symmetry:
         key = (index, entry, vm)
         found = self._words.get(key)
         if found is None:
-            held = entry[1]
-            if index < 0:
-                named = vm in (held.vm, held.context, held.msi, held.exposed)
-            else:
-                named = held == vm or (isinstance(held, (tuple, frozenset)) and vm in held)
+            named = _record_names(entry[1], vm) if index < 0 else _names(entry[1], vm)
             erased = rename(entry if index < 0 else (index, entry), self._placeholder)
             found = self._words[key] = repr(erased) if named else ""
         return found
+
+
+def _names(held: Any, vm: str) -> bool:
+    """Whether a pointer table's value (a domain, or domains) names ``vm``."""
+    return held == vm or (isinstance(held, (tuple, frozenset)) and vm in held)
+
+
+def _record_names(record: Any, vm: str) -> bool:
+    """Whether a ledger record points at ``vm`` (its owner, context, MSIs or exposure)."""
+    return vm in (record.vm, record.context, record.msi, record.exposed)
 
 
 def _mentions(entry: Any, d: Bdf) -> bool:
