@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -76,6 +77,10 @@ NO_RENAMING: Renaming = {}  # one object for the many states already canonical; 
 #: of caches, and about 200 MiB of remembered outcomes.
 CACHE_ENTRIES = 500_000
 MEMO_READS = 2_000_000
+#: A fingerprint (a hash, signed) as the low bits of a packed parent.
+FINGERPRINT_BITS = sys.hash_info.width
+FINGERPRINT_OFFSET = 1 << (FINGERPRINT_BITS - 1)
+FINGERPRINT_MASK = (1 << FINGERPRINT_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -264,12 +269,15 @@ class Explorer:
         self._chanced: dict[tuple[Any, Any], Chances] = {}
         self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
         self._renamings: dict[frozenset[Any], Renaming] = {}
+        self._links: list[tuple[Action, Renaming]] = []  # a packed parent's number -> its link
+        self._link_numbers: dict[tuple[Action, int], int] = {}
         self._cursors: dict[int, tuple[Cursor, Cursor]] = {}
         self._pointer_memo: dict[tuple[str, frozenset[Any], str], frozenset[Bdf]] = {}
         self._footprints: dict[tuple[tuple[Bdf, ...], str | None], frozenset[Any]] = {}
         self._crashes = {vm: Action("crash", vm=vm) for vm in self.vms}
         self._hotplugs = {d: Action("hotplug", device=d) for d in self.hotplug}
         self._expanded = 0
+        self._trims = 0  # how often the caches were cleared
         self._flights: dict[tuple[Any, ...], tuple[frozenset[Cursor], Cursor | None, frozenset[Cursor]]] = {}
         self._loaded: State | None = None
         self._last_lens: tuple[Any, Any, Lens] = (None, None, [])
@@ -615,7 +623,10 @@ class Explorer:
     def _trim(self) -> None:
         """Keep the caches within a bound: past it, what may be computed again is
         cleared (so a long search's memory goes to its states), and past another the
-        remembered outcomes are forgotten and found again by running."""
+        remembered outcomes are forgotten and found again by running. The cycle
+        collector runs at the first clearing, the second, the fourth, the eighth...:
+        a search makes almost no cycles, and a pass over the caches it has just
+        filled is a twentieth of the time between clearings."""
         caches = [
             self._canonicals,
             self._checked,
@@ -631,6 +642,9 @@ class Explorer:
         if sum(map(len, caches)) > self.cache_entries:
             for cache in caches:
                 cache.clear()
+            self._trims += 1
+            if not self._trims & (self._trims - 1):  # a power of two
+                collect_cycles()
         if self.memo is not None and self.memo.size > self.memo_reads:
             self.memo.reset()
             self._last_lens = (None, None, [])  # the ids it holds were the forgotten values'
@@ -708,6 +722,25 @@ class Explorer:
         renaming = self._renamings.setdefault(frozenset(step.renaming.items()), step.renaming)
         return Parent(fingerprint, self._shared(step.action), renaming)
 
+    def pack(self, parent: Parent) -> int:
+        """``parent`` as one integer, as the search keeps it for every state (a tuple
+        takes half as much memory again, and the cycle collector's attention): its
+        fingerprint, and above it the number of its action and renaming, which few
+        pairs of them share."""
+        key = (parent.action, id(parent.renaming))  # ``_links`` keeps the renaming alive
+        number = self._link_numbers.get(key)
+        if number is None:
+            number = self._link_numbers[key] = len(self._links)
+            self._links.append((parent.action, parent.renaming))
+        return number << FINGERPRINT_BITS | (parent.fingerprint + FINGERPRINT_OFFSET)
+
+    def unpack(self, packed: int | None) -> Parent | None:
+        """The parent ``pack`` made ``packed`` of (None: the initial state's)."""
+        if packed is None:
+            return None
+        action, renaming = self._links[packed >> FINGERPRINT_BITS]
+        return Parent((packed & FINGERPRINT_MASK) - FINGERPRINT_OFFSET, action, renaming)
+
     def start(self) -> tuple[State, list[Violation]]:
         """The initial state as the search stores it, and what it breaks."""
         initial, self._initial_renaming = self._canonical(self.initial)
@@ -729,7 +762,8 @@ class Explorer:
         if first:
             return self._done("violation", stats, started, Counterexample([], first))
         root = hash(initial)
-        parents: dict[int, Parent | None] = {root: None}
+        parents: dict[int, int | None] = {root: None}  # packed (``pack``)
+        parent_of = self._parent_of(parents)
         frontier: deque[tuple[State, int, int]] = deque([(initial, root, 0)])
         next_report = started + 1.0
         while frontier:
@@ -737,15 +771,15 @@ class Explorer:
             for step in self.successors(state):
                 stats.transitions += 1
                 if step.misuse:  # the platform caught a misuse: a violation, new state or not
-                    trace = self._trace(parents.__getitem__, fingerprint, step.action)
+                    trace = self._trace(parent_of, fingerprint, step.action)
                     return self._violation(stats, started, trace)
                 if step.fingerprint in parents:
                     continue
-                parents[step.fingerprint] = self.link(fingerprint, step)
+                parents[step.fingerprint] = self.pack(self.link(fingerprint, step))
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
                 if self._check(step.state, state):
-                    return self._violation(stats, started, self._trace(parents.__getitem__, step.fingerprint))
+                    return self._violation(stats, started, self._trace(parent_of, step.fingerprint))
                 frontier.append((step.state, step.fingerprint, depth + 1))
             now = time.perf_counter()
             if self.max_states is not None and stats.states >= self.max_states:
@@ -757,6 +791,10 @@ class Explorer:
                 self.on_progress(stats)
                 next_report = now + 0.5
         return self._done("pass", stats, started)
+
+    def _parent_of(self, parents: dict[int, int | None]) -> Callable[[int], Parent | None]:
+        """Where a state came from, looked up in ``parents`` (packed)."""
+        return lambda fingerprint: self.unpack(parents[fingerprint])
 
     def replay(self, trace: list[Action]) -> tuple[list[tuple[Any, ...]], list[Violation]]:
         """Run a concrete trace from the initial state. Returns the key of the operation
@@ -882,19 +920,32 @@ def _overlaps(footprint: frozenset[Any], busy: list[frozenset[Any]]) -> bool:
 
 @contextmanager
 def rare_collections() -> Iterator[None]:
-    """The search makes millions of objects that live until it ends, and few cycles: at
-    its default thresholds the cycle collector rescans them again and again (10-15% of
-    the time). During a search: what exists before it is never scanned (frozen, which
-    also spares forked workers copying those pages), young objects every 200,000
-    allocations, older ones rarely."""
-    thresholds = gc.get_threshold()
+    """The search makes millions of objects that live until it ends, and almost no
+    cycles (none in a million transitions): every pass of the cycle collector over them
+    is wasted (4-7% of the time with a pass every 200,000 allocations, 10-15% at the
+    default thresholds). During a search it runs only now and then, as the search
+    trims its caches (``Explorer._trim``); what exists before the search, and what
+    survives each pass, is frozen, never scanned again (which also spares forked
+    workers copying those pages). Afterwards it all joins the oldest generation
+    unscanned: a pass over everything the search made, as the collector resumes, took
+    a twentieth of a search's time."""
+    enabled = gc.isenabled()
     gc.freeze()
-    gc.set_threshold(200_000, 100, 100)
+    gc.disable()
     try:
         yield
     finally:
-        gc.set_threshold(*thresholds)
+        gc.freeze()
         gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def collect_cycles() -> None:
+    """One pass of the cycle collector over what the search made since the last (a
+    bound on what cycles may hold), and what survives it frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 def _then_undo(to_concrete: Renaming, renaming: Renaming) -> Renaming:

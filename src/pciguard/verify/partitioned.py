@@ -79,7 +79,7 @@ class Partition:
 
     def __init__(self, explorer: Explorer, index: int, count: int) -> None:
         self.explorer, self.index, self.count = explorer, index, count
-        self.parents: dict[int, Parent | None] = {}
+        self.parents: dict[int, int | None] = {}  # packed (``Explorer.pack``)
         self.frontier: list[Waiting] = []
 
     def seed(self, state: State, fingerprint: int) -> None:
@@ -123,14 +123,16 @@ class Partition:
 
     def _keep(self, arrival: Arrival, level: Level, before: State | None = None) -> None:
         if arrival.fingerprint not in self.parents:
-            self.parents[arrival.fingerprint] = arrival.parent
+            self.parents[arrival.fingerprint] = self.explorer.pack(arrival.parent)
             self.frontier.append(Waiting(arrival.state, arrival.fingerprint, before))
             level.new += 1
 
     def parent(self, fingerprint: int) -> Parent | bool | None:
         """Where the state came from (None: it is the initial state); False if another
         worker owns it."""
-        return self.parents.get(fingerprint, False)
+        if fingerprint not in self.parents:
+            return False
+        return self.explorer.unpack(self.parents[fingerprint])
 
 
 def owner_of(state: State, count: int) -> int:
