@@ -271,7 +271,8 @@ class Explorer:
         self._renamings: dict[frozenset[Any], Renaming] = {}
         self._links: list[tuple[Action, Renaming]] = []  # a packed parent's number -> its link
         self._link_numbers: dict[tuple[Action, int], int] = {}
-        self._cursors: dict[int, tuple[Cursor, Cursor]] = {}
+        self._cursors: dict[int, Cursor] = {}
+        self._signatures: dict[tuple[frozenset[Cursor], Action], tuple[Action, int]] = {}
         self._pointer_memo: dict[tuple[str, frozenset[Any], str], frozenset[Bdf]] = {}
         self._footprints: dict[tuple[tuple[Bdf, ...], str | None], frozenset[Any]] = {}
         self._crashes = {vm: Action("crash", vm=vm) for vm in self.vms}
@@ -636,6 +637,7 @@ class Explorer:
             self._flights,
             self._pointer_memo,
             self._footprints,
+            self._signatures,
             *(self.symmetry.caches() if self.symmetry else ()),
             *(self.memo.caches() if self.memo else ()),
         ]
@@ -708,13 +710,16 @@ class Explorer:
     def _signature(self, state: State, action: Action) -> Any:
         """What a run of ``action`` depends on besides the tables: the action, and the
         operation it advances (by the identity of the one object equal cursors share)."""
-        if action.kind in ("advance", "fail"):
+        if action.kind not in ("advance", "fail"):
+            return action
+        key = (state.in_flight, action)
+        found = self._signatures.get(key)
+        if found is None:
             (cursor,) = (c for c in state.in_flight if key_of(c) == action.key)
-            known = self._cursors.get(id(cursor))
-            if known is None:  # the entry keeps ``cursor`` alive: its id stays its own
-                known = self._cursors[id(cursor)] = (cursor, self._shared(cursor))
-            return (action, id(known[1]))
-        return action
+            shared = self._shared(cursor)
+            self._cursors[id(shared)] = shared  # kept alive: its id stays its own
+            found = self._signatures[key] = (action, id(shared))
+        return found
 
     def link(self, fingerprint: int, step: Successor) -> Parent:
         """Where ``step`` came from, as the search keeps it for every state: the action
