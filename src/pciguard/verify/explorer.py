@@ -966,6 +966,15 @@ def rename(value: Any, mapping: Renaming) -> Any:
     """``value`` with every BDF and VM name in ``mapping`` replaced, however deep."""
     if not mapping:
         return value
+    kind = type(value)  # the common kinds first, by type: ``hasattr`` costs a raised error
+    if kind is Bdf or kind is str:
+        return mapping.get(value, value)
+    if kind is tuple:
+        return tuple(rename(v, mapping) for v in value)
+    if kind is frozenset:
+        return frozenset(rename(v, mapping) for v in value)
+    if value is None or kind is int or kind is bool:
+        return value
     if isinstance(value, (Bdf, str)):
         return mapping.get(value, value)
     if isinstance(value, tuple):
@@ -989,7 +998,7 @@ class Symmetry:
     device_classes: list[list[Bdf]] = field(default_factory=list)
     vm_classes: list[list[str]] = field(default_factory=list)
     _memo: dict[frozenset[Any], dict[Any, Any]] = field(default_factory=dict)
-    _vm_memo: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _vm_memo: dict[tuple[Any, ...], dict[str, str]] = field(default_factory=dict)
     _part_memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     _holdings_memo: dict[tuple[Any, Any], dict[str, tuple[str, str]]] = field(default_factory=dict)
     _flights_memo: dict[frozenset[Cursor], dict[str, str]] = field(default_factory=dict)
@@ -1091,9 +1100,8 @@ class Symmetry:
         key = (state.platform, state.ledger)
         found = self._holdings_memo.get(key)
         if found is None:
-            found = self._holdings_memo[key] = {
-                vm: self._vm_held(state, vm) for c in self.vm_classes for vm in c
-            }
+            domains, pointers = self._vm_held(state)
+            found = self._holdings_memo[key] = {vm: (domains[vm], pointers[vm]) for vm in domains}
         return found
 
     def _vm_flights(self, cursors: frozenset[Cursor]) -> dict[str, str]:
@@ -1194,24 +1202,26 @@ class Symmetry:
             found = self._part_memo[key] = tuple(e for e in part if _mentions(e, d))
         return found
 
-    def _vm_held(self, state: State, vm: str) -> tuple[str, str]:
-        """``vm``'s domain and everything that points at it, with VM names erased. Each
-        part is remembered by the state parts it comes from, and each entry's word by the
-        entry: they recur in state after state."""
+    def _vm_held(self, state: State) -> tuple[dict[str, str], dict[str, str]]:
+        """Each symmetric VM's domain, and everything that points at it, with VM names
+        erased. Each is remembered by the state parts it comes from, and each entry's
+        word by the entry: they recur in state after state."""
         sim, ledger = state.platform, state.ledger
-        memo = self._vm_memo
-        key: tuple[Any, ...] = (sim.domains, vm)
-        domain = memo.get(key)
-        if domain is None:
-            domain = memo[key] = repr([d[1:] for d in sim.domains if d.name == vm])
+        memo, vms = self._vm_memo, [vm for c in self.vm_classes for vm in c]
+        key: tuple[Any, ...] = (sim.domains,)
+        domains = memo.get(key)
+        if domains is None:
+            domains = memo[key] = {vm: repr([d[1:] for d in sim.domains if d.name == vm]) for vm in vms}
         parts = [getattr(sim, name) for name in POINTER_FIELDS]
-        key = (*parts, ledger, vm)  # parts are interned: cheap keys
+        key = (*parts, ledger)  # parts are interned: cheap keys
         pointers = memo.get(key)
         if pointers is None:
-            entries = sorted(w for i, part in enumerate(parts) for w in self._part_words(i, part, vm))
-            records = sorted(self._part_words(-1, ledger.records, vm))
-            pointers = memo[key] = repr((entries, records, vm in ledger.torn_down))
-        return (domain, pointers)
+            pointers = memo[key] = {}
+            for vm in vms:
+                entries = sorted(w for i, part in enumerate(parts) for w in self._part_words(i, part, vm))
+                records = sorted(self._part_words(-1, ledger.records, vm))
+                pointers[vm] = repr((entries, records, vm in ledger.torn_down))
+        return domains, pointers
 
     def _part_words(self, index: int, part: frozenset[Any], vm: str) -> tuple[str, ...]:
         """The words (``_vm_word``) of the entries of one part that name ``vm``,
