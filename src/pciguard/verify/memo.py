@@ -471,11 +471,14 @@ class Memo:
         absent, changed = id(ABSENT), set[Cell]()
         for index, (old, new) in enumerate(zip(before, after, strict=True)):
             if old is not new:
-                changed.update(
-                    (index, key)
-                    for key in old.keys() | new.keys()
-                    if old.get(key, absent) != new.get(key, absent)
-                )
+                came = 0  # keys of ``new`` that ``old`` lacks
+                for key, value in new.items():
+                    was = old.get(key, absent)
+                    if was != value:
+                        changed.add((index, key))
+                        came += was == absent
+                if len(old) > len(new) - came:  # some keys went: no union of the key sets
+                    changed.update((index, key) for key in old if key not in new)
         return changed
 
     # -- the state after -------------------------------------------------------------
