@@ -15,7 +15,7 @@ from test_explorer import CONCURRENT, LEGACY, TINY, counterexample_replays
 
 from conftest import EXAMPLES
 from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
-from pciguard.verify.explorer import Explorer, Parent, Result
+from pciguard.verify.explorer import Explorer, Result
 from pciguard.verify.partitioned import (
     Arrival,
     Channel,
@@ -71,10 +71,7 @@ def test_the_limits_stop_forked_workers() -> None:
 def test_a_state_crosses_between_workers_as_numbers_once_its_parts_are_known() -> None:
     explorer = Explorer(parse_scenario(TINY, "tiny.yaml", VERIFY))
     initial, _ = explorer.start()
-    arrivals = [
-        Arrival(step.fingerprint, step.state, Parent(hash(initial), step.action, step.renaming))
-        for step in explorer.successors(initial)
-    ]
+    arrivals = [Arrival(step.fingerprint, step.state, hash(initial)) for step in explorer.successors(initial)]
     sender, receiver = Channel(), Channel()
     first = sender.encode(arrivals)
     again = sender.encode(arrivals)
@@ -90,10 +87,7 @@ def test_a_worker_takes_in_the_parts_it_already_holds_as_its_own_objects() -> No
     for explorer in (sender, receiver):
         initial, _ = explorer.start()
         arrivals.append(
-            [
-                Arrival(step.fingerprint, step.state, Parent(hash(initial), step.action, step.renaming))
-                for step in explorer.successors(initial)
-            ]
+            [Arrival(step.fingerprint, step.state, hash(initial)) for step in explorer.successors(initial)]
         )
     sent, held = arrivals
     received = Channel(receiver._shared).decode(Channel().encode(sent))

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gc
 import resource
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -77,10 +76,6 @@ NO_RENAMING: Renaming = {}  # one object for the many states already canonical; 
 #: of caches, and about 200 MiB of remembered outcomes.
 CACHE_ENTRIES = 500_000
 MEMO_READS = 2_000_000
-#: A fingerprint (a hash, signed) as the low bits of a packed parent.
-FINGERPRINT_BITS = sys.hash_info.width
-FINGERPRINT_OFFSET = 1 << (FINGERPRINT_BITS - 1)
-FINGERPRINT_MASK = (1 << FINGERPRINT_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -136,15 +131,6 @@ class Verdict(NamedTuple):
     violations: tuple[Violation, ...]
     judged: list[tuple[str, Unit]] | None  # the units, as the memo knows them
     outcomes: tuple[Outcome, ...]  # per unit: its verdict and the cells it read
-
-
-class Parent(NamedTuple):
-    """Where a state was first reached from: the fingerprint of the state before and the
-    action taken, with the renaming that made the result canonical."""
-
-    fingerprint: int
-    action: Action
-    renaming: Renaming
 
 
 class Choice(NamedTuple):
@@ -268,9 +254,6 @@ class Explorer:
         self._judged: dict[frozenset[str], list[tuple[str, Unit]]] = {}
         self._chanced: dict[tuple[Any, Any], Chances] = {}
         self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
-        self._renamings: dict[frozenset[Any], Renaming] = {}
-        self._links: list[tuple[Action, Renaming]] = []  # a packed parent's number -> its link
-        self._link_numbers: dict[tuple[Action, int], int] = {}
         self._cursors: dict[int, Cursor] = {}
         self._signatures: dict[tuple[frozenset[Cursor], Action], tuple[Action, int]] = {}
         self._pointer_memo: dict[tuple[str, frozenset[Any], str], frozenset[Bdf]] = {}
@@ -343,7 +326,7 @@ class Explorer:
 
     def _shared(self, value: Any) -> Any:
         """``value``, or the equal value met before: caches kept per platform and ledger
-        hold the same plans and footprints again and again, parent links the same actions."""
+        hold the same plans and footprints again and again."""
         return self._interned.setdefault(value, value)
 
     def _kept(self, cursor: Cursor) -> Cursor:
@@ -721,31 +704,6 @@ class Explorer:
             found = self._signatures[key] = (action, id(shared))
         return found
 
-    def link(self, fingerprint: int, step: Successor) -> Parent:
-        """Where ``step`` came from, as the search keeps it for every state: the action
-        and the renaming are shared with every other link that has them."""
-        renaming = self._renamings.setdefault(frozenset(step.renaming.items()), step.renaming)
-        return Parent(fingerprint, self._shared(step.action), renaming)
-
-    def pack(self, parent: Parent) -> int:
-        """``parent`` as one integer, as the search keeps it for every state (a tuple
-        takes half as much memory again, and the cycle collector's attention): its
-        fingerprint, and above it the number of its action and renaming, which few
-        pairs of them share."""
-        key = (parent.action, id(parent.renaming))  # ``_links`` keeps the renaming alive
-        number = self._link_numbers.get(key)
-        if number is None:
-            number = self._link_numbers[key] = len(self._links)
-            self._links.append((parent.action, parent.renaming))
-        return number << FINGERPRINT_BITS | (parent.fingerprint + FINGERPRINT_OFFSET)
-
-    def unpack(self, packed: int | None) -> Parent | None:
-        """The parent ``pack`` made ``packed`` of (None: the initial state's)."""
-        if packed is None:
-            return None
-        action, renaming = self._links[packed >> FINGERPRINT_BITS]
-        return Parent((packed & FINGERPRINT_MASK) - FINGERPRINT_OFFSET, action, renaming)
-
     def start(self) -> tuple[State, list[Violation]]:
         """The initial state as the search stores it, and what it breaks."""
         initial, self._initial_renaming = self._canonical(self.initial)
@@ -767,8 +725,9 @@ class Explorer:
         if first:
             return self._done("violation", stats, started, Counterexample([], first))
         root = hash(initial)
-        parents: dict[int, int | None] = {root: None}  # packed (``pack``)
-        parent_of = self._parent_of(parents)
+        # Each state's fingerprint, and the fingerprint of the state it was first reached
+        # from (the same integer object as that state's key: no memory of its own).
+        parents: dict[int, int | None] = {root: None}
         frontier: deque[tuple[State, int, int]] = deque([(initial, root, 0)])
         next_report = started + 1.0
         while frontier:
@@ -776,15 +735,15 @@ class Explorer:
             for step in self.successors(state):
                 stats.transitions += 1
                 if step.misuse:  # the platform caught a misuse: a violation, new state or not
-                    trace = self._trace(parent_of, fingerprint, step.action)
+                    trace = self._trace(parents.__getitem__, fingerprint, step.action)
                     return self._violation(stats, started, trace)
                 if step.fingerprint in parents:
                     continue
-                parents[step.fingerprint] = self.pack(self.link(fingerprint, step))
+                parents[step.fingerprint] = fingerprint
                 stats.states += 1
                 stats.depth = max(stats.depth, depth + 1)
                 if self._check(step.state, state):
-                    return self._violation(stats, started, self._trace(parent_of, step.fingerprint))
+                    return self._violation(stats, started, self._trace(parents.__getitem__, step.fingerprint))
                 frontier.append((step.state, step.fingerprint, depth + 1))
             now = time.perf_counter()
             if self.max_states is not None and stats.states >= self.max_states:
@@ -796,10 +755,6 @@ class Explorer:
                 self.on_progress(stats)
                 next_report = now + 0.5
         return self._done("pass", stats, started)
-
-    def _parent_of(self, parents: dict[int, int | None]) -> Callable[[int], Parent | None]:
-        """Where a state came from, looked up in ``parents`` (packed)."""
-        return lambda fingerprint: self.unpack(parents[fingerprint])
 
     def replay(self, trace: list[Action]) -> tuple[list[tuple[Any, ...]], list[Violation]]:
         """Run a concrete trace from the initial state. Returns the key of the operation
@@ -891,16 +846,26 @@ class Explorer:
         return self.symmetry.canonical(state)
 
     def _trace(
-        self, parent_of: Callable[[int], Parent | None], last: int, then: Action | None = None
+        self, parent_of: Callable[[int], int | None], last: int, then: Action | None = None
     ) -> list[Action]:
         """The actions from the initial state to ``last`` (and ``then``, taken from it),
-        renamed back into concrete names; ``parent_of`` looks up where a state came from."""
+        renamed back into concrete names; ``parent_of`` looks up the fingerprint of the
+        state another was first reached from. The search keeps no more than that for
+        each state: the action and renaming of each step are found again by expanding
+        the states on the way, which are as they were (a transition is deterministic)."""
+        chain = [last]
+        before = parent_of(last)
+        while before is not None:
+            chain.append(before)
+            before = parent_of(before)
+        state, _ = self._canonical(self.initial)
         path: list[tuple[Action, Renaming]] = []
-        entry = parent_of(last)
-        while entry is not None:
-            path.append((entry.action, entry.renaming))
-            entry = parent_of(entry.fingerprint)
-        path.reverse()
+        for fingerprint in reversed(chain[:-1]):
+            step = next((s for s in self.successors(state) if s.fingerprint == fingerprint), None)
+            if step is None:
+                raise Undetermined("a state on a trace no longer leads to the next one")
+            path.append((step.action, step.renaming))
+            state = step.state
         # to_concrete maps the names of the stored (canonical) state to the names the
         # concrete run has; each step's renaming raw -> canonical is undone on the way.
         to_concrete = _then_undo({}, self._initial_renaming)

@@ -30,8 +30,6 @@ from pciguard.verify.explorer import (
     Action,
     Counterexample,
     Explorer,
-    Parent,
-    Renaming,
     Result,
     State,
     Stats,
@@ -39,11 +37,12 @@ from pciguard.verify.explorer import (
 
 
 class Arrival(NamedTuple):
-    """A successor addressed to the worker that owns it."""
+    """A successor addressed to the worker that owns it, and the fingerprint of the
+    state it was reached from."""
 
     fingerprint: int
     state: State
-    parent: Parent
+    parent: int
 
 
 class Found(NamedTuple):
@@ -64,6 +63,13 @@ class Level:
     outboxes: dict[int, list[Arrival]] = field(default_factory=dict)  # worker -> arrivals
 
 
+class Owned(NamedTuple):
+    """A worker's answer to where a state came from."""
+
+    owned: bool
+    parent: int | None  # the fingerprint of the state before (None: the initial state)
+
+
 class Waiting(NamedTuple):
     """A state of the frontier, and the state this worker reached it from (None if
     another worker did): judged against it, the invariants that read only what the
@@ -79,7 +85,7 @@ class Partition:
 
     def __init__(self, explorer: Explorer, index: int, count: int) -> None:
         self.explorer, self.index, self.count = explorer, index, count
-        self.parents: dict[int, int | None] = {}  # packed (``Explorer.pack``)
+        self.parents: dict[int, int | None] = {}  # fingerprint -> the state's before it
         self.frontier: list[Waiting] = []
 
     def seed(self, state: State, fingerprint: int) -> None:
@@ -106,7 +112,7 @@ class Partition:
                 if step.misuse:
                     level.found = Found(fingerprint, step.action)
                     return level
-                arrival = Arrival(step.fingerprint, step.state, explorer.link(fingerprint, step))
+                arrival = Arrival(step.fingerprint, step.state, fingerprint)
                 owner = owner_of(step.state, count)
                 if owner == self.index:
                     self._keep(arrival, level, state)
@@ -123,16 +129,16 @@ class Partition:
 
     def _keep(self, arrival: Arrival, level: Level, before: State | None = None) -> None:
         if arrival.fingerprint not in self.parents:
-            self.parents[arrival.fingerprint] = self.explorer.pack(arrival.parent)
+            self.parents[arrival.fingerprint] = arrival.parent
             self.frontier.append(Waiting(arrival.state, arrival.fingerprint, before))
             level.new += 1
 
-    def parent(self, fingerprint: int) -> Parent | bool | None:
-        """Where the state came from (None: it is the initial state); False if another
-        worker owns it."""
+    def parent(self, fingerprint: int) -> Owned:
+        """Whether this worker owns the state, and the fingerprint of the state it came
+        from (None: it is the initial state)."""
         if fingerprint not in self.parents:
-            return False
-        return self.explorer.unpack(self.parents[fingerprint])
+            return Owned(False, None)
+        return Owned(True, self.parents[fingerprint])
 
 
 def owner_of(state: State, count: int) -> int:
@@ -152,7 +158,7 @@ class Executor(Protocol):
 
     def seed(self, index: int, state: State, fingerprint: int) -> None: ...
     def level(self, deadline: float | None) -> list[Level]: ...
-    def parent(self, fingerprint: int) -> Parent | None: ...
+    def parent(self, fingerprint: int) -> int | None: ...  # the fingerprint before, or None
     def close(self) -> float: ...  # the workers' peak memory, MiB in all
 
 
@@ -175,12 +181,11 @@ def merged(expanded: Level, received: Level) -> Level:
     )
 
 
-def _owned(answers: list[Parent | bool | None]) -> Parent | None:
+def _owned(answers: list[Owned]) -> int | None:
     """The answer of the one partition that holds a state (traces are rare: every
     partition is asked)."""
-    (found,) = [a for a in answers if a is not False]
-    assert not isinstance(found, bool)
-    return found
+    (found,) = [a for a in answers if a.owned]
+    return found.parent
 
 
 class InProcess:
@@ -202,7 +207,7 @@ class InProcess:
             for e, p, inbox in zip(expanded, self.partitions, inboxes, strict=True)
         ]
 
-    def parent(self, fingerprint: int) -> Parent | None:
+    def parent(self, fingerprint: int) -> int | None:
         return _owned([p.parent(fingerprint) for p in self.partitions])
 
     def close(self) -> float:
@@ -221,7 +226,6 @@ class Channel:
         self.intern = intern
         self.numbers: dict[Any, int] = {}  # sender: part -> number
         self.parts: list[Any] = []  # receiver: number -> part
-        self.renamings: dict[int, Renaming] = {}  # receiver: number -> the renaming as a dict
 
     def number(self, part: Any, new: list[Any]) -> int:
         found = self.numbers.get(part)
@@ -240,9 +244,7 @@ class Channel:
                 number(a.state.ledger, new),
                 number(a.state.in_flight, new),
                 a.state.faults,
-                a.parent.fingerprint,
-                number(a.parent.action, new),
-                number(frozenset(a.parent.renaming.items()), new),
+                a.parent,
             )
             for a in arrivals
         ]
@@ -252,13 +254,6 @@ class Channel:
         new, rows = pickle.loads(blob)
         parts, intern = self.parts, self.intern
         parts.extend(map(intern, new))
-
-        def renaming(number: int) -> Renaming:
-            found = self.renamings.get(number)
-            if found is None:
-                found = self.renamings[number] = dict(parts[number])
-            return found
-
         return [
             Arrival(
                 fingerprint,
@@ -268,9 +263,9 @@ class Channel:
                     parts[in_flight],
                     faults,
                 ),
-                Parent(parent, parts[action], renaming(renamed)),
+                parent,
             )
-            for fingerprint, platform, ledger, in_flight, faults, parent, action, renamed in rows
+            for fingerprint, platform, ledger, in_flight, faults, parent in rows
         ]
 
 
@@ -415,7 +410,7 @@ class Forked:
         received = [reply(connection) for connection in self.connections]
         return [merged(expanded, got) for (expanded, _), got in zip(answers, received, strict=True)]
 
-    def parent(self, fingerprint: int) -> Parent | None:
+    def parent(self, fingerprint: int) -> int | None:
         return _owned([self._ask(i, "parent", fingerprint) for i in range(self.count)])
 
     def close(self) -> float:
