@@ -608,9 +608,9 @@ class Explorer:
         """Keep the caches within a bound: past it, what may be computed again is
         cleared (so a long search's memory goes to its states), and past another the
         remembered outcomes are forgotten and found again by running. The cycle
-        collector runs at the first clearing, the second, the fourth, the eighth...:
-        a search makes almost no cycles, and a pass over the caches it has just
-        filled is a twentieth of the time between clearings."""
+        collector runs at the first clearing, the fourth, the sixteenth...: a search
+        makes almost no cycles, and a pass over the caches it has just filled is a
+        twentieth of the time between clearings."""
         caches = [
             self._canonicals,
             self._checked,
@@ -628,7 +628,7 @@ class Explorer:
             for cache in caches:
                 cache.clear()
             self._trims += 1
-            if not self._trims & (self._trims - 1):  # a power of two
+            if not self._trims & (self._trims - 1) and self._trims.bit_length() % 2:  # 1, 4, 16...
                 collect_cycles()
         if self.memo is not None and self.memo.size > self.memo_reads:
             self.memo.reset()
