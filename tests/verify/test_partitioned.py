@@ -58,6 +58,32 @@ def test_forked_workers_catch_each_legacy_flaw_with_a_shortest_trace(path: Path,
     assert len(split.counterexample.actions) == len(plain.counterexample.actions)
 
 
+@pytest.mark.parametrize("path", [VERIFY / "ref-teardown-race.yaml", *LEGACY[:2]], ids=lambda p: p.stem)
+def test_a_state_from_another_worker_is_judged_beside_one_with_its_records_as_judging_it_would(
+    path: Path,
+) -> None:
+    """A state another worker reached comes without the state before it: the verdicts
+    it keeps from a pair judged with the same ledger records are checked against
+    judging it whole (``check_memo``), and the search finds what the plain one does."""
+    scenario = load_scenario(path)
+    plain = figures(Explorer(scenario).run())
+    assert figures(run_partitioned(Explorer(scenario, check_memo=True), InProcess, 3)) == plain
+
+
+def test_the_pairs_a_state_is_judged_beside_are_its_parents_then_one_with_its_records() -> None:
+    explorer = Explorer(load_scenario(VERIFY / "ref-teardown-race.yaml"))
+    initial, _ = explorer.start()
+    explorer._check(initial)
+    steps = list(explorer.successors(initial))
+    same_records = [s.state for s in steps if s.state.ledger.records == initial.ledger.records]
+    assert same_records, "a crash changes the platform alone"
+    pair = (initial.platform, initial.ledger)
+    assert explorer._judged_beside(same_records[0], None) == [pair]
+    other = next(s.state for s in steps if s.state.ledger.records != initial.ledger.records)
+    assert explorer._judged_beside(other, None) == []
+    assert explorer._judged_beside(other, initial) == [pair]
+
+
 def test_the_limits_stop_forked_workers() -> None:
     scenario = load_scenario(VERIFY / "ref-workstation.yaml")
     by_states = Explorer(scenario, workers=2, max_states=500).run()

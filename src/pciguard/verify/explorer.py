@@ -250,6 +250,7 @@ class Explorer:
         self.symmetry = Symmetry(scenario, self.explore.devices, self._shared) if symmetry else None
         self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
         self._checked: dict[tuple[Any, Any], Verdict] = {}
+        self._judged_with: dict[frozenset[Any], tuple[Any, Any]] = {}  # records -> a pair judged
         self._canonicals: dict[State, tuple[State, int, Renaming]] = {}
         self._judged: dict[frozenset[str], list[tuple[str, Unit]]] = {}
         self._chanced: dict[tuple[Any, Any], Chances] = {}
@@ -614,6 +615,7 @@ class Explorer:
         caches = [
             self._canonicals,
             self._checked,
+            self._judged_with,
             self._chanced,
             self._startable,
             self._moved,
@@ -802,8 +804,9 @@ class Explorer:
         """The invariants over ``state``, unit by unit (a device, a group, a guest): a
         unit's verdict is remembered by the cells it read, like a transition's outcome,
         and the state is restored only to judge a unit no state agreeing with it had.
-        A unit whose cells all have the values they had in ``before``'s pair keeps
-        the verdict it had there (if it was judged)."""
+        A unit whose cells all have the values they had in a pair judged already
+        (``before``'s, or one with the same records: ``_judged_beside``) keeps the
+        verdict it had there."""
         if self.memo is None:
             self.load(state)
             return Verdict(self._shared(tuple(check_all(self.toolstack, self.platform))), None, ())
@@ -816,11 +819,13 @@ class Explorer:
         lens = self._lens(state)
         kept: tuple[Outcome, ...] = ()
         changed: set[Cell] = set()
-        if before is not None:
-            earlier = self._checked.get((before.platform, before.ledger))
+        for pair in self._judged_beside(state, before):
+            earlier = self._checked.get(pair)
             if earlier is not None and earlier.judged is judged:
                 kept = earlier.outcomes
-                changed = self.memo.differ(self.memo.lens(before.platform, before.ledger), lens)
+                changed = self.memo.differ(self.memo.lens(*pair), lens)
+                break
+        self._judged_with[state.ledger.records] = (state.platform, state.ledger)
         outcomes = []
         for index, key in enumerate(judged):
             outcome = kept[index] if kept and changed.isdisjoint(kept[index].reads) else None
@@ -839,6 +844,18 @@ class Explorer:
             if found != check_all(self.toolstack, self.platform):
                 raise Undetermined("the remembered verdicts differ from judging the state")
         return Verdict(self._shared(tuple(found)), judged, tuple(outcomes))
+
+    def _judged_beside(self, state: State, before: State | None) -> list[tuple[Any, Any]]:
+        """Pairs judged already that ``state``'s likely shares most cells with: the pair
+        of the state it was reached from, then the last one judged with the same ledger
+        records (a worker owns states by their records, and a state another worker
+        reached comes without the state before it). Any judged pair would be exact:
+        these are the near ones."""
+        near = [] if before is None else [(before.platform, before.ledger)]
+        same_records = self._judged_with.get(state.ledger.records)
+        if same_records is not None:
+            near.append(same_records)
+        return near
 
     def _canonical(self, state: State) -> tuple[State, Renaming]:
         if self.symmetry is None:
