@@ -210,6 +210,29 @@ def test_the_messages_reduction_merges_exactly_the_states_that_differ_in_a_failu
     assert merged.stats.states == len({without_words(s) for s in states}) < len(states)
 
 
+@pytest.mark.parametrize(
+    "scenario",
+    [parse_scenario(CONCURRENT, "concurrent.yaml", VERIFY), load_scenario(VERIFY / "ref-teardown-race.yaml")],
+    ids=lambda s: s.name,
+)
+def test_every_state_holds_the_one_cursor_object_of_each_value(scenario: Scenario) -> None:
+    """The memo tells an operation in flight by its cursor's identity: whether reached by
+    a run, a remembered outcome or a renaming, a state's cursors are the ones equal
+    cursors share, so equal operations find the same outcomes."""
+    explorer = Explorer(scenario)
+    initial, _ = explorer.start()
+    seen, todo, cursors = {initial}, deque([initial]), 0
+    while todo:
+        for step in explorer.successors(todo.popleft()):
+            for cursor in step.state.in_flight:
+                assert explorer._shared(cursor) is cursor, cursor
+                cursors += 1
+            if step.state not in seen:
+                seen.add(step.state)
+                todo.append(step.state)
+    assert cursors > len(seen)
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_the_independence_reduction_reaches_every_state_with_nothing_in_flight(concurrency: int) -> None:
     """Postponing a disjoint operation or crash reorders steps that commute: every state

@@ -122,6 +122,7 @@ def test_a_worker_takes_in_the_parts_it_already_holds_as_its_own_objects() -> No
         assert came.state.platform is own.state.platform
         assert came.state.ledger is own.state.ledger
         assert came.state.in_flight is own.state.in_flight
+        assert {id(c) for c in came.state.in_flight} == {id(c) for c in own.state.in_flight}
 
 
 @pytest.mark.parametrize("failing", [{0, 1}, {0}], ids=["every-worker", "the-first"])

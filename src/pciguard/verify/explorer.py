@@ -238,6 +238,7 @@ class Explorer:
         for step in scenario.steps:  # the set-up the exploration starts from
             replay.apply(step)
         self.tracked = self._tracked(replay)
+        self._interned: dict[Any, Any] = {}
         self.initial = State(
             self.platform.snapshot(),
             self.toolstack.snapshot(self.tracked),
@@ -246,7 +247,6 @@ class Explorer:
         )
         self.vms = tuple(name for name, _ in scenario.vms)
         self.hotplug = tuple(d for d in self.explore.devices if d in scenario.host.hotplug_later)
-        self._interned: dict[Any, Any] = {}
         self.symmetry = Symmetry(scenario, self.explore.devices, self._shared) if symmetry else None
         self._startable: dict[tuple[Any, Any], tuple[Choice, ...]] = {}
         self._checked: dict[tuple[Any, Any], Verdict] = {}
@@ -256,6 +256,7 @@ class Explorer:
         self._chanced: dict[tuple[Any, Any], Chances] = {}
         self._moved: dict[tuple[frozenset[Cursor], bool], Moves] = {}
         self._cursors: dict[int, Cursor] = {}
+        self._alone_memo: dict[int, frozenset[Cursor]] = {}
         self._signatures: dict[tuple[frozenset[Cursor], Action], tuple[Action, int]] = {}
         self._pointer_memo: dict[tuple[str, frozenset[Any], str], frozenset[Bdf]] = {}
         self._footprints: dict[tuple[tuple[Bdf, ...], str | None], frozenset[Any]] = {}
@@ -316,13 +317,14 @@ class Explorer:
         self._loaded = state
 
     def capture(self, cursors: Iterable[Cursor], faults: int) -> State:
-        """The loaded state as one value. Its parts recur in state after state and are
-        interned: the frontier shares them, and the caches keyed by them compare them by
-        identity instead of field by field."""
+        """The loaded state, with ``cursors`` in flight (as ``_kept`` made them), as one
+        value. Its parts recur in state after state and are interned: the frontier
+        shares them, and the caches keyed by them compare them by identity instead of
+        field by field."""
         intern = self._interned.setdefault
         sim = SimSnapshot._make(intern(part, part) for part in self.platform.snapshot())
         ledger = self.toolstack.snapshot(self.tracked)
-        flights = frozenset(self._kept(c) for c in cursors)
+        flights = frozenset(cursors)
         return State(intern(sim, sim), intern(ledger, ledger), intern(flights, flights), faults)
 
     def _shared(self, value: Any) -> Any:
@@ -332,11 +334,22 @@ class Explorer:
 
     def _kept(self, cursor: Cursor) -> Cursor:
         """The operation in flight as the state keeps it (the messages reduction: a
-        failure's words replaced by one word, see the module docstring)."""
-        if not self.messages or (cursor.failure is None and not cursor.stuck):
-            return cursor
-        failure = None if cursor.failure is None else FAILED
-        return replace(cursor, failure=failure, stuck=(FAILED,) * len(cursor.stuck))
+        failure's words replaced by one word, see the module docstring), as the one
+        object equal cursors share: hashing or comparing a cursor walks its whole plan
+        (microseconds), so states and caches hold cursors told apart by identity."""
+        if self.messages and (cursor.failure is not None or cursor.stuck):
+            failure = None if cursor.failure is None else FAILED
+            cursor = replace(cursor, failure=failure, stuck=(FAILED,) * len(cursor.stuck))
+        shared: Cursor = self._shared(cursor)
+        return shared
+
+    def _alone(self, cursor: Cursor) -> frozenset[Cursor]:
+        """A set of ``cursor`` alone, made once per cursor: a set of cursors made from
+        others with it (union, difference) reuses the hashes they hold."""
+        found = self._alone_memo.get(id(cursor))
+        if found is None:  # the set holds the cursor: its id stays its own
+            found = self._alone_memo[id(cursor)] = frozenset((cursor,))
+        return found
 
     # -- transitions -----------------------------------------------------------
     def actions(self, state: State) -> list[Action]:
@@ -620,6 +633,7 @@ class Explorer:
             self._startable,
             self._moved,
             self._flights,
+            self._alone_memo,
             self._pointer_memo,
             self._footprints,
             self._signatures,
@@ -678,32 +692,36 @@ class Explorer:
     def _flights_after(
         self, in_flight: frozenset[Cursor], moved: tuple[Any, ...] | None, result: Cursor | None
     ) -> frozenset[Cursor]:
-        """``in_flight`` without the operation ``moved`` and with ``result``; remembered
-        by identity (the entry holds both, so their ids stay theirs): hashing cursors
-        again costs more than a transition's other work."""
+        """``in_flight`` without the operation ``moved`` and with ``result`` (in place of
+        the operation with its key); remembered by identity (the entry holds both, so
+        their ids stay theirs). Made by set operations on the cursors' sets of one,
+        which keep the hashes the sets hold: hashing a cursor again costs more than a
+        transition's other work."""
         key = (id(in_flight), moved, id(result))
         found = self._flights.get(key)
         if found is None or found[0] is not in_flight or found[1] is not result:
-            cursors = {key_of(c): c for c in in_flight}
-            if moved is not None:
-                del cursors[moved]
+            replaced = None if result is None else key_of(result)
+            cursors = in_flight
+            for cursor in in_flight:
+                if key_of(cursor) in (moved, replaced):
+                    cursors = cursors - self._alone(cursor)
             if result is not None:
-                cursors[key_of(result)] = result
-            found = self._flights[key] = (in_flight, result, self._shared(frozenset(cursors.values())))
+                cursors = cursors | self._alone(result)
+            found = self._flights[key] = (in_flight, result, self._shared(cursors))
         return found[2]
 
     def _signature(self, state: State, action: Action) -> Any:
         """What a run of ``action`` depends on besides the tables: the action, and the
-        operation it advances (by the identity of the one object equal cursors share)."""
+        operation it advances (by identity: the states' cursors are the one object
+        equal cursors share, ``_kept``; another object would only make another key)."""
         if action.kind not in ("advance", "fail"):
             return action
         key = (state.in_flight, action)
         found = self._signatures.get(key)
         if found is None:
             (cursor,) = (c for c in state.in_flight if key_of(c) == action.key)
-            shared = self._shared(cursor)
-            self._cursors[id(shared)] = shared  # kept alive: its id stays its own
-            found = self._signatures[key] = (action, id(shared))
+            self._cursors[id(cursor)] = cursor  # kept alive: its id stays its own
+            found = self._signatures[key] = (action, id(cursor))
         return found
 
     def start(self) -> tuple[State, list[Violation]]:
@@ -1074,7 +1092,12 @@ class Symmetry:
             ledger = memo[state.ledger] = intern(
                 LedgerSnapshot(intern(records), renamed(state.ledger.torn_down))
             )
-        return State(platform, ledger, renamed(state.in_flight), state.faults), renaming
+        in_flight = memo.get(state.in_flight)
+        if in_flight is None:  # each cursor the one object equal cursors share (``Explorer._kept``)
+            in_flight = memo[state.in_flight] = intern(
+                frozenset(intern(c) for c in rename(state.in_flight, renaming))
+            )
+        return State(platform, ledger, in_flight, state.faults), renaming
 
     def _vm_holdings(self, state: State) -> dict[str, tuple[str, str]]:
         """Each symmetric VM's domain and what points at it (``_vm_held``), for a

@@ -220,47 +220,55 @@ class Channel:
     crosses once and is named by its number after that: a state travels as a row of
     small integers, which pickles in microseconds where the whole state takes hundreds.
     The receiver interns what arrives (``intern``): its caches and its memo compare parts
-    by identity, and an equal copy of a part it already holds would miss them all."""
+    by identity, and an equal copy of a part it already holds would miss them all. The
+    cursors of the operations in flight are interned one by one as well (the states'
+    cursors are the one object equal cursors share, ``Explorer._kept``), so the sets of
+    them are numbered apart from the other parts."""
 
     def __init__(self, intern: Callable[[Any], Any] = lambda part: part) -> None:
         self.intern = intern
         self.numbers: dict[Any, int] = {}  # sender: part -> number
         self.parts: list[Any] = []  # receiver: number -> part
+        self.flight_numbers: dict[Any, int] = {}  # the same for the sets of operations in flight
+        self.flights: list[Any] = []
 
-    def number(self, part: Any, new: list[Any]) -> int:
-        found = self.numbers.get(part)
+    @staticmethod
+    def number(numbers: dict[Any, int], part: Any, new: list[Any]) -> int:
+        found = numbers.get(part)
         if found is None:
-            found = self.numbers[part] = len(self.numbers)
+            found = numbers[part] = len(numbers)
             new.append(part)
         return found
 
     def encode(self, arrivals: list[Arrival]) -> bytes:
         new: list[Any] = []
-        number = self.number
+        new_flights: list[Any] = []
+        number, numbers, flight_numbers = self.number, self.numbers, self.flight_numbers
         rows = [
             (
                 a.fingerprint,
-                tuple(number(part, new) for part in a.state.platform),
-                number(a.state.ledger, new),
-                number(a.state.in_flight, new),
+                tuple(number(numbers, part, new) for part in a.state.platform),
+                number(numbers, a.state.ledger, new),
+                number(flight_numbers, a.state.in_flight, new_flights),
                 a.state.faults,
                 a.parent,
             )
             for a in arrivals
         ]
-        return pickle.dumps((new, rows), pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((new, new_flights, rows), pickle.HIGHEST_PROTOCOL)
 
     def decode(self, blob: bytes) -> list[Arrival]:
-        new, rows = pickle.loads(blob)
-        parts, intern = self.parts, self.intern
+        new, new_flights, rows = pickle.loads(blob)
+        parts, flights, intern = self.parts, self.flights, self.intern
         parts.extend(map(intern, new))
+        flights.extend(intern(frozenset(map(intern, cursors))) for cursors in new_flights)
         return [
             Arrival(
                 fingerprint,
                 State(
                     intern(SimSnapshot._make(parts[n] for n in platform)),
                     parts[ledger],
-                    parts[in_flight],
+                    flights[in_flight],
                     faults,
                 ),
                 parent,
