@@ -962,6 +962,13 @@ def _then_undo(to_concrete: Renaming, renaming: Renaming) -> Renaming:
 
 
 # -- symmetry ---------------------------------------------------------------------------
+def shared_flights(cursors: Iterable[Cursor], intern: Callable[[Any], Any]) -> frozenset[Cursor]:
+    """A set of operations in flight made of the one object equal cursors share (as
+    ``Explorer._kept`` makes them), itself the one object equal sets share."""
+    flights: frozenset[Cursor] = intern(frozenset(map(intern, cursors)))
+    return flights
+
+
 def rename(value: Any, mapping: Renaming) -> Any:
     """``value`` with every BDF and VM name in ``mapping`` replaced, however deep."""
     if not mapping:
@@ -1093,10 +1100,8 @@ class Symmetry:
                 LedgerSnapshot(intern(records), renamed(state.ledger.torn_down))
             )
         in_flight = memo.get(state.in_flight)
-        if in_flight is None:  # each cursor the one object equal cursors share (``Explorer._kept``)
-            in_flight = memo[state.in_flight] = intern(
-                frozenset(intern(c) for c in rename(state.in_flight, renaming))
-            )
+        if in_flight is None:
+            in_flight = memo[state.in_flight] = shared_flights(rename(state.in_flight, renaming), intern)
         return State(platform, ledger, in_flight, state.faults), renaming
 
     def _vm_holdings(self, state: State) -> dict[str, tuple[str, str]]:

@@ -33,6 +33,7 @@ from pciguard.verify.explorer import (
     Result,
     State,
     Stats,
+    shared_flights,
 )
 
 
@@ -261,7 +262,7 @@ class Channel:
         new, new_flights, rows = pickle.loads(blob)
         parts, flights, intern = self.parts, self.flights, self.intern
         parts.extend(map(intern, new))
-        flights.extend(intern(frozenset(map(intern, cursors))) for cursors in new_flights)
+        flights.extend(shared_flights(cursors, intern) for cursors in new_flights)
         return [
             Arrival(
                 fingerprint,
