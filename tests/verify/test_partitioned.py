@@ -4,6 +4,7 @@ replay, and the limits still stop it."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import time
@@ -122,7 +123,23 @@ def test_a_worker_takes_in_the_parts_it_already_holds_as_its_own_objects() -> No
         assert came.state.platform is own.state.platform
         assert came.state.ledger is own.state.ledger
         assert came.state.in_flight is own.state.in_flight
-        assert {id(c) for c in came.state.in_flight} == {id(c) for c in own.state.in_flight}
+
+
+def test_a_worker_takes_in_each_cursor_in_flight_as_its_own_object_in_a_set_it_never_made() -> None:
+    """The memo tells an operation in flight by its cursor's identity: a set of
+    operations the receiver has not met is made of the cursors it holds."""
+    sender, receiver = (Explorer(parse_scenario(TINY, "tiny.yaml", VERIFY)) for _ in range(2))
+    for explorer in (sender, receiver):
+        explorer.start()
+    held = {c: c for s in receiver.successors(receiver.start()[0]) for c in s.state.in_flight}
+    assert len(held) > 1
+    state = next(iter(sender.successors(sender.start()[0]))).state
+    together = state._replace(in_flight=frozenset(copy.deepcopy(list(held))))
+    assert together.in_flight not in {s.state.in_flight for s in receiver.successors(receiver.start()[0])}
+    (came,) = Channel(receiver._shared).decode(Channel().encode([Arrival(1, together, 0)]))
+    assert came.state == together
+    for cursor in came.state.in_flight:
+        assert cursor is held[cursor]
 
 
 @pytest.mark.parametrize("failing", [{0, 1}, {0}], ids=["every-worker", "the-first"])
