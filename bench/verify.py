@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
 """Verifier figures: time to verdict, distinct states, transitions, CPU seconds and
-peak memory on the reference suite (every reduction on), each reduction on and off
-(and the search as Python, when it runs compiled),
-the symmetry reduction on the symmetric scenario, the suite again with one worker per
-core (at least two: one scenario's states shared among them, or as many scenarios at
-once, in the order given and with the largest first), the large scenarios, and each legacy
-flaw's time to its counterexample. Targets (this 2-core machine, idle): ref-workstation
-in at most 2 s, the suite in at most 4 s, examples/verify/large/aliases.yaml in at most
-20 s, and each other large scenario a verdict within ten minutes, or at least ten
-million states in them within 4 GiB.
+peak memory on the reference suite (every reduction on) as ``pciguard verify`` runs it
+by default (``--workers auto``: a search hands over to one worker per core once it has
+run a fifth of a second; several scenarios run one per core at once, in the order given
+and with the largest first) and in one process (``--workers 1``), each reduction on and
+off in one process (and the search as Python, when it runs compiled), the symmetry
+reduction on the symmetric scenario, the suite again with workers from the start (at
+least two: one scenario's states shared among them, or as many scenarios at once), the
+large scenarios, and each legacy flaw's time to its counterexample. Targets (this 2-core
+machine, idle): ref-workstation in at most 2 s, the suite in at most 4 s,
+examples/verify/large/aliases.yaml in at most 20 s, and each other large scenario a
+verdict within ten minutes, or at least ten million states in them within 4 GiB.
 
-Each run is its own `pciguard verify --json` process, so its memory and CPU are its own;
-the suite is also run as one process exploring every scenario in turn (its wall time is
-the suite's time to verdict), and ref-workstation alone and as two searches at once
-(how much the cores slow each other). Compiled modules are kept between runs.
+Each run is its own `pciguard verify --json` process, so its memory and CPU are its own
+(its workers' included); the suite is also run as one `pciguard verify` of every
+scenario (its wall time is the suite's time to verdict), and ref-workstation alone and
+as two searches at once, in one process each (how much the cores slow each other).
+Compiled modules are kept between runs.
 Usage: python3 bench/verify.py [--quick] [--large] [--orbits] [--breakdown]
   --quick skips the per-reduction comparison (and the run without remembered
   outcomes, --no-memo); --large adds examples/verify/large/
@@ -43,6 +46,7 @@ TARGET_SYMMETRY_RATIO = 10
 REDUCTIONS = ("symmetry", "independence", "messages")
 WORKERS = max(2, min(4, os.cpu_count() or 1))
 PARALLEL = ("--workers", str(WORKERS))
+ONE_PROCESS = ("--workers", "1")
 LARGE_LIMIT = 600  # seconds: the large scenarios' target is a verdict within ten minutes
 TARGET_STATES, TARGET_MIB = 10_000_000, 4096  # or, in those ten minutes, so many states within 4 GiB
 
@@ -131,7 +135,7 @@ def reference_suite(*flags: str) -> dict[str, dict[str, object]]:
         together = verify_all(by_name, "--out", scratch, *flags)
     wall = float(together[0]["process_wall"])  # type: ignore[arg-type]
     print(f"{name}, one `pciguard verify` of every scenario: " + against("suite", wall))
-    if PARALLEL[0] in flags:  # scenarios start in the order given: the largest first ends soonest
+    if flags != ONE_PROCESS:  # scenarios start in the order given: the largest first ends soonest
         largest_first = sorted(by_name, key=lambda p: -float(suite[p.stem]["wall"]))  # type: ignore[arg-type]
         with tempfile.TemporaryDirectory() as scratch:
             together = verify_all(largest_first, "--out", scratch, *flags)
@@ -145,8 +149,10 @@ def main() -> None:
     first = verify(VERIFY / "ref-symmetric.yaml")  # compiles the modules once (see CHILD_ENV)
     compiled = first["compiled"]
     print("The verifier runs " + ("compiled" if compiled else f"as Python: {first['why_not_compiled']}"))
-    print("Reference suite, every reduction on:")
-    suite = reference_suite()
+    print("Reference suite, every reduction on, as `pciguard verify` runs it (--workers auto):")
+    reference_suite()
+    print("\nThe same in one process (--workers 1):")
+    suite = reference_suite(*ONE_PROCESS)
 
     print("\nSymmetry on the symmetric scenario:")
     print(HEADER)
@@ -160,21 +166,24 @@ def main() -> None:
         f"{'met' if ratio >= TARGET_SYMMETRY_RATIO else 'NOT met'})"
     )
     if "--quick" not in sys.argv:
-        print("\nEach reduction left out, and all of them, on the reference workstation scenario:")
+        print(
+            "\nEach reduction left out, and all of them, on the reference workstation scenario (one process):"
+        )
         print(HEADER)
         workstation = VERIFY / "ref-workstation.yaml"
         print(row("ref-workstation (every reduction)", suite["ref-workstation"]))
         for flags in ([f"--no-{r}"] for r in REDUCTIONS):
-            print(row("ref-workstation " + " ".join(flags), verify(workstation, *flags)))
-        print(row("ref-workstation, none", verify(workstation, *(f"--no-{r}" for r in REDUCTIONS))))
+            print(row("ref-workstation " + " ".join(flags), verify(workstation, *ONE_PROCESS, *flags)))
+        none = (f"--no-{r}" for r in REDUCTIONS)
+        print(row("ref-workstation, none", verify(workstation, *ONE_PROCESS, *none)))
         # Not a reduction: the same states, each transition's outcome reused or run.
-        print(row("ref-workstation --no-memo", verify(workstation, "--no-memo")))
+        print(row("ref-workstation --no-memo", verify(workstation, *ONE_PROCESS, "--no-memo")))
         if compiled:  # the same modules, run as Python
-            print(row("ref-workstation, as Python", verify(workstation, as_python=True)))
+            print(row("ref-workstation, as Python", verify(workstation, *ONE_PROCESS, as_python=True)))
 
     print(
-        f"\nThe reference suite with {WORKERS} workers (each scenario alone: its states shared "
-        f"among them; together: {WORKERS} scenarios at once, one process each):"
+        f"\nThe reference suite with {WORKERS} workers from the start (each scenario alone: its "
+        f"states shared among them; together: {WORKERS} scenarios at once, one process each):"
     )
     reference_suite(*PARALLEL)
     side_by_side(VERIFY / "ref-workstation.yaml")
@@ -206,8 +215,8 @@ def side_by_side(path: Path) -> None:
     """The same search alone, then as one process per worker at once, right after: how
     much slower each runs when every core is busy (what the workers can gain is
     bounded by it)."""
-    command = verify_command([path], "--out", "/dev/null")
-    alone = float(verify(path)["wall"])  # type: ignore[arg-type]
+    command = verify_command([path], "--out", "/dev/null", *ONE_PROCESS)
+    alone = float(verify(path, *ONE_PROCESS)["wall"])  # type: ignore[arg-type]
     started = time.perf_counter()
     both = [
         subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=ROOT, env=CHILD_ENV) for _ in range(WORKERS)

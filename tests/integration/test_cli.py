@@ -192,7 +192,30 @@ def test_verify_with_workers_says_so_and_finds_the_same_states() -> None:
     )
     shown = runner.invoke(app, ["verify", secure, "--workers", "2"])
     assert "; 2 workers" in shown.output and "PASS" in shown.output
-    assert runner.invoke(app, ["verify", secure, "--workers", "0"]).exit_code == 2
+    for wrong in ("0", "65", "many"):
+        refused = runner.invoke(app, ["verify", secure, "--workers", wrong])
+        assert refused.exit_code == 2 and "neither 'auto' nor a number" in refused.output, wrong
+
+
+def test_verify_by_default_hands_a_search_to_one_worker_per_core_once_it_has_run_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pciguard.cli.verify as verify_command
+
+    secure = str(EXAMPLES / "verify" / "ref-teardown-race.yaml")
+    alone = json.loads(runner.invoke(app, ["verify", secure, "--json", "--workers", "1"]).stdout)
+    monkeypatch.setattr(verify_command.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    quick = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
+    assert quick["workers"] == 1  # done before the handover: no worker was started
+    monkeypatch.setattr(verify_command, "HAND_OVER_AFTER", 0.0)
+    handed = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
+    assert handed["workers"] == 2
+    assert [handed[k] for k in ("verdict", "states", "transitions")] == [
+        alone[k] for k in ("verdict", "states", "transitions")
+    ]
+    monkeypatch.setattr(verify_command.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    one_core = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
+    assert one_core["workers"] == 1
 
 
 def test_verify_explores_several_scenarios_in_turn_with_one_verdict_each(tmp_path: Path) -> None:
@@ -201,14 +224,15 @@ def test_verify_explores_several_scenarios_in_turn_with_one_verdict_each(tmp_pat
         EXAMPLES / "verify" / "legacy" / "xsa-442.yaml",
     )
     alone = json.loads(runner.invoke(app, ["verify", str(secure), "--json"]).stdout)
-    both = runner.invoke(app, ["verify", str(secure), str(legacy), "--json", "--out", str(tmp_path)])
+    in_turn = ["--out", str(tmp_path), "--workers", "1"]
+    both = runner.invoke(app, ["verify", str(secure), str(legacy), "--json", *in_turn])
     assert both.exit_code == 0, both.output  # a pass, and the violation xsa-442 declares
     first, second = json.loads(both.stdout)
     assert (first["scenario"], first["verdict"], first["states"]) == (str(secure), "pass", alone["states"])
     assert second["verdict"] == "violation"
     assert second["counterexample"]["file"] == str(tmp_path / "xsa-442-counterexample.yaml")
     assert (tmp_path / "xsa-442-counterexample.yaml").exists()
-    shown = runner.invoke(app, ["verify", str(secure), str(legacy), "--out", str(tmp_path)])
+    shown = runner.invoke(app, ["verify", str(secure), str(legacy), *in_turn])
     assert f"{secure}:" in shown.output and "2 scenarios: 1 pass, 1 violation" in shown.output
     # One exit code: a search a limit stopped, unless a violation nobody expected was found.
     undeclared = tmp_path / "undeclared.yaml"
@@ -233,7 +257,7 @@ def test_verify_with_workers_explores_several_scenarios_at_once_with_the_same_ve
         str(EXAMPLES / "verify" / "legacy" / "xsa-442.yaml"),
         str(EXAMPLES / "verify" / "ref-symmetric.yaml"),
     ]
-    in_turn = runner.invoke(app, ["verify", *paths, "--json", "--out", str(tmp_path)])
+    in_turn = runner.invoke(app, ["verify", *paths, "--json", "--out", str(tmp_path), "--workers", "1"])
     (tmp_path / "xsa-442-counterexample.yaml").unlink()
     at_once = runner.invoke(app, ["verify", *paths, "--json", "--out", str(tmp_path), "--workers", "2"])
     assert at_once.exit_code == in_turn.exit_code == 0, at_once.output

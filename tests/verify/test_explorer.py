@@ -24,9 +24,9 @@ LEGACY = sorted((VERIFY / "legacy").glob("*.yaml"))
 REFERENCE = sorted(VERIFY.glob("ref-*.yaml"))
 
 
-def counterexample_replays(path: Path, tmp_path: Path, **reductions: bool) -> set[str]:
+def counterexample_replays(path: Path, tmp_path: Path, **options: Any) -> set[str]:
     scenario = load_scenario(path)
-    explorer = Explorer(scenario, **reductions)
+    explorer = Explorer(scenario, **options)
     result = explorer.run()
     assert result.verdict == "violation", f"{path.name}: the flaw was not caught"
     found = result.counterexample

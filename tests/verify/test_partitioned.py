@@ -16,10 +16,11 @@ from test_explorer import CONCURRENT, LEGACY, TINY, counterexample_replays
 
 from conftest import EXAMPLES
 from pciguard.formats.scenario_file import Scenario, load_scenario, parse_scenario
-from pciguard.verify.explorer import Explorer, Result
+from pciguard.verify.explorer import Explorer, Result, Stats
 from pciguard.verify.partitioned import (
     Arrival,
     Channel,
+    Handover,
     InProcess,
     Partition,
     WorkerFailed,
@@ -48,6 +49,57 @@ def test_partitions_reach_exactly_the_states_of_the_plain_search(scenario: Scena
     for partitions in (1, 2, 3):
         assert figures(run_partitioned(Explorer(scenario), InProcess, partitions)) == plain, partitions
     assert figures(Explorer(scenario, workers=2).run()) == plain, "forked"
+
+
+@pytest.mark.parametrize("scenario", SMALL, ids=lambda s: s.name)
+def test_a_search_handed_over_to_forked_workers_reaches_exactly_the_states_of_the_plain_search(
+    scenario: Scenario,
+) -> None:
+    plain = figures(Explorer(scenario).run())
+    handed = Explorer(scenario, workers=2, hand_over_after=0.0).run()  # after the first level
+    assert figures(handed) == plain
+    assert handed.stats.workers == 2
+
+
+def levels_explored(explorer: Explorer, levels: int) -> Handover:
+    """The plain search's first ``levels`` levels, as it would hand them over."""
+    initial, _ = explorer.start()
+    parents: dict[int, int | None] = {hash(initial): None}
+    level, stats = [(initial, hash(initial))], Stats(states=1)
+    for depth in range(levels):
+        following = []
+        for state, fingerprint in level:
+            for step in explorer.successors(state):
+                stats.transitions += 1
+                if step.fingerprint not in parents:
+                    parents[step.fingerprint] = fingerprint
+                    following.append((step.state, step.fingerprint))
+        stats.states, stats.depth, level = len(parents), depth + 1, following
+    return Handover(level, parents, stats, time.perf_counter())
+
+
+@pytest.mark.parametrize("levels", [2, 5])
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_partitions_take_a_search_over_from_any_level_and_reach_what_it_would(
+    levels: int, partitions: int
+) -> None:
+    scenario = load_scenario(VERIFY / "ref-teardown-race.yaml")
+    plain = figures(Explorer(scenario).run())
+    explorer = Explorer(scenario)
+    handover = levels_explored(explorer, levels)
+    assert figures(run_partitioned(explorer, InProcess, partitions, handover)) == plain
+
+
+@pytest.mark.parametrize("path", LEGACY, ids=lambda p: p.stem)
+def test_workers_a_search_is_handed_to_catch_each_legacy_flaw_with_a_shortest_trace(
+    path: Path, tmp_path: Path
+) -> None:
+    """A trace that crosses the handover: its first states are the first process's."""
+    counterexample_replays(path, tmp_path, workers=2, hand_over_after=0.0)
+    scenario = load_scenario(path)
+    plain, handed = Explorer(scenario).run(), Explorer(scenario, workers=2, hand_over_after=0.0).run()
+    assert plain.counterexample is not None and handed.counterexample is not None
+    assert len(handed.counterexample.actions) == len(plain.counterexample.actions)
 
 
 @pytest.mark.parametrize("path", LEGACY, ids=lambda p: p.stem)
@@ -93,6 +145,9 @@ def test_the_limits_stop_forked_workers() -> None:
     by_time = Explorer(scenario, workers=2, time_limit=0.5).run()
     assert by_time.verdict == "incomplete" and "--time-limit" in by_time.reason
     assert by_time.stats.seconds < 10
+    handed = Explorer(scenario, workers=2, hand_over_after=0.2, time_limit=0.6).run()
+    assert handed.verdict == "incomplete" and handed.stats.workers == 2
+    assert 0.6 <= handed.stats.seconds < 1.5  # counted from the search's start, not the handover
 
 
 def test_a_state_crosses_between_workers_as_numbers_once_its_parts_are_known() -> None:

@@ -182,6 +182,7 @@ class Stats:
     seconds: float = 0.0
     depth: int = 0
     peak_rss_mib: float = 0.0
+    workers: int = 1  # the processes that explored: 1, or the workers once handed over
 
     @property
     def states_per_second(self) -> float:
@@ -218,6 +219,7 @@ class Explorer:
         max_states: int | None = None,
         time_limit: float | None = None,
         workers: int = 1,
+        hand_over_after: float | None = None,
         memo: bool = True,
         check_memo: bool = False,
         on_progress: Callable[[Stats], None] | None = None,
@@ -229,6 +231,9 @@ class Explorer:
         self.max_states = max_states
         self.time_limit = time_limit
         self.workers = workers
+        # With workers: start in this process, and hand over to them at the end of the
+        # first level past so many seconds (None: the workers search from the start).
+        self.hand_over_after = hand_over_after
         self.memo = Memo() if memo else None
         self.check_memo = check_memo
         self.on_progress = on_progress
@@ -732,11 +737,20 @@ class Explorer:
 
     def run(self) -> Result:
         with rare_collections():
-            if self.workers > 1:  # one process per core, each owning a share of the states
+            if self.workers > 1 and self.hand_over_after is None:  # one process per core
                 from pciguard.verify.partitioned import Forked, run_partitioned
 
                 return run_partitioned(self, Forked, self.workers)
             return self._run()
+
+    def _hand_over(
+        self, level: list[tuple[State, int]], parents: dict[int, int | None], stats: Stats, started: float
+    ) -> Result:
+        """The rest of the search, from ``level`` on, by the workers (forked: each starts
+        with what this process learnt, its caches and remembered outcomes)."""
+        from pciguard.verify.partitioned import Forked, Handover, run_partitioned
+
+        return run_partitioned(self, Forked, self.workers, Handover(level, parents, stats, started))
 
     def _run(self) -> Result:
         started = time.perf_counter()
@@ -749,8 +763,15 @@ class Explorer:
         # from (the same integer object as that state's key: no memory of its own).
         parents: dict[int, int | None] = {root: None}
         frontier: deque[tuple[State, int, int]] = deque([(initial, root, 0)])
+        depth = 0
         next_report = started + 1.0
+        hand_over_at = (
+            None if self.workers < 2 or self.hand_over_after is None else started + self.hand_over_after
+        )
         while frontier:
+            if hand_over_at is not None and frontier[0][2] > depth and time.perf_counter() >= hand_over_at:
+                # The frontier is one whole level: the workers' search goes level by level.
+                return self._hand_over([(s, f) for s, f, _ in frontier], parents, stats, started)
             state, fingerprint, depth = frontier.popleft()
             for step in self.successors(state):
                 stats.transitions += 1

@@ -82,15 +82,23 @@ class Waiting(NamedTuple):
 
 
 class Partition:
-    """One worker's share of the search."""
+    """One worker's share of the search. ``explored``: the states a search in one
+    process reached before it handed its frontier over (``Handover``), known to every
+    worker and owned by none."""
 
-    def __init__(self, explorer: Explorer, index: int, count: int) -> None:
+    def __init__(
+        self, explorer: Explorer, index: int, count: int, explored: dict[int, int | None] | None = None
+    ) -> None:
         self.explorer, self.index, self.count = explorer, index, count
         self.parents: dict[int, int | None] = {}  # fingerprint -> the state's before it
+        self.explored = {} if explored is None else explored
         self.frontier: list[Waiting] = []
 
     def seed(self, state: State, fingerprint: int) -> None:
-        self.parents[fingerprint] = None
+        """A state of the first level this worker expands: the initial state, or one a
+        search in one process reached (whose parent ``explored`` holds)."""
+        if fingerprint not in self.explored:
+            self.parents[fingerprint] = None
         self.frontier.append(Waiting(state, fingerprint, None))
 
     def expand(self, deadline: float | None) -> Level:
@@ -113,6 +121,8 @@ class Partition:
                 if step.misuse:
                     level.found = Found(fingerprint, step.action)
                     return level
+                if step.fingerprint in self.explored:
+                    continue
                 arrival = Arrival(step.fingerprint, step.state, fingerprint)
                 owner = owner_of(step.state, count)
                 if owner == self.index:
@@ -152,12 +162,11 @@ def owner_of(state: State, count: int) -> int:
 
 
 class Executor(Protocol):
-    """Runs the partitions. Each call runs on every partition at once and returns each
-    one's answer, in partition order."""
+    """Runs the partitions (seeded before it starts). Each call runs on every partition
+    at once and returns each one's answer, in partition order."""
 
     count: int
 
-    def seed(self, index: int, state: State, fingerprint: int) -> None: ...
     def level(self, deadline: float | None) -> list[Level]: ...
     def parent(self, fingerprint: int) -> int | None: ...  # the fingerprint before, or None
     def close(self) -> float: ...  # the workers' peak memory, MiB in all
@@ -193,12 +202,9 @@ class InProcess:
     """Every partition in this process, one after the other: the partitioning without
     the parallelism (tests compare it with the plain search)."""
 
-    def __init__(self, explorer: Explorer, count: int) -> None:
-        self.count = count
-        self.partitions = [Partition(explorer, i, count) for i in range(count)]
-
-    def seed(self, index: int, state: State, fingerprint: int) -> None:
-        self.partitions[index].seed(state, fingerprint)
+    def __init__(self, partitions: list[Partition]) -> None:
+        self.count = len(partitions)
+        self.partitions = partitions
 
     def level(self, deadline: float | None) -> list[Level]:
         expanded = [p.expand(deadline) for p in self.partitions]
@@ -369,8 +375,6 @@ def _answer(partition: Partition, connection: Connection) -> None:
             answer = partition.receive(
                 [a for source, blob in argument for a in receiving[source].decode(blob)]
             )
-        elif request == "seed":
-            partition.seed(*argument)
         elif request == "parent":
             answer = partition.parent(argument)
         elif request == "stop":
@@ -384,16 +388,14 @@ class Forked:
     toolstack, the platform and their caches), talking over pipes. Forking keeps one hash
     seed across workers, so a state names the same owner in each."""
 
-    def __init__(self, explorer: Explorer, count: int) -> None:
-        self.count = count
+    def __init__(self, partitions: list[Partition]) -> None:
+        self.count = len(partitions)
         context = multiprocessing.get_context("fork")
         self.connections: list[Connection] = []
         self.processes = []
-        for index in range(count):
+        for partition in partitions:  # forked as seeded: each takes its frontier along
             mine, theirs = context.Pipe()
-            process = context.Process(
-                target=_serve, args=(Partition(explorer, index, count), theirs), daemon=True
-            )
+            process = context.Process(target=_serve, args=(partition, theirs), daemon=True)
             process.start()
             theirs.close()
             self.connections.append(mine)
@@ -402,9 +404,6 @@ class Forked:
     def _ask(self, index: int, request: str, argument: Any = None) -> Any:
         self.connections[index].send((request, argument))
         return reply(self.connections[index])
-
-    def seed(self, index: int, state: State, fingerprint: int) -> None:
-        self._ask(index, "seed", (state, fingerprint))
 
     def level(self, deadline: float | None) -> list[Level]:
         for connection in self.connections:
@@ -443,20 +442,48 @@ class Forked:
         return peaks
 
 
+class Handover(NamedTuple):
+    """A search begun in one process, handed to the workers at the end of a level: the
+    next level's states, every state reached so far with the one it was reached from,
+    and the figures and clock so far."""
+
+    frontier: list[tuple[State, int]]  # (state, fingerprint)
+    parents: dict[int, int | None]
+    stats: Stats
+    started: float
+
+
 def run_partitioned(
-    explorer: Explorer, executor_of: Callable[[Explorer, int], Executor], workers: int
+    explorer: Explorer,
+    executor_of: Callable[[list[Partition]], Executor],
+    workers: int,
+    handover: Handover | None = None,
 ) -> Result:
     """The search, split over ``workers`` partitions run by the executor ``executor_of``
-    builds. The explorer's limits apply between levels and, for time, within one."""
-    started = time.perf_counter()
-    stats = Stats(states=1)
-    initial, first = explorer.start()
-    if first:
-        return explorer._done("violation", stats, started, Counterexample([], first))
-    executor = executor_of(explorer, workers)
+    builds, from the initial state or from where a search in one process left off
+    (``handover``). The explorer's limits apply between levels and, for time, within one."""
+    if handover is None:
+        started = time.perf_counter()
+        stats = Stats(states=1)
+        initial, first = explorer.start()
+        if first:
+            return explorer._done("violation", stats, started, Counterexample([], first))
+        handover = Handover([(initial, hash(initial))], {}, stats, started)
+    started, stats, explored = handover.started, handover.stats, handover.parents
+    stats.workers = workers
+    partitions = [Partition(explorer, i, workers, explored) for i in range(workers)]
+    for state, fingerprint in handover.frontier:
+        partitions[owner_of(state, workers)].seed(state, fingerprint)
+    executor = executor_of(partitions)
+
+    def parent_of(fingerprint: int) -> int | None:
+        return explored[fingerprint] if fingerprint in explored else executor.parent(fingerprint)
+
     try:
-        executor.seed(owner_of(initial, workers), initial, hash(initial))
-        deadline = None if explorer.time_limit is None else time.monotonic() + explorer.time_limit
+        remaining = (
+            None if explorer.time_limit is None else explorer.time_limit - (time.perf_counter() - started)
+        )
+        deadline = None if remaining is None else time.monotonic() + remaining
         while True:
             levels = executor.level(deadline)
             stats.transitions += sum(level.transitions for level in levels)
@@ -466,7 +493,7 @@ def run_partitioned(
             found = [level.found for level in levels if level.found is not None]
             if found:
                 chosen = min(found, key=lambda f: f.fingerprint)  # the same one every run
-                trace = explorer._trace(executor.parent, chosen.fingerprint, chosen.then)
+                trace = explorer._trace(parent_of, chosen.fingerprint, chosen.then)
                 return explorer._violation(stats, started, trace)
             if deadline is not None and time.monotonic() >= deadline:  # the level may be cut short
                 reason = f"--time-limit {explorer.time_limit:g}s"
@@ -488,6 +515,7 @@ __all__ = [
     "Arrival",
     "Channel",
     "Forked",
+    "Handover",
     "InProcess",
     "Partition",
     "WorkerFailed",
