@@ -213,6 +213,10 @@ def test_verify_by_default_hands_a_search_to_one_worker_per_core_once_it_has_run
     assert [handed[k] for k in ("verdict", "states", "transitions")] == [
         alone[k] for k in ("verdict", "states", "transitions")
     ]
+    monkeypatch.setattr(verify_command.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    many_cores = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
+    assert many_cores["workers"] == verify_command.AUTO_WORKERS == 4
+    assert many_cores["states"] == alone["states"]
     monkeypatch.setattr(verify_command.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     one_core = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
     assert one_core["workers"] == 1

@@ -25,13 +25,17 @@ if TYPE_CHECKING:  # imported when the command runs: every pciguard start would 
 #: workers. Forking and warming them up costs about a tenth of a second: a scenario that
 #: finishes sooner (every legacy flaw, the small reference ones) never pays it.
 HAND_OVER_AFTER = 0.2
+MAX_WORKERS = 64
+#: ``--workers auto`` takes at most so many cores: each worker keeps caches of its own
+#: (up to about 600 MiB on a long search), and more were never measured.
+AUTO_WORKERS = 4
 
 
 def command(
     scenarios: list[Path] = typer.Argument(
         ...,
-        help="Scenario files with an 'explore' section; several are explored one after another "
-        "(with --workers N, N at a time).",
+        help="Scenario files with an 'explore' section; several are explored one per core at once "
+        "(--workers N: N at a time; --workers 1: one after another).",
         dir_okay=False,
         metavar="SCENARIO",
     ),
@@ -65,8 +69,9 @@ def command(
         "auto",
         "--workers",
         help="Explore with this many processes (Linux: forked): one scenario's states shared among "
-        "them, or, with several scenarios, one scenario each. auto: one per core, a scenario "
-        f"handed to them once its search has run {HAND_OVER_AFTER:g} s (small ones finish first).",
+        "them, or, with several scenarios, one scenario each. auto: one per core (at most "
+        f"{AUTO_WORKERS}), a scenario handed to them once its search has run {HAND_OVER_AFTER:g} s "
+        "(small ones finish first).",
         metavar="N|auto",
     ),
     out_file: Path | None = typer.Option(
@@ -152,17 +157,14 @@ class Settings(NamedTuple):
     hand_over_after: float | None  # with workers: seconds in this process first (None: none)
 
 
-MAX_WORKERS = 64
-
-
 def _workers(value: str) -> tuple[int, float | None]:
     """``--workers``: how many processes, and how long a search runs in this one before
-    it hands over to them (auto: one per core this process may run on, after
-    ``HAND_OVER_AFTER``; a number: from the start)."""
+    it hands over to them (auto: one per core this process may run on, at most
+    ``AUTO_WORKERS``, after ``HAND_OVER_AFTER``; a number: from the start)."""
     can_fork = "fork" in multiprocessing.get_all_start_methods()
     if value == "auto":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        count = min(cores, MAX_WORKERS) if can_fork else 1
+        count = min(cores, AUTO_WORKERS) if can_fork else 1
         return count, HAND_OVER_AFTER if count > 1 else None
     try:
         count = int(value)
