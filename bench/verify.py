@@ -166,9 +166,7 @@ def main() -> None:
         f"{'met' if ratio >= TARGET_SYMMETRY_RATIO else 'NOT met'})"
     )
     if "--quick" not in sys.argv:
-        print(
-            "\nEach reduction left out, and all of them, on the reference workstation scenario (one process):"
-        )
+        print("\nEach reduction left out, and all of them, on ref-workstation (one process):")
         print(HEADER)
         workstation = VERIFY / "ref-workstation.yaml"
         print(row("ref-workstation (every reduction)", suite["ref-workstation"]))
