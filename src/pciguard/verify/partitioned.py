@@ -5,7 +5,9 @@ Each worker owns the states whose ledger records hash into its partition
 them. A level runs in two rounds: every worker expands its frontier, keeping what it
 owns and addressing the rest to their owners; then every worker takes in what was
 addressed to it, keeping what it has not seen. The coordinator only routes, counts and
-decides; it holds no state. A worker is a ``Partition``; an executor runs them: in this
+decides; it holds no state but the fingerprints and parents of what a search in one
+process reached before it handed over to the workers (``Handover``), which every
+worker knows too. A worker is a ``Partition``; an executor runs them: in this
 process (``InProcess``) or one forked process per worker (``Forked``). Running them on
 many machines needs only another executor (docs/verifier.md).
 
