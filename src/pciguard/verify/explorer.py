@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mypy_extensions import mypyc_attr
 
@@ -66,6 +66,9 @@ from pciguard.verify.invariants import (
     units,
 )
 from pciguard.verify.memo import Cell, Lens, Log, Memo, Outcome, parts, watching
+
+if TYPE_CHECKING:  # partitioned imports this module
+    from pciguard.verify.partitioned import Handover
 
 BEGIN_OPS = tuple(op for op in PARTIAL_OPS if op != "hotplug")  # hot-plugs arrive, not start
 FAILED = "a step failed"  # a failure's words, as the messages reduction keeps them
@@ -738,19 +741,16 @@ class Explorer:
     def run(self) -> Result:
         with rare_collections():
             if self.workers > 1 and self.hand_over_after is None:  # one process per core
-                from pciguard.verify.partitioned import Forked, run_partitioned
-
-                return run_partitioned(self, Forked, self.workers)
+                return self._with_workers()
             return self._run()
 
-    def _hand_over(
-        self, level: list[tuple[State, int]], parents: dict[int, int | None], stats: Stats, started: float
-    ) -> Result:
-        """The rest of the search, from ``level`` on, by the workers (forked: each starts
-        with what this process learnt, its caches and remembered outcomes)."""
-        from pciguard.verify.partitioned import Forked, Handover, run_partitioned
+    def _with_workers(self, handover: Handover | None = None) -> Result:
+        """The search by the workers, from the start or from where ``_run`` hands over
+        (forked: each worker starts with what this process learnt, its caches and
+        remembered outcomes)."""
+        from pciguard.verify.partitioned import Forked, run_partitioned
 
-        return run_partitioned(self, Forked, self.workers, Handover(level, parents, stats, started))
+        return run_partitioned(self, Forked, self.workers, handover)
 
     def _run(self) -> Result:
         started = time.perf_counter()
@@ -771,7 +771,10 @@ class Explorer:
         while frontier:
             if hand_over_at is not None and frontier[0][2] > depth and time.perf_counter() >= hand_over_at:
                 # The frontier is one whole level: the workers' search goes level by level.
-                return self._hand_over([(s, f) for s, f, _ in frontier], parents, stats, started)
+                from pciguard.verify.partitioned import Handover
+
+                level = [(s, f) for s, f, _ in frontier]
+                return self._with_workers(Handover(level, parents, stats, started))
             state, fingerprint, depth = frontier.popleft()
             for step in self.successors(state):
                 stats.transitions += 1

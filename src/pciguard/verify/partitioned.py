@@ -88,12 +88,10 @@ class Partition:
     process reached before it handed its frontier over (``Handover``), known to every
     worker and owned by none."""
 
-    def __init__(
-        self, explorer: Explorer, index: int, count: int, explored: dict[int, int | None] | None = None
-    ) -> None:
+    def __init__(self, explorer: Explorer, index: int, count: int, explored: dict[int, int | None]) -> None:
         self.explorer, self.index, self.count = explorer, index, count
         self.parents: dict[int, int | None] = {}  # fingerprint -> the state's before it
-        self.explored = {} if explored is None else explored
+        self.explored = explored
         self.frontier: list[Waiting] = []
 
     def seed(self, state: State, fingerprint: int) -> None:
