@@ -205,6 +205,7 @@ def test_verify_by_default_hands_a_search_to_one_worker_per_core_once_it_has_run
     secure = str(EXAMPLES / "verify" / "ref-teardown-race.yaml")
     alone = json.loads(runner.invoke(app, ["verify", secure, "--json", "--workers", "1"]).stdout)
     monkeypatch.setattr(verify_command.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(verify_command, "HAND_OVER_AFTER", 60.0)  # however slow the machine
     quick = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)
     assert quick["workers"] == 1  # done before the handover: no worker was started
     monkeypatch.setattr(verify_command, "HAND_OVER_AFTER", 0.0)

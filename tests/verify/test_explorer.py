@@ -48,7 +48,7 @@ def test_each_legacy_flaw_is_caught_and_its_trace_replays(path: Path, tmp_path: 
     counterexample_replays(path, tmp_path)
 
 
-REDUCTIONS = ("symmetry", "independence", "messages")
+REDUCTIONS = ("symmetry", "independence", "messages", "budget")
 # Every combination but all on (the test above): each reduction alone, each left out, none.
 COMBINATIONS = [c for c in itertools.product((False, True), repeat=len(REDUCTIONS)) if not all(c)]
 
@@ -180,7 +180,7 @@ def brute_force_states(explorer: Explorer) -> set[State]:
 
 
 def unreduced(scenario: Scenario) -> Explorer:
-    return Explorer(scenario, symmetry=False, independence=False, messages=False)
+    return Explorer(scenario, symmetry=False, independence=False, messages=False, budget=False)
 
 
 def test_state_count_matches_an_independent_brute_force_count() -> None:
@@ -205,9 +205,68 @@ def test_the_messages_reduction_merges_exactly_the_states_that_differ_in_a_failu
         return (state.platform, state.ledger, cursors, state.faults)
 
     states = brute_force_states(unreduced(scenario))
-    merged = Explorer(scenario, symmetry=False, independence=False, messages=True).run()
+    merged = Explorer(scenario, symmetry=False, independence=False, messages=True, budget=False).run()
     assert merged.verdict == "pass"
     assert merged.stats.states == len({without_words(s) for s in states}) < len(states)
+
+
+class Judging(Explorer):
+    """The search, noting every platform-and-ledger pair it judges."""
+
+    def __init__(self, scenario: Scenario, **options: Any) -> None:
+        super().__init__(scenario, **options)
+        self.pairs: set[tuple[object, object]] = set()
+
+    def _check(self, state: State, before: State | None = None) -> list[Violation]:
+        self.pairs.add((state.platform, state.ledger))
+        return super()._check(state, before)
+
+
+@pytest.mark.parametrize(("faults", "concurrency"), [(1, 2), (2, 1)])
+def test_the_budget_reduction_leaves_out_exactly_the_states_whose_twin_with_more_faults_is_as_near(
+    faults: int, concurrency: int
+) -> None:
+    """Counted apart by a breadth-first brute force with each state's depth: a state is
+    left out when the same state with more faults left to inject is reached at its depth
+    or nearer, and every platform-and-ledger pair is still judged."""
+    scenario = parse_scenario(
+        TINY.replace("faults: 1", f"faults: {faults}").replace(
+            "concurrency: 2", f"concurrency: {concurrency}"
+        ),
+        "tiny.yaml",
+        VERIFY,
+    )
+    explorer = unreduced(scenario)
+    depth = {explorer.initial: 0}
+    todo = deque([explorer.initial])
+    while todo:
+        state = todo.popleft()
+        for action in explorer.actions(state):
+            successor, _ = explorer.apply(state, action)
+            if successor not in depth:
+                depth[successor] = depth[state] + 1
+                todo.append(successor)
+
+    def twin_as_near(state: State) -> bool:
+        twins = (state._replace(faults=more) for more in range(state.faults + 1, faults + 1))
+        return any(depth.get(twin, depth[state] + 1) <= depth[state] for twin in twins)
+
+    kept = [s for s in depth if not twin_as_near(s)]
+    budgeted = Judging(scenario, symmetry=False, independence=False, messages=False, budget=True)
+    result = budgeted.run()
+    assert result.verdict == "pass"
+    assert result.stats.states == len(kept) < len(depth)
+    assert result.stats.depth == max(depth.values())
+    initial = (explorer.initial.platform, explorer.initial.ledger)  # judged by ``start``
+    assert budgeted.pairs | {initial} == {(s.platform, s.ledger) for s in depth}
+
+
+@pytest.mark.parametrize("path", LEGACY, ids=lambda p: p.stem)
+def test_the_budget_reduction_keeps_each_counterexample_as_short(path: Path) -> None:
+    scenario = load_scenario(path)
+    with_budget, without = Explorer(scenario).run(), Explorer(scenario, budget=False).run()
+    assert with_budget.counterexample is not None and without.counterexample is not None
+    assert len(with_budget.counterexample.actions) == len(without.counterexample.actions)
 
 
 @pytest.mark.parametrize(
@@ -246,7 +305,7 @@ def test_the_independence_reduction_reaches_every_state_with_nothing_in_flight(c
         return {s for s in states if not s.in_flight}
 
     full = unreduced(scenario)
-    reduced = Explorer(scenario, symmetry=False, independence=True, messages=False)
+    reduced = Explorer(scenario, symmetry=False, independence=True, messages=False, budget=False)
     assert settled(brute_force_states(reduced)) == settled(brute_force_states(full))
     assert reduced.run().stats.transitions < full.run().stats.transitions
 

@@ -71,10 +71,14 @@ def levels_explored(explorer: Explorer, levels: int) -> Handover:
         for state, fingerprint in level:
             for step in explorer.successors(state):
                 stats.transitions += 1
-                if step.fingerprint not in parents:
+                if step.fingerprint not in parents and not explorer._spared(step.state, parents):
                     parents[step.fingerprint] = fingerprint
                     following.append((step.state, step.fingerprint))
-        stats.states, stats.depth, level = len(parents), depth + 1, following
+        for state, fingerprint in following:  # spared by a twin that came later in the level
+            if explorer._spared(state, parents):
+                del parents[fingerprint]
+        level = [(s, f) for s, f in following if f in parents]
+        stats.states, stats.depth = len(parents), depth + 1
     return Handover(level, parents, stats, time.perf_counter())
 
 

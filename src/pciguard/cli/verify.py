@@ -54,6 +54,11 @@ def command(
         "--messages/--no-messages",
         help="Merge states whose operations in flight differ only in the words of a failure.",
     ),
+    budget: bool = typer.Option(
+        True,
+        "--budget/--no-budget",
+        help="Leave out a state whose twin with more faults left to inject was reached as early.",
+    ),
     memo: bool = typer.Option(
         True,
         "--memo/--no-memo",
@@ -110,7 +115,7 @@ def command(
                 raise typer.BadParameter(f"{path} has no 'explore' section", param_hint="SCENARIO")
             loaded.append(scenario)
     settings = Settings(
-        symmetry, independence, messages, memo, max_states, time_limit, processes, hand_over_after
+        symmetry, independence, messages, budget, memo, max_states, time_limit, processes, hand_over_after
     )
     codes, reports = [], []
     several = len(scenarios) > 1
@@ -150,6 +155,7 @@ class Settings(NamedTuple):
     symmetry: bool
     independence: bool
     messages: bool
+    budget: bool
     memo: bool
     max_states: int | None
     time_limit: float | None
@@ -294,6 +300,7 @@ def _render(explored: Explored, written: Path | None, settings: Settings, worker
         "symmetry": settings.symmetry,
         "independence": settings.independence,
         "messages": settings.messages,
+        "budget": settings.budget,
     }
     reductions = ", ".join(name for name, on in reductions_on.items() if on)
     from pciguard.verify import NOT_COMPILED

@@ -30,7 +30,13 @@ Reductions, each switchable:
   FORWARD steps that failed after it), which the toolstack only writes into the outcome
   the search drops; what steers it is whether there was a failure and how many steps
   stuck. Those words are left out of the state, so two states that differ only there
-  are one.
+  are one;
+- **budget**: two states that differ only in the faults left to inject are alike but
+  for one choice, a failure, which the one with more left has and the other may not:
+  whatever the other does, it does in as many steps, reaching the same platforms and
+  ledgers. So a state is left out when its twin with more faults left is reached at
+  the same depth or before (``_spared``): every pair the invariants judge is still
+  reached, at the same depth, and a violation with a trace as short.
 """
 
 from __future__ import annotations
@@ -219,6 +225,7 @@ class Explorer:
         symmetry: bool = True,
         independence: bool = True,
         messages: bool = True,
+        budget: bool = True,
         max_states: int | None = None,
         time_limit: float | None = None,
         workers: int = 1,
@@ -231,6 +238,7 @@ class Explorer:
         self.explore = scenario.explore or Exploration(devices=(), operations=())
         self.independence = independence
         self.messages = messages
+        self.budget = budget
         self.max_states = max_states
         self.time_limit = time_limit
         self.workers = workers
@@ -769,19 +777,25 @@ class Explorer:
             None if self.workers < 2 or self.hand_over_after is None else started + self.hand_over_after
         )
         while frontier:
-            if hand_over_at is not None and frontier[0][2] > depth and time.perf_counter() >= hand_over_at:
-                # The frontier is one whole level: the workers' search goes level by level.
-                from pciguard.verify.partitioned import Handover
+            if frontier[0][2] > depth:  # the frontier is one whole level
+                if self.budget:
+                    frontier = self._unspared(frontier, parents, stats)
+                    if not frontier:  # the whole level was spared
+                        stats.depth = depth
+                        break
+                if hand_over_at is not None and time.perf_counter() >= hand_over_at:
+                    # The workers' search goes level by level.
+                    from pciguard.verify.partitioned import Handover
 
-                level = [(s, f) for s, f, _ in frontier]
-                return self._with_workers(Handover(level, parents, stats, started))
+                    level = [(s, f) for s, f, _ in frontier]
+                    return self._with_workers(Handover(level, parents, stats, started))
             state, fingerprint, depth = frontier.popleft()
             for step in self.successors(state):
                 stats.transitions += 1
                 if step.misuse:  # the platform caught a misuse: a violation, new state or not
                     trace = self._trace(parents.__getitem__, fingerprint, step.action)
                     return self._violation(stats, started, trace)
-                if step.fingerprint in parents:
+                if step.fingerprint in parents or self._spared(step.state, parents):
                     continue
                 parents[step.fingerprint] = fingerprint
                 stats.states += 1
@@ -799,6 +813,35 @@ class Explorer:
                 self.on_progress(stats)
                 next_report = now + 0.5
         return self._done("pass", stats, started)
+
+    def _spared(self, state: State, *known: dict[int, int | None]) -> bool:
+        """Whether ``state``'s twin with more faults left (the same but for them) is
+        among the ``known`` states (the budget reduction; the module docstring). The
+        canonical renaming does not read the faults left: twins are canonical alike."""
+        if not self.budget:
+            return False
+        for more in range(state.faults + 1, self.explore.faults + 1):
+            twin = hash((state.platform, state.ledger, state.in_flight, more))  # as a State would
+            for states in known:
+                if twin in states:
+                    return True
+        return False
+
+    def _unspared(
+        self, level: deque[tuple[State, int, int]], parents: dict[int, int | None], stats: Stats
+    ) -> deque[tuple[State, int, int]]:
+        """A whole level without the states whose twin with more faults left came later
+        in it (those with one before were never kept): which states a level keeps does
+        not depend on the order they were reached in, so the workers keep the same."""
+        kept: deque[tuple[State, int, int]] = deque()
+        for waiting in level:
+            state, fingerprint, _ = waiting
+            if self._spared(state, parents):
+                del parents[fingerprint]
+                stats.states -= 1
+            else:
+                kept.append(waiting)
+        return kept
 
     def replay(self, trace: list[Action]) -> tuple[list[tuple[Any, ...]], list[Violation]]:
         """Run a concrete trace from the initial state. Returns the key of the operation

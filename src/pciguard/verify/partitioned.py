@@ -61,7 +61,7 @@ class Level:
     """What one worker did in one level."""
 
     transitions: int = 0
-    new: int = 0  # states it had not seen
+    new: int = 0  # states it had not seen (less those spared: ``Partition.receive``)
     found: Found | None = None
     outboxes: dict[int, list[Arrival]] = field(default_factory=dict)  # worker -> arrivals
 
@@ -121,7 +121,7 @@ class Partition:
                 if step.misuse:
                     level.found = Found(fingerprint, step.action)
                     return level
-                if step.fingerprint in self.explored:
+                if step.fingerprint in self.explored or explorer._spared(step.state, self.explored):
                     continue
                 arrival = Arrival(step.fingerprint, step.state, fingerprint)
                 owner = owner_of(step.state, count)
@@ -132,14 +132,26 @@ class Partition:
         return level
 
     def receive(self, arrivals: list[Arrival]) -> Level:
-        """Take in the successors other workers reached that this one owns."""
+        """Take in the successors other workers reached that this one owns, which ends
+        the level: the next frontier is whole, and its states whose twin with more
+        faults left came later in the level are left out, as the search in one process
+        leaves them (``Explorer._unspared``; a state and its twin have one owner)."""
         level = Level()
         for arrival in arrivals:
             self._keep(arrival, level)
+        if self.explorer.budget:
+            frontier, self.frontier = self.frontier, []
+            for waiting in frontier:
+                if self.explorer._spared(waiting.state, self.parents):
+                    del self.parents[waiting.fingerprint]
+                    level.new -= 1
+                else:
+                    self.frontier.append(waiting)
         return level
 
     def _keep(self, arrival: Arrival, level: Level, before: State | None = None) -> None:
-        if arrival.fingerprint not in self.parents:
+        known = (self.parents, self.explored)
+        if arrival.fingerprint not in self.parents and not self.explorer._spared(arrival.state, *known):
             self.parents[arrival.fingerprint] = arrival.parent
             self.frontier.append(Waiting(arrival.state, arrival.fingerprint, before))
             level.new += 1
