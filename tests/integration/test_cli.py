@@ -178,6 +178,31 @@ def test_verify_json_and_exit_codes(tmp_path: Path) -> None:
     assert found.exit_code == 1
 
 
+def test_verify_names_the_reductions_in_force_and_each_can_be_left_out() -> None:
+    secure = str(EXAMPLES / "verify" / "ref-teardown-race.yaml")
+    every = runner.invoke(app, ["verify", secure, "--workers", "1"])
+    assert every.exit_code == 0
+    assert "reductions: symmetry, independence, messages, budget" in " ".join(every.stdout.split())
+    without = runner.invoke(app, ["verify", secure, "--workers", "1", "--no-budget", "--json"])
+    assert without.exit_code == 0
+    counted = json.loads(runner.invoke(app, ["verify", secure, "--workers", "1", "--json"]).stdout)
+    assert json.loads(without.stdout)["states"] > counted["states"]  # the scenario has a fault to spare
+    none = runner.invoke(
+        app,
+        [
+            "verify",
+            secure,
+            "--workers",
+            "1",
+            "--no-symmetry",
+            "--no-independence",
+            "--no-messages",
+            "--no-budget",
+        ],
+    )
+    assert none.exit_code == 0 and "reductions: none" in none.stdout
+
+
 def test_verify_with_workers_says_so_and_finds_the_same_states() -> None:
     secure = str(EXAMPLES / "verify" / "ref-symmetric.yaml")
     alone = json.loads(runner.invoke(app, ["verify", secure, "--json"]).stdout)

@@ -57,7 +57,7 @@ def command(
     budget: bool = typer.Option(
         True,
         "--budget/--no-budget",
-        help="Leave out a state whose twin with more faults left to inject was reached as early.",
+        help="Leave out a state whose twin with more faults left to inject is reached as near or nearer.",
     ),
     memo: bool = typer.Option(
         True,
