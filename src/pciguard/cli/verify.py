@@ -57,7 +57,7 @@ def command(
     budget: bool = typer.Option(
         True,
         "--budget/--no-budget",
-        help="Leave out a state whose twin with more faults left to inject is reached as near or nearer.",
+        help="Leave out a state whose twin with more faults left is reached at its depth or nearer.",
     ),
     memo: bool = typer.Option(
         True,
