@@ -74,10 +74,8 @@ def levels_explored(explorer: Explorer, levels: int) -> Handover:
                 if step.fingerprint not in parents and not explorer._spared(step.state, parents):
                     parents[step.fingerprint] = fingerprint
                     following.append((step.state, step.fingerprint))
-        for state, fingerprint in following:  # spared by a twin that came later in the level
-            if explorer._spared(state, parents):
-                del parents[fingerprint]
-        level = [(s, f) for s, f in following if f in parents]
+        spared = explorer._unspared(following, parents)  # by a twin that came later in the level
+        level = [(s, f) for s, f in following if f not in spared]
         stats.states, stats.depth = len(parents), depth + 1
     return Handover(level, parents, stats, time.perf_counter())
 

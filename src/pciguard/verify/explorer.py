@@ -781,8 +781,10 @@ class Explorer:
         )
         while frontier:
             if frontier[0][2] > depth:  # the frontier is one whole level
-                if self.budget:
-                    frontier = self._unspared(frontier, parents, stats)
+                spared = self._unspared(((s, f) for s, f, _ in frontier), parents) if self.budget else set()
+                if spared:
+                    frontier = deque(waiting for waiting in frontier if waiting[1] not in spared)
+                    stats.states -= len(spared)
                     if not frontier:  # the whole level was spared
                         stats.depth = depth
                         break
@@ -830,21 +832,15 @@ class Explorer:
                     return True
         return False
 
-    def _unspared(
-        self, level: deque[tuple[State, int, int]], parents: dict[int, int | None], stats: Stats
-    ) -> deque[tuple[State, int, int]]:
-        """A whole level without the states whose twin with more faults left came later
-        in it (those with one before were never kept): which states a level keeps does
-        not depend on the order they were reached in, so the workers keep the same."""
-        kept: deque[tuple[State, int, int]] = deque()
-        for waiting in level:
-            state, fingerprint, _ = waiting
-            if self._spared(state, parents):
-                del parents[fingerprint]
-                stats.states -= 1
-            else:
-                kept.append(waiting)
-        return kept
+    def _unspared(self, level: Iterable[tuple[State, int]], parents: dict[int, int | None]) -> set[int]:
+        """The fingerprints of a whole level's states whose twin with more faults left
+        came later in it (those with one before were never kept), taken out of
+        ``parents``: which states a level keeps does not depend on the order they were
+        reached in, so one process and the workers keep the same."""
+        spared = {fingerprint for state, fingerprint in level if self._spared(state, parents)}
+        for fingerprint in spared:
+            del parents[fingerprint]
+        return spared
 
     def replay(self, trace: list[Action]) -> tuple[list[tuple[Any, ...]], list[Violation]]:
         """Run a concrete trace from the initial state. Returns the key of the operation

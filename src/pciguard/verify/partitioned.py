@@ -140,18 +140,14 @@ class Partition:
         for arrival in arrivals:
             self._keep(arrival, level)
         if self.explorer.budget:
-            frontier, self.frontier = self.frontier, []
-            for waiting in frontier:
-                if self.explorer._spared(waiting.state, self.parents):
-                    del self.parents[waiting.fingerprint]
-                    level.new -= 1
-                else:
-                    self.frontier.append(waiting)
+            spared = self.explorer._unspared(((w.state, w.fingerprint) for w in self.frontier), self.parents)
+            self.frontier = [w for w in self.frontier if w.fingerprint not in spared]
+            level.new -= len(spared)
         return level
 
     def _keep(self, arrival: Arrival, level: Level, before: State | None = None) -> None:
-        known = (self.parents, self.explored)
-        if arrival.fingerprint not in self.parents and not self.explorer._spared(arrival.state, *known):
+        # ``expand`` left out what the states before a handover spare; these, what this one holds.
+        if arrival.fingerprint not in self.parents and not self.explorer._spared(arrival.state, self.parents):
             self.parents[arrival.fingerprint] = arrival.parent
             self.frontier.append(Waiting(arrival.state, arrival.fingerprint, before))
             level.new += 1
